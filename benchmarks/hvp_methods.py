@@ -1,0 +1,87 @@
+"""Time the two exact HVP methods against a training step, in one process (ratios, not seconds).
+
+    python benchmarks/hvp_methods.py [--repeats 7] [--device cpu]
+
+Model: the built-in MTP transformer at d_model=128, 3 layers + 1 MTP depth (~0.8M parameters),
+batch 64×24, float32, loss −J + 0.1·L_MTP(ce). Reports the median over repeats (min–max) of:
+a training step (forward+backward+AdamW), one HVP by ``vjp∘grad`` (``reverse``), one by
+``jvp∘grad`` (``forward``), and one more HVP on the already-built reverse graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from decomp.curvature import hvp, second_order
+from decomp.model import MTPTransformer, ModelConfig
+from decomp.objectives import RolloutBatch, model_logprobs, objectives
+from decomp.regimes import CrossEntropy
+
+
+def _timed(fn, repeats: int, sync) -> list[float]:
+    fn()  # warm-up
+    out = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=16, max_len=24, d_model=128, n_layers=3, n_heads=4, d_mlp=512, mtp_depth=1)
+    model = MTPTransformer(cfg).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    B, T = 64, 24
+    tokens = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+    mask = torch.zeros(B, T - 1, dtype=torch.bool, device=device)
+    mask[:, 7:] = True
+    adv = torch.randn(B, 1, device=device).expand(B, T - 1) * mask
+    with torch.no_grad():
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        old, _, _ = model_logprobs(model, params, tokens)
+    obj = objectives(model, RolloutBatch(tokens, mask, adv, old), CrossEntropy())
+    loss = lambda p: -obj.rl_objective(p) + 0.1 * obj.mtp_loss(p)  # noqa: E731
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    named = dict(model.named_parameters())
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+
+    def train_step():
+        opt.zero_grad()
+        loss(named).backward()
+        opt.step()
+
+    so = second_order(loss, params, method="reverse")
+    timings = {
+        "training step": _timed(train_step, args.repeats, sync),
+        "hvp reverse (vjp∘grad)": _timed(lambda: hvp(loss, params, v, method="reverse"), args.repeats, sync),
+        "hvp forward (jvp∘grad)": _timed(lambda: hvp(loss, params, v, method="forward"), args.repeats, sync),
+        "extra hvp on built reverse graph": _timed(lambda: so.hvp(v), args.repeats, sync),
+    }
+    base = statistics.median(timings["training step"])
+    print(f"# HVP methods — {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, device {device}")
+    print(f"model {n_params / 1e6:.2f}M parameters, batch {B}×{T}, {args.repeats} repeats\n")
+    print(f"| {'measurement':<34} | {'median s':>9} | {'min–max s':>15} | {'× step':>7} |")
+    print(f"|{'-' * 36}|{'-' * 11}|{'-' * 17}|{'-' * 9}|")
+    for name, ts in timings.items():
+        med = statistics.median(ts)
+        print(f"| {name:<34} | {med:>9.4f} | {min(ts):>7.4f}–{max(ts):<7.4f} | {med / base:>7.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""Hessian-vector products, Hessian linear operators and eigenvalues through ``torch.func``.
+
+All functions take a scalar function ``f(params) -> Tensor`` of a ``dict[str, Tensor]`` of
+parameters (what ``torch.func.functional_call`` takes) and never form a Hessian.
+
+Two exact HVP methods (DESIGN.md §5):
+
+- ``"reverse"``: reverse-over-reverse, ``vjp(grad(f), θ)``. One forward and backward pass
+  builds the gradient's graph; every further HVP at the same ``θ`` is one backward pass
+  through it (the Hessian is symmetric, so ``vjp`` gives ``Hv``).
+- ``"forward"``: forward-over-reverse, ``jvp(grad(f), (θ,), (v,))``; each HVP is a fresh
+  forward+backward pass carrying tangents.
+
+``"reverse"`` is the default: on the 2-core CPU here it measured faster on a small transformer
+(``benchmarks/hvp_methods.py``).
+
+PyTorch's fused CPU attention kernel has neither forward-mode AD nor double backward, so every
+function here runs under :func:`math_attention`. Parameters ``f`` does not use get zeros.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator, eigsh
+from torch import Tensor
+from torch.func import grad, grad_and_value, jvp, vjp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from decomp.checks import Params, check_like, check_params, scalar_function
+
+HVPMethod = Literal["reverse", "forward"]
+HVP_METHODS: tuple[str, ...] = ("reverse", "forward")
+DEFAULT_HVP_METHOD: HVPMethod = "reverse"
+
+
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Select PyTorch's math SDPA backend, the one that supports forward AD and double backward."""
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def _check_method(method: str) -> HVPMethod:
+    if method not in HVP_METHODS:
+        raise ValueError(f"method must be one of {HVP_METHODS}, got {method!r}")
+    return method  # type: ignore[return-value]
+
+
+def _detached(params: Params) -> Params:
+    # Measurements differentiate through functional copies, never through the live parameters'
+    # autograd graph, so nothing here can leak into a training step's .grad.
+    return {k: v.detach() for k, v in params.items()}
+
+
+@dataclass
+class SecondOrder:
+    """Value, gradient and an HVP callable of ``f`` at fixed ``params``.
+
+    ``hvp(v)`` returns ``∇²f(params) · v`` as a dict; with the ``"reverse"`` method all calls
+    reuse one graph (built once), with ``"forward"`` each call is a fresh ``jvp`` pass.
+    """
+
+    value: Tensor
+    grad: Params
+    hvp: Callable[[Params], Params]
+    method: HVPMethod
+
+
+def second_order(
+    f: Callable[[Params], Tensor],
+    params: Params,
+    *,
+    method: HVPMethod = DEFAULT_HVP_METHOD,
+    name: str = "f",
+) -> SecondOrder:
+    """Compute ``f(θ)``, ``∇f(θ)`` and return an exact HVP callable at ``θ``.
+
+    This is the work-sharing primitive of the decomposition: one double pass gives the gradient
+    and every HVP needed afterwards.
+    """
+    params = check_params(params)
+    method = _check_method(method)
+    f = scalar_function(f, name)
+    theta = _detached(params)
+
+    if method == "reverse":
+        with math_attention():
+            g, vjp_fn, value = vjp(grad_and_value(f), theta, has_aux=True)
+
+        def hvp_reverse(v: Params) -> Params:
+            v = check_like(v, params, "v")
+            with math_attention():
+                (hv,) = vjp_fn(v)
+            return hv
+
+        return SecondOrder(value=value.detach(), grad=g, hvp=hvp_reverse, method=method)
+
+    with math_attention():
+        g, value = grad_and_value(f)(theta)
+
+    def hvp_forward(v: Params) -> Params:
+        v = check_like(v, params, "v")
+        with math_attention():
+            _, hv = jvp(grad(f), (theta,), (v,))
+        return hv
+
+    return SecondOrder(value=value.detach(), grad=g, hvp=hvp_forward, method=method)
+
+
+def hvp(
+    f: Callable[[Params], Tensor],
+    params: Params,
+    v: Params,
+    *,
+    method: HVPMethod = DEFAULT_HVP_METHOD,
+) -> Params:
+    """Exact Hessian-vector product ``∇²f(θ) · v`` of a scalar ``f`` at ``θ = params``.
+
+    Args:
+        f: scalar function of a ``dict[str, Tensor]``.
+        params: the point ``θ``.
+        v: a direction with the keys, shapes and dtypes of ``params``.
+        method: ``"reverse"`` (``vjp∘grad``, default) or ``"forward"`` (``jvp∘grad``).
+
+    Returns:
+        ``dict`` with the keys of ``params``; zeros for parameters ``f`` does not use.
+    """
+    params = check_params(params)
+    v = check_like(v, params, "v")
+    method = _check_method(method)
+    f_checked = scalar_function(f, "f")
+    theta = _detached(params)
+    with math_attention():
+        if method == "forward":
+            _, hv = jvp(grad(f_checked), (theta,), (v,))
+            return hv
+        _, vjp_fn = vjp(grad(f_checked), theta)
+        (hv,) = vjp_fn(v)
+        return hv
+
+
+def dot(a: Params, b: Params) -> float:
+    """``⟨a, b⟩`` summed over all tensors, accumulated in float64."""
+    return float(sum((a[k].double() * b[k].double()).sum() for k in a))
+
+
+def norm(a: Params) -> float:
+    """Euclidean norm over all tensors of ``a``, accumulated in float64."""
+    return dot(a, a) ** 0.5
+
+
+def flatten(params: Params) -> Tensor:
+    """Concatenate the tensors of ``params`` (in dict order) into one vector."""
+    return torch.cat([p.reshape(-1) for p in params.values()])
+
+
+def unflatten(vector: Tensor, like: Params) -> Params:
+    """Inverse of :func:`flatten`: split ``vector`` into tensors shaped like ``like``."""
+    out, start = {}, 0
+    for key, ref in like.items():
+        n = ref.numel()
+        out[key] = vector[start : start + n].reshape(ref.shape).to(dtype=ref.dtype, device=ref.device)
+        start += n
+    if start != vector.numel():
+        raise ValueError(f"vector has {vector.numel()} entries, params have {start}")
+    return out
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def hessian_operator(
+    f: Callable[[Params], Tensor],
+    params: Params,
+    *,
+    method: HVPMethod = DEFAULT_HVP_METHOD,
+) -> LinearOperator:
+    """``∇²f(θ)`` as a SciPy ``LinearOperator`` over the flattened parameters (dict order).
+
+    With the ``"reverse"`` method the gradient graph is built once and every ``matvec`` is one
+    backward pass through it (as PyHessian does), so Lanczos iterations are cheap.
+    """
+    params = check_params(params)
+    dtype = next(iter(params.values())).dtype
+    if dtype not in _NUMPY_DTYPES or any(p.dtype != dtype for p in params.values()):
+        raise TypeError("hessian_operator needs all params in one dtype, float32 or float64")
+    so = second_order(f, params, method=method)
+    n = sum(p.numel() for p in params.values())
+    device = next(iter(params.values())).device
+
+    def matvec(x: np.ndarray) -> np.ndarray:
+        vec = torch.as_tensor(np.asarray(x).reshape(-1), dtype=dtype, device=device)
+        hv = so.hvp(unflatten(vec, params))
+        return flatten(hv).detach().cpu().numpy()
+
+    return LinearOperator((n, n), matvec=matvec, rmatvec=matvec, dtype=_NUMPY_DTYPES[dtype])
+
+
+def top_eigenvalues(
+    f: Callable[[Params], Tensor],
+    params: Params,
+    k: int = 1,
+    *,
+    which: Literal["LA", "SA", "LM"] = "LA",
+    tol: float = 1e-6,
+    maxiter: int | None = None,
+    seed: int = 0,
+    return_eigenvectors: bool = False,
+    method: HVPMethod = DEFAULT_HVP_METHOD,
+) -> np.ndarray | tuple[np.ndarray, list[Params]]:
+    """Extreme eigenvalues of ``∇²f(θ)`` by Lanczos (``scipy.sparse.linalg.eigsh``).
+
+    Args:
+        k: how many eigenvalues.
+        which: ``"LA"`` largest algebraic (default), ``"SA"`` smallest algebraic (most negative:
+            the directions along which a maximised ``J`` is most concave), ``"LM"`` largest
+            magnitude.
+        tol: relative accuracy of the Ritz values passed to ``eigsh``.
+        seed: seeds the Lanczos start vector, so results are reproducible.
+        return_eigenvectors: also return the eigenvectors as parameter dicts.
+
+    Returns:
+        Eigenvalues sorted in descending order (and eigenvectors in the same order).
+    """
+    params = check_params(params)
+    n = sum(p.numel() for p in params.values())
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if k >= n:
+        raise ValueError(f"k must be smaller than the number of parameters ({n}), got {k}")
+    if which not in ("LA", "SA", "LM"):
+        raise ValueError(f"which must be 'LA', 'SA' or 'LM', got {which!r}")
+    op = hessian_operator(f, params, method=method)
+    v0 = np.random.default_rng(seed).standard_normal(n).astype(op.dtype)
+    values, vectors = eigsh(op, k=k, which=which, tol=tol, maxiter=maxiter, v0=v0)
+    order = np.argsort(values)[::-1]
+    values = values[order]
+    if not return_eigenvectors:
+        return values
+    like = {key: p.detach() for key, p in params.items()}
+    vecs = [unflatten(torch.as_tensor(vectors[:, i].copy()), like) for i in order]
+    return values, vecs
+
+
+def rayleigh_quotient(
+    f: Callable[[Params], Tensor],
+    params: Params,
+    v: Params,
+    *,
+    method: HVPMethod = DEFAULT_HVP_METHOD,
+) -> float:
+    """``vᵀ∇²f(θ)v / vᵀv``: where direction ``v`` sits in the Hessian's spectrum.
+
+    Compare it with :func:`top_eigenvalues` (``which="LA"`` and ``"SA"``) to place, for example,
+    the MTP displacement ``δ`` between the extreme curvatures of ``J``.
+    """
+    params = check_params(params)
+    v = check_like(v, params, "v")
+    vv = dot(v, v)
+    if vv == 0.0:
+        raise ValueError("v is the zero vector; its Rayleigh quotient is undefined")
+    return dot(v, hvp(f, params, v, method=method)) / vv
+
+
+def jvp_logprobs(
+    logprob_fn: Callable[[Params], Tensor],
+    params: Params,
+    v: Params,
+) -> Tensor:
+    """Forward-mode directional derivative ``∇ℓ_t(θ) · v`` of per-token log-probs.
+
+    ``logprob_fn(params)`` returns a tensor of per-token log-probs (any shape, e.g. ``[B, T]``);
+    the result has the same shape. One forward pass carrying a tangent, no Hessian: this is the
+    ``jvp`` level of the estimator ladder (DESIGN.md §4).
+    """
+    params = check_params(params)
+    v = check_like(v, params, "v")
+    if not callable(logprob_fn):
+        raise TypeError(f"logprob_fn must be callable, got {type(logprob_fn).__name__}")
+    with math_attention():
+        _, tangent = jvp(logprob_fn, (_detached(params),), (v,))
+    return tangent

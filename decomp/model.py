@@ -1,0 +1,193 @@
+"""A tiny decoder-only transformer with a DeepSeek-V3-style MTP module (DESIGN.md §1).
+
+Main model: token + learned position embeddings, ``n_layers`` pre-norm blocks (RMSNorm, causal
+``scaled_dot_product_attention``, GELU MLP), final RMSNorm, output head. Logits at position
+``t`` predict token ``t+1``.
+
+MTP module of depth ``k`` (``k = 1..K``): at position ``t`` it combines the previous state
+(the trunk output ``h_t`` for ``k = 1``, depth ``k−1``'s output otherwise) with the embedding of
+token ``t+k`` and predicts token ``t+k+1``::
+
+    z = Block_k(W_k [RMSNorm(h); RMSNorm(Emb(y_{t+k}))]),   logits = Head(RMSNorm_k(z))
+
+The two input norms, ``W_k``, ``Block_k`` and ``RMSNorm_k`` belong to the MTP module; ``Emb``
+and ``Head`` are the main model's (shared). Detach modes (DESIGN.md §2):
+
+- ``"none"``: gradients of MTP losses reach every parameter;
+- ``"inputs"``: the trunk state and the token embeddings entering the MTP module are detached;
+  the shared head still receives the MTP gradient (the reference patch's ``detach_encoder``);
+- ``"all"``: as ``"inputs"`` and the head is used through a detached copy of its weight, so
+  only MTP-exclusive parameters receive the MTP gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DETACH_MODES = ("none", "inputs", "all")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of :class:`MTPTransformer` (defaults: the built-in tiny model)."""
+
+    vocab_size: int = 16  # number of token ids
+    max_len: int = 32  # longest sequence (learned positions)
+    d_model: int = 64  # residual width
+    n_layers: int = 2  # main transformer blocks
+    n_heads: int = 4  # attention heads per block
+    d_mlp: int = 256  # MLP hidden width
+    mtp_depth: int = 1  # number of MTP modules K (depth k predicts token t+k+1)
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+
+    def __post_init__(self) -> None:
+        for field in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_mlp"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        if self.mtp_depth < 0:
+            raise ValueError(f"mtp_depth must be >= 0, got {self.mtp_depth}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=-1)
+        q, k, v = (t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.d_mlp)
+        self.down = nn.Linear(cfg.d_mlp, cfg.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class MTPModule(nn.Module):
+    """One MTP depth: ``z = Block(W [RMSNorm(h); RMSNorm(e)])``, then its own output norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.state_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.embed_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
+        self.block = Block(cfg)
+        self.out_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+    def forward(self, state: Tensor, next_embed: Tensor) -> Tensor:
+        z = self.proj(torch.cat([self.state_norm(state), self.embed_norm(next_embed)], dim=-1))
+        return self.block(z)
+
+
+class MTPTransformer(nn.Module):
+    """Decoder-only transformer returning main logits and one logits tensor per MTP depth."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(cfg.max_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.mtp_depth))
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def shared_parameter_names(self) -> list[str]:
+        """Names of parameters the main policy depends on (everything outside ``mtp.*``)."""
+        return [n for n, _ in self.named_parameters() if not n.startswith("mtp.")]
+
+    def forward(self, tokens: Tensor, detach: str = "none") -> tuple[Tensor, list[Tensor]]:
+        """Main logits ``[B, T, V]`` and MTP logits ``[B, T−k, V]`` for ``k = 1..K``.
+
+        MTP depth ``k`` logits at position ``t`` predict token ``t+k+1``.
+        """
+        if detach not in DETACH_MODES:
+            raise ValueError(f"detach must be one of {DETACH_MODES}, got {detach!r}")
+        B, T = tokens.shape
+        if T > self.cfg.max_len:
+            raise ValueError(f"sequence length {T} exceeds max_len {self.cfg.max_len}")
+        x = self.embed(tokens) + self.pos(torch.arange(T, device=tokens.device))
+        for block in self.blocks:
+            x = block(x)
+        main_logits = self.head(self.final_norm(x))
+
+        head_weight = self.head.weight.detach() if detach == "all" else self.head.weight
+        embed_weight = self.embed.weight.detach() if detach in ("inputs", "all") else self.embed.weight
+        state = x.detach() if detach in ("inputs", "all") else x
+        mtp_logits = []
+        for k, module in enumerate(self.mtp, start=1):
+            if T - k < 1:
+                break
+            # depth k at position t sees token t+k; the chain of MTP states stays live.
+            next_embed = F.embedding(tokens[:, k:], embed_weight)
+            state = module(state[:, : T - k], next_embed)
+            mtp_logits.append(F.linear(module.out_norm(state), head_weight))
+        return main_logits, mtp_logits
+
+
+def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """``log softmax(logits)[..., target]`` for each position."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def aligned_logprobs(
+    main_logits: Tensor, mtp_logits: list[Tensor], tokens: Tensor
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Per-token log-probs aligned on the predicted token.
+
+    Index ``j`` of every returned ``[B, T−1]`` tensor refers to token ``y_{j+1}``:
+
+    - ``logp[:, j] = log π(y_{j+1} | y_{≤j})`` (main head);
+    - ``mtp_logp[k−1][:, j]`` = MTP depth ``k``'s log-prob of the *same* token ``y_{j+1}``,
+      from its position ``j−k`` (right-shifted as in the reference implementation);
+    - ``mtp_valid[k−1][:, j]`` is False for ``j < k`` (no MTP prediction), where
+      ``mtp_logp`` is 0.
+    """
+    B, T = tokens.shape
+    logp = token_logprobs(main_logits[:, :-1], tokens[:, 1:])
+    mtp_logp, mtp_valid = [], []
+    for k, logits in enumerate(mtp_logits, start=1):
+        lp = token_logprobs(logits[:, : T - 1 - k], tokens[:, k + 1 :])
+        pad = lp.new_zeros(B, k)
+        mtp_logp.append(torch.cat([pad, lp], dim=1))
+        valid = torch.ones(B, T - 1, dtype=torch.bool, device=tokens.device)
+        valid[:, :k] = False
+        mtp_valid.append(valid)
+    return logp, mtp_logp, mtp_valid

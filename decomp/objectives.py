@@ -1,0 +1,89 @@
+"""The callables :func:`decomp.decomposition.decompose` takes, built from a model and a batch.
+
+Given an :class:`MTPTransformer`-like model (``model(tokens, detach=...) -> (main_logits,
+[mtp_logits_k])``), a rollout batch and a regime, :func:`objectives` returns pure functions of a
+parameter dict (through ``torch.func.functional_call``):
+
+- ``rl_objective(θ) = J(θ) = Σ M·A·exp(ℓ − ℓ^old) / Σ M`` (DESIGN.md §1);
+- ``mtp_loss(θ) = L_MTP(θ)``: the regime's unit MTP loss, averaged over the ``K`` MTP depths
+  (the reference scales each head by ``c/K``), computed with the regime's detach mode;
+- ``logprob_fn(θ)``: the main head's per-token log-probs ``ℓ`` (for ``jvp`` estimators).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from decomp.checks import Params, check_finite, check_mask, check_same_shape
+from decomp.model import aligned_logprobs
+from decomp.regimes import Regime
+from decomp.rl import importance_objective
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """One batch of sampled sequences, on the aligned axis of :func:`aligned_logprobs`.
+
+    ``tokens`` is ``[B, T]`` (prompt + response ids); ``mask``, ``advantages`` and
+    ``old_logp`` are ``[B, T−1]``, index ``j`` referring to token ``y_{j+1}``.
+    """
+
+    tokens: Tensor  # [B, T] long
+    mask: Tensor  # [B, T-1] bool: response tokens
+    advantages: Tensor  # [B, T-1]: A_t broadcast over each response
+    old_logp: Tensor  # [B, T-1]: main-head log-probs at rollout time
+
+    def __post_init__(self) -> None:
+        if self.tokens.dim() != 2:
+            raise ValueError(f"tokens must be [B, T], got shape {tuple(self.tokens.shape)}")
+        B, T = self.tokens.shape
+        check_same_shape(mask=self.mask, advantages=self.advantages, old_logp=self.old_logp)
+        if tuple(self.mask.shape) != (B, T - 1):
+            raise ValueError(f"mask must be [B, T-1] = {(B, T - 1)}, got {tuple(self.mask.shape)}")
+        check_mask(self.mask)
+        check_finite(self.advantages, "advantages")
+        check_finite(self.old_logp, "old_logp")
+
+
+@dataclass(frozen=True)
+class Objectives:
+    rl_objective: Callable[[Params], Tensor]
+    mtp_loss: Callable[[Params], Tensor]
+    logprob_fn: Callable[[Params], Tensor]
+
+
+def model_logprobs(
+    model: nn.Module, params: Params, tokens: Tensor, detach: str = "none"
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """``aligned_logprobs`` of ``model`` evaluated at ``params`` (a functional call)."""
+    main_logits, mtp_logits = functional_call(model, params, (tokens,), {"detach": detach})
+    return aligned_logprobs(main_logits, mtp_logits, tokens)
+
+
+def objectives(model: nn.Module, batch: RolloutBatch, regime: Regime) -> Objectives:
+    """``J``, ``L_MTP`` (for ``regime``) and ``ℓ`` as functions of a parameter dict."""
+    mask = batch.mask.bool()
+
+    def rl_objective(params: Params) -> Tensor:
+        logp, _, _ = model_logprobs(model, params, batch.tokens)
+        return importance_objective(logp, batch.old_logp, batch.advantages, mask)
+
+    def mtp_loss(params: Params) -> Tensor:
+        _, mtp_logp, valid = model_logprobs(model, params, batch.tokens, regime.detach)
+        if not mtp_logp:
+            raise ValueError("the model has no MTP module (mtp_depth = 0)")
+        losses = [
+            regime.unit_loss(m, batch.old_logp, batch.advantages, mask & v) for m, v in zip(mtp_logp, valid)
+        ]
+        return torch.stack(losses).mean()
+
+    def logprob_fn(params: Params) -> Tensor:
+        logp, _, _ = model_logprobs(model, params, batch.tokens)
+        return logp
+
+    return Objectives(rl_objective, mtp_loss, logprob_fn)

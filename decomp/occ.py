@@ -1,0 +1,159 @@
+"""Estimators of the optimal MTP coefficient without Hessians: the ladder of DESIGN.md §4.
+
+All estimators share one projection formula on per-token changes ``a_t`` (what the MTP
+direction does to the main log-probs) and ``b_t`` (what the RL updates do):
+
+- ``reference``: ``c · mean_{all B×T}(a·b / (a² + 1e-8))`` — the public implementation's
+  formula. The mean runs over the whole response-shaped tensor, padding included; as in verl,
+  main and old log-probs are zero at padding, so padded positions add 0 to the sum but count in
+  the denominator. Pass response-shaped ``[B, T_resp]`` tensors to reproduce it exactly.
+- ``masked`` (default): the same mean over response tokens only, ``Σ_M a·b/(a²+1e-8) / Σ M``.
+- ``pooled``: the least-squares slope ``c · Σ_M a·b / Σ_M a²`` (0 when ``Σ_M a² = 0``: the
+  MTP direction does not move the log-probs, so there is nothing to scale).
+
+Levels: **proxy** uses log-prob differences ``a = m − ℓ^old``, ``b = ℓ − ℓ^old`` (no extra
+pass); **jvp** uses exact first-order changes ``a = ∇ℓ·δ₁``, ``b = ∇ℓ·u_RL`` (one forward-mode
+pass each); **exact** is ``λ*`` of :func:`decomp.decomposition.decompose`.
+
+``scale`` is the user's coefficient ``c``; the reference implementation passes ``c / K`` per
+head for ``K`` MTP heads. Every estimator returns a 0-dim tensor (no gradient), ``nan`` when the
+mask is empty.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from decomp.checks import Params, check_finite, check_mask, check_number, check_same_shape
+from decomp.curvature import jvp_logprobs
+from decomp.decomposition import Decomposition
+
+PROXY_EPS = 1e-8
+Reduction = Literal["reference", "masked", "pooled"]
+REDUCTIONS: tuple[str, ...] = ("reference", "masked", "pooled")
+
+
+def projection_coefficient(
+    a: Tensor, b: Tensor, mask: Tensor, scale: float, reduction: Reduction = "masked"
+) -> Tensor:
+    """The shared formula: scale times the projection of ``b`` on ``a`` (see module docstring)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_same_shape(a=a, b=b, mask=mask)
+    check_finite(a, "a")
+    check_finite(b, "b")
+    scale = check_number(scale, "scale")
+    m = check_mask(mask)
+    with torch.no_grad():
+        a = a.detach()
+        b = b.detach()
+        n = m.sum()
+        if int(n) == 0:
+            return torch.tensor(math.nan, dtype=a.dtype, device=a.device)
+        mf = m.to(a.dtype)
+        if reduction == "pooled":
+            den = (mf * a * a).sum()
+            if float(den) == 0.0:
+                return torch.zeros((), dtype=a.dtype, device=a.device)
+            return scale * (mf * a * b).sum() / den
+        ratio = a * b / (a * a + PROXY_EPS)
+        total = (mf * ratio).sum()
+        count = a.numel() if reduction == "reference" else n.to(a.dtype)
+        return scale * total / count
+
+
+def _proxy_terms(mtp_logp: Tensor, logp: Tensor, old_logp: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    check_same_shape(mtp_logp=mtp_logp, logp=logp, old_logp=old_logp, mask=mask)
+    check_finite(mtp_logp, "mtp_logp")
+    check_finite(logp, "logp")
+    check_finite(old_logp, "old_logp")
+    return mtp_logp - old_logp, logp - old_logp
+
+
+def reference_coefficient(
+    mtp_logp: Tensor, logp: Tensor, old_logp: Tensor, mask: Tensor, scale: float
+) -> Tensor:
+    """The public implementation's proxy: ``c · mean(a·b/(a²+1e-8))`` over all ``B×T`` entries.
+
+    ``a = m − ℓ^old``, ``b = ℓ − ℓ^old``; padding (``mask == 0``) contributes 0 to the sum and
+    counts in the mean, as with verl's zero log-probs at padding.
+    """
+    a, b = _proxy_terms(mtp_logp, logp, old_logp, mask)
+    return projection_coefficient(a, b, mask, scale, "reference")
+
+
+def masked_coefficient(
+    mtp_logp: Tensor, logp: Tensor, old_logp: Tensor, mask: Tensor, scale: float
+) -> Tensor:
+    """``c · Σ_M (a·b/(a²+1e-8)) / Σ M``: the reference formula averaged over response tokens."""
+    a, b = _proxy_terms(mtp_logp, logp, old_logp, mask)
+    return projection_coefficient(a, b, mask, scale, "masked")
+
+
+def pooled_coefficient(
+    mtp_logp: Tensor, logp: Tensor, old_logp: Tensor, mask: Tensor, scale: float
+) -> Tensor:
+    """``c · Σ_M a·b / Σ_M a²``: the least-squares slope of ``b`` on ``a``."""
+    a, b = _proxy_terms(mtp_logp, logp, old_logp, mask)
+    return projection_coefficient(a, b, mask, scale, "pooled")
+
+
+PROXY_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
+    "reference": reference_coefficient,
+    "masked": masked_coefficient,
+    "pooled": pooled_coefficient,
+}
+
+
+def proxy_coefficients(
+    mtp_logp: Tensor, logp: Tensor, old_logp: Tensor, mask: Tensor, scale: float
+) -> dict[str, float]:
+    """Every proxy estimator on the same tensors, as floats keyed by name."""
+    return {
+        name: float(fn(mtp_logp, logp, old_logp, mask, scale)) for name, fn in PROXY_ESTIMATORS.items()
+    }
+
+
+def jvp_coefficient(
+    logprob_fn: Callable[[Params], Tensor],
+    params: Params,
+    unit_displacement: Params,
+    update_rl: Params,
+    mask: Tensor,
+    scale: float,
+    reduction: Reduction = "masked",
+) -> Tensor:
+    """The proxy formula with exact first-order changes (the ``jvp`` level).
+
+    ``a_t = ∇ℓ_t · δ₁`` and ``b_t = ∇ℓ_t · u_RL`` by forward-mode ``jvp`` of the per-token main
+    log-probs ``logprob_fn(params)`` (same shape as ``mask``), then
+    :func:`projection_coefficient` with ``reduction``.
+    """
+    a = jvp_logprobs(logprob_fn, params, unit_displacement)
+    b = jvp_logprobs(logprob_fn, params, update_rl)
+    return projection_coefficient(a, b, mask, scale, reduction)
+
+
+def gain(lam: float, dec: Decomposition) -> float:
+    """Quadratic model of the MTP effect at coefficient ``λ``: ``λ(C₁ + X₁) − λ²P₁``."""
+    lam = check_number(lam, "lam")
+    return lam * (dec.correlation_unit + dec.cross_unit) - lam * lam * dec.penalty_unit
+
+
+def efficiency(lam: float, dec: Decomposition) -> float:
+    """``gain(λ)/gain(λ*)``: 1 is optimal, ≤ 0 means the estimate hurt.
+
+    ``nan`` when ``λ*`` is undefined (``P₁ ≤ 0``) or the best gain is 0, or ``lam`` is ``nan``.
+    """
+    lam = float(lam)
+    if math.isnan(lam):
+        return math.nan
+    best = gain(dec.lambda_star, dec) if math.isfinite(dec.lambda_star) else math.nan
+    if not math.isfinite(best) or best == 0.0:
+        return math.nan
+    return gain(lam, dec) / best

@@ -1,0 +1,345 @@
+"""Pure counterfactual optimizer steps (SGD with momentum, Adam/AdamW).
+
+A counterfactual optimizer computes the update ``u = θ_new − θ`` that ``torch.optim`` *would*
+apply for given gradients and the current state, without touching the parameters or the state.
+They reproduce ``torch.optim.SGD`` / ``torch.optim.AdamW`` to float32 rounding (tested).
+
+The decomposition (DESIGN.md §3) needs, for one step:
+
+- ``u_RL``: the update for the RL loss gradient ``−∇J`` alone (the ``detach`` update on every
+  coordinate ``J`` depends on);
+- ``δ = u − u_RL``: the MTP displacement, where ``u`` is the update for ``−∇J + λ∇L_MTP``;
+- ``δ₁``: the displacement per unit coefficient, the optimizer's step rule linearised in the
+  added gradient with its preconditioner frozen at the ``u_RL`` step:
+
+  - SGD (affine in the gradient): ``δ₁ = −η κ ∇L_MTP`` exactly, ``κ`` the momentum factor of
+    this step (1 for plain SGD), and ``δ = λ δ₁``;
+  - Adam/AdamW: ``δ₁ = −η (1−β₁)/(1−β₁ᵗ) · ∇L_MTP ⊘ (√v̂ + ε)`` with ``v̂`` the bias-corrected
+    second moment of the ``u_RL`` step. The factor ``(1−β₁)/(1−β₁ᵗ)`` is the share of this
+    step's gradient in Adam's bias-corrected first moment; without it ``λ*`` would not be in
+    the units of the user's coefficient.
+
+Parameters absent from the optimizer (frozen) get a zero update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from decomp.checks import Params, check_number
+
+State = Mapping[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class Counterfactual:
+    """The three update dicts of one instrumented step (see module docstring)."""
+
+    update_rl: Params
+    displacement: Params
+    unit_displacement: Params
+
+
+@dataclass(frozen=True)
+class SGDHyper:
+    """Hyperparameters of ``torch.optim.SGD`` for one parameter."""
+
+    lr: float
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+
+@dataclass(frozen=True)
+class AdamHyper:
+    """Hyperparameters of ``torch.optim.Adam``/``AdamW`` for one parameter (AdamW defaults)."""
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    decoupled_weight_decay: bool = True
+    amsgrad: bool = False
+
+
+class CounterfactualOptimizer(Protocol):
+    """What :func:`decomp.decomposition.decompose` needs from an optimizer."""
+
+    name: str
+    linear: bool  # True when the step is affine in the gradient (then δ = λ δ₁ exactly)
+
+    def update(self, params: Params, grads: Params) -> Params: ...
+
+    def counterfactual(
+        self, params: Params, rl_grads: Params, mtp_grads: Params, coef: float
+    ) -> Counterfactual: ...
+
+    def with_lr(self, lr: float) -> CounterfactualOptimizer: ...
+
+
+def _per_param(hyper: Any, cls: type, names: list[str] | None = None) -> Any:
+    if isinstance(hyper, cls):
+        return hyper
+    if isinstance(hyper, Mapping):
+        for key, h in hyper.items():
+            if h is not None and not isinstance(h, cls):
+                raise TypeError(f"hyper[{key!r}] must be {cls.__name__} or None")
+        return dict(hyper)
+    raise TypeError(f"hyper must be a {cls.__name__} or a dict name -> {cls.__name__}")
+
+
+def _validate_hyper(h: SGDHyper | AdamHyper) -> None:
+    check_number(h.lr, "lr", nonnegative=True)
+    check_number(h.weight_decay, "weight_decay", nonnegative=True)
+    if isinstance(h, SGDHyper):
+        check_number(h.momentum, "momentum", nonnegative=True)
+        check_number(h.dampening, "dampening")
+        if h.nesterov and (h.momentum <= 0 or h.dampening != 0):
+            raise ValueError("nesterov momentum requires momentum > 0 and dampening = 0")
+    else:
+        for i, b in enumerate(h.betas):
+            b = check_number(b, f"betas[{i}]")
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"betas[{i}] must be in [0, 1), got {b}")
+        check_number(h.eps, "eps", nonnegative=True)
+
+
+class _Base:
+    name = "base"
+    linear = False
+    _hyper_cls: type = object
+
+    def __init__(self, hyper: Any, state: State | None = None) -> None:
+        self._hyper = _per_param(hyper, self._hyper_cls)
+        for h in self._hyper.values() if isinstance(self._hyper, dict) else [self._hyper]:
+            if h is not None:
+                _validate_hyper(h)
+        self._state: dict[str, Mapping[str, Any]] = dict(state or {})
+
+    def hyper(self, key: str) -> Any:
+        """Hyperparameters of parameter ``key`` (``None``: not optimised, zero update)."""
+        if isinstance(self._hyper, dict):
+            return self._hyper.get(key)
+        return self._hyper
+
+    def state(self, key: str) -> Mapping[str, Any]:
+        return self._state.get(key, {})
+
+    def with_lr(self, lr: float) -> Any:
+        """A copy with every parameter's learning rate set to ``lr``."""
+        lr = check_number(lr, "lr", nonnegative=True)
+        if isinstance(self._hyper, dict):
+            hyper = {k: (None if h is None else replace(h, lr=lr)) for k, h in self._hyper.items()}
+        else:
+            hyper = replace(self._hyper, lr=lr)
+        return type(self)(hyper, self._state)
+
+    @property
+    def lrs(self) -> list[float]:
+        hs = self._hyper.values() if isinstance(self._hyper, dict) else [self._hyper]
+        return sorted({h.lr for h in hs if h is not None})
+
+
+class SGD(_Base):
+    """Counterfactual ``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay).
+
+    ``state[name]["momentum_buffer"]`` is the torch momentum buffer (``None`` before the first
+    step). Build it from a live optimizer with :func:`from_torch`.
+    """
+
+    name = "sgd"
+    linear = True
+    _hyper_cls = SGDHyper
+
+    def _direction(self, key: str, p: Tensor, g: Tensor) -> tuple[Tensor, float]:
+        """The vector torch multiplies by ``−lr``, and the momentum factor κ of a gradient."""
+        h: SGDHyper = self.hyper(key)
+        d = g
+        if h.weight_decay != 0:
+            d = d.add(p, alpha=h.weight_decay)
+        kappa = 1.0
+        if h.momentum != 0:
+            buf = self.state(key).get("momentum_buffer")
+            if buf is None:
+                new_buf = d
+            else:
+                new_buf = buf.mul(h.momentum).add(d, alpha=1 - h.dampening)
+                kappa = 1 - h.dampening
+            if h.nesterov:
+                d = d.add(new_buf, alpha=h.momentum)
+                kappa = 1 + h.momentum * kappa
+            else:
+                d = new_buf
+        return d, kappa
+
+    def update(self, params: Params, grads: Params) -> Params:
+        """``u = θ_new − θ`` of one ``torch.optim.SGD`` step with ``grads`` (of a loss)."""
+        out = {}
+        for key, p in params.items():
+            h = self.hyper(key)
+            if h is None:
+                out[key] = torch.zeros_like(p)
+                continue
+            d, _ = self._direction(key, p.detach(), grads[key])
+            out[key] = d.mul(-h.lr)
+        return out
+
+    def counterfactual(
+        self, params: Params, rl_grads: Params, mtp_grads: Params, coef: float
+    ) -> Counterfactual:
+        update_rl, unit, disp = {}, {}, {}
+        for key, p in params.items():
+            h = self.hyper(key)
+            if h is None:
+                update_rl[key] = unit[key] = disp[key] = torch.zeros_like(p)
+                continue
+            d, kappa = self._direction(key, p.detach(), rl_grads[key])
+            update_rl[key] = d.mul(-h.lr)
+            unit[key] = mtp_grads[key].mul(-h.lr * kappa)
+            disp[key] = unit[key].mul(coef)
+        return Counterfactual(update_rl, disp, unit)
+
+
+class AdamW(_Base):
+    """Counterfactual ``torch.optim.AdamW`` (and ``Adam`` with ``decoupled_weight_decay=False``).
+
+    ``state[name]`` holds torch's ``step``, ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``
+    with AMSGrad); a missing entry is a fresh state (step 0, zero moments).
+    """
+
+    name = "adamw"
+    linear = False
+    _hyper_cls = AdamHyper
+
+    def _moments(self, key: str, p: Tensor, g: Tensor) -> tuple[Tensor, Tensor, float, float]:
+        """New first moment, denominator ``√v̂ + ε``, step size ``η/(1−β₁ᵗ)`` and β₁ weight."""
+        h: AdamHyper = self.hyper(key)
+        beta1, beta2 = h.betas
+        st = self.state(key)
+        step = float(st["step"]) if "step" in st else 0.0
+        t = step + 1
+        if h.weight_decay != 0 and not h.decoupled_weight_decay:
+            g = g.add(p, alpha=h.weight_decay)
+        exp_avg = st.get("exp_avg")
+        exp_avg_sq = st.get("exp_avg_sq")
+        m = torch.zeros_like(p) if exp_avg is None else exp_avg
+        v = torch.zeros_like(p) if exp_avg_sq is None else exp_avg_sq
+        m_new = m.lerp(g, 1 - beta1)
+        v_new = v.mul(beta2).addcmul(g, g, value=1 - beta2)
+        if h.amsgrad:
+            v_max = st.get("max_exp_avg_sq")
+            v_new = v_new if v_max is None else torch.maximum(v_max, v_new)
+        bias1 = 1 - beta1**t
+        bias2 = 1 - beta2**t
+        denom = (v_new.sqrt() / math.sqrt(bias2)).add(h.eps)
+        return m_new, denom, h.lr / bias1, 1 - beta1
+
+    def _decay(self, key: str, p: Tensor) -> Tensor | None:
+        h: AdamHyper = self.hyper(key)
+        if h.weight_decay != 0 and h.decoupled_weight_decay:
+            return p.mul(-h.lr * h.weight_decay)
+        return None
+
+    def update(self, params: Params, grads: Params) -> Params:
+        """``u = θ_new − θ`` of one Adam/AdamW step with ``grads`` (of a loss)."""
+        out = {}
+        for key, p in params.items():
+            if self.hyper(key) is None:
+                out[key] = torch.zeros_like(p)
+                continue
+            p = p.detach()
+            m_new, denom, step_size, _ = self._moments(key, p, grads[key])
+            u = m_new.div(denom).mul(-step_size)
+            decay = self._decay(key, p)
+            out[key] = u if decay is None else u.add(decay)
+        return out
+
+    def counterfactual(
+        self, params: Params, rl_grads: Params, mtp_grads: Params, coef: float
+    ) -> Counterfactual:
+        update_rl, unit, disp = {}, {}, {}
+        for key, p in params.items():
+            if self.hyper(key) is None:
+                update_rl[key] = unit[key] = disp[key] = torch.zeros_like(p)
+                continue
+            p = p.detach()
+            m_rl, denom_rl, step_size, w1 = self._moments(key, p, rl_grads[key])
+            adaptive_rl = m_rl.div(denom_rl).mul(-step_size)
+            decay = self._decay(key, p)
+            update_rl[key] = adaptive_rl if decay is None else adaptive_rl.add(decay)
+            # The decoupled decay term is the same in u and u_RL; leaving it out of both keeps
+            # δ free of the cancellation error of subtracting two nearly equal updates.
+            m_full, denom_full, _, _ = self._moments(key, p, rl_grads[key] + coef * mtp_grads[key])
+            disp[key] = m_full.div(denom_full).mul(-step_size) - adaptive_rl
+            unit[key] = mtp_grads[key].div(denom_rl).mul(-step_size * w1)
+        return Counterfactual(update_rl, disp, unit)
+
+
+def from_torch(optimizer: torch.optim.Optimizer, named_params: Mapping[str, Tensor]) -> SGD | AdamW:
+    """Build a counterfactual copy of a live ``torch.optim`` optimizer.
+
+    Args:
+        optimizer: a ``torch.optim.SGD``, ``Adam`` or ``AdamW`` instance (any param groups).
+        named_params: ``dict(model.named_parameters())``; tensors are matched to the optimizer's
+            by identity. Parameters the optimizer does not hold get a zero update.
+
+    The state tensors are referenced, never modified; take the counterfactual before
+    ``optimizer.step()`` mutates them.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    names = {id(t): k for k, t in named_params.items()}
+    hyper: dict[str, Any] = {k: None for k in named_params}
+    state: dict[str, Mapping[str, Any]] = {}
+    is_sgd = isinstance(optimizer, torch.optim.SGD)
+    is_adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+    if not (is_sgd or is_adam):
+        raise TypeError(
+            f"unsupported optimizer {type(optimizer).__name__}; supported: SGD, Adam, AdamW"
+        )
+    matched = 0
+    for group in optimizer.param_groups:
+        if group.get("maximize", False):
+            raise ValueError("maximize=True is not supported: decomp models minimising −J + λ·L_MTP")
+        lr = float(group["lr"])
+        for p in group["params"]:
+            key = names.get(id(p))
+            if key is None:
+                continue
+            matched += 1
+            if is_sgd:
+                hyper[key] = SGDHyper(
+                    lr=lr,
+                    momentum=float(group["momentum"]),
+                    dampening=float(group["dampening"]),
+                    weight_decay=float(group["weight_decay"]),
+                    nesterov=bool(group["nesterov"]),
+                )
+            else:
+                decoupled = group.get(
+                    "decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)
+                )
+                hyper[key] = AdamHyper(
+                    lr=lr,
+                    betas=(float(group["betas"][0]), float(group["betas"][1])),
+                    eps=float(group["eps"]),
+                    weight_decay=float(group["weight_decay"]),
+                    decoupled_weight_decay=bool(decoupled),
+                    amsgrad=bool(group["amsgrad"]),
+                )
+            st = optimizer.state.get(p)
+            if st:
+                state[key] = st
+    if matched == 0:
+        raise ValueError(
+            "none of named_params is held by the optimizer; pass dict(model.named_parameters()) "
+            "with the live parameter tensors"
+        )
+    return SGD(hyper, state) if is_sgd else AdamW(hyper, state)

@@ -1,0 +1,44 @@
+"""The console script and the probe."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from decomp.cli import main
+from decomp.rl import group_advantages
+
+
+def test_group_advantages_match_a_direct_computation():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+    adv = group_advantages(r, 4)
+    for g in range(2):
+        x = r[4 * g : 4 * g + 4]
+        assert torch.allclose(adv[4 * g : 4 * g + 4], (x - x.mean()) / (x.std() + 1e-6))
+    assert torch.equal(group_advantages(torch.ones(4), 2), torch.zeros(4))
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        group_advantages(r, 3)
+
+
+def test_probe_json_records(capsys):
+    assert main(["probe", "--prompts", "2", "--group-size", "4", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out.replace("NaN", "null"))
+    assert set(records) == {"ce", "policy"}
+    for rec in records.values():
+        for key in ("correlation", "penalty", "coef_masked", "coef_jvp", "efficiency_pooled"):
+            assert key in rec
+        assert rec["optimizer"] == "adamw"
+        assert math.isclose(rec["predicted"], rec["correlation"] + rec["cross"] - rec["penalty"], rel_tol=1e-12)
+
+
+def test_console_script_errors_exit_2():
+    out = subprocess.run([sys.executable, "-m", "decomp.cli", "probe", "--lr", "-1"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "must be a non-negative number" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "decomp.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("decomp ")

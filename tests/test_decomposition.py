@@ -1,0 +1,240 @@
+"""decompose() against closed forms, Taylor's theorem and the no-side-effect contract."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_problem
+from decomp import optim as cf
+from decomp.decomposition import decompose
+from decomp.model import MTPTransformer
+from decomp.objectives import objectives
+from decomp.occ import efficiency, gain
+from decomp.regimes import CrossEntropy, Detach, Policy
+
+REL = 1e-10
+
+
+def _quadratic(seed: int = 0, concave: bool = True):
+    """J(x) = bᵀx − ½xᵀAx (A ≻ 0 when concave), L(x) = ½xᵀBx − cᵀx over x = [vec(M); a]."""
+    rng = np.random.default_rng(seed)
+    n = 7
+    R = rng.standard_normal((n, n))
+    A = R @ R.T / n + 0.5 * np.eye(n)
+    if not concave:
+        A = -A
+    S = rng.standard_normal((n, n))
+    B = S @ S.T / n + 0.1 * np.eye(n)
+    b, c, x = rng.standard_normal(n), rng.standard_normal(n), rng.standard_normal(n)
+    At, Bt, bt, ct = (torch.tensor(v) for v in (A, B, b, c))
+
+    def flat(p):
+        return torch.cat([p["M"].reshape(-1), p["a"]])
+
+    J = lambda p: bt @ flat(p) - 0.5 * flat(p) @ At @ flat(p)  # noqa: E731
+    L = lambda p: 0.5 * flat(p) @ Bt @ flat(p) - ct @ flat(p)  # noqa: E731
+    params = {"M": torch.tensor(x[:4]).reshape(2, 2), "a": torch.tensor(x[4:])}
+    Jn = lambda z: b @ z - 0.5 * z @ A @ z  # noqa: E731
+    return J, L, params, dict(A=A, B=B, b=b, c=c, x=x, J=Jn)
+
+
+def _close(a: float, b: float, rel: float = REL) -> bool:
+    return abs(a - b) <= rel * max(abs(b), 1e-300)
+
+
+def test_sgd_on_quadratic_matches_closed_forms():
+    J, L, params, q = _quadratic()
+    lr, coef = 0.1, 0.7
+    d = decompose(J, L, params, lr=lr, coef=coef)
+    A, B, b, c, x = q["A"], q["B"], q["b"], q["c"], q["x"]
+    g = b - A @ x
+    gl = B @ x - c
+    u_rl = lr * g
+    delta1 = -lr * gl
+    delta = coef * delta1
+    H = -A
+    C, X, P = g @ delta, u_rl @ H @ delta, -0.5 * delta @ H @ delta
+    C1, X1, P1 = g @ delta1, u_rl @ H @ delta1, -0.5 * delta1 @ H @ delta1
+    expected = dict(
+        correlation=C, cross=X, penalty=P, predicted=C + X - P,
+        realized=q["J"](x + u_rl + delta) - q["J"](x + u_rl),
+        lambda_star=(C1 + X1) / (2 * P1), lambda_star_no_cross=C1 / (2 * P1),
+        correlation_unit=C1, cross_unit=X1, penalty_unit=P1,
+        grad_norm_rl=np.linalg.norm(g), grad_norm_mtp=np.linalg.norm(gl),
+        cosine=-(g @ gl) / (np.linalg.norm(g) * np.linalg.norm(gl)),
+        update_norm_rl=np.linalg.norm(u_rl), displacement_norm=np.linalg.norm(delta),
+        rl_objective=q["J"](x), realized_rl=q["J"](x + u_rl) - q["J"](x),
+    )
+    got = d.to_dict()
+    for key, value in expected.items():
+        assert _close(got[key], float(value)), (key, got[key], value)
+    # on a quadratic J the second-order model is exact
+    assert _close(d.realized, d.predicted)
+    assert abs(d.residual) <= REL * abs(d.realized)
+    assert d.lambda_star_reason == ""
+    assert d.optimizer == "sgd" and d.coef == coef
+
+
+def test_quadratic_gain_is_the_realized_change_and_lambda_star_maximises_it():
+    J, L, params, q = _quadratic(seed=1)
+    lr = 0.05
+    base = decompose(J, L, params, lr=lr, coef=1.0)
+    for lam in (-2.0, -0.3, 0.4, base.lambda_star, 3.0):
+        d = decompose(J, L, params, lr=lr, coef=lam)
+        assert _close(d.realized, gain(lam, base), rel=1e-9)
+    best = decompose(J, L, params, lr=lr, coef=base.lambda_star).realized
+    for lam in np.linspace(base.lambda_star - 1, base.lambda_star + 1, 9):
+        assert decompose(J, L, params, lr=lr, coef=float(lam)).realized <= best + 1e-15
+    assert efficiency(base.lambda_star, base) == pytest.approx(1.0, rel=1e-12)
+    assert efficiency(0.0, base) == 0.0
+    assert efficiency(2 * base.lambda_star, base) == pytest.approx(0.0, abs=1e-12)
+
+
+def _numpy_adamw(x, grad, m, v, step, lr, b1, b2, eps, wd):
+    t = step + 1
+    m2 = b1 * m + (1 - b1) * grad
+    v2 = b2 * v + (1 - b2) * grad**2
+    mhat, vhat = m2 / (1 - b1**t), v2 / (1 - b2**t)
+    return -lr * wd * x - lr * mhat / (np.sqrt(vhat) + eps), np.sqrt(vhat) + eps
+
+
+def test_adamw_on_quadratic_matches_numpy_and_taylor_is_exact():
+    J, L, params, q = _quadratic(seed=2)
+    rng = np.random.default_rng(5)
+    n = 7
+    m, v = 0.1 * rng.standard_normal(n), 0.05 * rng.random(n)
+    step, lr, coef, wd = 3, 0.02, 0.4, 0.1
+    split = lambda z: {"M": torch.tensor(z[:4]).reshape(2, 2), "a": torch.tensor(z[4:])}  # noqa: E731
+    state = {k: {"step": torch.tensor(float(step)), "exp_avg": split(m)[k], "exp_avg_sq": split(v)[k]} for k in params}
+    opt = cf.AdamW(cf.AdamHyper(lr=lr, weight_decay=wd), state)
+    d = decompose(J, L, params, coef=coef, optimizer=opt)
+    A, B, b, c, x = q["A"], q["B"], q["b"], q["c"], q["x"]
+    g, gl = b - A @ x, B @ x - c
+    u_rl, denom = _numpy_adamw(x, -g, m, v, step, lr, 0.9, 0.999, 1e-8, wd)
+    u_full, _ = _numpy_adamw(x, -g + coef * gl, m, v, step, lr, 0.9, 0.999, 1e-8, wd)
+    delta = u_full - u_rl
+    delta1 = -lr * (1 - 0.9) / (1 - 0.9 ** (step + 1)) * gl / denom
+    H = -A
+    expected = dict(
+        correlation=g @ delta, cross=u_rl @ H @ delta, penalty=-0.5 * delta @ H @ delta,
+        correlation_unit=g @ delta1, cross_unit=u_rl @ H @ delta1, penalty_unit=-0.5 * delta1 @ H @ delta1,
+    )
+    got = d.to_dict()
+    for key, value in expected.items():
+        assert _close(got[key], float(value), rel=1e-9), (key, got[key], value)
+    assert d.optimizer == "adamw"
+    assert _close(d.realized, d.predicted, rel=1e-9)
+
+
+def test_lambda_star_is_nan_with_reason_when_J_is_convex_along_the_displacement():
+    J, L, params, _ = _quadratic(seed=3, concave=False)
+    d = decompose(J, L, params, lr=0.1, coef=1.0)
+    assert d.penalty_unit < 0
+    assert math.isnan(d.lambda_star) and math.isnan(d.lambda_star_no_cross)
+    assert "penalty_unit <= 0" in d.lambda_star_reason
+    assert math.isnan(efficiency(0.5, d))
+
+
+@pytest.mark.parametrize("regime", [CrossEntropy(), Policy()], ids=["ce", "policy"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_residual_is_third_order_in_the_step_size(regime, optimizer, seed):
+    problem = make_problem(seed=seed)
+    obj = objectives(problem.model, problem.batch, regime)
+    params = problem.params
+    if optimizer == "sgd":
+        lrs, opt = (1e-3, 5e-4), "sgd"
+    else:
+        lrs = (2e-3, 1e-3)
+        state = {
+            k: {"step": torch.tensor(10.0), "exp_avg": 0.01 * torch.randn_like(p), "exp_avg_sq": torch.full_like(p, 1e-2)}
+            for k, p in params.items()
+        }
+        opt = cf.AdamW(cf.AdamHyper(lr=1.0), state)
+    r1, r2 = (decompose(obj.rl_objective, obj.mtp_loss, params, lr=lr, coef=1.0, optimizer=opt).residual for lr in lrs)
+    assert 8 * 0.75 <= r1 / r2 <= 8 * 1.25, (r1, r2)
+
+
+def test_detach_gives_exactly_zero_shared_displacement_and_terms():
+    problem = make_problem(seed=4)
+    obj = objectives(problem.model, problem.batch, Detach())
+    params = problem.params
+    model = problem.model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loss = -obj.rl_objective(dict(model.named_parameters())) + obj.mtp_loss(dict(model.named_parameters()))
+    loss.backward()
+    opt.step()
+    counterfactual = cf.from_torch(opt, dict(model.named_parameters()))
+    g = torch.func.grad(obj.rl_objective)(params)
+    gl = torch.func.grad(obj.mtp_loss)(params)
+    out = counterfactual.counterfactual(params, {k: -v for k, v in g.items()}, gl, 0.5)
+    shared = model.shared_parameter_names()
+    assert shared and len(shared) < len(params)
+    for name in shared:
+        assert torch.equal(out.displacement[name], torch.zeros_like(params[name])), name
+        assert torch.equal(out.unit_displacement[name], torch.zeros_like(params[name])), name
+    assert any(float(out.displacement[n].abs().max()) > 0 for n in params if n.startswith("mtp."))
+    for optimizer in ("sgd", opt):
+        d = decompose(obj.rl_objective, obj.mtp_loss, dict(model.named_parameters()), lr=1e-2, coef=0.5, optimizer=optimizer)
+        assert d.correlation == 0.0 and d.penalty == 0.0 and d.cross == 0.0
+        assert d.correlation_unit == 0.0 and d.penalty_unit == 0.0
+        assert d.realized == 0.0
+        assert math.isnan(d.lambda_star) and "does not move J" in d.lambda_star_reason
+
+
+def test_instrumenting_leaves_params_optimizer_state_and_rng_bit_identical():
+    problem = make_problem(dtype=torch.float32, seed=5)
+    model = problem.model
+    obj = objectives(model, problem.batch, Policy())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    named = dict(model.named_parameters())
+    for _ in range(3):
+        opt.zero_grad()
+        (-obj.rl_objective(named) + 0.1 * obj.mtp_loss(named)).backward()
+        opt.step()
+    opt.zero_grad()
+    (-obj.rl_objective(named) + 0.1 * obj.mtp_loss(named)).backward()  # a pending .grad
+    params_before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    grads_before = {k: p.grad.clone() for k, p in model.named_parameters()}
+    state_before = copy.deepcopy(opt.state_dict())
+    rng_before = torch.get_rng_state()
+
+    def noisy_objective(p):  # draws random numbers: the RNG must still come back unchanged
+        return obj.rl_objective(p) + 0.0 * torch.rand(())
+
+    d = decompose(noisy_objective, obj.mtp_loss, dict(model.named_parameters()), coef=0.1, optimizer=opt)
+    assert math.isfinite(d.penalty)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    for k, p in model.named_parameters():
+        assert torch.equal(p.detach(), params_before[k])
+        assert torch.equal(p.grad, grads_before[k])
+    state_after = opt.state_dict()
+    assert state_after["param_groups"] == state_before["param_groups"]
+    for pid, st in state_before["state"].items():
+        for key, value in st.items():
+            assert torch.equal(value, state_after["state"][pid][key]), (pid, key)
+
+
+def test_forward_and_reverse_hvp_methods_give_the_same_decomposition():
+    problem = make_problem(seed=6)
+    obj = objectives(problem.model, problem.batch, CrossEntropy())
+    a = decompose(obj.rl_objective, obj.mtp_loss, problem.params, lr=1e-2, coef=0.3, hvp_method="reverse")
+    b = decompose(obj.rl_objective, obj.mtp_loss, problem.params, lr=1e-2, coef=0.3, hvp_method="forward")
+    for key in ("correlation", "cross", "penalty", "realized", "penalty_unit"):
+        assert getattr(a, key) == pytest.approx(getattr(b, key), rel=1e-10, abs=1e-16)
+
+
+def test_float32_model_with_sdpa_and_live_optimizer():
+    problem = make_problem(dtype=torch.float32, seed=7)
+    assert isinstance(problem.model, MTPTransformer)
+    obj = objectives(problem.model, problem.batch, CrossEntropy())
+    opt = torch.optim.SGD(problem.model.parameters(), lr=0.05, momentum=0.9)
+    d = decompose(obj.rl_objective, obj.mtp_loss, dict(problem.model.named_parameters()), coef=0.2, optimizer=opt)
+    assert d.optimizer == "sgd"
+    assert d.correlation == pytest.approx(0.2 * d.correlation_unit, rel=1e-6)
+    assert all(math.isfinite(v) for k, v in d.to_dict().items() if isinstance(v, float) and "lambda" not in k)

@@ -1,0 +1,164 @@
+"""Counterfactual optimizer steps against torch.optim (float32, after several real steps)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import make_problem
+from decomp import optim as cf
+from decomp.objectives import objectives
+from decomp.regimes import CrossEntropy
+
+
+def _grads(model, seed):
+    """Real gradients of a real loss (J − L_MTP on a random batch) written into .grad."""
+    problem = make_problem(dtype=torch.float32, seed=seed)
+    obj = objectives(problem.model, problem.batch, CrossEntropy())
+    params = dict(model.named_parameters())
+    loss = -obj.rl_objective(params) + 0.5 * obj.mtp_loss(params)
+    model.zero_grad()
+    loss.backward()
+    return {k: p.grad.detach().clone() for k, p in params.items()}
+
+
+def _check_step(opt, model, build, steps=5):
+    for s in range(steps):
+        _grads(model, s)
+        opt.step()
+    grads = _grads(model, 99)
+    named = {k: p for k, p in model.named_parameters()}
+    counterfactual = build(opt, named)
+    before = {k: p.detach().clone() for k, p in named.items()}
+    u = counterfactual.update({k: p.detach() for k, p in named.items()}, grads)
+    opt.step()
+    for k, p in named.items():
+        ours = before[k] + u[k]
+        scale = p.detach().abs().max().clamp_min(1e-12)
+        err = float((ours - p.detach()).abs().max() / scale)
+        assert err <= 1e-6, (k, err)
+
+
+def _model():
+    return make_problem(dtype=torch.float32, seed=0).model
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(lr=0.1),
+        dict(lr=0.05, momentum=0.9),
+        dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01),
+        dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1),
+    ],
+)
+@pytest.mark.parametrize("steps", [0, 3])
+def test_sgd_reproduces_torch(kwargs, steps):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), **kwargs)
+    _check_step(opt, model, cf.from_torch, steps=steps)
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+        (torch.optim.AdamW, dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05, amsgrad=True)),
+        (torch.optim.Adam, dict(lr=1e-2, weight_decay=0.01)),
+        (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, foreach=False)),
+    ],
+)
+@pytest.mark.parametrize("steps", [0, 5])
+def test_adam_reproduces_torch(cls, kwargs, steps):
+    model = _model()
+    opt = cls(model.parameters(), **kwargs)
+    _check_step(opt, model, cf.from_torch, steps=steps)
+
+
+def test_param_groups_and_frozen_parameters():
+    model = _model()
+    decay = [p for n, p in model.named_parameters() if p.dim() > 1 and not n.startswith("mtp.")]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
+    # MTP matrices are left out of the optimizer: a zero update
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0, "lr": 3e-3}], lr=1e-2
+    )
+    _check_step(opt, model, cf.from_torch, steps=3)
+    counterfactual = cf.from_torch(opt, dict(model.named_parameters()))
+    grads = {k: torch.ones_like(p) for k, p in model.named_parameters()}
+    u = counterfactual.update({k: p.detach() for k, p in model.named_parameters()}, grads)
+    assert torch.equal(u["mtp.0.proj.weight"], torch.zeros_like(u["mtp.0.proj.weight"]))
+    assert counterfactual.lrs == [3e-3, 1e-2]
+
+
+def test_counterfactual_leaves_torch_state_untouched():
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for s in range(3):
+        _grads(model, s)
+        opt.step()
+    state_before = copy.deepcopy(opt.state_dict())
+    params_before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    counterfactual = cf.from_torch(opt, dict(model.named_parameters()))
+    grads = _grads(model, 7)
+    counterfactual.counterfactual(params_before, grads, grads, 0.3)
+    counterfactual.update(params_before, grads)
+    state_after = opt.state_dict()
+    for pid, st in state_before["state"].items():
+        for key, value in st.items():
+            assert torch.equal(value, state_after["state"][pid][key])
+    assert all(torch.equal(params_before[k], p) for k, p in model.named_parameters())
+
+
+def test_sgd_displacement_is_linear_in_coefficient():
+    model = make_problem(dtype=torch.float64).model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    for s in range(2):
+        _grads(model, s)
+        opt.step()
+    c = cf.from_torch(opt, dict(model.named_parameters()))
+    g = {k: torch.randn_like(p) for k, p in model.named_parameters()}
+    h = {k: torch.randn_like(p) for k, p in model.named_parameters()}
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    out = c.counterfactual(params, g, h, 0.7)
+    u_full = c.update(params, {k: g[k] + 0.7 * h[k] for k in g})
+    for k in params:
+        assert torch.allclose(out.update_rl[k] + out.displacement[k], u_full[k], rtol=1e-12, atol=1e-15)
+        # δ₁ = −η(1 + μ(1−dampening)) ∇L for Nesterov with an existing buffer
+        assert torch.allclose(out.unit_displacement[k], -0.1 * 1.9 * h[k], rtol=1e-14)
+
+
+def test_adam_unit_displacement_is_the_derivative_when_rl_gradient_vanishes():
+    """With ∇J = 0 the second moment has zero derivative in λ at λ = 0, so δ₁ must equal the
+    exact derivative dδ/dλ — checked by central differences of real counterfactual steps."""
+    torch.manual_seed(0)
+    params = {"w": torch.randn(5, 3, dtype=torch.float64)}
+    state = {"w": {"step": torch.tensor(4.0), "exp_avg": torch.randn(5, 3, dtype=torch.float64) * 0.1,
+                   "exp_avg_sq": torch.rand(5, 3, dtype=torch.float64) * 0.01}}
+    opt = cf.AdamW(cf.AdamHyper(lr=1e-2, weight_decay=0.1), state)
+    zero = {"w": torch.zeros(5, 3, dtype=torch.float64)}
+    h = {"w": torch.randn(5, 3, dtype=torch.float64)}
+    eps = 1e-6
+    plus = opt.counterfactual(params, zero, h, eps).displacement["w"]
+    minus = opt.counterfactual(params, zero, h, -eps).displacement["w"]
+    deriv = (plus - minus) / (2 * eps)
+    unit = opt.counterfactual(params, zero, h, 1.0).unit_displacement["w"]
+    assert torch.allclose(deriv, unit, rtol=1e-7, atol=0)
+
+
+def test_adam_fresh_state_and_bad_hyperparameters():
+    params = {"w": torch.ones(3)}
+    opt = cf.AdamW(cf.AdamHyper(lr=0.1, weight_decay=0.0))
+    u = opt.update(params, {"w": torch.tensor([1.0, -2.0, 0.5])})
+    # first Adam step: −lr·sign(g) up to ε
+    assert torch.allclose(u["w"], torch.tensor([-0.1, 0.1, -0.1]), rtol=1e-6)
+    with pytest.raises(ValueError, match="lr"):
+        cf.AdamW(cf.AdamHyper(lr=-1.0))
+    with pytest.raises(ValueError, match="betas"):
+        cf.AdamW(cf.AdamHyper(lr=0.1, betas=(1.0, 0.9)))
+    with pytest.raises(TypeError, match="unsupported optimizer"):
+        cf.from_torch(torch.optim.RMSprop([torch.nn.Parameter(torch.ones(1))]), {"x": torch.ones(1)})
+    with pytest.raises(ValueError, match="none of named_params"):
+        cf.from_torch(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1), {"x": torch.ones(1)})

@@ -1,0 +1,89 @@
+"""Regime objects: losses, coefficients and the name registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decomp.occ import masked_coefficient, reference_coefficient
+from decomp.regimes import OCC, REGIMES, CrossEntropy, Detach, DetachInputs, Policy, make_regime
+from decomp.rl import clipped_policy_loss, masked_mean
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, T = 4, 7
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2
+    logp = old + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    mtp = old - torch.rand(B, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, 1, generator=g, dtype=torch.float64).expand(B, T).clone()
+    mask = torch.rand(B, T, generator=g) < 0.8
+    return mtp.requires_grad_(), logp, old, adv, mask
+
+
+def test_registry_and_detach_modes():
+    assert list(REGIMES) == ["detach", "detach-inputs", "ce", "policy", "occ"]
+    assert [REGIMES[n].detach for n in REGIMES] == ["all", "inputs", "none", "none", "none"]
+    with pytest.raises(ValueError, match="valid regimes: detach, detach-inputs, ce, policy, occ"):
+        make_regime("mtp")
+    with pytest.raises(TypeError, match="bad option for regime 'ce'"):
+        make_regime("ce", estimator="masked")
+    with pytest.raises(ValueError, match="unknown estimator"):
+        make_regime("occ", estimator="exact")
+    with pytest.raises(ValueError, match="form"):
+        make_regime("policy", form="ppo")
+
+
+@pytest.mark.parametrize("cls", [Detach, DetachInputs, CrossEntropy])
+def test_cross_entropy_regimes(cls):
+    mtp, logp, old, adv, mask = _inputs()
+    term = cls(coef=0.3)(mtp, logp, old, adv, mask)
+    expected = -(mtp * mask).sum() / mask.sum()
+    assert torch.allclose(term.unit_loss, expected)
+    assert torch.allclose(term.loss, 0.3 * expected)
+    assert term.coef == 0.3
+
+
+def test_policy_ratio_and_reinforce_forms():
+    mtp, logp, old, adv, mask = _inputs(1)
+    ratio = Policy(coef=0.2)(mtp, logp, old, adv, mask)
+    r = torch.exp(mtp - old)
+    surrogate = torch.minimum(r * adv, r.clamp(0.8, 1.2) * adv)
+    assert torch.allclose(ratio.unit_loss, -masked_mean(surrogate, mask))
+    assert torch.allclose(ratio.loss, 0.2 * ratio.unit_loss)
+    reinforce = make_regime("policy", coef=0.2, form="reinforce")(mtp, logp, old, adv, mask)
+    assert torch.allclose(reinforce.unit_loss, -masked_mean(adv * mtp, mask))
+    assert torch.allclose(reinforce.loss, 0.2 * reinforce.unit_loss)
+    assert ratio.loss.requires_grad
+
+
+def test_occ_coefficient_and_reference_scaling_of_advantages():
+    mtp, logp, old, adv, mask = _inputs(2)
+    occ = OCC(coef=0.5)
+    term = occ(mtp, logp, old, adv, mask)
+    assert term.coef == pytest.approx(float(masked_coefficient(mtp.detach(), logp, old, mask, 0.5)), rel=1e-14)
+    expected = clipped_policy_loss(mtp, old, term.coef * adv, mask)
+    assert torch.allclose(term.loss, expected)
+    ref = OCC(coef=0.5, estimator="reference")(mtp, logp, old, adv, mask)
+    assert ref.coef == pytest.approx(float(reference_coefficient(mtp.detach(), logp, old, mask, 0.5)), rel=1e-14)
+    # the coefficient carries no gradient
+    term.loss.backward()
+    assert mtp.grad is not None
+
+
+def test_occ_is_zero_on_first_update_and_with_empty_mask():
+    mtp, logp, old, adv, mask = _inputs(3)
+    assert OCC()(mtp, old.clone(), old, adv, mask).coef == 0.0
+    assert OCC()(mtp, logp, old, adv, torch.zeros_like(mask)).coef == 0.0
+
+
+def test_regime_inputs_are_validated():
+    mtp, logp, old, adv, mask = _inputs(4)
+    bad = adv.clone()
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="advantages"):
+        CrossEntropy()(mtp, logp, old, bad, mask)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        CrossEntropy()(mtp, logp[:, :-1], old, adv, mask)
+    with pytest.raises(ValueError, match="coef"):
+        CrossEntropy(coef=float("nan"))

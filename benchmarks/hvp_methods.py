@@ -23,15 +23,18 @@ from decomp.objectives import RolloutBatch, model_logprobs, objectives
 from decomp.regimes import CrossEntropy
 
 
-def _timed(fn, repeats: int, sync) -> list[float]:
-    fn()  # warm-up
-    out = []
+def _timed_round_robin(fns: dict, repeats: int, sync) -> dict[str, list[float]]:
+    """Time each callable ``repeats`` times, interleaved, so drifting machine load hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    out: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t)
+        for name, fn in fns.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            out[name].append(time.perf_counter() - t)
     return out
 
 
@@ -66,12 +69,16 @@ def main() -> None:
         opt.step()
 
     so = second_order(loss, params, method="reverse")
-    timings = {
-        "training step": _timed(train_step, args.repeats, sync),
-        "hvp reverse (vjp∘grad)": _timed(lambda: hvp(loss, params, v, method="reverse"), args.repeats, sync),
-        "hvp forward (jvp∘grad)": _timed(lambda: hvp(loss, params, v, method="forward"), args.repeats, sync),
-        "extra hvp on built reverse graph": _timed(lambda: so.hvp(v), args.repeats, sync),
-    }
+    timings = _timed_round_robin(
+        {
+            "training step": train_step,
+            "hvp reverse (vjp∘grad)": lambda: hvp(loss, params, v, method="reverse"),
+            "hvp forward (jvp∘grad)": lambda: hvp(loss, params, v, method="forward"),
+            "extra hvp on built reverse graph": lambda: so.hvp(v),
+        },
+        args.repeats,
+        sync,
+    )
     base = statistics.median(timings["training step"])
     print(f"# HVP methods — {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, device {device}")

@@ -18,7 +18,7 @@ import time
 import torch
 
 from decomp.curvature import hvp, second_order
-from decomp.model import MTPTransformer, ModelConfig
+from decomp.model import ModelConfig, MTPTransformer
 from decomp.objectives import RolloutBatch, model_logprobs, objectives
 from decomp.regimes import CrossEntropy
 

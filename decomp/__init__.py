@@ -2,7 +2,8 @@
 
 The measurement API (pure functions over a ``dict`` of parameters and callables):
 
-- :func:`decomp.decomposition.decompose` — the per-step decomposition (DESIGN.md §3);
+- :func:`decomp.decomposition.decompose` — the per-step decomposition (DESIGN.md §3), and
+  :func:`~decomp.decomposition.measure_step`, which also returns the update dicts;
 - :mod:`decomp.curvature` — ``hvp``, ``hessian_operator``, ``top_eigenvalues``,
   ``rayleigh_quotient``, ``jvp_logprobs``;
 - :mod:`decomp.optim` — counterfactual SGD/AdamW steps;
@@ -11,7 +12,7 @@ The measurement API (pure functions over a ``dict`` of parameters and callables)
 """
 
 from decomp.curvature import hessian_operator, hvp, jvp_logprobs, rayleigh_quotient, top_eigenvalues
-from decomp.decomposition import Decomposition, decompose
+from decomp.decomposition import Decomposition, StepMeasurement, decompose, measure_step
 from decomp.occ import (
     efficiency,
     gain,
@@ -26,7 +27,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Decomposition",
+    "StepMeasurement",
     "decompose",
+    "measure_step",
     "efficiency",
     "gain",
     "hessian_operator",

@@ -133,6 +133,20 @@ def optimal_coefficient(correlation_unit: float, cross_unit: float, penalty_unit
     return math.nan, math.nan, reason
 
 
+@dataclass(frozen=True)
+class StepMeasurement:
+    """A :class:`Decomposition` with the update dicts it was computed from.
+
+    ``updates`` holds ``u_RL``, ``δ`` and ``δ₁`` (e.g. for the ``jvp`` estimators of
+    :mod:`decomp.occ`); ``grad_rl`` is ``∇J`` and ``grad_mtp`` is ``∇L_MTP``.
+    """
+
+    decomposition: Decomposition
+    updates: cf_optim.Counterfactual
+    grad_rl: Params
+    grad_mtp: Params
+
+
 def decompose(
     rl_objective: Callable[[Params], Tensor],
     mtp_loss: Callable[[Params], Tensor],
@@ -166,7 +180,32 @@ def decompose(
     Returns:
         A :class:`Decomposition`. Parameters, optimizer state and the torch RNG state are left
         bit-identical (the RNG is forked, so even a stochastic objective cannot advance it).
+        :func:`measure_step` returns the same with the update dicts.
     """
+    return measure_step(
+        rl_objective,
+        mtp_loss,
+        params,
+        lr=lr,
+        coef=coef,
+        optimizer=optimizer,
+        optimizer_state=optimizer_state,
+        hvp_method=hvp_method,
+    ).decomposition
+
+
+def measure_step(
+    rl_objective: Callable[[Params], Tensor],
+    mtp_loss: Callable[[Params], Tensor],
+    params: Params,
+    *,
+    lr: float | None = None,
+    coef: float,
+    optimizer: OptimizerSpec = "sgd",
+    optimizer_state: cf_optim.State | None = None,
+    hvp_method: HVPMethod = DEFAULT_HVP_METHOD,
+) -> StepMeasurement:
+    """:func:`decompose`, also returning ``u_RL``, ``δ``, ``δ₁`` and both gradients."""
     params = check_params(params)
     coef = check_number(coef, "coef")
     if lr is not None:
@@ -213,7 +252,7 @@ def decompose(
     lam, lam_nc, reason = optimal_coefficient(c1, x1, p1)
     gn_rl, gn_mtp = norm(g), norm(g_mtp)
     cosine = -dot(g, g_mtp) / (gn_rl * gn_mtp) + 0.0 if gn_rl > 0 and gn_mtp > 0 else math.nan
-    return Decomposition(
+    dec = Decomposition(
         correlation=c,
         cross=x,
         penalty=p,
@@ -238,3 +277,4 @@ def decompose(
         optimizer=opt.name,
         hvp_method=hvp_method,
     )
+    return StepMeasurement(dec, cf, g, g_mtp)

@@ -78,7 +78,7 @@ def objectives(model: nn.Module, batch: RolloutBatch, regime: Regime) -> Objecti
         if not mtp_logp:
             raise ValueError("the model has no MTP module (mtp_depth = 0)")
         losses = [
-            regime.unit_loss(m, batch.old_logp, batch.advantages, mask & v) for m, v in zip(mtp_logp, valid)
+            regime.unit_loss(m, batch.old_logp, batch.advantages, mask & v) for m, v in zip(mtp_logp, valid, strict=True)
         ]
         return torch.stack(losses).mean()
 

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from decomp.decomposition import decompose
-from decomp.model import MTPTransformer, ModelConfig
+from decomp.decomposition import measure_step
+from decomp.model import ModelConfig, MTPTransformer
 from decomp.objectives import RolloutBatch, model_logprobs, objectives
 from decomp.occ import efficiency, jvp_coefficient, proxy_coefficients
-from decomp.optim import from_torch
 from decomp.regimes import make_regime
 from decomp.rl import group_advantages
 
@@ -81,17 +80,14 @@ def run_probe(cfg: ProbeConfig = ProbeConfig()) -> dict[str, dict[str, float | s
         regime = make_regime(direction, coef=cfg.coef)
         obj = objectives(model, batch, regime)
         start = time.perf_counter()
-        dec = decompose(obj.rl_objective, obj.mtp_loss, named, coef=cfg.coef, optimizer=opt)
+        measured = measure_step(obj.rl_objective, obj.mtp_loss, named, coef=cfg.coef, optimizer=opt)
         seconds = time.perf_counter() - start
+        dec, updates = measured.decomposition, measured.updates
         record: dict[str, float | str] = dict(dec.to_dict())
         mask = batch.mask & valid[0]
         estimates = proxy_coefficients(mtp_logp[0], logp, batch.old_logp, mask, cfg.coef)
-        cf = from_torch(opt, named)
-        g = torch.func.grad(obj.rl_objective)(params)
-        g_mtp = torch.func.grad(obj.mtp_loss)(params)
-        out = cf.counterfactual(params, {k: -v for k, v in g.items()}, g_mtp, cfg.coef)
         estimates["jvp"] = float(
-            jvp_coefficient(obj.logprob_fn, params, out.unit_displacement, out.update_rl, mask, cfg.coef)
+            jvp_coefficient(obj.logprob_fn, params, updates.unit_displacement, updates.update_rl, mask, cfg.coef)
         )
         for name, lam in estimates.items():
             record[f"coef_{name}"] = lam

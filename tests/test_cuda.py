@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_problem
+
 from decomp.decomposition import decompose
 from decomp.objectives import RolloutBatch, objectives
 from decomp.regimes import CrossEntropy, Policy

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_problem
+
 from decomp.curvature import (
     flatten,
     hessian_operator,

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_problem
+
 from decomp import optim as cf
-from decomp.decomposition import decompose
+from decomp.decomposition import decompose, measure_step
 from decomp.model import MTPTransformer
 from decomp.objectives import objectives
 from decomp.occ import efficiency, gain
@@ -238,3 +238,15 @@ def test_float32_model_with_sdpa_and_live_optimizer():
     assert d.optimizer == "sgd"
     assert d.correlation == pytest.approx(0.2 * d.correlation_unit, rel=1e-6)
     assert all(math.isfinite(v) for k, v in d.to_dict().items() if isinstance(v, float) and "lambda" not in k)
+
+
+def test_measure_step_returns_the_updates_the_decomposition_used():
+    J, L, params, q = _quadratic(seed=4)
+    m = measure_step(J, L, params, lr=0.1, coef=0.5)
+    g = q["b"] - q["A"] @ q["x"]
+    flat = lambda d: np.concatenate([d["M"].reshape(-1).numpy(), d["a"].numpy()])  # noqa: E731
+    np.testing.assert_allclose(flat(m.grad_rl), g, rtol=1e-12)
+    np.testing.assert_allclose(flat(m.updates.update_rl), 0.1 * g, rtol=1e-12)
+    np.testing.assert_allclose(flat(m.updates.displacement), 0.5 * flat(m.updates.unit_displacement), rtol=1e-15)
+    assert m.decomposition.correlation == pytest.approx(float(g @ flat(m.updates.displacement)), rel=1e-12)
+    assert m.decomposition == decompose(J, L, params, lr=0.1, coef=0.5)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY, make_problem
-from decomp.model import MTPTransformer, ModelConfig, aligned_logprobs
+
+from decomp.model import ModelConfig, MTPTransformer, aligned_logprobs
 from decomp.objectives import objectives
 from decomp.regimes import CrossEntropy, Detach, DetachInputs
 

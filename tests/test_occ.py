@@ -7,11 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import make_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import make_problem
 from decomp import optim as cf
+from decomp.objectives import objectives
 from decomp.occ import (
     jvp_coefficient,
     masked_coefficient,
@@ -20,7 +21,6 @@ from decomp.occ import (
     proxy_coefficients,
     reference_coefficient,
 )
-from decomp.objectives import objectives
 from decomp.regimes import Policy
 
 

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import make_problem
+
 from decomp import optim as cf
 from decomp.objectives import objectives
 from decomp.regimes import CrossEntropy

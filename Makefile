@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.decomp-installed
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test test-fast demo probe bench clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,9 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: $(STAMP)
+	$(BIN)/decomp compare --regimes detach,ce,policy,occ --seeds 0 --out runs/demo --overwrite
+
+probe: $(STAMP)
 	$(BIN)/decomp probe
 
 bench: $(STAMP)

@@ -1,35 +1,147 @@
-"""Command line: ``decomp probe`` (and, with the reference run, ``run``/``compare``)."""
+"""Command line: ``decomp run``, ``decomp compare`` and ``decomp probe``.
+
+Errors in the user's input end the command with a one-line message and exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
 from decomp import __version__
 
 
+class CLIError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage block: the contract for bad input
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
 def _nonnegative_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
     return value
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a comma-separated list of integers, got {text!r}") from None
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs for TrainConfig fields, converted to each field's type."""
+    from decomp.train import FIELDS
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise CLIError(f"--set expects KEY=VALUE, got {item!r}")
+        if key not in FIELDS:
+            raise CLIError(f"--set: unknown config field {key!r}; see `decomp run --help-config`")
+        kind = FIELDS[key].type
+        try:
+            out[key] = {"int": int, "float": float, "str": str}[kind](raw)
+        except ValueError:
+            raise CLIError(f"--set {key}: expected {kind}, got {raw!r}") from None
+    return out
+
+
+def _config_help() -> str:
+    import inspect
+
+    from decomp.train import FIELDS, TrainConfig
+
+    # the field comments in TrainConfig's source are the documentation of each hyperparameter
+    comments = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        name, _, rest = line.strip().partition(":")
+        if name in FIELDS and "#" in rest:
+            comments[name] = rest.split("#", 1)[1].strip()
+    defaults = TrainConfig()
+    lines = ["TrainConfig fields (set with --set KEY=VALUE):"]
+    for name in FIELDS:
+        lines.append(f"  {name:<22} {getattr(defaults, name)!s:<10} {comments.get(name, '')}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="decomp",
         description="Exact correlation/penalty decomposition of MTP losses in RLVR, and OCC estimators.",
     )
     parser.add_argument("--version", action="version", version=f"decomp {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def training_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--task", default=None, help="verifiable task: add (default) or chain")
+        p.add_argument("--steps", type=_positive_int, default=None, help="RL steps per run (default 200)")
+        p.add_argument("--decomp-every", type=_nonnegative_int, default=None,
+                       help="instrument every K steps (default 5; 0 turns instrumentation off)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="set any TrainConfig field (repeatable); --help-config lists them")
+        p.add_argument("--cache-dir", default=None,
+                       help="warm-start cache (default $DECOMP_CACHE or ~/.cache/decomp)")
+        p.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads (default 2)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--help-config", action="store_true", help="list every TrainConfig field and exit")
+
+    run = sub.add_parser("run", help="one instrumented GRPO run of the built-in MTP model",
+                         description="Warm-start (cached), then train with GRPO under one MTP regime, "
+                         "instrumenting every --decomp-every steps; writes a run directory.")
+    run.add_argument("--regime", default=None, help="detach (default), detach-inputs, ce, policy or occ")
+    run.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    run.add_argument("--out", default=None, help="run directory to create (required)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    training_options(run)
+
+    cmp = sub.add_parser("compare", help="several regimes and seeds from the same warm start",
+                         description="Run every (regime, seed) into OUT/<regime>-seed<seed>, each seed's "
+                         "runs sharing one cached warm start, and print a final table.")
+    cmp.add_argument("--regimes", default="detach,ce,policy,occ", help="comma-separated regimes (default detach,ce,policy,occ)")
+    cmp.add_argument("--seeds", type=_int_list, default=[0], help="comma-separated seeds (default 0)")
+    cmp.add_argument("--out", default=None, help="directory for the runs (required)")
+    cmp.add_argument("--resume", action="store_true", help="continue runs that exist; finished runs are kept")
+    cmp.add_argument("--overwrite", action="store_true", help="replace runs that exist")
+    training_options(cmp)
+
     probe = sub.add_parser(
         "probe",
         help="one instrumented update of the built-in model on a synthetic batch",
@@ -45,21 +157,105 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "probe":
-        from decomp.probe import ProbeConfig, format_probe, run_probe
+def _make_config(args: argparse.Namespace, **fixed: Any):
+    from decomp.train import TrainConfig
 
-        try:
+    values = _parse_sets(args.set)
+    for key, flag in (("task", args.task), ("steps", args.steps), ("decomp_every", args.decomp_every)):
+        if flag is not None:
+            values[key] = flag
+    values.update({k: v for k, v in fixed.items() if v is not None})
+    return dataclasses.replace(TrainConfig(), **values)
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'regime':<14}{'seed':>5}{'warm acc':>10}{'final acc':>11}{'Δ points':>10}{'reward (last 20)':>18}{'time s':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['regime']:<14}{r['seed']:>5}{r['warm_accuracy']:>10.1%}{r['final_accuracy']:>11.1%}"
+            f"{100 * (r['final_accuracy'] - r['warm_accuracy']):>+10.1f}{r['reward_last']:>18.3f}{r['seconds']:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _row(result) -> dict[str, Any]:
+    from decomp.runlog import read_jsonl
+
+    metrics = [r for r in read_jsonl(result.out / "metrics.jsonl") if r.get("step", 0) > 0]
+    last = [r["reward_mean"] for r in metrics[-20:]]
+    return {
+        "regime": result.config.regime, "seed": result.config.seed, "warm_accuracy": result.warm_accuracy,
+        "final_accuracy": result.final_accuracy, "reward_last": sum(last) / max(len(last), 1),
+        "seconds": result.seconds,
+    }
+
+
+def _run_training(args: argparse.Namespace, jobs: list[tuple[Any, Path]]) -> list[dict[str, Any]]:
+    import torch
+
+    from decomp.train import train
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    for cfg, out in jobs:
+        resume = args.resume and (out / "config.json").exists()
+        result = train(cfg, out, resume=resume, overwrite=args.overwrite,
+                       cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                       progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr))
+        rows.append(_row(result))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from decomp.train import RunError
+    from decomp.warmstart import WarmStartError
+
+    try:
+        if args.command in ("run", "compare") and args.help_config:
+            print(_config_help())
+            return 0
+        if args.command == "run":
+            if args.out is None:
+                raise CLIError("--out is required")
+            cfg = _make_config(args, regime=args.regime, seed=args.seed)
+            cfg.validate()
+            start = time.perf_counter()
+            rows = _run_training(args, [(cfg, Path(args.out))])
+            print(_table(rows))
+            print(f"run directory: {args.out} ({time.perf_counter() - start:.1f} s)")
+        elif args.command == "compare":
+            if args.out is None:
+                raise CLIError("--out is required")
+            regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
+            if not regimes or not args.seeds:
+                raise CLIError("--regimes and --seeds must each name at least one value")
+            configs = [(_make_config(args, regime=r, seed=s), Path(args.out) / f"{r}-seed{s}") for s in args.seeds for r in regimes]
+            for cfg, _ in configs:
+                cfg.validate()  # refuse bad input before any run starts
+            start = time.perf_counter()
+            rows = _run_training(args, configs)
+            print(_table(rows))
+            total = time.perf_counter() - start
+            print(f"{len(rows)} runs in {total:.1f} s; run directories under {args.out}")
+            Path(args.out, "compare.json").write_text(json.dumps({"rows": rows, "seconds": total}, indent=2))
+        elif args.command == "probe":
+            from decomp.probe import ProbeConfig, format_probe, run_probe
+
             records = run_probe(
-                ProbeConfig(
-                    seed=args.seed, prompts=args.prompts, group_size=args.group_size, lr=args.lr, coef=args.coef
-                )
+                ProbeConfig(seed=args.seed, prompts=args.prompts, group_size=args.group_size, lr=args.lr, coef=args.coef)
             )
-        except (ValueError, TypeError) as err:
-            print(f"decomp probe: error: {err}", file=sys.stderr)
-            return 2
-        print(json.dumps(records, indent=2) if args.json else format_probe(records))
+            print(json.dumps(records, indent=2) if args.json else format_probe(records))
+    except (CLIError, RunError, WarmStartError, ValueError, TypeError) as err:
+        if os.environ.get("DECOMP_DEBUG"):
+            raise
+        print(f"decomp {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"decomp {args.command}: interrupted; records up to the last step are kept (--resume continues)", file=sys.stderr)
+        return 130
     return 0
 
 

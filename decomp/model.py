@@ -133,10 +133,11 @@ class MTPTransformer(nn.Module):
         """Names of parameters the main policy depends on (everything outside ``mtp.*``)."""
         return [n for n, _ in self.named_parameters() if not n.startswith("mtp.")]
 
-    def forward(self, tokens: Tensor, detach: str = "none") -> tuple[Tensor, list[Tensor]]:
+    def forward(self, tokens: Tensor, detach: str = "none", with_mtp: bool = True) -> tuple[Tensor, list[Tensor]]:
         """Main logits ``[B, T, V]`` and MTP logits ``[B, T−k, V]`` for ``k = 1..K``.
 
-        MTP depth ``k`` logits at position ``t`` predict token ``t+k+1``.
+        MTP depth ``k`` logits at position ``t`` predict token ``t+k+1``. ``with_mtp=False``
+        skips the MTP module (sampling needs only the main head) and returns an empty list.
         """
         if detach not in DETACH_MODES:
             raise ValueError(f"detach must be one of {DETACH_MODES}, got {detach!r}")
@@ -147,6 +148,8 @@ class MTPTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         main_logits = self.head(self.final_norm(x))
+        if not with_mtp:
+            return main_logits, []
 
         head_weight = self.head.weight.detach() if detach == "all" else self.head.weight
         embed_weight = self.embed.weight.detach() if detach in ("inputs", "all") else self.embed.weight

@@ -77,3 +77,56 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Ten
     groups = rewards.view(-1, group_size)
     std = groups.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(groups[:, :1])
     return ((groups - groups.mean(dim=1, keepdim=True)) / (std + eps)).reshape(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompts: Tensor,
+    max_new_tokens: int,
+    *,
+    eos_id: int,
+    pad_id: int,
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
+    greedy: bool = False,
+) -> Tensor:
+    """Sample (or greedily decode) ``max_new_tokens`` tokens after each prompt from the main head.
+
+    Returns the responses ``[N, max_new_tokens]``; every token after a sequence's first
+    ``eos_id`` is replaced by ``pad_id``. Sampling draws only from ``generator``, so a rollout
+    is a function of the parameters and the generator's seed. The model is called as
+    ``model(tokens, with_mtp=False)`` (the tiny model runs the full prefix; no KV cache is
+    needed at its size).
+    """
+    if temperature <= 0 and not greedy:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    tokens = prompts
+    finished = torch.zeros(prompts.shape[0], dtype=torch.bool, device=prompts.device)
+    out = []
+    for _ in range(max_new_tokens):
+        logits, _ = model(tokens, with_mtp=False)
+        logits = logits[:, -1].float()
+        if greedy:
+            nxt = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        finished |= nxt == eos_id
+        out.append(nxt)
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+    return torch.stack(out, dim=1)
+
+
+def response_mask(responses: Tensor, eos_id: int) -> Tensor:
+    """True on response tokens up to and including the first ``eos_id`` (all, if none)."""
+    is_eos = responses == eos_id
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    return ~after_eos
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token ``k3`` estimator of ``KL(π_θ ‖ π_ref)``: ``exp(ref − ℓ) − (ref − ℓ) − 1`` (≥ 0)."""
+    d = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return torch.exp(d) - d - 1

@@ -1,0 +1,100 @@
+"""JSON-lines run logs: one flushed line per record, strict JSON, tolerant reading.
+
+Non-finite floats are written as ``null`` (strict JSON, readable by jq and pandas) and read back
+as ``nan``. A line that does not parse (a run killed mid-write) is skipped with a warning naming
+the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def dumps(record: dict[str, Any]) -> str:
+    """One strict-JSON line for ``record`` (``nan``/``inf`` become ``null``)."""
+    return json.dumps(_clean(record), allow_nan=False, separators=(",", ":"))
+
+
+class JsonlWriter:
+    """Appends records to a ``.jsonl`` file, flushing after each line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def iter_jsonl(path: Path, *, warn: bool = True) -> Iterator[dict[str, Any]]:
+    """Records of a ``.jsonl`` file; unparsable lines are skipped (with a warning)."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if warn:
+                    warnings.warn(f"{path}:{lineno}: skipping a line that is not valid JSON", stacklevel=2)
+                continue
+            if not isinstance(record, dict):
+                if warn:
+                    warnings.warn(f"{path}:{lineno}: skipping a line that is not a JSON object", stacklevel=2)
+                continue
+            yield {k: (math.nan if v is None else v) for k, v in record.items()}
+
+
+def read_jsonl(path: Path, *, warn: bool = True) -> list[dict[str, Any]]:
+    return list(iter_jsonl(path, warn=warn))
+
+
+def truncate_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> int:
+    """Rewrite ``path`` (atomically) with only the valid records ``keep`` accepts; return how many."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and keep(record):
+                kept.append(line if line.endswith("\n") else line + "\n")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+    return len(kept)

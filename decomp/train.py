@@ -1,0 +1,419 @@
+"""The reference GRPO loop with an MTP module, instrumented with the measurement library.
+
+Every hyperparameter is a field of :class:`TrainConfig`, with its default and meaning. One
+training *step* is one rollout batch: ``prompts_per_step`` prompts × ``group_size`` samples,
+group-normalised advantages, then ``epochs × num_minibatches`` AdamW updates on the clipped
+surrogate plus the regime's MTP term (the OCC proxy is exactly zero on the first update of an
+on-policy batch and carries signal from the second on). Every ``decomp_every`` steps, the last
+update of the step is instrumented (:mod:`decomp.instrument`) before it is applied.
+
+Run directory::
+
+    config.json          the TrainConfig, decomp version and schema version
+    metrics.jsonl        one record per step (step 0: the warm start's held-out accuracy)
+    decomposition.jsonl  one record per instrumented update and direction
+    checkpoint.pt        model + optimizer at the last checkpointed step (atomic replace)
+    summary.json         written when the run completes
+
+Records are appended and flushed one line at a time. ``resume`` reloads the checkpoint, drops
+records written after it (a killed run may have got ahead of its last checkpoint) and continues;
+since every step's randomness comes from a generator seeded by ``(seed, step)``, a resumed run
+writes the same records as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.func import functional_call
+
+from decomp import __version__
+from decomp.instrument import instrument_update
+from decomp.model import ModelConfig, MTPTransformer, aligned_logprobs
+from decomp.objectives import RolloutBatch
+from decomp.occ import REDUCTIONS
+from decomp.regimes import REGIMES, Regime, make_regime
+from decomp.rl import clipped_policy_loss, generate, group_advantages, kl_k3, masked_mean, response_mask
+from decomp.runlog import SCHEMA_VERSION, JsonlWriter, truncate_jsonl
+from decomp.tasks import EOS, PAD, TASKS, VOCAB_SIZE, Task, make_task
+from decomp.warmstart import WarmStartConfig, held_out_accuracy, warm_start
+
+
+class RunError(ValueError):
+    """A problem with the user's input or run directory (the CLI prints it and exits with 2)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a run. Defaults: the reference run on ``add``."""
+
+    # what to run
+    regime: str = "detach"  # detach | detach-inputs | ce | policy | occ
+    task: str = "add"  # add | chain
+    seed: int = 0  # seeds the warm start, rollouts and mini-batch order
+    steps: int = 200  # RL steps (rollout batches)
+    # model (the built-in MTP transformer; vocab and length come from the task)
+    d_model: int = 64  # residual width
+    n_layers: int = 2  # main transformer blocks
+    n_heads: int = 4  # attention heads
+    d_mlp: int = 256  # MLP hidden width
+    mtp_depth: int = 1  # MTP modules K
+    # rollouts
+    prompts_per_step: int = 16  # distinct prompts per rollout batch
+    group_size: int = 8  # samples per prompt G (GRPO group)
+    temperature: float = 1.0  # sampling temperature
+    # policy update
+    lr: float = 3e-4  # AdamW learning rate
+    beta1: float = 0.9  # AdamW β₁
+    beta2: float = 0.999  # AdamW β₂
+    adam_eps: float = 1e-8  # AdamW ε
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    num_minibatches: int = 2  # mini-batches per rollout batch
+    epochs: int = 1  # passes over the rollout batch (updates = epochs × num_minibatches)
+    clip_low: float = 0.2  # PPO clip: ratio ≥ 1 − clip_low
+    clip_high: float = 0.2  # PPO clip: ratio ≤ 1 + clip_high
+    kl_coef: float = 0.0  # weight of the k3 KL to the warm-start policy (0: off)
+    # MTP
+    mtp_coef: float = 0.1  # c: the MTP coefficient (occ: the estimator's scale)
+    policy_form: str = "ratio"  # policy/occ MTP loss: ratio (reference) | reinforce
+    occ_estimator: str = "masked"  # occ: reference | masked | pooled
+    # warm start (supervised, cached)
+    sft_lr: float = 3e-3  # warm-start AdamW learning rate
+    sft_batch_size: int = 128  # warm-start sequences per step
+    sft_mtp_coef: float = 0.3  # warm-start MTP CE weight
+    sft_target_accuracy: float = 0.3  # warm start stops at this held-out accuracy
+    # evaluation, instrumentation, checkpoints
+    eval_every: int = 10  # steps between held-out greedy evaluations (and at the end)
+    decomp_every: int = 5  # steps between instrumented updates (0: never)
+    checkpoint_every: int = 10  # steps between checkpoints (and at the end)
+
+    def validate(self) -> None:
+        """Raise :class:`RunError` naming the first invalid field."""
+        if self.regime not in REGIMES:
+            raise RunError(f"unknown regime {self.regime!r}; valid regimes: {', '.join(REGIMES)}")
+        if self.task not in TASKS:
+            raise RunError(f"unknown task {self.task!r}; valid tasks: {', '.join(TASKS)}")
+        for name in ("steps", "d_model", "n_layers", "n_heads", "d_mlp", "prompts_per_step", "group_size",
+                     "num_minibatches", "epochs", "sft_batch_size", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise RunError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.decomp_every < 0 or self.mtp_depth < 1:
+            raise RunError("decomp_every must be >= 0 and mtp_depth >= 1")
+        if self.group_size < 2:
+            raise RunError(f"group_size must be at least 2 for group-normalised advantages, got {self.group_size}")
+        if self.num_minibatches > self.prompts_per_step * self.group_size:
+            raise RunError("num_minibatches exceeds the number of sequences per step")
+        for name in ("temperature", "lr", "sft_lr"):
+            if not getattr(self, name) > 0:
+                raise RunError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("weight_decay", "clip_low", "clip_high", "kl_coef", "adam_eps"):
+            if not getattr(self, name) >= 0:
+                raise RunError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if not math.isfinite(self.mtp_coef):
+            raise RunError(f"mtp_coef must be finite, got {self.mtp_coef}")
+        if self.policy_form not in ("ratio", "reinforce"):
+            raise RunError(f"policy_form must be 'ratio' or 'reinforce', got {self.policy_form!r}")
+        if self.occ_estimator not in REDUCTIONS:
+            raise RunError(f"occ_estimator must be one of {', '.join(REDUCTIONS)}, got {self.occ_estimator!r}")
+        if self.d_model % self.n_heads:
+            raise RunError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+
+    def model_config(self, task: Task) -> ModelConfig:
+        return ModelConfig(
+            vocab_size=VOCAB_SIZE, max_len=task.seq_len, d_model=self.d_model, n_layers=self.n_layers,
+            n_heads=self.n_heads, d_mlp=self.d_mlp, mtp_depth=self.mtp_depth,
+        )
+
+    def warmstart_config(self) -> WarmStartConfig:
+        return WarmStartConfig(
+            lr=self.sft_lr, batch_size=self.sft_batch_size, mtp_coef=self.sft_mtp_coef,
+            target_accuracy=self.sft_target_accuracy,
+        )
+
+    def make_regime(self) -> Regime:
+        options: dict[str, Any] = {"coef": self.mtp_coef}
+        if self.regime in ("policy", "occ"):
+            options.update(form=self.policy_form, clip_low=self.clip_low, clip_high=self.clip_high)
+        if self.regime == "occ":
+            options["estimator"] = self.occ_estimator
+        return make_regime(self.regime, **options)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+RUN_FILES = ("config.json", "metrics.jsonl", "decomposition.jsonl", "checkpoint.pt", "summary.json")
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise RunError(f"unknown config fields: {', '.join(unknown)}")
+    return TrainConfig(**data)
+
+
+def _stream_seed(seed: int, step: int) -> int:
+    # one independent, reproducible random stream per (seed, step): resuming needs no RNG state
+    return (seed * 1_000_003 + step * 7_919 + 17) % (2**63 - 1)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _config_diff(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    keys = sorted((set(a) | set(b)) - set(ignore))
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def _prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Create or check ``out``; return the checkpoint to resume from (or ``None``)."""
+    if resume and overwrite:
+        raise RunError("--resume and --overwrite exclude each other")
+    config_path = out / "config.json"
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not config_path.exists() and not overwrite:
+        raise RunError(f"{out} is not empty and holds no decomp run; choose another --out or pass --overwrite")
+    if config_path.exists() and not overwrite:
+        try:
+            saved = json.loads(config_path.read_text())["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise RunError(f"{config_path} is unreadable; pass --overwrite to start over") from None
+        if not resume:
+            diff = _config_diff(saved, asdict(cfg))
+            if diff:
+                raise RunError(f"{out} holds a run with a different config ({'; '.join(diff)}); pass --overwrite to replace it")
+            raise RunError(f"{out} already holds this run; pass --resume to continue it or --overwrite to start over")
+        diff = _config_diff(saved, asdict(cfg), ignore=("steps",))
+        if diff:
+            raise RunError(f"cannot resume {out}: the config differs ({'; '.join(diff)})")
+        ckpt_path = out / "checkpoint.pt"
+        if not ckpt_path.exists():
+            return None
+        try:
+            ckpt = torch.load(ckpt_path, weights_only=True)
+            _ = ckpt["step"], ckpt["model"], ckpt["optimizer"], ckpt["warm_start"]
+        except Exception as err:
+            raise RunError(f"corrupt checkpoint {ckpt_path}: {type(err).__name__}; pass --overwrite to start over") from None
+        return ckpt
+    if overwrite:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    elif resume and not config_path.exists():
+        pass  # nothing to resume: a fresh run
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+@dataclass
+class RunResult:
+    out: Path
+    config: TrainConfig
+    warm_accuracy: float
+    final_accuracy: float
+    steps_done: int
+    seconds: float
+
+
+def _rollout(model, task: Task, cfg: TrainConfig, gen: torch.Generator, ref_params):
+    train = task.train
+    idx = torch.randint(0, len(train), (cfg.prompts_per_step,), generator=gen).tolist()
+    problems = [train[i] for i in idx for _ in range(cfg.group_size)]
+    prompts = task.prompt_ids(problems)
+    responses = generate(
+        model, prompts, task.max_response_len, eos_id=EOS, pad_id=PAD, generator=gen, temperature=cfg.temperature
+    )
+    rewards = task.rewards(responses, problems)
+    advantages = group_advantages(rewards, cfg.group_size)
+    tokens = torch.cat([prompts, responses], dim=1)
+    P = prompts.shape[1]
+    mask = torch.zeros(tokens.shape[0], tokens.shape[1] - 1, dtype=torch.bool)
+    mask[:, P - 1 :] = response_mask(responses, EOS)
+    with torch.no_grad():
+        main, mtp = model(tokens)
+        old_logp, _, valid = aligned_logprobs(main, mtp, tokens)
+        # MTP acceptance: depth 1's argmax at position j−1 vs the sampled token j+1 (aligned j)
+        guess = mtp[0].argmax(-1)[:, : tokens.shape[1] - 2]
+        hits = (guess == tokens[:, 2:]) & mask[:, 1:] & valid[0][:, 1:]
+        acceptance = float(hits.sum() / (mask[:, 1:] & valid[0][:, 1:]).sum().clamp_min(1))
+        ref_logp = None
+        if ref_params is not None:
+            ref_main, _ = functional_call(model, ref_params, (tokens,), {"with_mtp": False})
+            ref_logp, _, _ = aligned_logprobs(ref_main, [], tokens)
+    batch = RolloutBatch(tokens, mask, advantages[:, None] * mask, old_logp)
+    stats = {
+        "reward_mean": float(rewards.mean()),
+        "mtp_acceptance": acceptance,
+        "response_length": float(mask.sum(1).float().mean()),
+    }
+    return batch, ref_logp, stats
+
+
+def _subset(batch: RolloutBatch, idx: torch.Tensor) -> RolloutBatch:
+    return RolloutBatch(batch.tokens[idx], batch.mask[idx], batch.advantages[idx], batch.old_logp[idx])
+
+
+def train(
+    cfg: TrainConfig,
+    out: Path | str,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    stop_after: int | None = None,
+) -> RunResult:
+    """Run (or resume) one instrumented GRPO run into ``out``; see the module docstring.
+
+    ``stop_after`` ends the run abruptly after that step's records are written and before its
+    checkpoint, as a kill would (for tests of ``resume``).
+    """
+    cfg.validate()
+    out = Path(out)
+    ckpt = _prepare_run_dir(out, cfg, resume, overwrite)
+    task = make_task(cfg.task)
+    model_cfg = cfg.model_config(task)
+    regime = cfg.make_regime()
+    t_start = time.perf_counter()
+
+    state, warm_info = warm_start(model_cfg, task, cfg.seed, cfg.warmstart_config(), cache_dir, log=log)
+    model = MTPTransformer(model_cfg)
+    model.load_state_dict(state)
+    model.eval()  # no dropout in this model; eval mode keeps measurements and updates alike
+    ref_params = {k: v.detach().clone() for k, v in model.named_parameters()} if cfg.kl_coef > 0 else None
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+    )
+
+    metrics_path, decomp_path = out / "metrics.jsonl", out / "decomposition.jsonl"
+    if ckpt is None:
+        start_step = 0
+        for path in (metrics_path, decomp_path):
+            path.unlink(missing_ok=True)
+    else:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start_step = int(ckpt["step"])
+        warm_info = ckpt["warm_start"]
+        truncate_jsonl(metrics_path, lambda r: isinstance(r.get("step"), int) and r["step"] <= start_step)
+        truncate_jsonl(decomp_path, lambda r: isinstance(r.get("step"), int) and r["step"] <= start_step)
+    _atomic_write_text(
+        out / "config.json",
+        json.dumps({"config": asdict(cfg), "decomp_version": __version__, "schema_version": SCHEMA_VERSION}, indent=2),
+    )
+
+    metrics = JsonlWriter(metrics_path)
+    decomp_log = JsonlWriter(decomp_path)
+    warm_accuracy = float(warm_info["accuracy"])
+    accuracy = warm_accuracy
+    if start_step == 0:
+        metrics.write({"step": 0, "regime": cfg.regime, "accuracy": warm_accuracy, "warm_start_steps": warm_info["steps"]})
+
+    bar = None
+    # a bar on a terminal; in a log (CI, nohup) a status line every 10% of the run instead
+    line_every = max(1, cfg.steps // 10) if progress and not sys.stderr.isatty() else 0
+    if progress and not line_every:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start_step, desc=f"{cfg.regime} s{cfg.seed}", unit="step", leave=True)
+    n_updates = cfg.epochs * cfg.num_minibatches
+    try:
+        for step in range(start_step + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            gen = torch.Generator().manual_seed(_stream_seed(cfg.seed, step))
+            batch, ref_logp, stats = _rollout(model, task, cfg, gen, ref_params)
+            chunks = torch.randperm(batch.tokens.shape[0], generator=gen).chunk(cfg.num_minibatches)
+            instrument = cfg.decomp_every > 0 and step % cfg.decomp_every == 0
+            sums = {"pg_loss": 0.0, "mtp_loss": 0.0, "mtp_coef": 0.0, "kl": 0.0, "clip_fraction": 0.0}
+            decomp_seconds = 0.0
+            for update in range(n_updates):
+                idx = chunks[update % cfg.num_minibatches]
+                mb = _subset(batch, idx)
+                mask = mb.mask
+                main, mtp = model(mb.tokens, detach=regime.detach)
+                logp, mtp_logp, valid = aligned_logprobs(main, mtp, mb.tokens)
+                pg = clipped_policy_loss(logp, mb.old_logp, mb.advantages, mask, cfg.clip_low, cfg.clip_high)
+                loss = pg
+                if ref_logp is not None:
+                    kl = masked_mean(kl_k3(logp, ref_logp[idx]), mask)
+                    loss = loss + cfg.kl_coef * kl
+                    sums["kl"] += float(kl.detach())
+                terms = [regime(m, logp, mb.old_logp, mb.advantages, mask & v) for m, v in zip(mtp_logp, valid, strict=True)]
+                mtp_term = torch.stack([t.loss for t in terms]).mean()
+                coef = sum(t.coef for t in terms) / len(terms)
+                loss = loss + mtp_term
+                if instrument and update == n_updates - 1:
+                    t_dec = time.perf_counter()
+                    for record in instrument_update(model, mb, opt, regime, coef=cfg.mtp_coef, active_coef=coef):
+                        decomp_log.write({"step": step, "update": update, "regime": cfg.regime, **record})
+                    decomp_seconds += time.perf_counter() - t_dec
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    ratio = torch.exp(logp.detach() - mb.old_logp)
+                    clipped = ((ratio < 1 - cfg.clip_low) | (ratio > 1 + cfg.clip_high)) & mask
+                    sums["clip_fraction"] += float(clipped.sum() / mask.sum().clamp_min(1))
+                sums["pg_loss"] += float(pg.detach())
+                sums["mtp_loss"] += float(torch.stack([t.unit_loss.detach() for t in terms]).mean())
+                sums["mtp_coef"] += coef
+            record: dict[str, Any] = {"step": step, "regime": cfg.regime, **stats}
+            record.update({k: v / n_updates for k, v in sums.items()})
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                accuracy = held_out_accuracy(model, task)
+                record["accuracy"] = accuracy
+            record["decomp_seconds"] = decomp_seconds
+            record["seconds"] = time.perf_counter() - t0
+            metrics.write(record)
+            if bar is not None:
+                bar.set_postfix(reward=f"{stats['reward_mean']:.2f}", acc=f"{accuracy:.1%}", refresh=False)
+                bar.update(1)
+            elif line_every and (step % line_every == 0 or step == cfg.steps):
+                log(f"{cfg.regime} seed {cfg.seed}: step {step}/{cfg.steps} reward {stats['reward_mean']:.2f} "
+                    f"accuracy {accuracy:.1%}")
+            if stop_after is not None and step >= stop_after:
+                return RunResult(out, cfg, warm_accuracy, accuracy, step, time.perf_counter() - t_start)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _atomic_save(
+                    {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(), "warm_start": warm_info},
+                    out / "checkpoint.pt",
+                )
+    finally:
+        metrics.close()
+        decomp_log.close()
+        if bar is not None:
+            bar.close()
+
+    if start_step >= cfg.steps:
+        accuracy = held_out_accuracy(model, task)
+    result = RunResult(out, cfg, warm_accuracy, accuracy, cfg.steps, time.perf_counter() - t_start)
+    _atomic_write_text(
+        out / "summary.json",
+        json.dumps(
+            {"regime": cfg.regime, "seed": cfg.seed, "task": cfg.task, "steps": cfg.steps,
+             "warm_accuracy": warm_accuracy, "final_accuracy": accuracy, "warm_start": warm_info},
+            indent=2,
+        ),
+    )
+    return result

@@ -1,0 +1,187 @@
+"""The reference run: end to end on a tiny config, determinism, resume and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from decomp.decomposition import Decomposition
+from decomp.runlog import read_jsonl
+from decomp.train import RunError, TrainConfig, train
+
+TIMING = {"seconds", "decomp_seconds"}
+
+# a small run: one tiny warm start (target 0: no supervised steps), 6 steps, instrumented at 2, 4, 6
+TINY = TrainConfig(
+    steps=6, d_model=32, n_layers=1, n_heads=2, d_mlp=64, prompts_per_step=4, group_size=4,
+    sft_target_accuracy=0.0, eval_every=3, decomp_every=2, checkpoint_every=2,
+)
+
+
+def _run(tmp_path: Path, name: str, **changes) -> Path:
+    cfg = dataclasses.replace(TINY, **changes)
+    out = tmp_path / name
+    train(cfg, out, cache_dir=tmp_path / "cache", progress=False, log=lambda s: None)
+    return out
+
+
+def _records(out: Path, name: str) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(out / name)]
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    def norm(v):
+        return "nan" if isinstance(v, float) and math.isnan(v) else v
+
+    return [{k: norm(v) for k, v in r.items()} for r in a] == [{k: norm(v) for k, v in r.items()} for r in b]
+
+
+@pytest.mark.parametrize("regime", ["detach", "occ"])
+def test_short_run_writes_every_record(tmp_path, regime):
+    out = _run(tmp_path, regime, regime=regime)
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["regime"] == regime and config["schema_version"] == 1
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(7))
+    for m in metrics[1:]:
+        for key in ("regime", "reward_mean", "pg_loss", "mtp_loss", "mtp_coef", "mtp_acceptance", "seconds"):
+            assert key in m, key
+        assert 0.0 <= m["mtp_acceptance"] <= 1.0
+    assert [("accuracy" in m) for m in metrics] == [True, False, False, True, False, False, True]
+    records = read_jsonl(out / "decomposition.jsonl")
+    assert [(r["step"], r["direction"]) for r in records] == [
+        (s, d) for s in (2, 4, 6) for d in ("active", "ce", "policy")
+    ]
+    fields = {f.name for f in dataclasses.fields(Decomposition)}
+    for r in records:
+        assert fields <= set(r)
+        for est in ("reference", "masked", "pooled", "jvp_masked", "jvp_pooled"):
+            assert f"coef_{est}" in r and f"efficiency_{est}" in r
+        assert r["optimizer"] == "adamw" and r["update"] == 1
+    active = [r for r in records if r["direction"] == "active"]
+    if regime == "detach":
+        assert all(r["correlation"] == 0.0 and r["penalty"] == 0.0 for r in active)
+        assert all(r["regime_of_direction"] == "detach" for r in active)
+    else:
+        # occ's active coefficient is the masked proxy estimate of that update
+        assert all(r["coef"] == pytest.approx(r["coef_masked"], rel=1e-6, abs=1e-12) for r in active)
+    assert (out / "checkpoint.pt").exists() and (out / "summary.json").exists()
+
+
+def test_same_seed_gives_identical_records_and_instrumentation_does_not_perturb(tmp_path):
+    a = _run(tmp_path, "a", regime="policy")
+    b = _run(tmp_path, "b", regime="policy")
+    c = _run(tmp_path, "c", regime="policy", decomp_every=0)
+    assert _same(_records(a, "metrics.jsonl"), _records(b, "metrics.jsonl"))
+    assert _same(_records(a, "decomposition.jsonl"), _records(b, "decomposition.jsonl"))
+    assert _same(_records(a, "metrics.jsonl"), _records(c, "metrics.jsonl"))
+    assert read_jsonl(c / "decomposition.jsonl") == []
+    d = _run(tmp_path, "d", regime="policy", seed=1)
+    assert not _same(_records(a, "metrics.jsonl"), _records(d, "metrics.jsonl"))
+
+
+def test_killed_run_resumes_to_the_same_records(tmp_path):
+    full = _run(tmp_path, "full", regime="occ")
+    cfg = dataclasses.replace(TINY, regime="occ")
+    out = tmp_path / "killed"
+    # killed after step 5's records were written, its last checkpoint at step 4
+    train(cfg, out, cache_dir=tmp_path / "cache", progress=False, log=lambda s: None, stop_after=5)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "regime": "oc')  # a line cut off mid-write
+    with pytest.raises(RunError, match="already holds this run"):
+        train(cfg, out, cache_dir=tmp_path / "cache", progress=False, log=lambda s: None)
+    train(cfg, out, resume=True, cache_dir=tmp_path / "cache", progress=False, log=lambda s: None)
+    assert _same(_records(full, "metrics.jsonl"), _records(out, "metrics.jsonl"))
+    assert _same(_records(full, "decomposition.jsonl"), _records(out, "decomposition.jsonl"))
+    # extending a finished run with --resume and more steps continues it
+    longer = dataclasses.replace(cfg, steps=8)
+    train(longer, out, resume=True, cache_dir=tmp_path / "cache", progress=False, log=lambda s: None)
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == list(range(9))
+
+
+@dataclasses.dataclass
+class _Proc:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _cli(*args: str, capsys=None) -> _Proc:
+    """``decomp ARGS`` in-process (imports once); argparse's exits are caught like a shell would."""
+    from decomp.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capsys.readouterr()
+    return _Proc(code, out.out, out.err)
+
+
+def _tiny_flags(tmp_path: Path) -> list[str]:
+    sets = []
+    for f in ("d_model", "n_layers", "n_heads", "d_mlp", "prompts_per_step", "group_size", "sft_target_accuracy",
+              "eval_every", "checkpoint_every"):
+        sets += ["--set", f"{f}={getattr(TINY, f)}"]
+    return ["--steps", "2", "--decomp-every", "0", "--cache-dir", str(tmp_path / "cache"), "--no-progress", *sets]
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, text: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_run_and_bad_input(tmp_path, capsys):
+    def cli(*args):
+        return _cli(*args, capsys=capsys)
+
+    out = tmp_path / "run"
+    ok = cli("run", "--regime", "ce", "--out", str(out), *_tiny_flags(tmp_path))
+    assert ok.returncode == 0, ok.stderr
+    assert "final acc" in ok.stdout
+    snapshot = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    _one_line_error(cli("run", "--regime", "mtp", "--out", str(tmp_path / "x")), "unknown regime 'mtp'")
+    _one_line_error(cli("run", "--task", "mul", "--out", str(tmp_path / "x")), "unknown task 'mul'")
+    _one_line_error(cli("run", "--steps", "0", "--out", str(tmp_path / "x")), "must be a positive integer")
+    _one_line_error(cli("run", "--steps", "-3", "--out", str(tmp_path / "x")), "must be a positive integer")
+    _one_line_error(cli("run", "--set", "lr=-1", "--out", str(tmp_path / "x")), "lr must be positive")
+    _one_line_error(cli("compare", "--regimes", "detach,bogus", "--out", str(tmp_path / "x")), "unknown regime 'bogus'")
+    assert not (tmp_path / "x").exists()
+    # an existing run with a different config is refused, and nothing in it is touched
+    _one_line_error(cli("run", "--regime", "policy", "--out", str(out), *_tiny_flags(tmp_path)), "different config")
+    _one_line_error(cli("run", "--regime", "ce", "--out", str(out), *_tiny_flags(tmp_path)), "--resume")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot
+    # a corrupt checkpoint
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    _one_line_error(cli("run", "--regime", "ce", "--resume", "--out", str(out), *_tiny_flags(tmp_path)), "corrupt checkpoint")
+    assert (out / "metrics.jsonl").read_bytes() == snapshot["metrics.jsonl"]
+    # --overwrite starts over
+    again = cli("run", "--regime", "policy", "--overwrite", "--out", str(out), *_tiny_flags(tmp_path))
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "config.json").read_text())["config"]["regime"] == "policy"
+
+
+@pytest.mark.slow
+def test_default_warm_start_and_rl_improve_accuracy(tmp_path):
+    """The default recipe on seed 0: warm start in 20–60%, RL adds ≥ 10 points (instrumentation off)."""
+    cfg = dataclasses.replace(TrainConfig(), decomp_every=0, eval_every=50)
+    result = train(cfg, tmp_path / "run", cache_dir=tmp_path / "cache", progress=False, log=lambda s: None)
+    assert 0.2 <= result.warm_accuracy <= 0.6
+    assert result.final_accuracy >= result.warm_accuracy + 0.10
+
+
+def test_console_script_reports_bad_input_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "decomp.cli", "run", "--regime", "mtp", "--out", str(tmp_path / "x")],
+        capture_output=True, text=True,
+    )
+    _one_line_error(proc, "unknown regime 'mtp'")

@@ -109,7 +109,7 @@ def check_same_shape(**tensors: Tensor) -> torch.Size:
 
 
 def check_mask(mask: Tensor, name: str = "mask") -> Tensor:
-    """Check a 0/1 (or bool) mask and return it as a float tensor of the same shape."""
+    """Check a 0/1 (or bool) mask and return it as a bool tensor of the same shape."""
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(mask).__name__}")
     if mask.dtype == torch.bool:

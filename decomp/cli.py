@@ -194,13 +194,15 @@ def _row(result) -> dict[str, Any]:
 def _run_training(args: argparse.Namespace, jobs: list[tuple[Any, Path]]) -> list[dict[str, Any]]:
     import torch
 
-    from decomp.train import train
+    from decomp.train import check_run_dir, train
 
+    for cfg, out in jobs:  # refuse bad input before any run starts
+        cfg.validate()
+        check_run_dir(out, cfg, resume=args.resume, overwrite=args.overwrite)
     torch.set_num_threads(args.threads)
     rows = []
     for cfg, out in jobs:
-        resume = args.resume and (out / "config.json").exists()
-        result = train(cfg, out, resume=resume, overwrite=args.overwrite,
+        result = train(cfg, out, resume=args.resume, overwrite=args.overwrite,
                        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                        progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr))
         rows.append(_row(result))
@@ -221,7 +223,6 @@ def main(argv: list[str] | None = None) -> int:
             if args.out is None:
                 raise CLIError("--out is required")
             cfg = _make_config(args, regime=args.regime, seed=args.seed)
-            cfg.validate()
             start = time.perf_counter()
             rows = _run_training(args, [(cfg, Path(args.out))])
             print(_table(rows))
@@ -233,14 +234,11 @@ def main(argv: list[str] | None = None) -> int:
             if not regimes or not args.seeds:
                 raise CLIError("--regimes and --seeds must each name at least one value")
             configs = [(_make_config(args, regime=r, seed=s), Path(args.out) / f"{r}-seed{s}") for s in args.seeds for r in regimes]
-            for cfg, _ in configs:
-                cfg.validate()  # refuse bad input before any run starts
             start = time.perf_counter()
             rows = _run_training(args, configs)
             print(_table(rows))
             total = time.perf_counter() - start
             print(f"{len(rows)} runs in {total:.1f} s; run directories under {args.out}")
-            Path(args.out, "compare.json").write_text(json.dumps({"rows": rows, "seconds": total}, indent=2))
         elif args.command == "probe":
             from decomp.probe import ProbeConfig, format_probe, run_probe
 
@@ -248,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                 ProbeConfig(seed=args.seed, prompts=args.prompts, group_size=args.group_size, lr=args.lr, coef=args.coef)
             )
             print(json.dumps(records, indent=2) if args.json else format_probe(records))
-    except (CLIError, RunError, WarmStartError, ValueError, TypeError) as err:
+    except (CLIError, RunError, WarmStartError, OSError, ValueError, TypeError) as err:
         if os.environ.get("DECOMP_DEBUG"):
             raise
         print(f"decomp {args.command}: error: {err}", file=sys.stderr)

@@ -207,7 +207,7 @@ def top_eigenvalues(
     params: Params,
     k: int = 1,
     *,
-    which: Literal["LA", "SA", "LM"] = "LA",
+    which: Literal["LA", "SA", "LM", "BE"] = "LA",
     tol: float = 1e-6,
     maxiter: int | None = None,
     seed: int = 0,
@@ -220,7 +220,7 @@ def top_eigenvalues(
         k: how many eigenvalues.
         which: ``"LA"`` largest algebraic (default), ``"SA"`` smallest algebraic (most negative:
             the directions along which a maximised ``J`` is most concave), ``"LM"`` largest
-            magnitude.
+            magnitude, ``"BE"`` both ends (``k ≥ 2``; half from each end, one Lanczos run).
         tol: relative accuracy of the Ritz values passed to ``eigsh``.
         seed: seeds the Lanczos start vector, so results are reproducible.
         return_eigenvectors: also return the eigenvectors as parameter dicts.
@@ -234,11 +234,19 @@ def top_eigenvalues(
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if k >= n:
         raise ValueError(f"k must be smaller than the number of parameters ({n}), got {k}")
-    if which not in ("LA", "SA", "LM"):
-        raise ValueError(f"which must be 'LA', 'SA' or 'LM', got {which!r}")
+    if which not in ("LA", "SA", "LM", "BE"):
+        raise ValueError(f"which must be 'LA', 'SA', 'LM' or 'BE', got {which!r}")
+    if which == "BE" and k < 2:
+        raise ValueError("which='BE' needs k >= 2 (one eigenvalue from each end)")
     op = hessian_operator(f, params, method=method)
     v0 = np.random.default_rng(seed).standard_normal(n).astype(op.dtype)
-    values, vectors = eigsh(op, k=k, which=which, tol=tol, maxiter=maxiter, v0=v0)
+    if not np.any(op.matvec(v0)):
+        # H·v0 = 0 for a random v0: H = 0 (e.g. an objective that is constant on this batch).
+        # ARPACK cannot start from that; every eigenvalue is 0.
+        values = np.zeros(k)
+        vectors = np.linalg.qr(np.random.default_rng(seed + 1).standard_normal((n, k)))[0]
+    else:
+        values, vectors = eigsh(op, k=k, which=which, tol=tol, maxiter=maxiter, v0=v0)
     order = np.argsort(values)[::-1]
     values = values[order]
     if not return_eigenvectors:

@@ -138,13 +138,16 @@ class StepMeasurement:
     """A :class:`Decomposition` with the update dicts it was computed from.
 
     ``updates`` holds ``u_RL``, ``δ`` and ``δ₁`` (e.g. for the ``jvp`` estimators of
-    :mod:`decomp.occ`); ``grad_rl`` is ``∇J`` and ``grad_mtp`` is ``∇L_MTP``.
+    :mod:`decomp.occ`); ``grad_rl`` is ``∇J``, ``grad_mtp`` is ``∇L_MTP`` and ``update_grad`` the
+    loss gradient the optimizer stepped on for ``u_RL`` (``−∇J``, or ``∇rl_loss``).
     """
 
     decomposition: Decomposition
     updates: cf_optim.Counterfactual
     grad_rl: Params
     grad_mtp: Params
+    update_grad: Params
+    optimizer: cf_optim.SGD | cf_optim.AdamW  # the resolved counterfactual optimizer
 
 
 def decompose(
@@ -157,6 +160,7 @@ def decompose(
     optimizer: OptimizerSpec = "sgd",
     optimizer_state: cf_optim.State | None = None,
     hvp_method: HVPMethod = DEFAULT_HVP_METHOD,
+    rl_loss: Callable[[Params], Tensor] | None = None,
 ) -> Decomposition:
     """Decompose the effect of one MTP-augmented optimizer step on ``J`` (DESIGN.md §3).
 
@@ -176,6 +180,10 @@ def decompose(
         optimizer_state: per-parameter state for ``"adamw"``/``"adam"``
             (``{name: {"step", "exp_avg", "exp_avg_sq"}}``); ``None`` is a fresh state.
         hvp_method: ``"reverse"`` (``vjp∘grad``, default) or ``"forward"`` (``jvp∘grad``).
+        rl_loss: the loss whose gradient drives the RL update, when training does not step on
+            ``−J`` itself (e.g. the clipped surrogate plus a KL term at a later mini-batch
+            update). ``u_RL`` and ``u`` then follow ``∇rl_loss``; ``g``, ``H`` and the realized
+            change stay those of ``J``. Default: ``−J``.
 
     Returns:
         A :class:`Decomposition`. Parameters, optimizer state and the torch RNG state are left
@@ -191,6 +199,7 @@ def decompose(
         optimizer=optimizer,
         optimizer_state=optimizer_state,
         hvp_method=hvp_method,
+        rl_loss=rl_loss,
     ).decomposition
 
 
@@ -204,6 +213,7 @@ def measure_step(
     optimizer: OptimizerSpec = "sgd",
     optimizer_state: cf_optim.State | None = None,
     hvp_method: HVPMethod = DEFAULT_HVP_METHOD,
+    rl_loss: Callable[[Params], Tensor] | None = None,
 ) -> StepMeasurement:
     """:func:`decompose`, also returning ``u_RL``, ``δ``, ``δ₁`` and both gradients."""
     params = check_params(params)
@@ -227,7 +237,12 @@ def measure_step(
         _check_finite_dict(g_mtp, "the gradient of mtp_loss")
 
         g = rl.grad
-        cf = opt.counterfactual(theta, {k: -v for k, v in g.items()}, g_mtp, coef)
+        if rl_loss is None:
+            update_grad = {k: -v for k, v in g.items()}
+        else:
+            update_grad = torch.func.grad(scalar_function(rl_loss, "rl_loss"))(theta)
+            _check_finite_dict(update_grad, "the gradient of rl_loss")
+        cf = opt.counterfactual(theta, update_grad, g_mtp, coef)
         u_rl, delta, delta1 = cf.update_rl, cf.displacement, cf.unit_displacement
 
         h_delta1 = rl.hvp(delta1)
@@ -277,4 +292,74 @@ def measure_step(
         optimizer=opt.name,
         hvp_method=hvp_method,
     )
-    return StepMeasurement(dec, cf, g, g_mtp)
+    return StepMeasurement(dec, cf, g, g_mtp, update_grad, opt)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Realized MTP effects of real counterfactual steps over a grid of coefficients.
+
+    ``realized[i] = J(θ + u(λ_i)) − J(θ + u_RL)`` with ``u(λ)`` the optimizer's own update for
+    ``−∇J + λ_i ∇L_MTP``; ``quadratic[i] = λ_i (C₁ + X₁) − λ_i² P₁`` is the second-order model of
+    the same quantity. With SGD and a quadratic ``J`` the two agree exactly; elsewhere their gap
+    shows where the model (and so ``λ*``) stops describing the real step.
+    """
+
+    coefs: list[float]
+    realized: list[float]
+    quadratic: list[float]
+    decomposition: Decomposition  # at the base coefficient ``coef``
+
+
+def sweep_coefficients(
+    measured: StepMeasurement,
+    rl_objective: Callable[[Params], Tensor],
+    params: Params,
+    coefs: list[float],
+) -> Sweep:
+    """The realized effect of real counterfactual steps at ``coefs``, reusing a measurement.
+
+    ``measured`` comes from :func:`measure_step` at the same ``params`` (its gradients and
+    resolved optimizer are reused, so each coefficient costs one counterfactual step and one
+    evaluation of ``J``).
+    """
+    coefs = [check_number(c, "coefs[i]") for c in coefs]
+    if not coefs:
+        raise ValueError("coefs is empty")
+    dec = measured.decomposition
+    J = scalar_function(rl_objective, "rl_objective")
+    theta = {k: v.detach() for k, v in params.items()}
+    devices = sorted({p.device.index or 0 for p in params.values() if p.device.type == "cuda"})
+    realized = []
+    with torch.random.fork_rng(devices=devices), math_attention(), torch.no_grad():
+        theta_rl = _add(theta, measured.updates.update_rl)
+        j_rl = float(J(theta_rl))
+        for lam in coefs:
+            delta = measured.optimizer.counterfactual(theta, measured.update_grad, measured.grad_mtp, lam).displacement
+            realized.append(float(J(_add(theta_rl, delta))) - j_rl)
+    quadratic = [lam * (dec.correlation_unit + dec.cross_unit) - lam * lam * dec.penalty_unit for lam in coefs]
+    return Sweep(coefs, realized, quadratic, dec)
+
+
+def decompose_sweep(
+    rl_objective: Callable[[Params], Tensor],
+    mtp_loss: Callable[[Params], Tensor],
+    params: Params,
+    *,
+    coefs: list[float],
+    coef: float,
+    lr: float | None = None,
+    optimizer: OptimizerSpec = "sgd",
+    optimizer_state: cf_optim.State | None = None,
+    hvp_method: HVPMethod = DEFAULT_HVP_METHOD,
+    rl_loss: Callable[[Params], Tensor] | None = None,
+) -> Sweep:
+    """:func:`decompose` at ``coef``, plus the realized effect of real steps at every ``coefs``.
+
+    Leaves parameters, optimizer state and the RNG untouched, as :func:`decompose` does.
+    """
+    measured = measure_step(
+        rl_objective, mtp_loss, params, lr=lr, coef=coef, optimizer=optimizer,
+        optimizer_state=optimizer_state, hvp_method=hvp_method, rl_loss=rl_loss,
+    )
+    return sweep_coefficients(measured, rl_objective, params, coefs)

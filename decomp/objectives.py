@@ -5,8 +5,14 @@ Given an :class:`MTPTransformer`-like model (``model(tokens, detach=...) -> (mai
 parameter dict (through ``torch.func.functional_call``):
 
 - ``rl_objective(θ) = J(θ) = Σ M·A·exp(ℓ − ℓ^old) / Σ M`` (DESIGN.md §1);
-- ``mtp_loss(θ) = L_MTP(θ)``: the regime's unit MTP loss, averaged over the ``K`` MTP depths
-  (the reference scales each head by ``c/K``), computed with the regime's detach mode;
+- ``mtp_loss(θ) = L_MTP(θ)``: the regime's MTP loss per unit coefficient, averaged over the ``K``
+  MTP depths (the reference scales each head by ``c/K``), computed with the regime's detach mode.
+  Given ``coef``, it is the term the regime applies at that coefficient divided by it, so that
+  ``coef·L_MTP`` is exactly what training adds (this differs from the unit loss only for the
+  ratio-form policy loss at ``coef < 0``, where the reference scales the advantages);
+- ``rl_loss(θ)``: given ``clip``, the RL part of the training loss — the clipped surrogate
+  ``−J_clip`` plus ``kl_coef·KL`` — whose gradient drives the real update (``None`` otherwise,
+  and the update then follows ``−∇J``);
 - ``logprob_fn(θ)``: the main head's per-token log-probs ``ℓ`` (for ``jvp`` estimators).
 """
 
@@ -22,7 +28,7 @@ from torch.func import functional_call
 from decomp.checks import Params, check_finite, check_mask, check_same_shape
 from decomp.model import aligned_logprobs
 from decomp.regimes import Regime
-from decomp.rl import importance_objective
+from decomp.rl import clipped_policy_loss, importance_objective, kl_k3, masked_mean
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,12 @@ class RolloutBatch:
     mask: Tensor  # [B, T-1] bool: response tokens
     advantages: Tensor  # [B, T-1]: A_t broadcast over each response
     old_logp: Tensor  # [B, T-1]: main-head log-probs at rollout time
+    response_start: int = 0  # aligned index where the response-shaped [B, T_resp] view begins
+
+    def response(self, t: Tensor) -> Tensor:
+        """The response-shaped view ``t[:, response_start:]`` of an aligned ``[B, T−1]`` tensor
+        (what verl calls response-shaped: the reference proxy averages over all of it)."""
+        return t[:, self.response_start :]
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 2:
@@ -48,6 +60,12 @@ class RolloutBatch:
         check_mask(self.mask)
         check_finite(self.advantages, "advantages")
         check_finite(self.old_logp, "old_logp")
+        if not 0 <= self.response_start < T - 1 or bool(self.mask[:, : self.response_start].any()):
+            raise ValueError(f"response_start ({self.response_start}) must leave every response token in the view")
+
+    def subset(self, idx: Tensor) -> RolloutBatch:
+        """The rows ``idx`` of the batch."""
+        return RolloutBatch(self.tokens[idx], self.mask[idx], self.advantages[idx], self.old_logp[idx], self.response_start)
 
 
 @dataclass(frozen=True)
@@ -55,6 +73,7 @@ class Objectives:
     rl_objective: Callable[[Params], Tensor]
     mtp_loss: Callable[[Params], Tensor]
     logprob_fn: Callable[[Params], Tensor]
+    rl_loss: Callable[[Params], Tensor] | None = None
 
 
 def model_logprobs(
@@ -65,9 +84,21 @@ def model_logprobs(
     return aligned_logprobs(main_logits, mtp_logits, tokens)
 
 
-def objectives(model: nn.Module, batch: RolloutBatch, regime: Regime) -> Objectives:
-    """``J``, ``L_MTP`` (for ``regime``) and ``ℓ`` as functions of a parameter dict."""
+def objectives(
+    model: nn.Module,
+    batch: RolloutBatch,
+    regime: Regime,
+    *,
+    coef: float | None = None,
+    clip: tuple[float, float] | None = None,
+    kl_coef: float = 0.0,
+    ref_logp: Tensor | None = None,
+) -> Objectives:
+    """``J``, ``L_MTP`` (for ``regime``, at ``coef``), ``ℓ`` and the training RL loss as
+    functions of a parameter dict (see the module docstring)."""
     mask = batch.mask.bool()
+    if kl_coef and ref_logp is None:
+        raise ValueError("kl_coef > 0 needs ref_logp")
 
     def rl_objective(params: Params) -> Tensor:
         logp, _, _ = model_logprobs(model, params, batch.tokens)
@@ -78,7 +109,10 @@ def objectives(model: nn.Module, batch: RolloutBatch, regime: Regime) -> Objecti
         if not mtp_logp:
             raise ValueError("the model has no MTP module (mtp_depth = 0)")
         losses = [
-            regime.unit_loss(m, batch.old_logp, batch.advantages, mask & v) for m, v in zip(mtp_logp, valid, strict=True)
+            regime.unit_loss(m, batch.old_logp, batch.advantages, mask & v)
+            if coef is None
+            else regime.applied_unit_loss(coef, m, batch.old_logp, batch.advantages, mask & v)
+            for m, v in zip(mtp_logp, valid, strict=True)
         ]
         return torch.stack(losses).mean()
 
@@ -86,4 +120,14 @@ def objectives(model: nn.Module, batch: RolloutBatch, regime: Regime) -> Objecti
         logp, _, _ = model_logprobs(model, params, batch.tokens)
         return logp
 
-    return Objectives(rl_objective, mtp_loss, logprob_fn)
+    rl_loss = None
+    if clip is not None:
+
+        def rl_loss(params: Params) -> Tensor:
+            logp, _, _ = model_logprobs(model, params, batch.tokens)
+            loss = clipped_policy_loss(logp, batch.old_logp, batch.advantages, mask, *clip)
+            if kl_coef:
+                loss = loss + kl_coef * masked_mean(kl_k3(logp, ref_logp), mask)
+            return loss
+
+    return Objectives(rl_objective, mtp_loss, logprob_fn, rl_loss)

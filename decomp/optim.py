@@ -214,9 +214,15 @@ class AdamW(_Base):
     with AMSGrad); a missing entry is a fresh state (step 0, zero moments).
     """
 
-    name = "adamw"
     linear = False
     _hyper_cls = AdamHyper
+
+    @property
+    def name(self) -> str:
+        """``"adamw"`` (decoupled weight decay) or ``"adam"`` (L2 weight decay in the gradient)."""
+        hs = self._hyper.values() if isinstance(self._hyper, dict) else [self._hyper]
+        coupled = any(h is not None and not h.decoupled_weight_decay and h.weight_decay for h in hs)
+        return "adam" if coupled else "adamw"
 
     def _moments(self, key: str, p: Tensor, g: Tensor) -> tuple[Tensor, Tensor, float, float]:
         """New first moment, denominator ``√v̂ + ε``, step size ``η/(1−β₁ᵗ)`` and β₁ weight."""

@@ -81,6 +81,20 @@ class Regime:
         """``λ`` for this step."""
         return float(self.coef)
 
+    def applied_unit_loss(
+        self, coef: float, mtp_logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
+    ) -> Tensor:
+        """The term applied at coefficient ``coef`` divided by ``coef`` (``unit_loss`` at 0).
+
+        Equal to :meth:`unit_loss` except for the ratio-form policy loss at ``coef < 0``, whose
+        reference form scales the advantages; this is the loss whose ``coef``-multiple training
+        really adds, so a decomposition of the active direction describes the applied step.
+        """
+        unit = self.unit_loss(mtp_logp, old_logp, advantages, mask)
+        if coef == 0:
+            return unit
+        return self._scaled_loss(coef, mtp_logp, old_logp, advantages, mask, unit) / coef
+
     def _scaled_loss(
         self, coef: float, mtp_logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, unit: Tensor
     ) -> Tensor:

@@ -12,6 +12,8 @@ Run directory::
     config.json          the TrainConfig, decomp version and schema version
     metrics.jsonl        one record per step (step 0: the warm start's held-out accuracy)
     decomposition.jsonl  one record per instrumented update and direction
+    sweeps.jsonl         realized ΔJ_MTP over a grid of λ, per direction, every sweep_every steps
+    curvature.jsonl      extreme Hessian eigenvalues of J, every curvature_every steps
     checkpoint.pt        model + optimizer at the last checkpointed step (atomic replace)
     summary.json         written when the run completes
 
@@ -72,7 +74,6 @@ class TrainConfig:
     # rollouts
     prompts_per_step: int = 16  # distinct prompts per rollout batch
     group_size: int = 8  # samples per prompt G (GRPO group)
-    temperature: float = 1.0  # sampling temperature
     # policy update
     lr: float = 3e-4  # AdamW learning rate
     beta1: float = 0.9  # AdamW β₁
@@ -96,6 +97,8 @@ class TrainConfig:
     # evaluation, instrumentation, checkpoints
     eval_every: int = 10  # steps between held-out greedy evaluations (and at the end)
     decomp_every: int = 5  # steps between instrumented updates (0: never)
+    sweep_every: int = 50  # steps between coefficient sweeps (multiple of decomp_every; 0: never)
+    curvature_every: int = 50  # steps between Hessian eigenvalue runs (multiple of decomp_every; 0: never)
     checkpoint_every: int = 10  # steps between checkpoints (and at the end)
 
     def validate(self) -> None:
@@ -110,11 +113,15 @@ class TrainConfig:
                 raise RunError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.decomp_every < 0 or self.mtp_depth < 1:
             raise RunError("decomp_every must be >= 0 and mtp_depth >= 1")
+        for name in ("sweep_every", "curvature_every"):  # both happen on instrumented updates only
+            every = getattr(self, name)
+            if every < 0 or (every and self.decomp_every and every % self.decomp_every):
+                raise RunError(f"{name} must be 0 or a positive multiple of decomp_every ({self.decomp_every}), got {every}")
         if self.group_size < 2:
             raise RunError(f"group_size must be at least 2 for group-normalised advantages, got {self.group_size}")
         if self.num_minibatches > self.prompts_per_step * self.group_size:
             raise RunError("num_minibatches exceeds the number of sequences per step")
-        for name in ("temperature", "lr", "sft_lr"):
+        for name in ("lr", "sft_lr"):
             if not getattr(self, name) > 0:
                 raise RunError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("weight_decay", "clip_low", "clip_high", "kl_coef", "adam_eps"):
@@ -151,7 +158,8 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-RUN_FILES = ("config.json", "metrics.jsonl", "decomposition.jsonl", "checkpoint.pt", "summary.json")
+LOG_FILES = ("metrics.jsonl", "decomposition.jsonl", "sweeps.jsonl", "curvature.jsonl")
+RUN_FILES = ("config.json", *LOG_FILES, "checkpoint.pt", "summary.json")
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
@@ -185,44 +193,61 @@ def _config_diff(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] =
     return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
-def _prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """Create or check ``out``; return the checkpoint to resume from (or ``None``)."""
+def _saved_run_config(config_path: Path) -> dict[str, Any] | None:
+    """The TrainConfig dict of a decomp run's ``config.json``; ``None`` if it is not one."""
+    try:
+        data = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict) and "schema_version" in data and isinstance(data.get("config"), dict):
+        return data["config"]
+    return None
+
+
+def check_run_dir(out: Path, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> str:
+    """Decide what to do with ``out`` without touching it: ``"new"``, ``"resume"`` or ``"overwrite"``.
+
+    Raises :class:`RunError` when the folder holds a different run (unless ``overwrite``), the
+    same run (unless ``resume`` or ``overwrite``), or anything that is not a decomp run: files
+    that decomp did not write are never replaced, ``--overwrite`` or not.
+    """
+    out = Path(out)
     if resume and overwrite:
         raise RunError("--resume and --overwrite exclude each other")
-    config_path = out / "config.json"
     if out.exists() and not out.is_dir():
         raise RunError(f"{out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not config_path.exists() and not overwrite:
-        raise RunError(f"{out} is not empty and holds no decomp run; choose another --out or pass --overwrite")
-    if config_path.exists() and not overwrite:
-        try:
-            saved = json.loads(config_path.read_text())["config"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise RunError(f"{config_path} is unreadable; pass --overwrite to start over") from None
-        if not resume:
-            diff = _config_diff(saved, asdict(cfg))
-            if diff:
-                raise RunError(f"{out} holds a run with a different config ({'; '.join(diff)}); pass --overwrite to replace it")
-            raise RunError(f"{out} already holds this run; pass --resume to continue it or --overwrite to start over")
-        diff = _config_diff(saved, asdict(cfg), ignore=("steps",))
-        if diff:
-            raise RunError(f"cannot resume {out}: the config differs ({'; '.join(diff)})")
-        ckpt_path = out / "checkpoint.pt"
-        if not ckpt_path.exists():
-            return None
-        try:
-            ckpt = torch.load(ckpt_path, weights_only=True)
-            _ = ckpt["step"], ckpt["model"], ckpt["optimizer"], ckpt["warm_start"]
-        except Exception as err:
-            raise RunError(f"corrupt checkpoint {ckpt_path}: {type(err).__name__}; pass --overwrite to start over") from None
-        return ckpt
+    config_path = out / "config.json"
+    if not config_path.exists():
+        if out.exists() and any(out.iterdir()):
+            raise RunError(f"{out} is not empty and holds no decomp run; choose an empty or new --out")
+        return "new"
+    saved = _saved_run_config(config_path)
+    if saved is None:
+        raise RunError(f"{config_path} is not a decomp run's config; choose another --out")
     if overwrite:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-    elif resume and not config_path.exists():
-        pass  # nothing to resume: a fresh run
-    out.mkdir(parents=True, exist_ok=True)
-    return None
+        return "overwrite"
+    if not resume:
+        diff = _config_diff(saved, asdict(cfg))
+        if diff:
+            raise RunError(f"{out} holds a run with a different config ({'; '.join(diff)}); pass --overwrite to replace it")
+        raise RunError(f"{out} already holds this run; pass --resume to continue it or --overwrite to start over")
+    diff = _config_diff(saved, asdict(cfg), ignore=("steps",))
+    if diff:
+        raise RunError(f"cannot resume {out}: the config differs ({'; '.join(diff)})")
+    if cfg.steps < int(saved.get("steps", 0)):
+        raise RunError(f"cannot resume {out} with fewer steps ({cfg.steps}) than it was started with ({saved['steps']})")
+    return "resume"
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None  # killed before its first checkpoint: start over
+    try:
+        ckpt = torch.load(path, weights_only=True)
+        _ = ckpt["step"], ckpt["model"], ckpt["optimizer"], ckpt["warm_start"]
+    except Exception as err:
+        raise RunError(f"corrupt checkpoint {path} ({type(err).__name__}); pass --overwrite to start over") from None
+    return ckpt
 
 
 @dataclass
@@ -240,9 +265,8 @@ def _rollout(model, task: Task, cfg: TrainConfig, gen: torch.Generator, ref_para
     idx = torch.randint(0, len(train), (cfg.prompts_per_step,), generator=gen).tolist()
     problems = [train[i] for i in idx for _ in range(cfg.group_size)]
     prompts = task.prompt_ids(problems)
-    responses = generate(
-        model, prompts, task.max_response_len, eos_id=EOS, pad_id=PAD, generator=gen, temperature=cfg.temperature
-    )
+    # temperature 1: ℓ^old is then exactly the sampling policy's log-prob
+    responses = generate(model, prompts, task.max_response_len, eos_id=EOS, pad_id=PAD, generator=gen)
     rewards = task.rewards(responses, problems)
     advantages = group_advantages(rewards, cfg.group_size)
     tokens = torch.cat([prompts, responses], dim=1)
@@ -260,17 +284,13 @@ def _rollout(model, task: Task, cfg: TrainConfig, gen: torch.Generator, ref_para
         if ref_params is not None:
             ref_main, _ = functional_call(model, ref_params, (tokens,), {"with_mtp": False})
             ref_logp, _, _ = aligned_logprobs(ref_main, [], tokens)
-    batch = RolloutBatch(tokens, mask, advantages[:, None] * mask, old_logp)
+    batch = RolloutBatch(tokens, mask, advantages[:, None] * mask, old_logp, response_start=P - 1)
     stats = {
         "reward_mean": float(rewards.mean()),
         "mtp_acceptance": acceptance,
         "response_length": float(mask.sum(1).float().mean()),
     }
     return batch, ref_logp, stats
-
-
-def _subset(batch: RolloutBatch, idx: torch.Tensor) -> RolloutBatch:
-    return RolloutBatch(batch.tokens[idx], batch.mask[idx], batch.advantages[idx], batch.old_logp[idx])
 
 
 def train(
@@ -291,7 +311,12 @@ def train(
     """
     cfg.validate()
     out = Path(out)
-    ckpt = _prepare_run_dir(out, cfg, resume, overwrite)
+    mode = check_run_dir(out, cfg, resume=resume, overwrite=overwrite)
+    ckpt = _load_checkpoint(out / "checkpoint.pt") if mode == "resume" else None
+    if mode == "overwrite":
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     task = make_task(cfg.task)
     model_cfg = cfg.model_config(task)
     regime = cfg.make_regime()
@@ -306,25 +331,26 @@ def train(
         model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
     )
 
-    metrics_path, decomp_path = out / "metrics.jsonl", out / "decomposition.jsonl"
     if ckpt is None:
         start_step = 0
-        for path in (metrics_path, decomp_path):
-            path.unlink(missing_ok=True)
+        for name in LOG_FILES:
+            (out / name).unlink(missing_ok=True)
     else:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         start_step = int(ckpt["step"])
         warm_info = ckpt["warm_start"]
-        truncate_jsonl(metrics_path, lambda r: isinstance(r.get("step"), int) and r["step"] <= start_step)
-        truncate_jsonl(decomp_path, lambda r: isinstance(r.get("step"), int) and r["step"] <= start_step)
+        for name in LOG_FILES:
+            truncate_jsonl(out / name, lambda r: isinstance(r.get("step"), int) and r["step"] <= start_step)
     _atomic_write_text(
         out / "config.json",
         json.dumps({"config": asdict(cfg), "decomp_version": __version__, "schema_version": SCHEMA_VERSION}, indent=2),
     )
 
-    metrics = JsonlWriter(metrics_path)
-    decomp_log = JsonlWriter(decomp_path)
+    metrics = JsonlWriter(out / "metrics.jsonl")
+    decomp_log = JsonlWriter(out / "decomposition.jsonl")
+    sweep_log = JsonlWriter(out / "sweeps.jsonl")
+    curvature_log = JsonlWriter(out / "curvature.jsonl")
     warm_accuracy = float(warm_info["accuracy"])
     accuracy = warm_accuracy
     if start_step == 0:
@@ -349,7 +375,7 @@ def train(
             decomp_seconds = 0.0
             for update in range(n_updates):
                 idx = chunks[update % cfg.num_minibatches]
-                mb = _subset(batch, idx)
+                mb = batch.subset(idx)
                 mask = mb.mask
                 main, mtp = model(mb.tokens, detach=regime.detach)
                 logp, mtp_logp, valid = aligned_logprobs(main, mtp, mb.tokens)
@@ -359,14 +385,31 @@ def train(
                     kl = masked_mean(kl_k3(logp, ref_logp[idx]), mask)
                     loss = loss + cfg.kl_coef * kl
                     sums["kl"] += float(kl.detach())
-                terms = [regime(m, logp, mb.old_logp, mb.advantages, mask & v) for m, v in zip(mtp_logp, valid, strict=True)]
+                # response-shaped views: the reference estimator averages over them (padding included)
+                r = mb.response
+                terms = [
+                    regime(r(m), r(logp), r(mb.old_logp), r(mb.advantages), r(mask & v))
+                    for m, v in zip(mtp_logp, valid, strict=True)
+                ]
                 mtp_term = torch.stack([t.loss for t in terms]).mean()
                 coef = sum(t.coef for t in terms) / len(terms)
                 loss = loss + mtp_term
                 if instrument and update == n_updates - 1:
                     t_dec = time.perf_counter()
-                    for record in instrument_update(model, mb, opt, regime, coef=cfg.mtp_coef, active_coef=coef):
-                        decomp_log.write({"step": step, "update": update, "regime": cfg.regime, **record})
+                    result = instrument_update(
+                        model, mb, opt, regime, coef=cfg.mtp_coef, active_coef=coef,
+                        clip=(cfg.clip_low, cfg.clip_high), kl_coef=cfg.kl_coef,
+                        ref_logp=None if ref_logp is None else ref_logp[idx],
+                        sweep=bool(cfg.sweep_every) and step % cfg.sweep_every == 0,
+                        curvature=bool(cfg.curvature_every) and step % cfg.curvature_every == 0,
+                    )
+                    where = {"step": step, "update": update, "regime": cfg.regime}
+                    for record in result.decompositions:
+                        decomp_log.write({**where, **record})
+                    for record in result.sweeps:
+                        sweep_log.write({**where, **record})
+                    if result.curvature is not None:
+                        curvature_log.write({**where, **result.curvature})
                     decomp_seconds += time.perf_counter() - t_dec
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -400,8 +443,8 @@ def train(
                     out / "checkpoint.pt",
                 )
     finally:
-        metrics.close()
-        decomp_log.close()
+        for writer in (metrics, decomp_log, sweep_log, curvature_log):
+            writer.close()
         if bar is not None:
             bar.close()
 

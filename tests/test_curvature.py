@@ -116,6 +116,8 @@ def test_hessian_operator_eigenvalues_and_rayleigh_quotient_match_dense():
     np.testing.assert_allclose(top, exact[::-1][:2], rtol=1e-8)
     bottom, vecs = top_eigenvalues(f, params, k=1, which="SA", tol=1e-12, return_eigenvectors=True)
     np.testing.assert_allclose(bottom, exact[:1], rtol=1e-8)
+    both = top_eigenvalues(f, params, k=2, which="BE", tol=1e-12)
+    np.testing.assert_allclose(both, [exact[-1], exact[0]], rtol=1e-8)
     assert rayleigh_quotient(f, params, vecs[0]) == pytest.approx(float(bottom[0]), rel=1e-8)
     v = _rand_like(params, 9)
     x = flatten(v).numpy()
@@ -152,3 +154,9 @@ def test_flatten_roundtrip():
     _, params, _ = _quartic()
     back = unflatten(flatten(params), params)
     assert all(torch.equal(back[k], params[k]) for k in params)
+
+
+def test_eigenvalues_of_a_zero_hessian_are_zero():
+    params = {"x": torch.ones(4, dtype=torch.float64)}
+    vals = top_eigenvalues(lambda p: p["x"].sum() * 0.0, params, k=2, which="BE")
+    assert np.array_equal(vals, np.zeros(2))

@@ -11,7 +11,7 @@ import torch
 from conftest import make_problem
 
 from decomp import optim as cf
-from decomp.decomposition import decompose, measure_step
+from decomp.decomposition import decompose, decompose_sweep, measure_step
 from decomp.model import MTPTransformer
 from decomp.objectives import objectives
 from decomp.occ import efficiency, gain
@@ -250,3 +250,42 @@ def test_measure_step_returns_the_updates_the_decomposition_used():
     np.testing.assert_allclose(flat(m.updates.displacement), 0.5 * flat(m.updates.unit_displacement), rtol=1e-15)
     assert m.decomposition.correlation == pytest.approx(float(g @ flat(m.updates.displacement)), rel=1e-12)
     assert m.decomposition == decompose(J, L, params, lr=0.1, coef=0.5)
+
+
+def test_sweep_on_quadratic_with_sgd_is_exactly_the_parabola():
+    J, L, params, _ = _quadratic(seed=5)
+    coefs = [-3.0, -1.0, 0.0, 0.5, 2.0, 7.0]
+    sweep = decompose_sweep(J, L, params, lr=0.1, coef=1.0, coefs=coefs)
+    assert sweep.coefs == coefs and sweep.realized[2] == 0.0
+    for r, q in zip(sweep.realized, sweep.quadratic, strict=True):
+        assert r == pytest.approx(q, rel=1e-9, abs=1e-15)
+    for lam, r in zip(coefs, sweep.realized, strict=True):
+        assert r == pytest.approx(decompose(J, L, params, lr=0.1, coef=lam).realized, rel=1e-12, abs=1e-15)
+
+
+def test_sweep_with_adamw_uses_real_nonlinear_steps():
+    problem = make_problem(seed=8)
+    obj = objectives(problem.model, problem.batch, Policy())
+    params = problem.params
+    state = {k: {"step": torch.tensor(3.0), "exp_avg": 0.01 * torch.randn_like(p), "exp_avg_sq": 1e-4 * torch.rand_like(p)}
+             for k, p in params.items()}
+    opt = cf.AdamW(cf.AdamHyper(lr=1e-3), state)
+    sweep = decompose_sweep(obj.rl_objective, obj.mtp_loss, params, coef=0.5, coefs=[0.5, 5.0], optimizer=opt)
+    direct = decompose(obj.rl_objective, obj.mtp_loss, params, coef=0.5, optimizer=opt)
+    assert sweep.realized[0] == pytest.approx(direct.realized, rel=1e-12)
+    # Adam normalises: a 10× coefficient does not give a 10× displacement, so the realized
+    # effect leaves the parabola of the frozen-preconditioner model
+    assert sweep.realized[1] != pytest.approx(sweep.quadratic[1], rel=1e-3)
+
+
+def test_rl_loss_drives_the_update_while_J_is_measured():
+    J, L, params, q = _quadratic(seed=6)
+    rl_loss = lambda p: -2.0 * J(p)  # noqa: E731  (a rescaled training loss)
+    m = measure_step(J, L, params, lr=0.1, coef=0.5, rl_loss=rl_loss)
+    base = measure_step(J, L, params, lr=0.1, coef=0.5)
+    for k in params:
+        assert torch.allclose(m.updates.update_rl[k], 2.0 * base.updates.update_rl[k], rtol=1e-13)
+        assert torch.allclose(m.grad_rl[k], base.grad_rl[k])  # g is still ∇J
+    assert m.decomposition.correlation == pytest.approx(base.decomposition.correlation, rel=1e-12)
+    assert m.decomposition.cross == pytest.approx(2.0 * base.decomposition.cross, rel=1e-12)
+    assert m.decomposition.realized == pytest.approx(m.decomposition.predicted, rel=1e-9)

@@ -66,9 +66,11 @@ def test_occ_coefficient_and_reference_scaling_of_advantages():
     assert torch.allclose(term.loss, expected)
     ref = OCC(coef=0.5, estimator="reference")(mtp, logp, old, adv, mask)
     assert ref.coef == pytest.approx(float(reference_coefficient(mtp.detach(), logp, old, mask, 0.5)), rel=1e-14)
-    # the coefficient carries no gradient
-    term.loss.backward()
-    assert mtp.grad is not None
+    # the coefficient carries no gradient: d loss/d m equals that of the loss at a fixed λ
+    (grad,) = torch.autograd.grad(term.loss, mtp)
+    fixed = clipped_policy_loss(mtp, old, term.coef * adv, mask)
+    (grad_fixed,) = torch.autograd.grad(fixed, mtp)
+    assert torch.equal(grad, grad_fixed)
 
 
 def test_occ_is_zero_on_first_update_and_with_empty_mask():
@@ -87,3 +89,14 @@ def test_regime_inputs_are_validated():
         CrossEntropy()(mtp, logp[:, :-1], old, adv, mask)
     with pytest.raises(ValueError, match="coef"):
         CrossEntropy(coef=float("nan"))
+
+
+def test_applied_unit_loss_times_coef_is_the_applied_term():
+    mtp, logp, old, adv, mask = _inputs(5)
+    for coef in (0.3, -0.2):
+        applied = OCC(coef=0.1).applied_unit_loss(coef, mtp, old, adv, mask)
+        assert torch.allclose(coef * applied, clipped_policy_loss(mtp, old, coef * adv, mask))
+    # at λ < 0 the reference term is not λ·L_MTP: the clip picks the other branch
+    unit = Policy().unit_loss(mtp, old, adv, mask)
+    assert not torch.allclose(-0.2 * unit, clipped_policy_loss(mtp, old, -0.2 * adv, mask))
+    assert torch.equal(CrossEntropy().applied_unit_loss(-0.2, mtp, old, adv, mask), CrossEntropy().unit_loss(mtp, old, adv, mask))

@@ -17,18 +17,28 @@ from decomp.train import RunError, TrainConfig, train
 
 TIMING = {"seconds", "decomp_seconds"}
 
-# a small run: one tiny warm start (target 0: no supervised steps), 6 steps, instrumented at 2, 4, 6
+# a small run: a short warm start (to 10%: ~5 s, cached once for the module), 6 steps of 4×4
+# samples, instrumented at 2, 4, 6, a sweep at 4, eigenvalues at 6
 TINY = TrainConfig(
-    steps=6, d_model=32, n_layers=1, n_heads=2, d_mlp=64, prompts_per_step=4, group_size=4,
-    sft_target_accuracy=0.0, eval_every=3, decomp_every=2, checkpoint_every=2,
+    steps=6, prompts_per_step=4, group_size=4, sft_target_accuracy=0.1,
+    eval_every=3, decomp_every=2, checkpoint_every=2, sweep_every=4, curvature_every=6,
 )
 
 
-def _run(tmp_path: Path, name: str, **changes) -> Path:
-    cfg = dataclasses.replace(TINY, **changes)
-    out = tmp_path / name
-    train(cfg, out, cache_dir=tmp_path / "cache", progress=False, log=lambda s: None)
-    return out
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("warmstart-cache")
+
+
+@pytest.fixture
+def run_dir(tmp_path, cache):
+    def run(name: str, **changes) -> Path:
+        cfg = dataclasses.replace(TINY, **changes)
+        out = tmp_path / name
+        train(cfg, out, cache_dir=cache, progress=False, log=lambda s: None)
+        return out
+
+    return run
 
 
 def _records(out: Path, name: str) -> list[dict]:
@@ -43,8 +53,8 @@ def _same(a: list[dict], b: list[dict]) -> bool:
 
 
 @pytest.mark.parametrize("regime", ["detach", "occ"])
-def test_short_run_writes_every_record(tmp_path, regime):
-    out = _run(tmp_path, regime, regime=regime)
+def test_short_run_writes_every_record(run_dir, regime):
+    out = run_dir(regime, regime=regime)
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["regime"] == regime and config["schema_version"] == 1
     metrics = read_jsonl(out / "metrics.jsonl")
@@ -71,38 +81,67 @@ def test_short_run_writes_every_record(tmp_path, regime):
     else:
         # occ's active coefficient is the masked proxy estimate of that update
         assert all(r["coef"] == pytest.approx(r["coef_masked"], rel=1e-6, abs=1e-12) for r in active)
+    sweeps = read_jsonl(out / "sweeps.jsonl")
+    expected_directions = ["ce", "policy"] if regime == "detach" else ["active", "ce", "policy"]
+    assert [(r["step"], r["direction"]) for r in sweeps] == [(4, d) for d in expected_directions]
+    for r in sweeps:
+        assert len(r["coefs"]) == len(r["realized"]) == len(r["quadratic"]) == 13
+        assert r["realized"][r["coefs"].index(0.0)] == 0.0  # λ = 0 is on the grid: no displacement
+    curvature = read_jsonl(out / "curvature.jsonl")
+    assert [r["step"] for r in curvature] == [6]
+    assert curvature[0]["eigenvalue_max"] >= curvature[0]["eigenvalue_min"]
     assert (out / "checkpoint.pt").exists() and (out / "summary.json").exists()
 
 
-def test_same_seed_gives_identical_records_and_instrumentation_does_not_perturb(tmp_path):
-    a = _run(tmp_path, "a", regime="policy")
-    b = _run(tmp_path, "b", regime="policy")
-    c = _run(tmp_path, "c", regime="policy", decomp_every=0)
+def test_same_seed_gives_identical_records_and_instrumentation_does_not_perturb(run_dir):
+    a = run_dir("a", regime="policy")
+    b = run_dir("b", regime="policy")
+    c = run_dir("c", regime="policy", decomp_every=0, sweep_every=0, curvature_every=0)
     assert _same(_records(a, "metrics.jsonl"), _records(b, "metrics.jsonl"))
     assert _same(_records(a, "decomposition.jsonl"), _records(b, "decomposition.jsonl"))
     assert _same(_records(a, "metrics.jsonl"), _records(c, "metrics.jsonl"))
     assert read_jsonl(c / "decomposition.jsonl") == []
-    d = _run(tmp_path, "d", regime="policy", seed=1)
+    d = run_dir("d", regime="policy", seed=1)
     assert not _same(_records(a, "metrics.jsonl"), _records(d, "metrics.jsonl"))
 
 
-def test_killed_run_resumes_to_the_same_records(tmp_path):
-    full = _run(tmp_path, "full", regime="occ")
+def test_killed_run_resumes_to_the_same_records(tmp_path, run_dir, cache):
+    full = run_dir("full", regime="occ")
     cfg = dataclasses.replace(TINY, regime="occ")
     out = tmp_path / "killed"
     # killed after step 5's records were written, its last checkpoint at step 4
-    train(cfg, out, cache_dir=tmp_path / "cache", progress=False, log=lambda s: None, stop_after=5)
+    train(cfg, out, cache_dir=cache, progress=False, log=lambda s: None, stop_after=5)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "regime": "oc')  # a line cut off mid-write
     with pytest.raises(RunError, match="already holds this run"):
-        train(cfg, out, cache_dir=tmp_path / "cache", progress=False, log=lambda s: None)
-    train(cfg, out, resume=True, cache_dir=tmp_path / "cache", progress=False, log=lambda s: None)
+        train(cfg, out, cache_dir=cache, progress=False, log=lambda s: None)
+    train(cfg, out, resume=True, cache_dir=cache, progress=False, log=lambda s: None)
     assert _same(_records(full, "metrics.jsonl"), _records(out, "metrics.jsonl"))
-    assert _same(_records(full, "decomposition.jsonl"), _records(out, "decomposition.jsonl"))
+    for name in ("decomposition.jsonl", "sweeps.jsonl", "curvature.jsonl"):
+        assert _same(_records(full, name), _records(out, name)), name
+    # the test has power: the run really trains (rewards, a non-zero OCC coefficient, moving
+    # parameters), and a resume that dropped the optimizer state would write other records
+    metrics = read_jsonl(full / "metrics.jsonl")
+    assert any(m.get("reward_mean", 0) > 0 for m in metrics) and any(m.get("mtp_coef", 0) != 0 for m in metrics)
     # extending a finished run with --resume and more steps continues it
     longer = dataclasses.replace(cfg, steps=8)
-    train(longer, out, resume=True, cache_dir=tmp_path / "cache", progress=False, log=lambda s: None)
+    train(longer, out, resume=True, cache_dir=cache, progress=False, log=lambda s: None)
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == list(range(9))
+    with pytest.raises(RunError, match="fewer steps"):
+        train(cfg, out, resume=True, cache_dir=cache, progress=False, log=lambda s: None)
+
+
+def test_resume_without_the_optimizer_state_would_differ(tmp_path, run_dir, cache, monkeypatch):
+    """Guards the resume test against vacuity: dropping AdamW's state changes the records."""
+    import torch
+
+    full = run_dir("full", regime="occ")
+    cfg = dataclasses.replace(TINY, regime="occ")
+    out = tmp_path / "killed"
+    train(cfg, out, cache_dir=cache, progress=False, log=lambda s: None, stop_after=5)
+    monkeypatch.setattr(torch.optim.AdamW, "load_state_dict", lambda self, state: None)
+    train(cfg, out, resume=True, cache_dir=cache, progress=False, log=lambda s: None)
+    assert not _same(_records(full, "metrics.jsonl"), _records(out, "metrics.jsonl"))
 
 
 @dataclasses.dataclass
@@ -124,12 +163,11 @@ def _cli(*args: str, capsys=None) -> _Proc:
     return _Proc(code, out.out, out.err)
 
 
-def _tiny_flags(tmp_path: Path) -> list[str]:
+def _tiny_flags(cache: Path) -> list[str]:
     sets = []
-    for f in ("d_model", "n_layers", "n_heads", "d_mlp", "prompts_per_step", "group_size", "sft_target_accuracy",
-              "eval_every", "checkpoint_every"):
+    for f in ("prompts_per_step", "group_size", "sft_target_accuracy", "eval_every", "checkpoint_every"):
         sets += ["--set", f"{f}={getattr(TINY, f)}"]
-    return ["--steps", "2", "--decomp-every", "0", "--cache-dir", str(tmp_path / "cache"), "--no-progress", *sets]
+    return ["--steps", "2", "--decomp-every", "0", "--cache-dir", str(cache), "--no-progress", *sets]
 
 
 def _one_line_error(proc: subprocess.CompletedProcess, text: str) -> None:
@@ -139,12 +177,12 @@ def _one_line_error(proc: subprocess.CompletedProcess, text: str) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_cli_run_and_bad_input(tmp_path, capsys):
+def test_cli_run_and_bad_input(tmp_path, cache, capsys):
     def cli(*args):
         return _cli(*args, capsys=capsys)
 
     out = tmp_path / "run"
-    ok = cli("run", "--regime", "ce", "--out", str(out), *_tiny_flags(tmp_path))
+    ok = cli("run", "--regime", "ce", "--out", str(out), *_tiny_flags(cache))
     assert ok.returncode == 0, ok.stderr
     assert "final acc" in ok.stdout
     snapshot = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -157,15 +195,24 @@ def test_cli_run_and_bad_input(tmp_path, capsys):
     _one_line_error(cli("compare", "--regimes", "detach,bogus", "--out", str(tmp_path / "x")), "unknown regime 'bogus'")
     assert not (tmp_path / "x").exists()
     # an existing run with a different config is refused, and nothing in it is touched
-    _one_line_error(cli("run", "--regime", "policy", "--out", str(out), *_tiny_flags(tmp_path)), "different config")
-    _one_line_error(cli("run", "--regime", "ce", "--out", str(out), *_tiny_flags(tmp_path)), "--resume")
+    _one_line_error(cli("run", "--regime", "policy", "--out", str(out), *_tiny_flags(cache)), "different config")
+    _one_line_error(cli("run", "--regime", "ce", "--out", str(out), *_tiny_flags(cache)), "--resume")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot
     # a corrupt checkpoint
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    _one_line_error(cli("run", "--regime", "ce", "--resume", "--out", str(out), *_tiny_flags(tmp_path)), "corrupt checkpoint")
+    _one_line_error(cli("run", "--regime", "ce", "--resume", "--out", str(out), *_tiny_flags(cache)), "corrupt checkpoint")
     assert (out / "metrics.jsonl").read_bytes() == snapshot["metrics.jsonl"]
+    # a folder that is not a decomp run is never written into, --overwrite or not
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"my": "settings"}')
+    (foreign / "notes.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        _one_line_error(cli("run", "--out", str(foreign), *extra, *_tiny_flags(cache)), "not a decomp run")
+    assert (foreign / "config.json").read_text() == '{"my": "settings"}'
+    _one_line_error(cli("run", "--out", str(foreign / "notes.txt" / "sub"), *_tiny_flags(cache)), "notes.txt")
     # --overwrite starts over
-    again = cli("run", "--regime", "policy", "--overwrite", "--out", str(out), *_tiny_flags(tmp_path))
+    again = cli("run", "--regime", "policy", "--overwrite", "--out", str(out), *_tiny_flags(cache))
     assert again.returncode == 0, again.stderr
     assert json.loads((out / "config.json").read_text())["config"]["regime"] == "policy"
 

@@ -93,6 +93,8 @@ def test_hvp_refuses_mismatched_directions():
     with pytest.raises(ValueError, match="k must be smaller"):
         top_eigenvalues(J, P, k=2)
     with pytest.raises(ValueError, match="which must be"):
+        top_eigenvalues(J, {"x": torch.ones(5, dtype=torch.float64)}, which="XX")
+    with pytest.raises(ValueError, match="needs k >= 2"):
         top_eigenvalues(J, {"x": torch.ones(5, dtype=torch.float64)}, which="BE")
     with pytest.raises(TypeError, match="one dtype"):
         hessian_operator(J, {"x": P["x"], "y": torch.ones(2)})

@@ -133,7 +133,7 @@ def instrument_update(
         for reduction in ("masked", "pooled"):
             estimates[f"jvp_{reduction}"] = float(
                 jvp_coefficient(
-                    lambda p: view(obj.logprob_fn(p)), params, updates.unit_displacement, updates.update_rl,
+                    lambda p, fn=obj.logprob_fn: view(fn(p)), params, updates.unit_displacement, updates.update_rl,
                     view(proxy_mask), coef, reduction,
                 )
             )

@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.decomp-installed
 
-.PHONY: venv test test-fast demo probe bench clean
+.PHONY: venv test test-fast demo figures probe bench clean
 
 venv: $(STAMP)
 
@@ -23,8 +23,20 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# the main job: compare the regimes, then figures, estimator validation and the report
 demo: $(STAMP)
 	$(BIN)/decomp compare --regimes detach,ce,policy,occ --seeds 0 --out runs/demo --overwrite
+	$(BIN)/decomp plot runs/demo --out runs/demo/figures
+	$(BIN)/decomp validate runs/demo --out runs/demo/validation.json
+	$(BIN)/decomp report runs/demo --out runs/demo/report.md --figures runs/demo/figures
+	@echo "report: runs/demo/report.md"
+
+# regenerate the committed figures/ from the runs of `make demo`
+figures: $(STAMP)
+	test -d runs/demo || $(MAKE) demo
+	$(BIN)/decomp plot runs/demo --out figures
+	$(BIN)/decomp validate runs/demo --out figures/validation.json
+	$(BIN)/decomp report runs/demo --out figures/report.md --figures figures
 
 probe: $(STAMP)
 	$(BIN)/decomp probe

@@ -142,6 +142,32 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--overwrite", action="store_true", help="replace runs that exist")
     training_options(cmp)
 
+    def run_dirs(p: argparse.ArgumentParser) -> None:
+        p.add_argument("runs", nargs="*", metavar="RUN_DIR",
+                       help="run directories, or folders holding them (as `decomp compare --out` writes)")
+
+    plot = sub.add_parser("plot", help="figures from run directories",
+                          description="Write the decomposition, coefficient, estimator, quadratic-check, "
+                          "training and curvature figures of run directories.")
+    run_dirs(plot)
+    plot.add_argument("--out", required=True, help="folder for the figures")
+    plot.add_argument("--pdf", action="store_true", help="also write PDF files")
+
+    val = sub.add_parser("validate", help="OCC estimators against the exact λ*",
+                         description="Per estimator: sign agreement, Spearman and Pearson with 95%% bootstrap "
+                         "intervals, efficiency, best constant; Taylor residual statistics.")
+    run_dirs(val)
+    val.add_argument("--direction", default="policy", choices=("active", "ce", "policy"),
+                     help="which MTP direction's λ* to validate against (default policy)")
+    val.add_argument("--out", default=None, help="where to write validation.json (default: print only)")
+
+    rep = sub.add_parser("report", help="a Markdown report with a claims table",
+                         description="Accuracy per regime, early/late correlation and penalty, the validation "
+                         "table, the paper's claims with computed verdicts, and the figures.")
+    run_dirs(rep)
+    rep.add_argument("--out", required=True, help="report file (Markdown)")
+    rep.add_argument("--figures", default=None, help="figure folder to embed (from `decomp plot`)")
+
     probe = sub.add_parser(
         "probe",
         help="one instrumented update of the built-in model on a synthetic batch",
@@ -209,9 +235,43 @@ def _run_training(args: argparse.Namespace, jobs: list[tuple[Any, Path]]) -> lis
     return rows
 
 
+def _analysis(args: argparse.Namespace) -> None:
+    import warnings
+
+    from decomp.analysis.rundata import load_runs
+
+    if not args.runs:
+        raise CLIError("no run directories given")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runs = load_runs(args.runs)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    if args.command == "plot":
+        from decomp.analysis.plots import make_figures
+
+        paths = make_figures(runs, Path(args.out), pdf=args.pdf)
+        print(f"{len(paths)} figure files from {len(runs)} run(s) in {args.out}")
+    elif args.command == "validate":
+        from decomp.analysis.validate import format_table, validate, write_json
+
+        result = validate(runs, direction=args.direction)
+        print(format_table(result))
+        if args.out:
+            write_json(result, Path(args.out))
+            print(f"written {args.out}")
+    else:
+        from decomp.analysis.report import build_report
+
+        text = build_report(runs, Path(args.out), Path(args.figures) if args.figures else None)
+        Path(args.out).write_text(text)
+        print(f"report of {len(runs)} run(s) written to {args.out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from decomp.analysis.rundata import AnalysisError
     from decomp.train import RunError
     from decomp.warmstart import WarmStartError
 
@@ -239,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             print(_table(rows))
             total = time.perf_counter() - start
             print(f"{len(rows)} runs in {total:.1f} s; run directories under {args.out}")
+        elif args.command in ("plot", "validate", "report"):
+            _analysis(args)
         elif args.command == "probe":
             from decomp.probe import ProbeConfig, format_probe, run_probe
 
@@ -246,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                 ProbeConfig(seed=args.seed, prompts=args.prompts, group_size=args.group_size, lr=args.lr, coef=args.coef)
             )
             print(json.dumps(records, indent=2) if args.json else format_probe(records))
-    except (CLIError, RunError, WarmStartError, OSError, ValueError, TypeError) as err:
+    except (CLIError, RunError, AnalysisError, WarmStartError, OSError, ValueError, TypeError) as err:
         if os.environ.get("DECOMP_DEBUG"):
             raise
         print(f"decomp {args.command}: error: {err}", file=sys.stderr)

@@ -1,0 +1,147 @@
+"""Reading run directories (the only input of the analysis commands).
+
+A run directory holds ``config.json`` and the JSONL logs written by :mod:`decomp.train`. Given
+paths that are run directories or folders containing them (one level down, as ``decomp compare``
+writes), :func:`load_runs` returns :class:`Run` objects. Damaged input is skipped with a warning
+naming the file and line: a truncated or non-JSON line, a record missing a required field, a run
+whose schema version is not this one's. No usable run directory is an :class:`AnalysisError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from decomp.runlog import SCHEMA_VERSION
+
+REQUIRED = {
+    "metrics.jsonl": ("step", "regime"),
+    "decomposition.jsonl": ("step", "direction", "correlation", "cross", "penalty", "predicted", "realized",
+                            "lambda_star"),
+    "sweeps.jsonl": ("step", "direction", "coefs", "realized", "quadratic"),
+    "curvature.jsonl": ("step", "eigenvalue_max", "eigenvalue_min"),
+}
+ESTIMATORS = ("reference", "masked", "pooled", "jvp_masked", "jvp_pooled")
+
+
+class AnalysisError(ValueError):
+    """No usable input (the CLI prints it and exits with 2)."""
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    decompositions: list[dict[str, Any]] = field(default_factory=list)
+    sweeps: list[dict[str, Any]] = field(default_factory=list)
+    curvature: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def regime(self) -> str:
+        return str(self.config.get("regime", "?"))
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    def records(self, direction: str) -> list[dict[str, Any]]:
+        return [r for r in self.decompositions if r["direction"] == direction]
+
+    @property
+    def warm_accuracy(self) -> float:
+        first = [m for m in self.metrics if m["step"] == 0 and _finite(m.get("accuracy"))]
+        return float(first[0]["accuracy"]) if first else math.nan
+
+    @property
+    def final_accuracy(self) -> float:
+        evaluated = [m for m in self.metrics if m["step"] > 0 and _finite(m.get("accuracy"))]
+        return float(evaluated[-1]["accuracy"]) if evaluated else math.nan
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _read(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
+    out = []
+    if not path.exists():
+        return out
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                warnings.warn(f"{path}:{lineno}: skipping a line that is not valid JSON (truncated?)", stacklevel=3)
+                continue
+            if not isinstance(record, dict):
+                warnings.warn(f"{path}:{lineno}: skipping a line that is not a JSON object", stacklevel=3)
+                continue
+            missing = [k for k in required if k not in record]
+            if missing:
+                warnings.warn(f"{path}:{lineno}: skipping a record missing {', '.join(missing)}", stacklevel=3)
+                continue
+            # strict JSON stores nan as null; the analysis works with floats
+            out.append({k: (math.nan if v is None else v) for k, v in record.items()})
+    return out
+
+
+def _run_dirs(paths: Iterable[Path]) -> list[Path]:
+    found: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if (p / "config.json").is_file():
+            found.append(p)
+        elif p.is_dir():
+            found.extend(sorted(c for c in p.iterdir() if (c / "config.json").is_file()))
+        else:
+            warnings.warn(f"{p}: not a run directory (no config.json), skipping", stacklevel=3)
+    return found
+
+
+def load_run(path: Path) -> Run | None:
+    """One run directory, or ``None`` (with a warning) when it cannot be used."""
+    config_path = Path(path) / "config.json"
+    try:
+        data = json.loads(config_path.read_text())
+    except (OSError, ValueError) as err:
+        warnings.warn(f"{config_path}:1: unreadable config ({type(err).__name__}), skipping the run", stacklevel=2)
+        return None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != SCHEMA_VERSION or not isinstance(data.get("config"), dict):
+        warnings.warn(
+            f"{config_path}:1: schema version {version!r}, this decomp reads {SCHEMA_VERSION}; skipping the run",
+            stacklevel=2,
+        )
+        return None
+    run = Run(Path(path), data["config"])
+    run.metrics = _read(run.path / "metrics.jsonl", REQUIRED["metrics.jsonl"])
+    run.decompositions = _read(run.path / "decomposition.jsonl", REQUIRED["decomposition.jsonl"])
+    run.sweeps = _read(run.path / "sweeps.jsonl", REQUIRED["sweeps.jsonl"])
+    run.curvature = _read(run.path / "curvature.jsonl", REQUIRED["curvature.jsonl"])
+    return run
+
+
+def load_runs(paths: Iterable[Path | str]) -> list[Run]:
+    """Every usable run under ``paths`` (run directories or their parents), sorted by regime and seed."""
+    dirs = _run_dirs(Path(p) for p in paths)
+    runs = [r for r in (load_run(d) for d in dirs) if r is not None]
+    if not runs:
+        raise AnalysisError("no run directories found (a run directory holds config.json)")
+    order = {"detach": 0, "detach-inputs": 1, "ce": 2, "policy": 3, "occ": 4}
+    return sorted(runs, key=lambda r: (order.get(r.regime, 9), r.regime, r.seed, str(r.path)))
+
+
+def regimes_of(runs: list[Run]) -> list[str]:
+    seen: list[str] = []
+    for r in runs:
+        if r.regime not in seen:
+            seen.append(r.regime)
+    return seen

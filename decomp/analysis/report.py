@@ -71,10 +71,14 @@ def terms_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a literal | would split the Markdown cell
+
+
 def claims_table(runs: list[Run]) -> str:
     lines = ["| claim | statistic | rule | n | verdict |", "|---|---|---|---|---|"]
     for c in evaluate_claims(runs):
-        lines.append(f"| {c.claim} | {c.statistic} | {c.rule} | {c.n} | **{c.verdict}** |")
+        lines.append(f"| {_cell(c.claim)} | {_cell(c.statistic)} | {_cell(c.rule)} | {c.n} | **{c.verdict}** |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,198 @@
+"""A DeepSeek-V3-style MTP module attached to a Hugging Face causal LM (DESIGN.md §1).
+
+:func:`attach_mtp` wraps a Llama-family causal LM (Llama, Qwen2, SmolLM, Mistral: a decoder with
+a list of ``config.num_hidden_layers`` layers and rotary position embeddings) in
+:class:`HFMTPModel`, whose ``forward(tokens, detach, with_mtp, attention_mask)`` returns main and
+MTP logits exactly like the built-in :class:`~decomp.model.MTPTransformer`, so every
+measurement, regime and the training loop work on it unchanged.
+
+Depth ``k`` at position ``t``: ``z = Block_k(W_k [RMSNorm(h); RMSNorm(Emb(y_{t+k}))])``,
+``logits = Head(RMSNorm_k(z))``, predicting ``y_{t+k+1}``. ``h`` is the decoder's output
+(after its final norm, as Megatron-LM feeds its MTP layers); ``Emb`` and ``Head`` are the LM's
+own input embedding and output head (shared, tied or not). ``Block_k`` is a copy of the LM's
+last decoder layer (``init="copy_last"``, default) or a freshly initialised one
+(``init="random"``); it runs with the LM's rotary embeddings at the positions of ``h``.
+
+The parts of the LM are found through its config and the standard ``PreTrainedModel``
+accessors (``get_decoder``, ``get_input_embeddings``, ``get_output_embeddings``); the decoder
+layer list is the ``nn.ModuleList`` of length ``config.num_hidden_layers``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from decomp.model import DETACH_MODES
+
+MTP_INITS = ("copy_last", "random")
+
+
+def _decoder_parts(lm: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module]:
+    """The decoder (base model), its layer list and its rotary embedding module."""
+    if not hasattr(lm, "get_decoder") or not hasattr(lm, "config"):
+        raise TypeError(f"attach_mtp needs a Hugging Face causal LM, got {type(lm).__name__}")
+    decoder = lm.get_decoder()
+    n_layers = getattr(lm.config, "num_hidden_layers", None)
+    lists = [m for m in decoder.children() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if len(lists) != 1:
+        raise TypeError(
+            f"{type(lm).__name__}: cannot find its decoder layers (a ModuleList of config.num_hidden_layers "
+            f"= {n_layers} layers)"
+        )
+    rotary = getattr(decoder, "rotary_emb", None)
+    if rotary is None:
+        raise TypeError(f"{type(lm).__name__}: attach_mtp supports decoders with rotary position embeddings")
+    return decoder, lists[0], rotary
+
+
+class HFMTPModule(nn.Module):
+    """One MTP depth around a decoder layer of the host LM."""
+
+    def __init__(self, hidden: int, eps: float, block: nn.Module) -> None:
+        super().__init__()
+        self.state_norm = nn.RMSNorm(hidden, eps=eps)
+        self.embed_norm = nn.RMSNorm(hidden, eps=eps)
+        self.proj = nn.Linear(2 * hidden, hidden, bias=False)
+        self.block = block
+        self.out_norm = nn.RMSNorm(hidden, eps=eps)
+
+
+def causal_padding_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive ``[B, 1, T, T]`` mask: 0 where query ``i`` may see key ``j`` (``j ≤ i`` and key
+    ``j`` not padding), the dtype's minimum elsewhere (finite, so fully padded rows stay finite)."""
+    T = attention_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    return torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions counting real tokens only (left padding gets position 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class HFMTPModel(nn.Module):
+    """A Hugging Face causal LM with ``depth`` MTP modules; see the module docstring."""
+
+    def __init__(self, lm: nn.Module, depth: int = 1, init: str = "copy_last", seed: int = 0) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        if init not in MTP_INITS:
+            raise ValueError(f"init must be one of {MTP_INITS}, got {init!r}")
+        _, layers, _ = _decoder_parts(lm)
+        self.lm = lm
+        cfg = lm.config
+        hidden = cfg.hidden_size
+        eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
+        std = float(getattr(cfg, "initializer_range", 0.02))
+        modules = []
+        # a forked, seeded RNG: attaching an MTP module never moves the caller's random stream
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for _ in range(depth):
+                block = copy.deepcopy(layers[-1])
+                if init == "random":
+                    block.apply(lm._init_weights)  # the host's own initialisation scheme
+                module = HFMTPModule(hidden, eps, block)
+                nn.init.normal_(module.proj.weight, std=std)
+                modules.append(module)
+        self.mtp = nn.ModuleList(modules).to(device=next(lm.parameters()).device, dtype=next(lm.parameters()).dtype)
+        self.depth = depth
+        self.init = init
+
+    @property
+    def config(self) -> Any:
+        return self.lm.config
+
+    def shared_parameter_names(self) -> list[str]:
+        """Names of parameters the main policy depends on (everything outside ``mtp.*``)."""
+        return [n for n, _ in self.named_parameters() if not n.startswith("mtp.")]
+
+    def forward(
+        self,
+        tokens: Tensor,
+        detach: str = "none",
+        with_mtp: bool = True,
+        attention_mask: Tensor | None = None,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Main logits ``[B, T, V]`` and MTP logits ``[B, T−k, V]`` (depth ``k`` at position ``t``
+        predicts token ``t+k+1``). ``attention_mask`` marks real tokens (left padding allowed)."""
+        if detach not in DETACH_MODES:
+            raise ValueError(f"detach must be one of {DETACH_MODES}, got {detach!r}")
+        B, T = tokens.shape
+        position_ids = None if attention_mask is None else position_ids_from_mask(attention_mask)
+        decoder, _, rotary = _decoder_parts(self.lm)
+        out = decoder(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        h = out.last_hidden_state
+        head = self.lm.get_output_embeddings()
+        main_logits = head(h)
+        if not with_mtp:
+            return main_logits, []
+        head_weight = head.weight.detach() if detach == "all" else head.weight
+        head_bias = getattr(head, "bias", None)
+        embed = self.lm.get_input_embeddings()
+        if position_ids is None:
+            position_ids = torch.arange(T, device=tokens.device).expand(B, T)
+        full_mask = None if attention_mask is None else causal_padding_mask(attention_mask, h.dtype)
+        state = h.detach() if detach in ("inputs", "all") else h
+        mtp_logits = []
+        for k, module in enumerate(self.mtp, start=1):
+            if T - k < 1:
+                break
+            e = embed(tokens[:, k:])
+            if detach in ("inputs", "all"):
+                e = e.detach()
+            z = module.proj(torch.cat([module.state_norm(state[:, : T - k]), module.embed_norm(e)], dim=-1))
+            pos = position_ids[:, : T - k]
+            mask = None if full_mask is None else full_mask[:, :, : T - k, : T - k]
+            z = module.block(z, attention_mask=mask, position_ids=pos, position_embeddings=rotary(z, pos))
+            z = z[0] if isinstance(z, tuple) else z
+            state = z
+            logits = F.linear(module.out_norm(z), head_weight)
+            if head_bias is not None:
+                logits = logits + (head_bias.detach() if detach == "all" else head_bias)
+            mtp_logits.append(logits)
+        return main_logits, mtp_logits
+
+
+def attach_mtp(lm: nn.Module, depth: int = 1, init: str = "copy_last", seed: int = 0) -> HFMTPModel:
+    """Wrap a Hugging Face causal LM with ``depth`` DeepSeek-V3-style MTP modules."""
+    return HFMTPModel(lm, depth=depth, init=init, seed=seed)
+
+
+def save_mtp(model: HFMTPModel, path: Path | str) -> None:
+    """Save the MTP modules' weights (safetensors) with their depth, init and host config."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.mtp.state_dict().items()}
+    meta = {"depth": str(model.depth), "init": model.init, "hidden_size": str(model.config.hidden_size),
+            "model_type": str(getattr(model.config, "model_type", "?"))}
+    save_file(state, str(path), metadata=meta)
+
+
+def load_mtp(model: HFMTPModel, path: Path | str) -> dict[str, str]:
+    """Load weights saved by :func:`save_mtp` into ``model``; a mismatch is a ``ValueError``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    if meta.get("depth") != str(model.depth) or meta.get("hidden_size") != str(model.config.hidden_size):
+        raise ValueError(
+            f"{path}: MTP weights for depth {meta.get('depth')} / hidden size {meta.get('hidden_size')}, "
+            f"the model has depth {model.depth} / hidden size {model.config.hidden_size}"
+        )
+    state = load_file(str(path), device=str(next(model.parameters()).device))
+    missing, unexpected = model.mtp.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: missing {missing[:3]}, unexpected {unexpected[:3]} MTP weights")
+    return meta

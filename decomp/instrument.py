@@ -39,10 +39,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from decomp.curvature import top_eigenvalues
+from decomp.curvature import jvp_logprobs, top_eigenvalues
 from decomp.decomposition import measure_step, sweep_coefficients
 from decomp.objectives import RolloutBatch, model_logprobs, objectives
-from decomp.occ import efficiency, jvp_coefficient, proxy_coefficients
+from decomp.occ import efficiency, projection_coefficient, proxy_coefficients
 from decomp.regimes import CrossEntropy, Policy, Regime
 
 DIRECTIONS = ("active", "ce", "policy")
@@ -96,6 +96,7 @@ def instrument_update(
     clip: tuple[float, float] = (0.2, 0.2),
     kl_coef: float = 0.0,
     ref_logp: torch.Tensor | None = None,
+    directions: tuple[str, ...] = DIRECTIONS,
     sweep: bool = False,
     curvature: bool = False,
 ) -> Instrumented:
@@ -110,7 +111,7 @@ def instrument_update(
     params = {k: v.detach() for k, v in named.items()}
     mask = batch.mask.bool()
     with torch.no_grad():
-        logp, mtp_logp, valid = model_logprobs(model, params, batch.tokens)
+        logp, mtp_logp, valid = model_logprobs(model, params, batch.tokens, attention_mask=batch.attention_mask)
     proxy_mask = mask & valid[0]
     view = batch.response
     proxies = proxy_coefficients(view(mtp_logp[0]), view(logp), view(batch.old_logp), view(proxy_mask), coef)
@@ -120,7 +121,11 @@ def instrument_update(
     regimes = shadow_regimes(regime, coef)
     coefs = {"active": active_coef, "ce": coef, "policy": coef}
     for direction, reg in regimes.items():
-        if direction != "active" and _same_direction(reg, regime, coefs[direction], active_coef):
+        if direction not in directions:
+            continue
+        if direction != "active" and records and records[0]["direction"] == "active" and _same_direction(
+            reg, regime, coefs[direction], active_coef
+        ):
             records.append({**records[0], "direction": direction, "seconds": 0.0})
             continue
         start = time.perf_counter()
@@ -130,13 +135,11 @@ def instrument_update(
         )
         dec, updates = measured.decomposition, measured.updates
         estimates = dict(proxies)
+        # the jvp level: a = ∇ℓ·δ₁, b = ∇ℓ·u_RL by forward mode, once, for both reductions
+        a = view(jvp_logprobs(obj.logprob_fn, params, updates.unit_displacement))
+        b = view(jvp_logprobs(obj.logprob_fn, params, updates.update_rl))
         for reduction in ("masked", "pooled"):
-            estimates[f"jvp_{reduction}"] = float(
-                jvp_coefficient(
-                    lambda p, fn=obj.logprob_fn: view(fn(p)), params, updates.unit_displacement, updates.update_rl,
-                    view(proxy_mask), coef, reduction,
-                )
-            )
+            estimates[f"jvp_{reduction}"] = float(projection_coefficient(a, b, view(proxy_mask), coef, reduction))
         record: dict[str, Any] = {"direction": direction, "regime_of_direction": reg.name, **dec.to_dict()}
         for name, lam in estimates.items():
             record[f"coef_{name}"] = lam

@@ -133,12 +133,17 @@ class MTPTransformer(nn.Module):
         """Names of parameters the main policy depends on (everything outside ``mtp.*``)."""
         return [n for n, _ in self.named_parameters() if not n.startswith("mtp.")]
 
-    def forward(self, tokens: Tensor, detach: str = "none", with_mtp: bool = True) -> tuple[Tensor, list[Tensor]]:
+    def forward(
+        self, tokens: Tensor, detach: str = "none", with_mtp: bool = True, attention_mask: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
         """Main logits ``[B, T, V]`` and MTP logits ``[B, T−k, V]`` for ``k = 1..K``.
 
         MTP depth ``k`` logits at position ``t`` predict token ``t+k+1``. ``with_mtp=False``
         skips the MTP module (sampling needs only the main head) and returns an empty list.
+        The built-in tasks never pad, so ``attention_mask`` must be ``None`` (or all ones).
         """
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("the built-in model does not support padding (attention_mask with zeros)")
         if detach not in DETACH_MODES:
             raise ValueError(f"detach must be one of {DETACH_MODES}, got {detach!r}")
         B, T = tokens.shape

@@ -44,6 +44,7 @@ class RolloutBatch:
     advantages: Tensor  # [B, T-1]: A_t broadcast over each response
     old_logp: Tensor  # [B, T-1]: main-head log-probs at rollout time
     response_start: int = 0  # aligned index where the response-shaped [B, T_resp] view begins
+    attention_mask: Tensor | None = None  # [B, T]: real tokens (left-padded prompts), None: no padding
 
     def response(self, t: Tensor) -> Tensor:
         """The response-shaped view ``t[:, response_start:]`` of an aligned ``[B, T−1]`` tensor
@@ -65,7 +66,10 @@ class RolloutBatch:
 
     def subset(self, idx: Tensor) -> RolloutBatch:
         """The rows ``idx`` of the batch."""
-        return RolloutBatch(self.tokens[idx], self.mask[idx], self.advantages[idx], self.old_logp[idx], self.response_start)
+        return RolloutBatch(
+            self.tokens[idx], self.mask[idx], self.advantages[idx], self.old_logp[idx], self.response_start,
+            None if self.attention_mask is None else self.attention_mask[idx],
+        )
 
 
 @dataclass(frozen=True)
@@ -77,10 +81,13 @@ class Objectives:
 
 
 def model_logprobs(
-    model: nn.Module, params: Params, tokens: Tensor, detach: str = "none"
+    model: nn.Module, params: Params, tokens: Tensor, detach: str = "none", attention_mask: Tensor | None = None
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """``aligned_logprobs`` of ``model`` evaluated at ``params`` (a functional call)."""
-    main_logits, mtp_logits = functional_call(model, params, (tokens,), {"detach": detach})
+    kwargs: dict = {"detach": detach}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    main_logits, mtp_logits = functional_call(model, params, (tokens,), kwargs)
     return aligned_logprobs(main_logits, mtp_logits, tokens)
 
 
@@ -101,11 +108,11 @@ def objectives(
         raise ValueError("kl_coef > 0 needs ref_logp")
 
     def rl_objective(params: Params) -> Tensor:
-        logp, _, _ = model_logprobs(model, params, batch.tokens)
+        logp, _, _ = model_logprobs(model, params, batch.tokens, attention_mask=batch.attention_mask)
         return importance_objective(logp, batch.old_logp, batch.advantages, mask)
 
     def mtp_loss(params: Params) -> Tensor:
-        _, mtp_logp, valid = model_logprobs(model, params, batch.tokens, regime.detach)
+        _, mtp_logp, valid = model_logprobs(model, params, batch.tokens, regime.detach, batch.attention_mask)
         if not mtp_logp:
             raise ValueError("the model has no MTP module (mtp_depth = 0)")
         losses = [
@@ -117,14 +124,14 @@ def objectives(
         return torch.stack(losses).mean()
 
     def logprob_fn(params: Params) -> Tensor:
-        logp, _, _ = model_logprobs(model, params, batch.tokens)
+        logp, _, _ = model_logprobs(model, params, batch.tokens, attention_mask=batch.attention_mask)
         return logp
 
     rl_loss = None
     if clip is not None:
 
         def rl_loss(params: Params) -> Tensor:
-            logp, _, _ = model_logprobs(model, params, batch.tokens)
+            logp, _, _ = model_logprobs(model, params, batch.tokens, attention_mask=batch.attention_mask)
             loss = clipped_policy_loss(logp, batch.old_logp, batch.advantages, mask, *clip)
             if kl_coef:
                 loss = loss + kl_coef * masked_mean(kl_k3(logp, ref_logp), mask)

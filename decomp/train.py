@@ -38,18 +38,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.func import functional_call
 
 from decomp import __version__
-from decomp.instrument import instrument_update
-from decomp.model import ModelConfig, MTPTransformer, aligned_logprobs
-from decomp.objectives import RolloutBatch
+from decomp.instrument import DIRECTIONS, instrument_update
+from decomp.model import ModelConfig, aligned_logprobs
 from decomp.occ import REDUCTIONS
+from decomp.policies import ModelUnavailable, build_policy, rollout
 from decomp.regimes import REGIMES, Regime, make_regime
-from decomp.rl import clipped_policy_loss, generate, group_advantages, kl_k3, masked_mean, response_mask
+from decomp.rl import clipped_policy_loss, kl_k3, masked_mean
 from decomp.runlog import SCHEMA_VERSION, JsonlWriter, truncate_jsonl
-from decomp.tasks import EOS, PAD, TASKS, VOCAB_SIZE, Task, make_task
-from decomp.warmstart import WarmStartConfig, held_out_accuracy, warm_start
+from decomp.tasks import TASKS, VOCAB_SIZE, Task
+from decomp.warmstart import WarmStartConfig
+
+TEXT_TASKS = ("add1", "add")
 
 
 class RunError(ValueError):
@@ -62,9 +63,16 @@ class TrainConfig:
 
     # what to run
     regime: str = "detach"  # detach | detach-inputs | ce | policy | occ
-    task: str = "add"  # add | chain
+    task: str = "add"  # builtin model: add | chain; Hugging Face model: add1 | add
     seed: int = 0  # seeds the warm start, rollouts and mini-batch order
     steps: int = 200  # RL steps (rollout batches)
+    model: str = "builtin"  # builtin | smollm2-135m | path of a local Hugging Face checkpoint folder
+    dataset: str = ""  # Hugging Face model: JSONL file of question/answer records (replaces task)
+    reward: str = "auto"  # Hugging Face model: last_integer | math | auto (math for datasets)
+    max_new_tokens: int = 0  # Hugging Face model: response length limit (0: the task's default)
+    mtp_init: str = "copy_last"  # Hugging Face model: MTP block from the last layer (copy_last) or random
+    mtp_warmup_steps: int = 30  # Hugging Face model: detached-CE steps warming up the MTP module
+    mtp_warmup_lr: float = 1e-3  # Hugging Face model: AdamW learning rate of the MTP warm-up
     # model (the built-in MTP transformer; vocab and length come from the task)
     d_model: int = 64  # residual width
     n_layers: int = 2  # main transformer blocks
@@ -75,7 +83,7 @@ class TrainConfig:
     prompts_per_step: int = 16  # distinct prompts per rollout batch
     group_size: int = 8  # samples per prompt G (GRPO group)
     # policy update
-    lr: float = 3e-4  # AdamW learning rate
+    lr: float = 0.0  # AdamW learning rate; 0: the model family's default (builtin 3e-4, Hugging Face 1e-6)
     beta1: float = 0.9  # AdamW β₁
     beta2: float = 0.999  # AdamW β₂
     adam_eps: float = 1e-8  # AdamW ε
@@ -97,6 +105,7 @@ class TrainConfig:
     # evaluation, instrumentation, checkpoints
     eval_every: int = 10  # steps between held-out greedy evaluations (and at the end)
     decomp_every: int = 5  # steps between instrumented updates (0: never)
+    decomp_directions: str = "active,ce,policy"  # MTP directions measured at each instrumented update
     sweep_every: int = 50  # steps between coefficient sweeps (multiple of decomp_every; 0: never)
     curvature_every: int = 50  # steps between Hessian eigenvalue runs (multiple of decomp_every; 0: never)
     checkpoint_every: int = 10  # steps between checkpoints (and at the end)
@@ -105,10 +114,24 @@ class TrainConfig:
         """Raise :class:`RunError` naming the first invalid field."""
         if self.regime not in REGIMES:
             raise RunError(f"unknown regime {self.regime!r}; valid regimes: {', '.join(REGIMES)}")
-        if self.task not in TASKS:
-            raise RunError(f"unknown task {self.task!r}; valid tasks: {', '.join(TASKS)}")
+        if self.model == "builtin":
+            if self.task not in TASKS:
+                raise RunError(f"unknown task {self.task!r}; valid tasks: {', '.join(TASKS)}")
+            if self.dataset:
+                raise RunError("--dataset needs a Hugging Face model (--model smollm2-135m or a checkpoint folder)")
+        elif not self.dataset and self.task not in TEXT_TASKS:
+            raise RunError(f"unknown task {self.task!r} for a Hugging Face model; valid tasks: {', '.join(TEXT_TASKS)} "
+                           "(or --dataset FILE.jsonl)")
+        if self.reward not in ("auto", "last_integer", "math"):
+            raise RunError(f"unknown reward {self.reward!r}; valid rewards: auto, last_integer, math")
+        if self.mtp_init not in ("copy_last", "random"):
+            raise RunError(f"mtp_init must be copy_last or random, got {self.mtp_init!r}")
+        directions = [d.strip() for d in self.decomp_directions.split(",") if d.strip()]
+        if not directions or any(d not in DIRECTIONS for d in directions):
+            raise RunError(f"decomp_directions must be a comma-separated subset of {', '.join(DIRECTIONS)}, "
+                           f"got {self.decomp_directions!r}")
         for name in ("steps", "d_model", "n_layers", "n_heads", "d_mlp", "prompts_per_step", "group_size",
-                     "num_minibatches", "epochs", "sft_batch_size", "eval_every", "checkpoint_every"):
+                     "num_minibatches", "epochs", "sft_batch_size", "eval_every", "checkpoint_every", "mtp_warmup_steps"):
             if getattr(self, name) < 1:
                 raise RunError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.decomp_every < 0 or self.mtp_depth < 1:
@@ -121,7 +144,11 @@ class TrainConfig:
             raise RunError(f"group_size must be at least 2 for group-normalised advantages, got {self.group_size}")
         if self.num_minibatches > self.prompts_per_step * self.group_size:
             raise RunError("num_minibatches exceeds the number of sequences per step")
-        for name in ("lr", "sft_lr"):
+        if self.max_new_tokens < 0:
+            raise RunError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if not self.lr >= 0:
+            raise RunError(f"lr must be non-negative (0: the default), got {self.lr}")
+        for name in ("sft_lr", "mtp_warmup_lr"):
             if not getattr(self, name) > 0:
                 raise RunError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("weight_decay", "clip_low", "clip_high", "kl_coef", "adam_eps"):
@@ -141,6 +168,13 @@ class TrainConfig:
             vocab_size=VOCAB_SIZE, max_len=task.seq_len, d_model=self.d_model, n_layers=self.n_layers,
             n_heads=self.n_heads, d_mlp=self.d_mlp, mtp_depth=self.mtp_depth,
         )
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or the model family's default when ``lr`` is 0."""
+        if self.lr:
+            return self.lr
+        return 3e-4 if self.model == "builtin" else 1e-6
 
     def warmstart_config(self) -> WarmStartConfig:
         return WarmStartConfig(
@@ -260,39 +294,6 @@ class RunResult:
     seconds: float
 
 
-def _rollout(model, task: Task, cfg: TrainConfig, gen: torch.Generator, ref_params):
-    train = task.train
-    idx = torch.randint(0, len(train), (cfg.prompts_per_step,), generator=gen).tolist()
-    problems = [train[i] for i in idx for _ in range(cfg.group_size)]
-    prompts = task.prompt_ids(problems)
-    # temperature 1: ℓ^old is then exactly the sampling policy's log-prob
-    responses = generate(model, prompts, task.max_response_len, eos_id=EOS, pad_id=PAD, generator=gen)
-    rewards = task.rewards(responses, problems)
-    advantages = group_advantages(rewards, cfg.group_size)
-    tokens = torch.cat([prompts, responses], dim=1)
-    P = prompts.shape[1]
-    mask = torch.zeros(tokens.shape[0], tokens.shape[1] - 1, dtype=torch.bool)
-    mask[:, P - 1 :] = response_mask(responses, EOS)
-    with torch.no_grad():
-        main, mtp = model(tokens)
-        old_logp, _, valid = aligned_logprobs(main, mtp, tokens)
-        # MTP acceptance: depth 1's argmax at position j−1 vs the sampled token j+1 (aligned j)
-        guess = mtp[0].argmax(-1)[:, : tokens.shape[1] - 2]
-        hits = (guess == tokens[:, 2:]) & mask[:, 1:] & valid[0][:, 1:]
-        acceptance = float(hits.sum() / (mask[:, 1:] & valid[0][:, 1:]).sum().clamp_min(1))
-        ref_logp = None
-        if ref_params is not None:
-            ref_main, _ = functional_call(model, ref_params, (tokens,), {"with_mtp": False})
-            ref_logp, _, _ = aligned_logprobs(ref_main, [], tokens)
-    batch = RolloutBatch(tokens, mask, advantages[:, None] * mask, old_logp, response_start=P - 1)
-    stats = {
-        "reward_mean": float(rewards.mean()),
-        "mtp_acceptance": acceptance,
-        "response_length": float(mask.sum(1).float().mean()),
-    }
-    return batch, ref_logp, stats
-
-
 def train(
     cfg: TrainConfig,
     out: Path | str,
@@ -317,18 +318,17 @@ def train(
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    task = make_task(cfg.task)
-    model_cfg = cfg.model_config(task)
     regime = cfg.make_regime()
     t_start = time.perf_counter()
-
-    state, warm_info = warm_start(model_cfg, task, cfg.seed, cfg.warmstart_config(), cache_dir, log=log)
-    model = MTPTransformer(model_cfg)
-    model.load_state_dict(state)
-    model.eval()  # no dropout in this model; eval mode keeps measurements and updates alike
+    try:
+        policy = build_policy(cfg, cache_dir, log)
+    except ModelUnavailable as err:
+        raise RunError(str(err)) from None
+    model = policy.model
+    warm_info = policy.warm_info
     ref_params = {k: v.detach().clone() for k, v in model.named_parameters()} if cfg.kl_coef > 0 else None
     opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+        model.parameters(), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
     )
 
     if ckpt is None:
@@ -368,16 +368,19 @@ def train(
         for step in range(start_step + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             gen = torch.Generator().manual_seed(_stream_seed(cfg.seed, step))
-            batch, ref_logp, stats = _rollout(model, task, cfg, gen, ref_params)
+            batch, ref_logp, stats = rollout(policy, cfg, gen, ref_params)
             chunks = torch.randperm(batch.tokens.shape[0], generator=gen).chunk(cfg.num_minibatches)
             instrument = cfg.decomp_every > 0 and step % cfg.decomp_every == 0
             sums = {"pg_loss": 0.0, "mtp_loss": 0.0, "mtp_coef": 0.0, "kl": 0.0, "clip_fraction": 0.0}
             decomp_seconds = 0.0
+            update_seconds = 0.0
             for update in range(n_updates):
+                t_update = time.perf_counter()
                 idx = chunks[update % cfg.num_minibatches]
                 mb = batch.subset(idx)
                 mask = mb.mask
-                main, mtp = model(mb.tokens, detach=regime.detach)
+                kwargs = {} if mb.attention_mask is None else {"attention_mask": mb.attention_mask}
+                main, mtp = model(mb.tokens, detach=regime.detach, **kwargs)
                 logp, mtp_logp, valid = aligned_logprobs(main, mtp, mb.tokens)
                 pg = clipped_policy_loss(logp, mb.old_logp, mb.advantages, mask, cfg.clip_low, cfg.clip_high)
                 loss = pg
@@ -400,6 +403,7 @@ def train(
                         model, mb, opt, regime, coef=cfg.mtp_coef, active_coef=coef,
                         clip=(cfg.clip_low, cfg.clip_high), kl_coef=cfg.kl_coef,
                         ref_logp=None if ref_logp is None else ref_logp[idx],
+                        directions=tuple(d.strip() for d in cfg.decomp_directions.split(",") if d.strip()),
                         sweep=bool(cfg.sweep_every) and step % cfg.sweep_every == 0,
                         curvature=bool(cfg.curvature_every) and step % cfg.curvature_every == 0,
                     )
@@ -421,12 +425,16 @@ def train(
                 sums["pg_loss"] += float(pg.detach())
                 sums["mtp_loss"] += float(torch.stack([t.unit_loss.detach() for t in terms]).mean())
                 sums["mtp_coef"] += coef
+                update_seconds += time.perf_counter() - t_update
             record: dict[str, Any] = {"step": step, "regime": cfg.regime, **stats}
             record.update({k: v / n_updates for k, v in sums.items()})
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                accuracy = held_out_accuracy(model, task)
+                accuracy = policy.accuracy()
                 record["accuracy"] = accuracy
             record["decomp_seconds"] = decomp_seconds
+            # one training update (forward, backward, AdamW) without the measurements: the unit
+            # the decomposition's cost is compared with
+            record["update_seconds"] = (update_seconds - decomp_seconds) / n_updates
             record["seconds"] = time.perf_counter() - t0
             metrics.write(record)
             if bar is not None:
@@ -449,7 +457,7 @@ def train(
             bar.close()
 
     if start_step >= cfg.steps:
-        accuracy = held_out_accuracy(model, task)
+        accuracy = policy.accuracy()
     result = RunResult(out, cfg, warm_accuracy, accuracy, cfg.steps, time.perf_counter() - t_start)
     _atomic_write_text(
         out / "summary.json",

@@ -187,3 +187,21 @@ def test_report_accuracy_table_uses_mean_and_sd(tmp_path):
     sd = 100 * np.std([0.5, 0.6, 0.7], ddof=1)
     assert f"60.0% ± {sd:.1f}" in text
     assert math.isclose(sd, 10.0)
+
+
+def test_figures_of_sparse_runs(tmp_path):
+    """Two instrumented updates, the policy direction only, no sweeps or eigenvalues (what a short
+    run of a real LM writes): every figure is still drawn."""
+    import json
+
+    for regime in ("detach", "occ"):
+        out = write_run(tmp_path / "runs", regime, 0, n=2)
+        rows = [json.loads(line) for line in open(out / "decomposition.jsonl")]
+        (out / "decomposition.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["direction"] == "policy"))
+        (out / "sweeps.jsonl").write_text("")
+        (out / "curvature.jsonl").write_text("")
+    runs = load_runs([tmp_path / "runs"])
+    paths = make_figures(runs, tmp_path / "figs")
+    assert len(paths) == len(FIGURES) and all(p.stat().st_size > 2000 for p in paths)
+    text = build_report(runs, tmp_path / "r.md", tmp_path / "figs")
+    assert "inconclusive" in text

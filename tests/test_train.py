@@ -15,7 +15,7 @@ from decomp.decomposition import Decomposition
 from decomp.runlog import read_jsonl
 from decomp.train import RunError, TrainConfig, train
 
-TIMING = {"seconds", "decomp_seconds"}
+TIMING = {"seconds", "decomp_seconds", "update_seconds"}
 
 # a small run: a short warm start (to 10%: ~5 s, cached once for the module), 6 steps of 4×4
 # samples, instrumented at 2, 4, 6, a sweep at 4, eigenvalues at 6
@@ -191,7 +191,7 @@ def test_cli_run_and_bad_input(tmp_path, cache, capsys):
     _one_line_error(cli("run", "--task", "mul", "--out", str(tmp_path / "x")), "unknown task 'mul'")
     _one_line_error(cli("run", "--steps", "0", "--out", str(tmp_path / "x")), "must be a positive integer")
     _one_line_error(cli("run", "--steps", "-3", "--out", str(tmp_path / "x")), "must be a positive integer")
-    _one_line_error(cli("run", "--set", "lr=-1", "--out", str(tmp_path / "x")), "lr must be positive")
+    _one_line_error(cli("run", "--set", "lr=-1", "--out", str(tmp_path / "x")), "lr must be non-negative")
     _one_line_error(cli("compare", "--regimes", "detach,bogus", "--out", str(tmp_path / "x")), "unknown regime 'bogus'")
     assert not (tmp_path / "x").exists()
     # an existing run with a different config is refused, and nothing in it is touched

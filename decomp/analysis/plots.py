@@ -144,6 +144,17 @@ def _save(fig, out: Path, name: str, pdf: bool) -> list[Path]:
     return paths
 
 
+def _figure_legend(fig, handles, labels, y: float, **kwargs) -> None:
+    """A legend above the panels; nothing when there is nothing to label."""
+    if labels:
+        fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 7), frameon=False,
+                   bbox_to_anchor=(0.5, y), **kwargs)
+
+
+def _no_data(ax, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what} in these runs", ha="center", va="center", transform=ax.transAxes, color="gray")
+
+
 def _sci(ax) -> None:
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3), useMathText=True)
 
@@ -197,7 +208,10 @@ def plot_terms(runs: list[Run], direction: str):
     for ax in axes[1]:
         ax.set_xlabel("RL step")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), frameon=False, bbox_to_anchor=(0.5, 1.0))
+    _figure_legend(fig, handles, labels, 1.0)
+    if not any(run.records(direction) for run in runs):
+        for ax in axes.flat:
+            _no_data(ax, f"{direction}-direction records")
     note = "; y-range: 2–98% quantiles, outliers cut off" if clipped else ""
     fig.suptitle(f"Decomposition of the MTP effect, {direction} direction\n({_legend_note(runs)}; faint: each "
                  f"instrumented update, bold: rolling median of {SMOOTH}{note})", y=1.06)
@@ -234,7 +248,7 @@ def plot_coefficients(runs: list[Run]):
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 7), frameon=False, bbox_to_anchor=(0.5, 1.08))
+    _figure_legend(fig, handles, labels, 1.08)
     fig.suptitle("Optimal coefficient λ* of the policy MTP loss and its estimates", y=1.14)
     fig.tight_layout()
     return fig
@@ -273,8 +287,7 @@ def plot_proxy_vs_exact(runs: list[Run]):
         ax.set_xlabel("exact λ* (symlog)")
     axes[0, 0].set_ylabel("estimate (symlog)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), frameon=False, bbox_to_anchor=(0.5, 1.02),
-               title="run regime (points: instrumented updates)", title_fontsize=8)
+    _figure_legend(fig, handles, labels, 1.02, title="run regime (points: instrumented updates)", title_fontsize=8)
     fig.suptitle("Estimators against the exact optimal coefficient (policy direction)", y=1.12)
     fig.tight_layout()
     return fig
@@ -355,7 +368,7 @@ def plot_training(runs: list[Run]):
         for regime, rs in groups.items():
             def get(run, k=key, w=window):
                 pts = [(m["step"], m.get(k)) for m in run.metrics if _finite(m.get(k))]
-                if w > 1 and pts:
+                if w > 1 and len(pts) >= w:
                     steps = [p[0] for p in pts]
                     vals = np.convolve([p[1] for p in pts], np.ones(w) / w, mode="valid")
                     return list(zip(steps[w - 1 :], vals, strict=True))
@@ -403,8 +416,9 @@ def plot_curvature(runs: list[Run]):
         ax.set_xlabel("RL step")
         ax.set_ylabel("curvature of J along δ (symlog)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), frameon=False, bbox_to_anchor=(0.5, 1.02),
-               title="run regime", title_fontsize=8)
+    _figure_legend(fig, handles, labels, 1.02, title="run regime", title_fontsize=8)
+    if not any(run.curvature for run in runs):
+        _no_data(axes[0], "eigenvalue records")
     fig.suptitle("Curvature of J: the ends of the spectrum, and where the MTP displacement sits", y=1.1)
     fig.tight_layout()
     return fig

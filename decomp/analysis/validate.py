@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +54,15 @@ def correlation_with_ci(x: np.ndarray, y: np.ndarray, kind: str, seed: int = 0) 
     nan = {"value": math.nan, "low": math.nan, "high": math.nan}
     if len(x) < 3 or np.all(x == x[0]) or np.all(y == y[0]):
         return nan
-    value = float(fn(x, y))
-    res = stats.bootstrap(
-        (x, y), fn, paired=True, vectorized=True, n_resamples=N_RESAMPLES,
-        confidence_level=CONFIDENCE, method="percentile", rng=np.random.default_rng(seed),
-    )
+    with warnings.catch_warnings():
+        # resamples of a few points are often constant: their correlation is undefined (nan)
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        value = float(fn(x, y))
+        res = stats.bootstrap(
+            (x, y), fn, paired=True, vectorized=True, n_resamples=N_RESAMPLES,
+            confidence_level=CONFIDENCE, method="percentile", rng=np.random.default_rng(seed),
+        )
     return {"value": value, "low": float(res.confidence_interval.low), "high": float(res.confidence_interval.high)}
 
 

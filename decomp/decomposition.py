@@ -63,7 +63,7 @@ class Decomposition:
     realized_rl: float  # J(θ + u_RL) − J(θ): what the RL step alone gains
     coef: float  # λ the displacement δ was computed with
     optimizer: str  # "sgd" or "adamw"
-    hvp_method: str  # "reverse" or "forward"
+    hvp_method: str  # "autograd", "reverse" or "forward"
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a flat ``dict`` (floats and strings)."""
@@ -179,7 +179,8 @@ def decompose(
             :mod:`decomp.optim` counterfactual optimizer.
         optimizer_state: per-parameter state for ``"adamw"``/``"adam"``
             (``{name: {"step", "exp_avg", "exp_avg_sq"}}``); ``None`` is a fresh state.
-        hvp_method: ``"reverse"`` (``vjp∘grad``, default) or ``"forward"`` (``jvp∘grad``).
+        hvp_method: ``"autograd"`` (double backward, default), ``"reverse"`` (``vjp∘grad``) or
+            ``"forward"`` (``jvp∘grad``), see :mod:`decomp.curvature`.
         rl_loss: the loss whose gradient drives the RL update, when training does not step on
             ``−J`` itself (e.g. the clipped surrogate plus a KL term at a later mini-batch
             update). ``u_RL`` and ``u`` then follow ``∇rl_loss``; ``g``, ``H`` and the realized

@@ -48,23 +48,32 @@ def projection_coefficient(
     check_finite(a, "a")
     check_finite(b, "b")
     scale = check_number(scale, "scale")
-    m = check_mask(mask)
+    return _reductions(a, b, check_mask(mask), scale, (reduction,))[reduction]
+
+
+def _reductions(a: Tensor, b: Tensor, m: Tensor, scale: float, which: tuple[str, ...]) -> dict[str, Tensor]:
+    """The formula for several reductions at once, on validated inputs (``m`` boolean)."""
     with torch.no_grad():
         a = a.detach()
         b = b.detach()
-        n = m.sum()
-        if int(n) == 0:
-            return torch.tensor(math.nan, dtype=a.dtype, device=a.device)
+        n = int(m.sum())
+        if n == 0:
+            nan = torch.tensor(math.nan, dtype=a.dtype, device=a.device)
+            return {r: nan for r in which}
         mf = m.to(a.dtype)
-        if reduction == "pooled":
+        out = {}
+        if "reference" in which or "masked" in which:
+            total = (mf * (a * b / (a * a + PROXY_EPS))).sum()
+            if "reference" in which:
+                out["reference"] = scale * total / a.numel()
+            if "masked" in which:
+                out["masked"] = scale * total / n
+        if "pooled" in which:
             den = (mf * a * a).sum()
-            if float(den) == 0.0:
-                return torch.zeros((), dtype=a.dtype, device=a.device)
-            return scale * (mf * a * b).sum() / den
-        ratio = a * b / (a * a + PROXY_EPS)
-        total = (mf * ratio).sum()
-        count = a.numel() if reduction == "reference" else n.to(a.dtype)
-        return scale * total / count
+            out["pooled"] = (
+                torch.zeros((), dtype=a.dtype, device=a.device) if float(den) == 0.0 else scale * (mf * a * b).sum() / den
+            )
+        return out
 
 
 def _proxy_terms(mtp_logp: Tensor, logp: Tensor, old_logp: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -113,10 +122,10 @@ PROXY_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
 def proxy_coefficients(
     mtp_logp: Tensor, logp: Tensor, old_logp: Tensor, mask: Tensor, scale: float
 ) -> dict[str, float]:
-    """Every proxy estimator on the same tensors, as floats keyed by name."""
-    return {
-        name: float(fn(mtp_logp, logp, old_logp, mask, scale)) for name, fn in PROXY_ESTIMATORS.items()
-    }
+    """Every proxy estimator on the same tensors (validated and reduced once), as floats."""
+    a, b = _proxy_terms(mtp_logp, logp, old_logp, mask)
+    out = _reductions(a, b, check_mask(mask), check_number(scale, "scale"), REDUCTIONS)
+    return {name: float(out[name]) for name in PROXY_ESTIMATORS}
 
 
 def jvp_coefficient(

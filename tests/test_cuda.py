@@ -24,7 +24,7 @@ def _to(problem, device):
 
 
 @pytest.mark.parametrize("regime", [CrossEntropy(), Policy()], ids=["ce", "policy"])
-@pytest.mark.parametrize("hvp_method", ["reverse", "forward"])
+@pytest.mark.parametrize("hvp_method", ["autograd", "reverse", "forward"])
 def test_cuda_float64_decomposition_equals_cpu(regime, hvp_method):
     cpu = make_problem(seed=0)
     gpu = _to(make_problem(seed=0), "cuda")

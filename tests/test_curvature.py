@@ -19,7 +19,7 @@ from decomp.curvature import (
 from decomp.objectives import objectives
 from decomp.regimes import CrossEntropy
 
-METHODS = ["reverse", "forward"]
+METHODS = ["autograd", "reverse", "forward"]
 
 
 def _quartic(seed: int = 0):
@@ -87,6 +87,8 @@ def test_hvp_is_symmetric_and_methods_agree():
     u, v = _rand_like(params, 4), _rand_like(params, 5)
     hv_rev = hvp(f, params, v, method="reverse")
     hv_fwd = hvp(f, params, v, method="forward")
+    hv_auto = hvp(f, params, v, method="autograd")
+    assert float((flatten(hv_auto) - flatten(hv_rev)).norm() / flatten(hv_rev).norm()) < 1e-12
     hu = hvp(f, params, u)
     uhv = sum(float((u[k] * hv_rev[k]).sum()) for k in params)
     vhu = sum(float((v[k] * hu[k]).sum()) for k in params)

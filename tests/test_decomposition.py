@@ -225,8 +225,10 @@ def test_forward_and_reverse_hvp_methods_give_the_same_decomposition():
     obj = objectives(problem.model, problem.batch, CrossEntropy())
     a = decompose(obj.rl_objective, obj.mtp_loss, problem.params, lr=1e-2, coef=0.3, hvp_method="reverse")
     b = decompose(obj.rl_objective, obj.mtp_loss, problem.params, lr=1e-2, coef=0.3, hvp_method="forward")
+    c = decompose(obj.rl_objective, obj.mtp_loss, problem.params, lr=1e-2, coef=0.3, hvp_method="autograd")
     for key in ("correlation", "cross", "penalty", "realized", "penalty_unit"):
         assert getattr(a, key) == pytest.approx(getattr(b, key), rel=1e-10, abs=1e-16)
+        assert getattr(a, key) == pytest.approx(getattr(c, key), rel=1e-10, abs=1e-16)
 
 
 def test_float32_model_with_sdpa_and_live_optimizer():

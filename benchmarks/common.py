@@ -1,0 +1,61 @@
+"""Shared pieces of the benchmarks: a real rollout batch of the default model, timing helpers."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from decomp.model import ModelConfig, MTPTransformer
+from decomp.objectives import RolloutBatch, model_logprobs
+from decomp.rl import group_advantages
+
+
+def machine() -> str:
+    return (f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+def timed(fns: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Each callable ``repeats`` times, interleaved round-robin (drifting load hits all alike),
+    after one warm-up call each."""
+    for fn in fns.values():
+        fn()
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            out[name].append(time.perf_counter() - t)
+    return out
+
+
+def summary(ts: list[float], base: list[float] | None = None) -> str:
+    med = statistics.median(ts)
+    text = f"{med:.4f} s [{min(ts):.4f}–{max(ts):.4f}]"
+    if base is not None:
+        ratios = sorted(t / b for t, b in zip(ts, base, strict=True))
+        text += f" = {statistics.median(ratios):.2f}× [{ratios[0]:.2f}–{ratios[-1]:.2f}]"
+    return text
+
+
+def synthetic_rollout(cfg: ModelConfig, batch: int, seq_len: int, prompt_len: int, seed: int = 0,
+                      dtype: torch.dtype = torch.float32) -> tuple[MTPTransformer, RolloutBatch]:
+    """A model and a rollout-shaped batch (random tokens, 0/1 rewards in groups of 8)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = MTPTransformer(cfg).to(dtype).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=gen)
+    mask = torch.zeros(batch, seq_len - 1, dtype=torch.bool)
+    mask[:, prompt_len - 1 :] = True
+    rewards = (torch.rand(batch, generator=gen) < 0.5).to(dtype)
+    adv = group_advantages(rewards, 8)[:, None] * mask
+    with torch.no_grad():
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        old, _, _ = model_logprobs(model, params, tokens)
+    return model, RolloutBatch(tokens, mask, adv, old, response_start=prompt_len - 1)

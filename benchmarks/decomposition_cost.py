@@ -1,0 +1,80 @@
+"""Cost of one exact decomposition against one training update on the same batch (ratios).
+
+    python benchmarks/decomposition_cost.py [--repeats 7]
+
+The default reference-run model (64 wide, 2 layers, MTP depth 1) on a mini-batch of 64 rollouts
+of 11 tokens, float32, AdamW with real state after 3 updates. A training update is forward,
+backward and ``optimizer.step()`` of ``−J_clip + c·L_MTP``. The decomposition is
+``decompose(J, L_MTP, params, coef=c, optimizer=the live AdamW)`` (and with ``"sgd"``), and the
+parts it is made of, timed alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from common import machine, summary, synthetic_rollout, timed
+
+from decomp.curvature import second_order
+from decomp.decomposition import decompose
+from decomp.model import ModelConfig
+from decomp.objectives import objectives
+from decomp.regimes import Policy
+from decomp.tasks import VOCAB_SIZE
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+    cfg = ModelConfig(vocab_size=VOCAB_SIZE, max_len=11)
+    model, batch = synthetic_rollout(cfg, batch=64, seq_len=11, prompt_len=7)
+    regime = Policy(coef=0.1)
+    obj = objectives(model, batch, regime, clip=(0.2, 0.2))
+    named = dict(model.named_parameters())
+    params = {k: v.detach() for k, v in named.items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def update():
+        opt.zero_grad()
+        (obj.rl_loss(named) + 0.1 * obj.mtp_loss(named)).backward()
+        opt.step()
+
+    for _ in range(3):
+        update()
+    snapshot = {k: v.detach().clone() for k, v in named.items()}
+    state = {k: {s: t.clone() for s, t in st.items()} for k, st in opt.state.items()}
+
+    def training_update():  # the measured unit; restore so every repeat sees the same point
+        update()
+        with torch.no_grad():
+            for k, v in named.items():
+                v.copy_(snapshot[k])
+        for p, st in opt.state.items():
+            for s, t in st.items():
+                t.copy_(state[p][s])
+
+    vec = {k: torch.randn_like(p) for k, p in params.items()}
+    fns = {
+        "training update": training_update,
+        "decompose, AdamW": lambda: decompose(obj.rl_objective, obj.mtp_loss, named, coef=0.1, optimizer=opt),
+        "decompose, SGD": lambda: decompose(obj.rl_objective, obj.mtp_loss, params, coef=0.1, lr=1e-4),
+        "  ∇J + graph for HVPs": lambda: second_order(obj.rl_objective, params),
+        "  ∇J + graph + one HVP": lambda: second_order(obj.rl_objective, params).hvp(vec),
+        "  ∇L_MTP": lambda: torch.func.grad(obj.mtp_loss)(params),
+        "  J forward": lambda: obj.rl_objective(params),
+    }
+    t = timed(fns, args.repeats)
+    base = t["training update"]
+    print(f"# Decomposition cost — {machine()}")
+    print(f"model {sum(p.numel() for p in params.values()) / 1e6:.3f}M parameters, batch 64×11, {args.repeats} repeats; "
+          "median [min–max] seconds and ratio to the training update of the same repeat\n")
+    for name, ts in t.items():
+        print(f"| {name:<26} | {summary(ts, base)} |")
+    print(f"\nmedian training update {statistics.median(base) * 1e3:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

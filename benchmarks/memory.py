@@ -1,0 +1,83 @@
+"""Peak resident memory of one exact decomposition against one training update, same batch.
+
+    python benchmarks/memory.py                 # runs each measurement in its own process
+    python benchmarks/memory.py --one WHAT      # (internal) one measurement: update | decompose
+
+The default reference-run model at width 128 (3 layers) on a batch of 64×24, float32, AdamW.
+Each measurement runs in a fresh process with ``MALLOC_MMAP_THRESHOLD_`` fixed (large tensors
+are mapped and unmapped, so resident memory follows live tensors); a warm-up on a small problem
+first loads lazily imported code; the high-water mark is reset right before the measured call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from common import synthetic_rollout
+
+from decomp.decomposition import decompose
+from decomp.model import ModelConfig
+from decomp.objectives import objectives
+from decomp.regimes import Policy
+
+
+def _rss(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def one(what: str) -> int:
+    def build(width, length, batch):
+        cfg = ModelConfig(vocab_size=16, max_len=length, d_model=width, n_layers=3, n_heads=4, d_mlp=4 * width)
+        model, b = synthetic_rollout(cfg, batch=batch, seq_len=length, prompt_len=8)
+        obj = objectives(model, b, Policy(coef=0.1), clip=(0.2, 0.2))
+        named = dict(model.named_parameters())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        return obj, named, opt
+
+    def update(obj, named, opt):
+        opt.zero_grad()
+        (obj.rl_loss(named) + 0.1 * obj.mtp_loss(named)).backward()
+        opt.step()
+
+    small = build(16, 12, 8)  # warm-up: imports, allocator, optimizer state creation
+    update(*small)
+    decompose(small[0].rl_objective, small[0].mtp_loss, small[1], coef=0.1, optimizer=small[2])
+    obj, named, opt = build(128, 24, 64)
+    update(obj, named, opt)  # AdamW state exists before either measurement
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _rss("VmRSS:")
+    if what == "update":
+        update(obj, named, opt)
+    else:
+        decompose(obj.rl_objective, obj.mtp_loss, named, coef=0.1, optimizer=opt)
+    return _rss("VmHWM:") - before
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--one", choices=("update", "decompose"))
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps({"what": args.one, "peak_bytes": one(args.one)}))
+        return
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    peaks = {}
+    for what in ("update", "decompose"):
+        out = subprocess.run([sys.executable, __file__, "--one", what], capture_output=True, text=True, env=env, check=True)
+        peaks[what] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+    print("# Peak memory of one decomposition vs one training update (0.83M parameters, batch 64×24)\n")
+    print(f"| training update | {peaks['update'] / 1e6:.1f} MB |")
+    print(f"| decompose (AdamW) | {peaks['decompose'] / 1e6:.1f} MB = {peaks['decompose'] / peaks['update']:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Run every benchmark and write ``benchmarks/results.md`` (``make bench``).
+
+Each benchmark runs in its own process (so one cannot warm the other's allocator) and its
+output is copied into the results file under a heading, with the machine, the versions and the
+date at the top and a table of the targets of the benchmarks issue. With ``--readme``, the
+"Performance" section of README.md (between its markers) is regenerated from the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata as md
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def run(args: list[str], env: dict[str, str] | None = None) -> str:
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True,
+                         env={**os.environ, **(env or {})})
+    if out.returncode != 0:
+        sys.exit(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    print(f"  {' '.join(args)}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return out.stdout.strip()
+
+
+def _markdown(text: str) -> str:
+    """A benchmark's printout as Markdown: its title line as a note, header rows on its tables."""
+    out, previous = [], ""
+    for line in text.splitlines():
+        if line.startswith("# "):
+            out.append(f"*{line[2:].strip()}*")
+        elif line.startswith("|") and not previous.startswith("|") and "---" not in line:
+            cells = line.count("|") - 1
+            out += ["|" + " |" * cells, "|" + "---|" * cells, line] if cells > 0 else [line]
+        else:
+            out.append(line)
+        previous = line
+    return "\n".join(out)
+
+
+def _number(pattern: str, text: str) -> float:
+    m = re.search(pattern, text)
+    return float(m.group(1)) if m else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--readme", action="store_true", help="also regenerate README.md's Performance section")
+    ap.add_argument("--skip-smollm2", action="store_true", help="leave out the SmolLM2-135M measurement")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    sections = {}
+    sections["occ"] = run(["occ_overhead.py"])
+    sections["cost"] = run(["decomposition_cost.py"])
+    if not args.skip_smollm2:
+        sections["cost_smol"] = run(["decomposition_cost_smollm2.py", "--repeats", "1"])
+    sections["peers"] = run(["hvp_peers.py"])
+    peers_memory = {}
+    for method in ("decomp", "decomp-reverse", "decomp-forward", "double-backward", "curvlinops"):
+        out = run(["hvp_peers.py", "--memory", method], MEMORY_ENV)
+        peers_memory[method] = json.loads(out.splitlines()[-1])["peak_bytes"]
+    sections["methods"] = run(["hvp_methods.py"])
+    sections["scaling"] = run(["scaling.py"])
+    sections["memory"] = run(["memory.py"])
+
+    leanest = min(v for k, v in peers_memory.items() if not k.startswith("decomp"))
+    mem_lines = ["| method | peak memory of one HVP | vs leanest peer |", "|---|---|---|"]
+    for k, v in peers_memory.items():
+        mem_lines.append(f"| {k} | {v / 1e6:.1f} MB | {v / leanest:.2f}× |")
+
+    occ = _number(r"1 \+ \(estimators alone.*?\| ([\d.]+)×", sections["occ"])
+    cost = _number(r"decompose, AdamW\s*\|[^=]*= ([\d.]+)×", sections["cost"])
+    cost_smol = _number(r"decompose, AdamW\s*\|[^=]*= ([\d.]+)×", sections.get("cost_smol", ""))
+    peer_ratio = min(_number(rf"{p}\s*\|[^=]*= ([\d.]+)×", sections["peers"]) for p in ("double-backward", "curvlinops"))
+    mem = _number(r"decompose \(AdamW\) \| [\d.]+ MB = ([\d.]+)×", sections["memory"])
+    slope_p = _number(r"log parameters: ([\d.]+)", sections["scaling"])
+    slope_t = _number(r"log tokens: ([\d.]+)", sections["scaling"])
+    ours_mem = peers_memory["decomp"] / leanest
+
+    def ok(cond: bool) -> str:
+        return "met" if cond else "**not met**"
+
+    targets = [
+        "| target | measured | |",
+        "|---|---|---|",
+        f"| OCC overhead ≤ 1.01× a fixed-coefficient policy update | {occ:.4f}× | {ok(occ <= 1.01)} |",
+        f"| exact decomposition ≤ 4× a training update (default model) | {cost:.2f}× | {ok(cost <= 4)} |",
+        f"| exact decomposition ≤ 4× a training update (SmolLM2-135M) | {cost_smol:.2f}× | {ok(cost_smol <= 4)} |",
+        f"| our HVP no slower than the fastest peer (time of the fastest peer / ours) | {peer_ratio:.2f} | {ok(peer_ratio >= 1.0)} |",
+        f"| decomposition peak memory ≤ 3× a training update | {mem:.2f}× | {ok(mem <= 3)} |",
+        f"| our HVP memory ≤ leanest peer + 10% | {ours_mem:.2f}× | {ok(ours_mem <= 1.10)} |",
+        f"| time ∝ parameters (log-log slope ≈ 1) | {slope_p:.2f} | sub-linear at these small sizes |",
+        f"| time ∝ tokens (log-log slope ≈ 1) | {slope_t:.2f} | |",
+    ]
+    versions = ", ".join(f"{p} {md.version(p)}" for p in ("torch", "numpy", "scipy", "transformers", "curvlinops-for-pytorch")
+                         if _installed(p))
+    header = [
+        "# decomp benchmarks",
+        "",
+        f"Generated by `make bench` (`python benchmarks/run_all.py`) on {dt.date.today()} in "
+        f"{(time.perf_counter() - start) / 60:.1f} min. Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}; {versions}. Every figure is a median over repeats, with "
+        "[min–max], measured as a ratio to a reference in the same process run.",
+        "",
+        "## Targets",
+        "",
+        *targets,
+    ]
+    body = [
+        "## OCC overhead", sections["occ"],
+        "## Exact decomposition against a training update", sections["cost"],
+        *(["## Exact decomposition, SmolLM2-135M-Instruct", sections["cost_smol"]] if "cost_smol" in sections else []),
+        "## HVP against peers: time", sections["peers"],
+        "## HVP against peers: peak memory (each in a fresh process)", "\n".join(mem_lines),
+        "## HVP methods against a training step", sections["methods"],
+        "## Scaling", sections["scaling"],
+        "## Memory of a decomposition", sections["memory"],
+    ]
+    body = [_markdown(part) if not part.startswith("## ") else part for part in body]
+    text = "\n".join(header) + "\n\n" + "\n\n".join(body) + "\n"
+    (HERE / "results.md").write_text(text)
+    print(f"wrote {HERE / 'results.md'}", file=sys.stderr)
+    if args.readme:
+        update_readme("\n".join(targets))
+
+
+def _installed(name: str) -> bool:
+    try:
+        md.version(name)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
+def update_readme(targets: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- performance:start -->", "<!-- performance:end -->"
+    if start not in text or end not in text:
+        sys.exit("README.md has no performance markers")
+    block = (f"{start}\nMeasured by `make bench` on this 2-core machine ({dt.date.today()}); details, "
+             f"repeats and min–max in [`benchmarks/results.md`](benchmarks/results.md).\n\n{targets}\n{end}")
+    readme.write_text(text[: text.index(start)] + block + text[text.index(end) + len(end):])
+    print("updated README.md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -65,8 +65,8 @@ def main() -> None:
     sections["occ"] = run(["occ_overhead.py"])
     sections["cost"] = run(["decomposition_cost.py"])
     if not args.skip_smollm2:
-        sections["cost_smol"] = run(["decomposition_cost_smollm2.py", "--repeats", "1"])
-    sections["peers"] = run(["hvp_peers.py"])
+        sections["cost_smol"] = run(["decomposition_cost_smollm2.py", "--repeats", "2"])
+    sections["peers"] = run(["hvp_peers.py", "--repeats", "15"])
     peers_memory = {}
     for method in ("decomp", "decomp-reverse", "decomp-forward", "double-backward", "curvlinops"):
         out = run(["hvp_peers.py", "--memory", method], MEMORY_ENV)

@@ -112,10 +112,14 @@ def _add(a: Params, b: Params) -> Params:
     return {k: a[k] + b[k] for k in a}
 
 
-def _check_finite_dict(d: Params, what: str) -> None:
-    for k, t in d.items():
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{what} is not finite at parameter {k!r}")
+def _finite_norm(d: Params, what: str) -> float:
+    """‖d‖ (float64 accumulation); a NaN or infinity anywhere makes it non-finite, so checking
+    it replaces a separate pass over every tensor."""
+    value = norm(d)
+    if not math.isfinite(value):
+        bad = next((k for k, t in d.items() if not bool(torch.isfinite(t).all())), "?")
+        raise ValueError(f"{what} is not finite at parameter {bad!r}")
+    return value
 
 
 def optimal_coefficient(correlation_unit: float, cross_unit: float, penalty_unit: float) -> tuple[float, float, str]:
@@ -234,15 +238,15 @@ def measure_step(
             raise ValueError(f"rl_objective returned a non-finite value ({float(rl.value)})")
         if not math.isfinite(float(mtp_value)):
             raise ValueError(f"mtp_loss returned a non-finite value ({float(mtp_value)})")
-        _check_finite_dict(rl.grad, "the gradient of rl_objective")
-        _check_finite_dict(g_mtp, "the gradient of mtp_loss")
+        gn_rl = _finite_norm(rl.grad, "the gradient of rl_objective")
+        gn_mtp = _finite_norm(g_mtp, "the gradient of mtp_loss")
 
         g = rl.grad
         if rl_loss is None:
             update_grad = {k: -v for k, v in g.items()}
         else:
             update_grad = torch.func.grad(scalar_function(rl_loss, "rl_loss"))(theta)
-            _check_finite_dict(update_grad, "the gradient of rl_loss")
+            _finite_norm(update_grad, "the gradient of rl_loss")
         cf = opt.counterfactual(theta, update_grad, g_mtp, coef)
         u_rl, delta, delta1 = cf.update_rl, cf.displacement, cf.unit_displacement
 
@@ -259,14 +263,16 @@ def measure_step(
             p = -0.5 * dot(delta, h_delta) + 0.0
 
         with torch.no_grad():
-            theta_rl = _add(theta, u_rl)
-            j_rl = float(J(theta_rl))
-            j_full = float(J(_add(theta_rl, delta)))
+            # one buffer for both points: θ + u_RL, then + δ in place
+            point = _add(theta, u_rl)
+            j_rl = float(J(point))
+            for k in point:
+                point[k].add_(delta[k])
+            j_full = float(J(point))
 
     predicted = c + x - p
     realized = j_full - j_rl
     lam, lam_nc, reason = optimal_coefficient(c1, x1, p1)
-    gn_rl, gn_mtp = norm(g), norm(g_mtp)
     cosine = -dot(g, g_mtp) / (gn_rl * gn_mtp) + 0.0 if gn_rl > 0 and gn_mtp > 0 else math.nan
     dec = Decomposition(
         correlation=c,

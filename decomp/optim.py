@@ -235,16 +235,17 @@ class AdamW(_Base):
             g = g.add(p, alpha=h.weight_decay)
         exp_avg = st.get("exp_avg")
         exp_avg_sq = st.get("exp_avg_sq")
-        m = torch.zeros_like(p) if exp_avg is None else exp_avg
-        v = torch.zeros_like(p) if exp_avg_sq is None else exp_avg_sq
-        m_new = m.lerp(g, 1 - beta1)
-        v_new = v.mul(beta2).addcmul(g, g, value=1 - beta2)
+        # two fresh buffers per call, the rest in place: at 100M+ parameters the passes over
+        # memory, not the arithmetic, are what a counterfactual step costs
+        m_new = g.mul(1 - beta1) if exp_avg is None else exp_avg.lerp(g, 1 - beta1)
+        v_new = g.mul(g).mul_(1 - beta2) if exp_avg_sq is None else exp_avg_sq.mul(beta2).addcmul_(g, g, value=1 - beta2)
         if h.amsgrad:
             v_max = st.get("max_exp_avg_sq")
-            v_new = v_new if v_max is None else torch.maximum(v_max, v_new)
+            if v_max is not None:
+                torch.maximum(v_max, v_new, out=v_new)
         bias1 = 1 - beta1**t
         bias2 = 1 - beta2**t
-        denom = (v_new.sqrt() / math.sqrt(bias2)).add(h.eps)
+        denom = v_new.sqrt_().div_(math.sqrt(bias2)).add_(h.eps)
         return m_new, denom, h.lr / bias1, 1 - beta1
 
     def _decay(self, key: str, p: Tensor) -> Tensor | None:
@@ -262,9 +263,9 @@ class AdamW(_Base):
                 continue
             p = p.detach()
             m_new, denom, step_size, _ = self._moments(key, p, grads[key])
-            u = m_new.div(denom).mul(-step_size)
+            u = m_new.div_(denom).mul_(-step_size)
             decay = self._decay(key, p)
-            out[key] = u if decay is None else u.add(decay)
+            out[key] = u if decay is None else u.add_(decay)
         return out
 
     def counterfactual(
@@ -277,14 +278,14 @@ class AdamW(_Base):
                 continue
             p = p.detach()
             m_rl, denom_rl, step_size, w1 = self._moments(key, p, rl_grads[key])
-            adaptive_rl = m_rl.div(denom_rl).mul(-step_size)
+            adaptive_rl = m_rl.div_(denom_rl).mul_(-step_size)
             decay = self._decay(key, p)
             update_rl[key] = adaptive_rl if decay is None else adaptive_rl.add(decay)
             # The decoupled decay term is the same in u and u_RL; leaving it out of both keeps
             # δ free of the cancellation error of subtracting two nearly equal updates.
-            m_full, denom_full, _, _ = self._moments(key, p, rl_grads[key] + coef * mtp_grads[key])
-            disp[key] = m_full.div(denom_full).mul(-step_size) - adaptive_rl
-            unit[key] = mtp_grads[key].div(denom_rl).mul(-step_size * w1)
+            m_full, denom_full, _, _ = self._moments(key, p, mtp_grads[key].mul(coef).add_(rl_grads[key]))
+            disp[key] = m_full.div_(denom_full).mul_(-step_size).sub_(adaptive_rl)
+            unit[key] = mtp_grads[key].div(denom_rl).mul_(-step_size * w1)
         return Counterfactual(update_rl, disp, unit)
 
 

@@ -59,3 +59,20 @@ def synthetic_rollout(cfg: ModelConfig, batch: int, seq_len: int, prompt_len: in
         params = {k: v.detach() for k, v in model.named_parameters()}
         old, _, _ = model_logprobs(model, params, tokens)
     return model, RolloutBatch(tokens, mask, adv, old, response_start=prompt_len - 1)
+
+
+def training_update(model, batch: RolloutBatch, regime, opt: torch.optim.Optimizer, clip: float = 0.2) -> None:
+    """One update exactly as ``decomp.train`` runs it: one forward for both heads, the clipped
+    surrogate plus the regime's MTP term, backward, AdamW step."""
+    from decomp.model import aligned_logprobs
+    from decomp.rl import clipped_policy_loss
+
+    kwargs = {} if batch.attention_mask is None else {"attention_mask": batch.attention_mask}
+    main, mtp = model(batch.tokens, detach=regime.detach, **kwargs)
+    logp, mtp_logp, valid = aligned_logprobs(main, mtp, batch.tokens)
+    r = batch.response
+    pg = clipped_policy_loss(logp, batch.old_logp, batch.advantages, batch.mask, clip, clip)
+    term = regime(r(mtp_logp[0]), r(logp), r(batch.old_logp), r(batch.advantages), r(batch.mask & valid[0]))
+    opt.zero_grad()
+    (pg + term.loss).backward()
+    opt.step()

@@ -15,7 +15,7 @@ import argparse
 import statistics
 
 import torch
-from common import machine, summary, synthetic_rollout, timed
+from common import machine, summary, synthetic_rollout, timed, training_update
 
 from decomp.curvature import second_order
 from decomp.decomposition import decompose
@@ -38,16 +38,14 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def update():
-        opt.zero_grad()
-        (obj.rl_loss(named) + 0.1 * obj.mtp_loss(named)).backward()
-        opt.step()
+        training_update(model, batch, regime, opt)
 
     for _ in range(3):
         update()
     snapshot = {k: v.detach().clone() for k, v in named.items()}
     state = {k: {s: t.clone() for s, t in st.items()} for k, st in opt.state.items()}
 
-    def training_update():  # the measured unit; restore so every repeat sees the same point
+    def measured_update():  # the measured unit; restore so every repeat sees the same point
         update()
         with torch.no_grad():
             for k, v in named.items():
@@ -58,7 +56,7 @@ def main() -> None:
 
     vec = {k: torch.randn_like(p) for k, p in params.items()}
     fns = {
-        "training update": training_update,
+        "training update": measured_update,
         "decompose, AdamW": lambda: decompose(obj.rl_objective, obj.mtp_loss, named, coef=0.1, optimizer=opt),
         "decompose, SGD": lambda: decompose(obj.rl_objective, obj.mtp_loss, params, coef=0.1, lr=1e-4),
         "  ∇J + graph for HVPs": lambda: second_order(obj.rl_objective, params),

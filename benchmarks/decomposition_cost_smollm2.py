@@ -13,7 +13,7 @@ import argparse
 import statistics
 
 import torch
-from common import machine, summary, timed
+from common import machine, summary, timed, training_update
 
 from decomp.curvature import second_order
 from decomp.decomposition import decompose
@@ -43,15 +43,14 @@ def main() -> None:
         main, mtp = model(tokens)
         old, _, _ = aligned_logprobs(main, mtp, tokens)
     batch = RolloutBatch(tokens, mask, adv, old, response_start=P - 1)
-    obj = objectives(model, batch, Policy(coef=0.1), clip=(0.2, 0.2))
+    regime = Policy(coef=0.1)
+    obj = objectives(model, batch, regime, clip=(0.2, 0.2))
     named = dict(model.named_parameters())
     params = {k: v.detach() for k, v in named.items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
     def update():
-        opt.zero_grad()
-        (obj.rl_loss(named) + 0.1 * obj.mtp_loss(named)).backward()
-        opt.step()
+        training_update(model, batch, regime, opt)
 
     update()
     vec = {k: torch.randn_like(p) for k, p in params.items()}

@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 import torch
-from common import synthetic_rollout
+from common import synthetic_rollout, training_update
 
 from decomp.decomposition import decompose
 from decomp.model import ModelConfig
@@ -37,26 +37,22 @@ def one(what: str) -> int:
     def build(width, length, batch):
         cfg = ModelConfig(vocab_size=16, max_len=length, d_model=width, n_layers=3, n_heads=4, d_mlp=4 * width)
         model, b = synthetic_rollout(cfg, batch=batch, seq_len=length, prompt_len=8)
-        obj = objectives(model, b, Policy(coef=0.1), clip=(0.2, 0.2))
-        named = dict(model.named_parameters())
+        regime = Policy(coef=0.1)
+        obj = objectives(model, b, regime, clip=(0.2, 0.2))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        return obj, named, opt
-
-    def update(obj, named, opt):
-        opt.zero_grad()
-        (obj.rl_loss(named) + 0.1 * obj.mtp_loss(named)).backward()
-        opt.step()
+        return model, b, regime, obj, opt
 
     small = build(16, 12, 8)  # warm-up: imports, allocator, optimizer state creation
-    update(*small)
-    decompose(small[0].rl_objective, small[0].mtp_loss, small[1], coef=0.1, optimizer=small[2])
-    obj, named, opt = build(128, 24, 64)
-    update(obj, named, opt)  # AdamW state exists before either measurement
+    training_update(small[0], small[1], small[2], small[4])
+    decompose(small[3].rl_objective, small[3].mtp_loss, dict(small[0].named_parameters()), coef=0.1, optimizer=small[4])
+    model, batch, regime, obj, opt = build(128, 24, 64)
+    named = dict(model.named_parameters())
+    training_update(model, batch, regime, opt)  # AdamW state exists before either measurement
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _rss("VmRSS:")
     if what == "update":
-        update(obj, named, opt)
+        training_update(model, batch, regime, opt)
     else:
         decompose(obj.rl_objective, obj.mtp_loss, named, coef=0.1, optimizer=opt)
     return _rss("VmHWM:") - before

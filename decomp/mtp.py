@@ -84,28 +84,8 @@ class HFMTPModel(nn.Module):
 
     def __init__(self, lm: nn.Module, depth: int = 1, init: str = "copy_last", seed: int = 0) -> None:
         super().__init__()
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
-        if init not in MTP_INITS:
-            raise ValueError(f"init must be one of {MTP_INITS}, got {init!r}")
-        _, layers, _ = _decoder_parts(lm)
         self.lm = lm
-        cfg = lm.config
-        hidden = cfg.hidden_size
-        eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
-        std = float(getattr(cfg, "initializer_range", 0.02))
-        modules = []
-        # a forked, seeded RNG: attaching an MTP module never moves the caller's random stream
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for _ in range(depth):
-                block = copy.deepcopy(layers[-1])
-                if init == "random":
-                    block.apply(lm._init_weights)  # the host's own initialisation scheme
-                module = HFMTPModule(hidden, eps, block)
-                nn.init.normal_(module.proj.weight, std=std)
-                modules.append(module)
-        self.mtp = nn.ModuleList(modules).to(device=next(lm.parameters()).device, dtype=next(lm.parameters()).dtype)
+        self.mtp = build_mtp_modules(lm, depth=depth, init=init, seed=seed)
         self.depth = depth
         self.init = init
 
@@ -130,38 +110,92 @@ class HFMTPModel(nn.Module):
             raise ValueError(f"detach must be one of {DETACH_MODES}, got {detach!r}")
         B, T = tokens.shape
         position_ids = None if attention_mask is None else position_ids_from_mask(attention_mask)
-        decoder, _, rotary = _decoder_parts(self.lm)
+        decoder, _, _ = _decoder_parts(self.lm)
         out = decoder(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         h = out.last_hidden_state
-        head = self.lm.get_output_embeddings()
-        main_logits = head(h)
+        main_logits = self.lm.get_output_embeddings()(h)
         if not with_mtp:
             return main_logits, []
-        head_weight = head.weight.detach() if detach == "all" else head.weight
-        head_bias = getattr(head, "bias", None)
-        embed = self.lm.get_input_embeddings()
         if position_ids is None:
             position_ids = torch.arange(T, device=tokens.device).expand(B, T)
-        full_mask = None if attention_mask is None else causal_padding_mask(attention_mask, h.dtype)
-        state = h.detach() if detach in ("inputs", "all") else h
-        mtp_logits = []
-        for k, module in enumerate(self.mtp, start=1):
-            if T - k < 1:
-                break
-            e = embed(tokens[:, k:])
-            if detach in ("inputs", "all"):
-                e = e.detach()
-            z = module.proj(torch.cat([module.state_norm(state[:, : T - k]), module.embed_norm(e)], dim=-1))
-            pos = position_ids[:, : T - k]
-            mask = None if full_mask is None else full_mask[:, :, : T - k, : T - k]
-            z = module.block(z, attention_mask=mask, position_ids=pos, position_embeddings=rotary(z, pos))
-            z = z[0] if isinstance(z, tuple) else z
-            state = z
-            logits = F.linear(module.out_norm(z), head_weight)
-            if head_bias is not None:
-                logits = logits + (head_bias.detach() if detach == "all" else head_bias)
-            mtp_logits.append(logits)
+        mtp_logits = mtp_logits_from_hidden(self.lm, self.mtp, h, tokens, detach, position_ids, attention_mask)
         return main_logits, mtp_logits
+
+
+def build_mtp_modules(lm: nn.Module, depth: int = 1, init: str = "copy_last", seed: int = 0) -> nn.ModuleList:
+    """``depth`` MTP modules for the causal LM ``lm`` (module docstring), on its device and dtype.
+
+    ``Block_k`` copies the LM's last decoder layer (``init="copy_last"``) or is re-initialised
+    with the host's own scheme (``"random"``); ``W_k`` is ``N(0, initializer_range²)``. The RNG
+    is forked and seeded: building the modules never moves the caller's random stream.
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    if init not in MTP_INITS:
+        raise ValueError(f"init must be one of {MTP_INITS}, got {init!r}")
+    _, layers, _ = _decoder_parts(lm)
+    cfg = lm.config
+    hidden = cfg.hidden_size
+    eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
+    std = float(getattr(cfg, "initializer_range", 0.02))
+    modules = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(depth):
+            block = copy.deepcopy(layers[-1])
+            if init == "random":
+                block.apply(lm._init_weights)
+            module = HFMTPModule(hidden, eps, block)
+            nn.init.normal_(module.proj.weight, std=std)
+            modules.append(module)
+    first = next(lm.parameters())
+    return nn.ModuleList(modules).to(device=first.device, dtype=first.dtype)
+
+
+def mtp_logits_from_hidden(
+    lm: nn.Module,
+    modules: nn.ModuleList,
+    hidden: Tensor,
+    tokens: Tensor,
+    detach: str,
+    position_ids: Tensor,
+    attention_mask: Tensor | None = None,
+) -> list[Tensor]:
+    """MTP logits ``[B, T−k, V]`` for each depth ``k`` from the decoder output ``hidden`` ``[B, T, H]``.
+
+    ``detach`` (DESIGN.md §2): ``"all"`` feeds ``h``, the token embeddings and the output head
+    through detached copies (only the modules' own parameters learn); ``"inputs"`` detaches
+    ``h`` and the embeddings (the shared head still learns); ``"none"`` detaches nothing.
+    ``position_ids`` ``[B, T]`` are the positions the decoder used for ``hidden``.
+    """
+    if detach not in DETACH_MODES:
+        raise ValueError(f"detach must be one of {DETACH_MODES}, got {detach!r}")
+    _, _, rotary = _decoder_parts(lm)
+    T = tokens.shape[1]
+    head = lm.get_output_embeddings()
+    head_weight = head.weight.detach() if detach == "all" else head.weight
+    head_bias = getattr(head, "bias", None)
+    embed = lm.get_input_embeddings()
+    full_mask = None if attention_mask is None else causal_padding_mask(attention_mask, hidden.dtype)
+    state = hidden.detach() if detach in ("inputs", "all") else hidden
+    mtp_logits = []
+    for k, module in enumerate(modules, start=1):
+        if T - k < 1:
+            break
+        e = embed(tokens[:, k:])
+        if detach in ("inputs", "all"):
+            e = e.detach()
+        z = module.proj(torch.cat([module.state_norm(state[:, : T - k]), module.embed_norm(e)], dim=-1))
+        pos = position_ids[:, : T - k]
+        mask = None if full_mask is None else full_mask[:, :, : T - k, : T - k]
+        z = module.block(z, attention_mask=mask, position_ids=pos, position_embeddings=rotary(z, pos))
+        z = z[0] if isinstance(z, tuple) else z
+        state = z
+        logits = F.linear(module.out_norm(z), head_weight)
+        if head_bias is not None:
+            logits = logits + (head_bias.detach() if detach == "all" else head_bias)
+        mtp_logits.append(logits)
+    return mtp_logits
 
 
 def attach_mtp(lm: nn.Module, depth: int = 1, init: str = "copy_last", seed: int = 0) -> HFMTPModel:

@@ -112,12 +112,20 @@ def objectives(
     clip: tuple[float, float] | None = None,
     kl_coef: float = 0.0,
     ref_logp: Tensor | None = None,
+    rl_loss_of_logp: Callable[[Tensor], Tensor] | None = None,
 ) -> Objectives:
     """``J``, ``L_MTP`` (for ``regime``, at ``coef``), ``ℓ`` and the training RL loss as
-    functions of a parameter dict (see the module docstring)."""
+    functions of a parameter dict (see the module docstring).
+
+    ``rl_loss_of_logp`` replaces the built-in training RL loss (``clip``, ``kl_coef``) by a
+    trainer's own, as a function of the aligned main log-probs ``ℓ`` ``[B, T−1]`` (e.g. TRL's
+    loss types and normalisations, :mod:`decomp.integrations.trl`).
+    """
     mask = batch.mask.bool()
     if kl_coef and ref_logp is None:
         raise ValueError("kl_coef > 0 needs ref_logp")
+    if rl_loss_of_logp is not None and (clip is not None or kl_coef):
+        raise ValueError("give either rl_loss_of_logp or clip/kl_coef, not both")
 
     def rl_objective(params: Params) -> Tensor:
         logp, _, _ = model_logprobs(model, params, batch.tokens, attention_mask=batch.attention_mask, with_mtp=False)
@@ -140,7 +148,13 @@ def objectives(
         return logp
 
     rl_loss = None
-    if clip is not None:
+    if rl_loss_of_logp is not None:
+
+        def rl_loss(params: Params) -> Tensor:
+            logp, _, _ = model_logprobs(model, params, batch.tokens, attention_mask=batch.attention_mask, with_mtp=False)
+            return rl_loss_of_logp(logp)
+
+    elif clip is not None:
 
         def rl_loss(params: Params) -> Tensor:
             logp, _, _ = model_logprobs(model, params, batch.tokens, attention_mask=batch.attention_mask, with_mtp=False)

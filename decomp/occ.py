@@ -51,6 +51,46 @@ def projection_coefficient(
     return _reductions(a, b, check_mask(mask), scale, (reduction,))[reduction]
 
 
+PROXY_STATISTICS = ("ratio_sum", "count", "numel", "ab_sum", "aa_sum")
+
+
+def proxy_statistics(a: Tensor, b: Tensor, m: Tensor) -> Tensor:
+    """The sums every reduction is a function of, as one float64 vector (``PROXY_STATISTICS``):
+    ``Σ_M a·b/(a²+1e-8)``, ``Σ M``, the number of entries, ``Σ_M a·b`` and ``Σ_M a²``.
+
+    Sums add across shards, so adding the vectors of several ranks (an all-reduce) and applying
+    :func:`coefficient_from_statistics` gives exactly the estimate on the concatenated batch.
+    ``m`` must be boolean and validated.
+    """
+    with torch.no_grad():
+        a = a.detach()
+        b = b.detach()
+        mf = m.to(a.dtype)
+        ab = mf * a * b
+        return torch.stack([
+            (ab / (a * a + PROXY_EPS)).sum(dtype=torch.float64),
+            mf.sum(dtype=torch.float64),
+            torch.tensor(float(a.numel()), dtype=torch.float64, device=a.device),
+            ab.sum(dtype=torch.float64),
+            (mf * a * a).sum(dtype=torch.float64),
+        ])
+
+
+def coefficient_from_statistics(stats: Tensor, scale: float, reduction: Reduction = "masked") -> float:
+    """An estimator's value from :func:`proxy_statistics` (module docstring); ``nan`` when the
+    mask is empty; ``pooled`` is 0 when ``Σ_M a² = 0``."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    ratio_sum, count, numel, ab_sum, aa_sum = (float(x) for x in stats)
+    if count == 0:
+        return math.nan
+    if reduction == "reference":
+        return scale * ratio_sum / numel
+    if reduction == "masked":
+        return scale * ratio_sum / count
+    return 0.0 if aa_sum == 0.0 else scale * ab_sum / aa_sum
+
+
 def _reductions(a: Tensor, b: Tensor, m: Tensor, scale: float, which: tuple[str, ...]) -> dict[str, Tensor]:
     """The formula for several reductions at once, on validated inputs (``m`` boolean)."""
     with torch.no_grad():

@@ -106,6 +106,10 @@ class Regime:
         """The MTP term for one step (see :class:`MTPTerm`)."""
         _check_inputs(mtp_logp, logp, old_logp, advantages, mask)
         coef = self.coefficient(mtp_logp, logp, old_logp, mask)
+        return self.term_at(coef, mtp_logp, old_logp, advantages, mask)
+
+    def term_at(self, coef: float, mtp_logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor) -> MTPTerm:
+        """The MTP term at a given ``λ = coef`` (e.g. an OCC estimate reduced across ranks)."""
         unit = self.unit_loss(mtp_logp, old_logp, advantages, mask)
         return MTPTerm(self._scaled_loss(coef, mtp_logp, old_logp, advantages, mask, unit), unit, coef)
 

@@ -14,11 +14,13 @@ from hypothesis import strategies as st
 from decomp import optim as cf
 from decomp.objectives import objectives
 from decomp.occ import (
+    coefficient_from_statistics,
     jvp_coefficient,
     masked_coefficient,
     pooled_coefficient,
     projection_coefficient,
     proxy_coefficients,
+    proxy_statistics,
     reference_coefficient,
 )
 from decomp.regimes import Policy
@@ -42,6 +44,27 @@ def np_pooled(m, l, old, mask, c):
         return math.nan
     den = np.sum(a * a)
     return c * np.sum(a * b) / den if den > 0 else 0.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_proxy_statistics_add_across_shards_and_match_numpy(data):
+    """What the TRL trainer all-reduces: per-shard sums give the estimate on the whole batch."""
+    m, l, old, mask, c = data.draw(logprob_batches())
+    B = m.shape[0]
+    cut = data.draw(st.integers(0, B))
+    a, b = torch.tensor(m - old), torch.tensor(l - old)
+    tm = torch.tensor(mask)
+    stats = proxy_statistics(a[:cut], b[:cut], tm[:cut]) + proxy_statistics(a[cut:], b[cut:], tm[cut:])
+    expected = {"masked": np_masked(m, l, old, mask, c), "pooled": np_pooled(m, l, old, mask, c),
+                "reference": c * np.sum(np.where(mask, (m - old) * (l - old) / ((m - old) ** 2 + 1e-8), 0.0)) / m.size
+                if mask.any() else math.nan}
+    for reduction, want in expected.items():
+        got = coefficient_from_statistics(stats, c, reduction)
+        if math.isnan(want):
+            assert math.isnan(got)
+        else:
+            assert got == pytest.approx(want, rel=1e-10, abs=1e-12)
 
 
 @st.composite

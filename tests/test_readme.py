@@ -1,4 +1,4 @@
-"""The README's Python example runs as written."""
+"""The README's Python example runs as written (```python blocks; ```py marks sketches)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """Reading run directories (the only input of the analysis commands).
 
-A run directory holds ``config.json`` and the JSONL logs written by :mod:`decomp.train`. Given
+A run directory holds ``config.json`` and the JSONL logs written by :mod:`decomp.train` (or
+``decomp_run.json`` in their place, as :mod:`decomp.integrations.trl` writes beside the model's
+own ``config.json`` in a trainer's output directory). Given
 paths that are run directories or folders containing them (one level down, as ``decomp compare``
 writes), :func:`load_runs` returns :class:`Run` objects. Damaged input is skipped with a warning
 naming the file and line: a truncated or non-JSON line, a record missing a required field, a run
@@ -93,14 +95,21 @@ def _read(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
     return out
 
 
+RUN_FILES = ("decomp_run.json", "config.json")  # the first one present describes the run
+
+
+def _run_file(p: Path) -> Path | None:
+    return next((p / name for name in RUN_FILES if (p / name).is_file()), None)
+
+
 def _run_dirs(paths: Iterable[Path]) -> list[Path]:
     found: list[Path] = []
     for p in paths:
         p = Path(p)
-        if (p / "config.json").is_file():
+        if _run_file(p) is not None:
             found.append(p)
         elif p.is_dir():
-            found.extend(sorted(c for c in p.iterdir() if (c / "config.json").is_file()))
+            found.extend(sorted(c for c in p.iterdir() if c.is_dir() and _run_file(c) is not None))
         else:
             warnings.warn(f"{p}: not a run directory (no config.json), skipping", stacklevel=3)
     return found
@@ -108,7 +117,7 @@ def _run_dirs(paths: Iterable[Path]) -> list[Path]:
 
 def load_run(path: Path) -> Run | None:
     """One run directory, or ``None`` (with a warning) when it cannot be used."""
-    config_path = Path(path) / "config.json"
+    config_path = _run_file(Path(path)) or Path(path) / "config.json"
     try:
         data = json.loads(config_path.read_text())
     except (OSError, ValueError) as err:

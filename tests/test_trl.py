@@ -1,0 +1,374 @@
+"""decomp inside TRL's GRPOTrainer: a tiny random Llama (local folder, no downloads) on the
+arithmetic prompts of ``add1``, with a dense reward so that advantages are not all zero."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl", reason="the trl extra is not installed: pip install -e '.[trl]'")
+
+from datasets import Dataset  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from decomp.cli import main as cli_main  # noqa: E402
+from decomp.decomposition import measure_step  # noqa: E402
+from decomp.integrations.trl import (  # noqa: E402
+    TRL_TESTED_RANGE,
+    MTPConfig,
+    MTPGRPOTrainer,
+    MTPModelView,
+    check_trl_version,
+    completion_mtp_logprobs,
+    plain_forward,
+    rollout_batch,
+    trl_rl_loss,
+)
+from decomp.model import aligned_logprobs  # noqa: E402
+from decomp.objectives import model_logprobs, objectives  # noqa: E402
+from decomp.occ import PROXY_ESTIMATORS  # noqa: E402
+from decomp.runlog import read_jsonl  # noqa: E402
+from decomp.texttasks import make_text_task  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer Llama with a character tokenizer, saved locally."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("tiny-llama-trl")
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for c in [chr(i) for i in range(32, 127)] + ["\n"]:
+        vocab[c] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def digit_reward(completions, **kwargs):
+    """Dense: the fraction of digits in the completion (a random model earns some)."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def dataset() -> Dataset:
+    task = make_text_task("add1")
+    return Dataset.from_list([{"prompt": p.question, "answer": p.answer} for p in task.train])
+
+
+def make_trainer(checkpoint: Path, out: Path, mtp: MTPConfig, **overrides) -> MTPGRPOTrainer:
+    from transformers import AutoTokenizer
+
+    options = dict(output_dir=str(out), use_cpu=True, report_to=[], per_device_train_batch_size=8, num_generations=4,
+                   max_completion_length=6, max_steps=3, logging_steps=1, num_iterations=2, learning_rate=1e-3,
+                   save_strategy="no", seed=0, bf16=False, max_grad_norm=0.0, disable_tqdm=True)
+    options.update(overrides)
+    lm = LlamaForCausalLM.from_pretrained(checkpoint)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return MTPGRPOTrainer(model=lm, reward_funcs=digit_reward, args=GRPOConfig(**options),
+                              train_dataset=dataset(), processing_class=AutoTokenizer.from_pretrained(checkpoint),
+                              mtp_config=mtp)
+
+
+def train_quietly(trainer: MTPGRPOTrainer) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+
+
+def fake_inputs(lm, *, B: int = 4, P: int = 5, C: int = 6, seed: int = 0, with_old: bool = True) -> dict:
+    """A TRL-shaped micro-batch: left-padded prompts, right-padded completions, advantages, ℓ^old."""
+    gen = torch.Generator().manual_seed(seed)
+    V = lm.config.vocab_size
+    prompt_ids = torch.randint(4, V, (B, P), generator=gen)
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    prompt_mask[0, :2] = 0  # left padding
+    prompt_ids[0, :2] = 0
+    completion_ids = torch.randint(4, V, (B, C), generator=gen)
+    completion_mask = torch.ones(B, C, dtype=torch.long)
+    completion_mask[1, 4:] = 0  # a completion that ended early
+    inputs = {
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+        "completion_mask": completion_mask, "advantages": torch.randn(B, generator=gen),
+        "num_items_in_batch": completion_mask.sum(),
+    }
+    if with_old:
+        view = MTPModelView(lm)
+        with torch.no_grad():
+            logp, _, _ = model_logprobs(view, dict(view.named_parameters()), torch.cat([prompt_ids, completion_ids], 1),
+                                        attention_mask=torch.cat([prompt_mask, completion_mask], 1), with_mtp=False)
+        inputs["old_per_token_logps"] = logp[:, P - 1 :] + 0.05 * torch.randn(B, C, generator=gen)
+    return inputs
+
+
+def test_version_outside_the_tested_range_warns_naming_it():
+    with pytest.warns(UserWarning, match=r"trl>=1\.16,<1\.17"):
+        check_trl_version("1.15.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_trl_version("1.16.0")
+    assert TRL_TESTED_RANGE == ">=1.16,<1.17"
+
+
+def test_bad_config_is_refused(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="unknown regime 'mtp'"):
+        MTPConfig(regime="mtp").validate()
+    with pytest.raises(ValueError, match="unknown decomposition direction"):
+        MTPConfig(decomp_directions="active,sideways").validate()
+    with pytest.warns(UserWarning, match="num_iterations > 1"):
+        from transformers import AutoTokenizer
+
+        MTPGRPOTrainer(model=LlamaForCausalLM.from_pretrained(checkpoint), reward_funcs=digit_reward,
+                       args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], num_generations=4,
+                                       per_device_train_batch_size=4, num_iterations=1),
+                       train_dataset=dataset(), processing_class=AutoTokenizer.from_pretrained(checkpoint),
+                       mtp_config=MTPConfig(regime="occ"))
+
+
+@pytest.mark.parametrize("regime", ["detach", "detach-inputs", "ce", "policy", "occ"])
+def test_each_regime_trains_three_steps(checkpoint, tmp_path, regime):
+    trainer = make_trainer(checkpoint, tmp_path, MTPConfig(regime=regime))
+    mtp_before = {k: v.detach().clone() for k, v in trainer.model.decomp_mtp.named_parameters()}
+    train_quietly(trainer)
+    assert trainer.state.global_step == 3
+    metrics = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(math.isfinite(m["mtp_loss"]) and m["regime"] == regime for m in metrics)
+    changed = [k for k, v in trainer.model.decomp_mtp.named_parameters() if not torch.equal(v, mtp_before[k])]
+    assert changed, "the MTP module did not learn"
+    logged = [h for h in trainer.state.log_history if "mtp/coef" in h]
+    assert len(logged) == 3
+    coefs = [m["mtp_coef"] for m in metrics]
+    if regime == "occ":
+        # second update on each generation batch: ℓ ≠ ℓ^old, so the proxy has signal
+        assert coefs[1] != 0.0
+    else:
+        assert coefs == [0.1, 0.1, 0.1]
+
+
+@pytest.mark.parametrize("regime", ["detach", "detach-inputs", "ce", "policy", "occ"])
+def test_mtp_loss_reaches_shared_parameters_only_as_design_says(checkpoint, tmp_path, regime):
+    trainer = make_trainer(checkpoint, tmp_path, MTPConfig(regime=regime))
+    lm = trainer.model
+    inputs = fake_inputs(lm)
+    tokens = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    hidden = lm.base_model(input_ids=tokens, attention_mask=mask).last_hidden_state
+    logp = inputs["old_per_token_logps"] + 0.01  # any current log-probs
+    lm.zero_grad(set_to_none=True)
+    term = trainer.mtp_term(lm, inputs, hidden, logp)
+    term.unit_loss.backward()
+    grads = {n: p.grad for n, p in lm.named_parameters()}
+
+    def reached(name: str) -> bool:
+        g = grads[name]
+        return g is not None and bool(g.abs().sum() > 0)
+
+    assert reached("decomp_mtp.0.proj.weight") and reached("decomp_mtp.0.block.mlp.down_proj.weight")
+    trunk = [n for n in grads if n.startswith("model.layers.") or n == "model.norm.weight"]
+    embedding = "model.embed_tokens.weight"  # tied: also the output head
+    if regime == "detach":
+        assert not any(reached(n) for n in grads if not n.startswith("decomp_mtp."))
+    elif regime == "detach-inputs":
+        assert reached(embedding) and not any(reached(n) for n in trunk)
+    else:
+        assert reached(embedding) and all(reached(n) for n in trunk if "layers.1." in n)
+
+
+def test_mtp_log_probs_align_with_decomps_aligned_axis(checkpoint, tmp_path):
+    trainer = make_trainer(checkpoint, tmp_path, MTPConfig(regime="ce", depth=2))
+    lm = trainer.model.double()
+    P = 2  # shorter than depth + 1: depth 2 has no prediction for the first completion token
+    inputs = fake_inputs(lm, P=P, with_old=False)
+    tokens = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        hidden = lm.base_model(input_ids=tokens, attention_mask=mask).last_hidden_state
+        got, valid = completion_mtp_logprobs(lm, hidden, inputs, "none")
+        main, mtp = MTPModelView(lm)(tokens, attention_mask=mask)
+    _, want, want_valid = aligned_logprobs(main, mtp, tokens)
+    for k in range(2):
+        torch.testing.assert_close(got[k], want[k][:, P - 1 :], rtol=0, atol=1e-10)
+        assert torch.equal(valid[k], want_valid[k][:, P - 1 :])
+    assert valid[1][:, 0].logical_not().all() and valid[1][:, 1:].all() and valid[0].all()
+
+
+@pytest.mark.parametrize("loss_type,beta", [("dapo", 0.0), ("grpo", 0.04), ("bnpo", 0.0), ("dr_grpo", 0.0),
+                                            ("cispo", 0.0), ("luspo", 0.0)])
+def test_rl_loss_reproduces_trls_loss_and_gradient(checkpoint, tmp_path, loss_type, beta):
+    trainer = make_trainer(checkpoint, tmp_path, MTPConfig(regime="detach"), loss_type=loss_type, beta=beta,
+                           epsilon_high=0.28, delta=1.5 if loss_type == "grpo" else None)
+    trainer.current_gradient_accumulation_steps = 1
+    lm = trainer.model
+    inputs = fake_inputs(lm, seed=3)
+    old = inputs["old_per_token_logps"]
+    if beta:
+        inputs["ref_per_token_logps"] = old - 0.1
+    # TRL's own loss (the base class: no MTP term) and its gradient
+    lm.zero_grad(set_to_none=True)
+    trl_loss = GRPOTrainer._compute_loss(trainer, lm, inputs)
+    trl_loss.backward()
+    shared = {n: p for n, p in lm.named_parameters() if not n.startswith("decomp_mtp.")}
+    want = {n: p.grad.clone() for n, p in shared.items()}
+    # ours, a function of decomp's aligned log-probs through the view
+    view = MTPModelView(lm)
+    batch = rollout_batch(inputs)
+    loss_fn = trl_rl_loss(trainer, inputs, old)
+
+    def ours(params):
+        logp, _, _ = model_logprobs(view, params, batch.tokens, attention_mask=batch.attention_mask, with_mtp=False)
+        return loss_fn(logp)
+
+    params = {k: v.detach() for k, v in view.named_parameters()}
+    with plain_forward(lm):
+        value = ours(params)
+        grads = torch.func.grad(ours)(params)
+    torch.testing.assert_close(value, trl_loss.detach(), rtol=1e-5, atol=1e-7)
+    for n, g in want.items():
+        torch.testing.assert_close(grads["lm." + n], g, rtol=1e-4, atol=1e-6)
+
+
+class _Check(TrainerCallback):
+    """Before each optimizer step, a measurement; after it, the real update (for the tests)."""
+
+    def __init__(self, trainer: MTPGRPOTrainer) -> None:
+        self.trainer = trainer
+        self.coefs: list[tuple[float, float]] = []
+        self.updates: list[tuple[float, float]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        tr = self.trainer
+        micro = tr.last_micro_batch
+        inputs, lm = micro["inputs"], tr.model
+        view = MTPModelView(lm, tr.temperature)
+        batch = rollout_batch(inputs, micro["logp"])
+        params = {k: v.detach() for k, v in view.named_parameters()}
+        with torch.no_grad(), plain_forward(lm):
+            logp, mtp_logp, valid = model_logprobs(view, params, batch.tokens, attention_mask=batch.attention_mask)
+        r = batch.response
+        # an independent OCC estimate: decomp.occ on log-probs from the unfused view
+        lam = float(PROXY_ESTIMATORS["masked"](r(mtp_logp[0]), r(logp), r(batch.old_logp), r(batch.mask & valid[0]),
+                                               tr.mtp_config.coef))
+        t = micro["tensors"]  # the very tensors the trainer used
+        same = float(PROXY_ESTIMATORS["masked"](t["mtp_logp"][0], t["logp"], t["old_logp"], t["mask"][0],
+                                                tr.mtp_config.coef))
+        self.coefs.append((lam, same, float(micro["coef"])))
+        obj = objectives(view, batch, tr.regime, coef=float(micro["coef"]),
+                         rl_loss_of_logp=trl_rl_loss(tr, inputs, r(batch.old_logp)))
+        named = dict(view.named_parameters())
+        with plain_forward(lm):
+            measured = measure_step(obj.rl_objective, obj.mtp_loss, named, coef=float(micro["coef"]),
+                                    optimizer=tr.optimizer.optimizer, rl_loss=obj.rl_loss)
+        self._before = params_clone = {k: v.detach().clone() for k, v in named.items()}
+        self._predicted = {k: measured.updates.update_rl[k] + measured.updates.displacement[k] for k in params_clone}
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        real = {k: v.detach() - self._before[k] for k, v in MTPModelView(self.trainer.model).named_parameters()}
+        diff = sum(float((real[k] - self._predicted[k]).pow(2).sum()) for k in real) ** 0.5
+        norm = sum(float(real[k].pow(2).sum()) for k in real) ** 0.5
+        self.updates.append((diff, norm))
+
+
+@pytest.mark.parametrize("regime,loss_type", [("occ", "dapo"), ("ce", "grpo")])
+def test_counterfactual_step_is_the_real_step_and_occ_is_decomps(checkpoint, tmp_path, regime, loss_type):
+    trainer = make_trainer(checkpoint, tmp_path, MTPConfig(regime=regime), loss_type=loss_type, max_steps=2)
+    check = _Check(trainer)
+    trainer.add_callback(check)
+    train_quietly(trainer)
+    assert len(check.updates) == 2
+    for diff, norm in check.updates:
+        assert norm > 0 and diff <= 1e-4 * norm, (diff, norm)
+    if regime == "occ":
+        assert check.coefs[1][2] != 0.0
+        for independent, same, applied in check.coefs:
+            assert applied == pytest.approx(same, rel=1e-6, abs=1e-12)
+            # recomputed through the unfused view: float32 rounding of ℓ (~1e-7) is the only difference
+            assert applied == pytest.approx(independent, rel=1e-4, abs=1e-6)
+
+
+def test_callback_logs_and_writes_records_the_analysis_reads(checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    trainer = make_trainer(checkpoint, out, MTPConfig(regime="detach", decomp_every=1), max_steps=2)
+    train_quietly(trainer)
+    records = read_jsonl(out / "decomposition.jsonl")
+    assert sorted({(r["step"], r["direction"]) for r in records}) == [
+        (s, d) for s in (1, 2) for d in ("active", "ce", "policy")
+    ]
+    active = [r for r in records if r["direction"] == "active"]
+    assert all(r["correlation"] == 0.0 and r["penalty"] == 0.0 and r["cross"] == 0.0 for r in active)
+    ce = [r for r in records if r["direction"] == "ce"]
+    assert all(r["displacement_norm"] > 0 and r["optimizer"] == "adamw" for r in ce)
+    logged = [h for h in trainer.state.log_history if "decomp/lambda_star" in h or "decomp/correlation" in h]
+    assert len(logged) == 2 and all("decomp/ce/penalty" in h and "decomp/coef_masked" in h for h in logged)
+    run = json.loads((out / "decomp_run.json").read_text())
+    assert run["config"]["regime"] == "detach" and run["schema_version"] == 1
+    assert cli_main(["plot", str(out), "--out", str(tmp_path / "figures")]) == 0
+    assert cli_main(["validate", str(out), "--out", str(tmp_path / "validation.json")]) == 0
+    assert (tmp_path / "figures" / "terms_active.png").is_file()
+    assert json.loads((tmp_path / "validation.json").read_text())
+
+
+def test_decomposition_refuses_a_loss_it_cannot_reproduce(checkpoint, tmp_path):
+    trainer = make_trainer(checkpoint, tmp_path, MTPConfig(regime="ce", decomp_every=1), loss_type="sapo")
+    with pytest.raises(ValueError, match="loss_type='sapo'"):
+        train_quietly(trainer)
+
+
+def test_example_script_trains_a_local_checkpoint(checkpoint, tmp_path):
+    out = tmp_path / "example"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "trl_grpo.py"), "--model", str(checkpoint), "--regime", "occ",
+         "--steps", "2", "--decomp-every", "2", "--batch-size", "8", "--num-generations", "4",
+         "--max-completion-length", "6", "--output-dir", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(read_jsonl(out / "metrics.jsonl")) == 2
+    assert {r["direction"] for r in read_jsonl(out / "decomposition.jsonl")} == {"active", "ce", "policy"}
+
+
+@pytest.mark.slow
+def test_two_process_ddp_applies_the_union_occ_estimate_on_every_rank(checkpoint, tmp_path):
+    """torchrun, 2 CPU processes (gloo): the OCC sums are all-reduced, the decomposition runs on
+    rank 0 only and nobody deadlocks."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         str(ROOT / "tests" / "scripts" / "trl_ddp_occ.py"), str(checkpoint), str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "decomp_run.json").read_text())["config"]["num_processes"] == 2
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert [row["step"] for row in ranks[0]] == [1, 2] == [row["step"] for row in ranks[1]]
+    for rows in zip(*ranks, strict=True):
+        ratio_sum = sum(float((r["mask"] * (r["a"] * r["b"] / (r["a"] ** 2 + 1e-8))).double().sum()) for r in rows)
+        count = sum(float(r["mask"].sum()) for r in rows)
+        union = 0.1 * ratio_sum / count
+        assert rows[0]["coef"] == rows[1]["coef"] == pytest.approx(union, rel=1e-6, abs=1e-12)
+    second = [float((r["mask"] * (r["a"] * r["b"] / (r["a"] ** 2 + 1e-8))).sum() / r["mask"].sum()) for r in
+              (ranks[0][1], ranks[1][1])]
+    assert second[0] != pytest.approx(second[1], rel=1e-3)  # the ranks' own estimates differ: the test has power
+    records = read_jsonl(tmp_path / "decomposition.jsonl")
+    assert [r["step"] for r in records] == [2, 2, 2]  # written once, by rank 0

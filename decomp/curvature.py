@@ -190,13 +190,26 @@ def hvp(
         return hv
 
 
-def dot(a: Params, b: Params) -> float:
-    """``⟨a, b⟩`` summed over all tensors, accumulated in float64.
+DOT_BLOCK = 1 << 18  # elements per block: a block's float64 copies (2 MiB each) stay in cache
 
-    Products are formed in the tensors' own dtype and summed into a float64 accumulator:
-    copying 100M-parameter float32 dicts to float64 first cost more than the HVPs.
+
+def dot(a: Params, b: Params) -> float:
+    """``⟨a, b⟩`` summed over all tensors, products and sums in float64.
+
+    Lower-precision tensors are converted one cache-sized block (``DOT_BLOCK`` elements) at a
+    time: converting whole 100M-parameter dicts to float64 had cost more than the HVPs, and a
+    float32 product summed into float64 was both slower (about 8× on this CPU) and rounded
+    each product to float32.
     """
-    return float(sum(torch.sum(a[k] * b[k], dtype=torch.float64) for k in a))
+    total: Tensor | float = 0.0
+    for k in a:
+        x, y = a[k].reshape(-1), b[k].reshape(-1)
+        if x.dtype == torch.float64 and y.dtype == torch.float64:
+            total = total + torch.dot(x, y)
+            continue
+        for xs, ys in zip(x.split(DOT_BLOCK), y.split(DOT_BLOCK), strict=True):
+            total = total + torch.dot(xs.to(torch.float64), ys.to(torch.float64))
+    return float(total)
 
 
 def norm(a: Params) -> float:

@@ -152,7 +152,7 @@ def build_mtp_modules(lm: nn.Module, depth: int = 1, init: str = "copy_last", se
     return nn.ModuleList(modules).to(device=first.device, dtype=first.dtype)
 
 
-def mtp_logits_from_hidden(
+def mtp_states_from_hidden(
     lm: nn.Module,
     modules: nn.ModuleList,
     hidden: Tensor,
@@ -161,24 +161,21 @@ def mtp_logits_from_hidden(
     position_ids: Tensor,
     attention_mask: Tensor | None = None,
 ) -> list[Tensor]:
-    """MTP logits ``[B, T−k, V]`` for each depth ``k`` from the decoder output ``hidden`` ``[B, T, H]``.
+    """Each depth's normed output state ``RMSNorm_k(z)`` ``[B, T−k, H]`` from the decoder output
+    ``hidden`` ``[B, T, H]``: what :func:`mtp_head` turns into logits.
 
-    ``detach`` (DESIGN.md §2): ``"all"`` feeds ``h``, the token embeddings and the output head
-    through detached copies (only the modules' own parameters learn); ``"inputs"`` detaches
-    ``h`` and the embeddings (the shared head still learns); ``"none"`` detaches nothing.
-    ``position_ids`` ``[B, T]`` are the positions the decoder used for ``hidden``.
+    ``detach`` (DESIGN.md §2): ``"all"`` and ``"inputs"`` feed ``h`` and the token embeddings
+    through detached copies (``"all"`` also detaches the head, in :func:`mtp_head`); ``"none"``
+    detaches nothing. ``position_ids`` ``[B, T]`` are the positions the decoder used for ``hidden``.
     """
     if detach not in DETACH_MODES:
         raise ValueError(f"detach must be one of {DETACH_MODES}, got {detach!r}")
     _, _, rotary = _decoder_parts(lm)
     T = tokens.shape[1]
-    head = lm.get_output_embeddings()
-    head_weight = head.weight.detach() if detach == "all" else head.weight
-    head_bias = getattr(head, "bias", None)
     embed = lm.get_input_embeddings()
     full_mask = None if attention_mask is None else causal_padding_mask(attention_mask, hidden.dtype)
     state = hidden.detach() if detach in ("inputs", "all") else hidden
-    mtp_logits = []
+    states = []
     for k, module in enumerate(modules, start=1):
         if T - k < 1:
             break
@@ -191,11 +188,34 @@ def mtp_logits_from_hidden(
         z = module.block(z, attention_mask=mask, position_ids=pos, position_embeddings=rotary(z, pos))
         z = z[0] if isinstance(z, tuple) else z
         state = z
-        logits = F.linear(module.out_norm(z), head_weight)
-        if head_bias is not None:
-            logits = logits + (head_bias.detach() if detach == "all" else head_bias)
-        mtp_logits.append(logits)
-    return mtp_logits
+        states.append(module.out_norm(z))
+    return states
+
+
+def mtp_head(lm: nn.Module, state: Tensor, detach: str) -> Tensor:
+    """The LM's own output head on an MTP state (through a detached copy for ``detach="all"``)."""
+    head = lm.get_output_embeddings()
+    weight = head.weight.detach() if detach == "all" else head.weight
+    logits = F.linear(state, weight)
+    bias = getattr(head, "bias", None)
+    if bias is not None:
+        logits = logits + (bias.detach() if detach == "all" else bias)
+    return logits
+
+
+def mtp_logits_from_hidden(
+    lm: nn.Module,
+    modules: nn.ModuleList,
+    hidden: Tensor,
+    tokens: Tensor,
+    detach: str,
+    position_ids: Tensor,
+    attention_mask: Tensor | None = None,
+) -> list[Tensor]:
+    """MTP logits ``[B, T−k, V]`` for each depth ``k`` (:func:`mtp_states_from_hidden`, then
+    :func:`mtp_head`)."""
+    states = mtp_states_from_hidden(lm, modules, hidden, tokens, detach, position_ids, attention_mask)
+    return [mtp_head(lm, s, detach) for s in states]
 
 
 def attach_mtp(lm: nn.Module, depth: int = 1, init: str = "copy_last", seed: int = 0) -> HFMTPModel:

@@ -8,6 +8,8 @@ import torch
 from conftest import make_problem
 
 from decomp.curvature import (
+    DOT_BLOCK,
+    dot,
     flatten,
     hessian_operator,
     hvp,
@@ -162,3 +164,18 @@ def test_eigenvalues_of_a_zero_hessian_are_zero():
     params = {"x": torch.ones(4, dtype=torch.float64)}
     vals = top_eigenvalues(lambda p: p["x"].sum() * 0.0, params, k=2, which="BE")
     assert np.array_equal(vals, np.zeros(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_dot_is_a_float64_dot_across_blocks_and_tensors(dtype):
+    """Products and sums in float64, whatever the tensors' dtype: against NumPy float64."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"big": (DOT_BLOCK * 2 + 17,), "matrix": (33, 7), "scalar": ()}
+    a = {k: torch.randn(s, generator=gen).to(dtype) for k, s in shapes.items()}
+    b = {k: (torch.randn(s, generator=gen) + 0.5).to(dtype) for k, s in shapes.items()}
+    want = sum(float(np.dot(a[k].double().numpy().ravel(), b[k].double().numpy().ravel())) for k in a)
+    assert dot(a, b) == pytest.approx(want, rel=1e-12, abs=1e-9)
+    # cancellation: ⟨a, a⟩ − ⟨a, a⟩ through one dict of opposite signs is exactly 0 in float64
+    neg = {k: -v for k, v in a.items()}
+    both = {"p": a["big"], "m": neg["big"]}
+    assert dot(both, {"p": a["big"], "m": a["big"]}) == pytest.approx(0.0, abs=1e-9)

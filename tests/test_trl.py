@@ -136,14 +136,52 @@ def test_bad_config_is_refused(checkpoint, tmp_path):
         MTPConfig(regime="mtp").validate()
     with pytest.raises(ValueError, match="unknown decomposition direction"):
         MTPConfig(decomp_directions="active,sideways").validate()
-    with pytest.warns(UserWarning, match="num_iterations > 1"):
-        from transformers import AutoTokenizer
 
+
+def _occ_warnings(checkpoint, tmp_path, **args) -> list[str]:
+    from transformers import AutoTokenizer
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         MTPGRPOTrainer(model=LlamaForCausalLM.from_pretrained(checkpoint), reward_funcs=digit_reward,
                        args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], num_generations=4,
-                                       per_device_train_batch_size=4, num_iterations=1),
+                                       per_device_train_batch_size=4, **args),
                        train_dataset=dataset(), processing_class=AutoTokenizer.from_pretrained(checkpoint),
                        mtp_config=MTPConfig(regime="occ"))
+    return [str(w.message) for w in caught if "OCC proxy and λ are 0" in str(w.message)]
+
+
+@pytest.mark.parametrize("args,warned", [
+    ({"num_iterations": 1}, True),
+    ({"num_iterations": 2}, False),
+    ({"num_iterations": 2, "gradient_accumulation_steps": 2, "steps_per_generation": 1}, True),  # one optimizer step
+    ({"num_iterations": 1, "gradient_accumulation_steps": 3, "steps_per_generation": 2}, False),
+])
+def test_occ_warns_exactly_when_trl_keeps_no_old_log_probs(checkpoint, tmp_path, args, warned):
+    assert bool(_occ_warnings(checkpoint, tmp_path, **args)) == warned
+
+
+def test_settings_the_mtp_term_cannot_follow_are_refused(checkpoint, tmp_path):
+    from transformers import AutoTokenizer, GraniteConfig, GraniteForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    granite = GraniteForCausalLM(GraniteConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               logits_scaling=4.0))
+    base = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], num_generations=4, per_device_train_batch_size=4,
+                num_iterations=2)
+    cases = [
+        (granite, {}, MTPConfig(), "logits_scaling=4.0"),
+        (LlamaForCausalLM.from_pretrained(checkpoint), {"loss_type": "cispo"}, MTPConfig(regime="policy"),
+         "loss_type='cispo' has no such range"),
+        (LlamaForCausalLM.from_pretrained(checkpoint), {"ddp_find_unused_parameters": True}, MTPConfig(),
+         "ddp_find_unused_parameters=False"),
+    ]
+    for model, args, mtp, message in cases:
+        with pytest.raises(ValueError, match=message), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            MTPGRPOTrainer(model=model, reward_funcs=digit_reward, args=GRPOConfig(**base, **args),
+                           train_dataset=dataset(), processing_class=tok, mtp_config=mtp)
 
 
 @pytest.mark.parametrize("regime", ["detach", "detach-inputs", "ce", "policy", "occ"])
@@ -214,23 +252,36 @@ def test_mtp_log_probs_align_with_decomps_aligned_axis(checkpoint, tmp_path):
     assert valid[1][:, 0].logical_not().all() and valid[1][:, 1:].all() and valid[0].all()
 
 
-@pytest.mark.parametrize("loss_type,beta", [("dapo", 0.0), ("grpo", 0.04), ("bnpo", 0.0), ("dr_grpo", 0.0),
-                                            ("cispo", 0.0), ("luspo", 0.0)])
-def test_rl_loss_reproduces_trls_loss_and_gradient(checkpoint, tmp_path, loss_type, beta):
+LOSS_CASES = [  # loss_type, beta, bias-corrected KL, gradient accumulation, tool mask
+    ("dapo", 0.0, False, 1, False), ("grpo", 0.04, False, 1, False), ("bnpo", 0.0, False, 1, False),
+    ("dr_grpo", 0.0, False, 1, False), ("cispo", 0.0, False, 1, False), ("luspo", 0.0, False, 1, False),
+    ("grpo", 0.04, True, 2, True), ("dapo", 0.0, False, 3, True),
+]
+
+
+@pytest.mark.parametrize("loss_type,beta,bias_kl,accum,tool_mask", LOSS_CASES)
+def test_rl_loss_reproduces_trls_loss_and_gradient(checkpoint, tmp_path, loss_type, beta, bias_kl, accum, tool_mask):
     trainer = make_trainer(checkpoint, tmp_path, MTPConfig(regime="detach"), loss_type=loss_type, beta=beta,
-                           epsilon_high=0.28, delta=1.5 if loss_type == "grpo" else None)
-    trainer.current_gradient_accumulation_steps = 1
+                           epsilon_high=0.28, delta=1.5 if loss_type == "grpo" else None,
+                           use_bias_correction_kl=bias_kl, gradient_accumulation_steps=accum)
+    trainer.current_gradient_accumulation_steps = accum
     lm = trainer.model
     inputs = fake_inputs(lm, seed=3)
     old = inputs["old_per_token_logps"]
     if beta:
         inputs["ref_per_token_logps"] = old - 0.1
-    # TRL's own loss (the base class: no MTP term) and its gradient
+    if tool_mask:
+        inputs["tool_mask"] = torch.ones_like(inputs["completion_mask"])
+        inputs["tool_mask"][2, 1:3] = 0  # tool output inside a completion: not trained on
+    if loss_type == "dapo":
+        inputs["num_items_in_batch"] = inputs["num_items_in_batch"] * 3  # spans a larger generation batch
+    # TRL's own loss (the base class: no MTP term) and its gradient, in training mode
+    lm.train()
     lm.zero_grad(set_to_none=True)
     trl_loss = GRPOTrainer._compute_loss(trainer, lm, inputs)
     trl_loss.backward()
     shared = {n: p for n, p in lm.named_parameters() if not n.startswith("decomp_mtp.")}
-    want = {n: p.grad.clone() for n, p in shared.items()}
+    want = {n: p.grad.clone() * accum for n, p in shared.items()}  # ours: a step of this micro-batch alone
     # ours, a function of decomp's aligned log-probs through the view
     view = MTPModelView(lm)
     batch = rollout_batch(inputs)
@@ -244,9 +295,25 @@ def test_rl_loss_reproduces_trls_loss_and_gradient(checkpoint, tmp_path, loss_ty
     with plain_forward(lm):
         value = ours(params)
         grads = torch.func.grad(ours)(params)
-    torch.testing.assert_close(value, trl_loss.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(value, trl_loss.detach() * accum, rtol=1e-5, atol=1e-7)
     for n, g in want.items():
         torch.testing.assert_close(grads["lm." + n], g, rtol=1e-4, atol=1e-6)
+
+
+def test_rl_loss_kl_stays_finite_at_padding_as_trls(checkpoint, tmp_path):
+    """TRL's log-probs are 0 at padding; a very negative ℓ there must not overflow exp(ref − ℓ)."""
+    trainer = make_trainer(checkpoint, tmp_path, MTPConfig(regime="detach"), beta=0.04)
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = fake_inputs(trainer.model, seed=4)
+    old = inputs["old_per_token_logps"] * inputs["completion_mask"]  # TRL: 0 at padding
+    inputs["ref_per_token_logps"] = old.clone()
+    P = inputs["prompt_ids"].shape[1]
+    logp = torch.zeros(old.shape[0], P - 1 + old.shape[1])
+    logp[:, P - 1 :] = old
+    loss_fn = trl_rl_loss(trainer, inputs, old)
+    padded = logp.clone()
+    padded[:, P - 1 :][inputs["completion_mask"] == 0] = -200.0  # the view's ℓ at a padded position
+    assert math.isfinite(float(loss_fn(padded))) and float(loss_fn(padded)) == float(loss_fn(logp))
 
 
 class _Check(TrainerCallback):
@@ -290,9 +357,12 @@ class _Check(TrainerCallback):
         self.updates.append((diff, norm))
 
 
-@pytest.mark.parametrize("regime,loss_type", [("occ", "dapo"), ("ce", "grpo")])
-def test_counterfactual_step_is_the_real_step_and_occ_is_decomps(checkpoint, tmp_path, regime, loss_type):
-    trainer = make_trainer(checkpoint, tmp_path, MTPConfig(regime=regime), loss_type=loss_type, max_steps=2)
+@pytest.mark.parametrize("regime,loss_type,decomp_every", [("occ", "dapo", 1), ("ce", "grpo", 0)])
+def test_counterfactual_step_is_the_real_step_and_occ_is_decomps(checkpoint, tmp_path, regime, loss_type,
+                                                                  decomp_every):
+    """Also with the decomposition callback running before the check: measuring leaves the step alone."""
+    trainer = make_trainer(checkpoint, tmp_path, MTPConfig(regime=regime, decomp_every=decomp_every),
+                           loss_type=loss_type, max_steps=2)
     check = _Check(trainer)
     trainer.add_callback(check)
     train_quietly(trainer)
@@ -349,13 +419,15 @@ def test_example_script_trains_a_local_checkpoint(checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_applies_the_union_occ_estimate_on_every_rank(checkpoint, tmp_path):
+@pytest.mark.parametrize("checkpointing", ["checkpointing", "plain"])
+def test_two_process_ddp_applies_the_union_occ_estimate_on_every_rank(checkpoint, tmp_path, checkpointing):
     """torchrun, 2 CPU processes (gloo): the OCC sums are all-reduced, the decomposition runs on
-    rank 0 only and nobody deadlocks."""
+    rank 0 only and nobody deadlocks, with activation checkpointing on or off (off, transformers
+    would have DDP look for unused parameters, and the MTP modules' gradients would then break it)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         str(ROOT / "tests" / "scripts" / "trl_ddp_occ.py"), str(checkpoint), str(tmp_path)],
+         str(ROOT / "tests" / "scripts" / "trl_ddp_occ.py"), str(checkpoint), str(tmp_path), checkpointing],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

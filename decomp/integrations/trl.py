@@ -7,8 +7,11 @@
 computed from the decoder states of TRL's own forward pass (captured by a forward hook, so the
 MTP term costs one MTP block and head, not a second trunk pass), on TRL's completion tensors,
 with TRL's old log-probs ``ℓ^old`` and advantages. The MTP modules are attached to the causal
-LM as the submodule ``decomp_mtp`` (:func:`add_mtp`), so TRL's optimizer, accelerate's DDP or
-DeepSpeed wrapper and ``save_model`` all see them.
+LM as the submodule ``decomp_mtp`` (:func:`add_mtp`), so TRL's optimizer, accelerate's DDP
+wrapper and ``save_model`` all see them. The MTP policy loss (``policy``, ``occ``) is the
+PPO-clipped surrogate with TRL's ``epsilon``/``epsilon_high`` (TRL's ``delta`` is not applied to
+it); with ``K > 1`` depths the applied term is the mean of the depths' ``λ_k·L_k`` and the
+logged ``λ`` their mean.
 
 Token alignment. TRL scores completion token ``j`` (absolute position ``P + j`` after a prompt
 of ``P`` tokens) with the main head at position ``P + j − 1``; MTP depth ``k`` predicts the same
@@ -16,11 +19,12 @@ token from position ``P + j − k − 1`` (DESIGN.md §1), so ``m``, ``ℓ``, ``
 mask are all ``[B, C]`` completion-shaped tensors. Depth ``k`` has no prediction for the first
 ``k − P + 1`` completion tokens when the prompt is shorter than ``k + 1`` tokens.
 
-OCC needs the current policy to differ from the sampling one: TRL's ``num_iterations > 1`` (or
-``steps_per_generation > gradient_accumulation_steps``) reuses a generation batch for several
-updates; with neither, ``ℓ = ℓ^old`` at every update and every proxy is 0 (a warning says so).
-The proxy's sums (:func:`decomp.occ.proxy_statistics`) are all-reduced across processes, so
-every rank applies the same global ``λ``.
+OCC needs the current policy to differ from the sampling one. TRL keeps ``ℓ^old`` only when
+some updates of a generation batch come after an optimizer step, i.e. when
+``gradient_accumulation_steps`` is not a multiple of ``steps_per_generation × num_iterations``
+(e.g. ``num_iterations = 2`` with the defaults); otherwise ``ℓ = ℓ^old`` at every update, every
+proxy is 0 and a warning says so. The proxy's sums (:func:`decomp.occ.proxy_statistics`) are
+all-reduced across processes, so every rank applies the same global ``λ``.
 
 :class:`DecompositionCallback` (installed by the trainer) writes a decomp run directory into
 ``output_dir``: ``decomp_run.json``, ``metrics.jsonl`` (one record per optimizer step: the
@@ -38,11 +42,14 @@ normalisation) driving ``u_RL``, the live optimizer state and learning rate. Glo
 gradient clipping is not modelled; each record says whether it was active (``grad_clipped``).
 
 Multi-GPU (accelerate DDP): every rank computes the MTP term on its own micro-batch and DDP
-averages the gradients; the OCC sums are all-reduced. The decomposition runs on the main process
-only, on its own micro-batch, with its local (not all-reduced) gradients and the replicated
-optimizer state — an unbiased one-rank sample of the step, not the averaged step — while the
-other ranks wait at their next collective. Sharded parameters or optimizer state (DeepSpeed ZeRO,
-FSDP) are refused by the decomposition; the MTP regimes themselves run wherever TRL runs.
+averages the gradients (the trainer sets ``ddp_find_unused_parameters=False``: the MTP term runs
+outside DDP's forward); the OCC sums are all-reduced, while ``mtp/loss`` is each rank's own. The
+decomposition runs on the main process only, on its own micro-batch, with its local (not
+all-reduced) gradients and the replicated optimizer state — a one-rank sample of the step, not
+the averaged step — while the other ranks wait at their next collective. Sharded parameters
+(FSDP, DeepSpeed ZeRO-3) are refused by the trainer, sharded optimizer state (any DeepSpeed
+stage) by the decomposition; models whose head applies logit transforms (soft-capping, logit
+scales: Gemma 2, Granite, Cohere) are refused, since TRL's fused head applies them.
 """
 
 from __future__ import annotations
@@ -72,7 +79,14 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 from decomp import __version__
 from decomp.instrument import DIRECTIONS, instrument_update
 from decomp.model import token_logprobs
-from decomp.mtp import DETACH_MODES, _decoder_parts, build_mtp_modules, mtp_logits_from_hidden
+from decomp.mtp import (
+    DETACH_MODES,
+    _decoder_parts,
+    build_mtp_modules,
+    mtp_head,
+    mtp_logits_from_hidden,
+    mtp_states_from_hidden,
+)
 from decomp.objectives import RolloutBatch
 from decomp.occ import PROXY_ESTIMATORS, coefficient_from_statistics, proxy_statistics
 from decomp.regimes import OCC, REGIMES, MTPTerm, Regime, make_regime
@@ -199,12 +213,13 @@ def completion_mtp_logprobs(
     B, T = tokens.shape
     P, C = prompt_ids.shape[1], completion_ids.shape[1]
     positions = torch.arange(T, device=tokens.device).expand(B, T)
-    logits = mtp_logits_from_hidden(lm, getattr(lm, MTP_ATTR), hidden, tokens, detach, positions, attention_mask)
+    states = mtp_states_from_hidden(lm, getattr(lm, MTP_ATTR), hidden, tokens, detach, positions, attention_mask)
     logps, valids = [], []
-    for k, lg in enumerate(logits, start=1):
-        first = P - k - 1  # the position predicting completion token 0
-        start = max(first, 0)
-        lp = token_logprobs(lg[:, start : T - k - 1] / temperature, tokens[:, start + k + 1 :])
+    for k, state in enumerate(states, start=1):
+        start = max(P - k - 1, 0)  # the first position predicting a completion token
+        # the head only where it predicts completion tokens: prompt positions would cost [B, P, V]
+        logits = mtp_head(lm, state[:, start : T - k - 1], detach)
+        lp = token_logprobs(logits / temperature, tokens[:, start + k + 1 :])
         missing = C - lp.shape[1]  # completion tokens with no depth-k prediction
         logps.append(torch.cat([lp.new_zeros(B, missing), lp], dim=1))
         valid = torch.ones(B, C, dtype=torch.bool, device=tokens.device)
@@ -259,6 +274,32 @@ def rollout_batch(inputs: dict[str, Any], current_logp: Tensor | None = None) ->
     )
 
 
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+PPO_CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+
+
+def unsupported_model_settings(trainer: GRPOTrainer) -> list[str]:
+    """Model and trainer settings the MTP term cannot follow (empty: all supported).
+
+    TRL's fused head applies the config's logit transforms (soft-capping, logit scales); the MTP
+    head and :class:`MTPModelView` use the plain output head, so such models are refused rather
+    than measured with a different policy. Sharded parameters (FSDP, DeepSpeed ZeRO-3) are
+    refused: the MTP head reads the shared output head's weight outside the model's forward.
+    """
+    text_config = trainer.model.config.get_text_config()
+    problems = [
+        f"{name}={getattr(text_config, name)!r}"
+        for name in LOGIT_TRANSFORMS
+        if getattr(text_config, name, None) not in (None, 1.0)
+    ]
+    if getattr(trainer, "is_fsdp_enabled", False):
+        problems.append("FSDP")
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if getattr(trainer, "is_deepspeed_enabled", False) and getattr(plugin, "zero_stage", 0) == 3:
+        problems.append("DeepSpeed ZeRO-3")
+    return problems
+
+
 def unsupported_loss_settings(trainer: GRPOTrainer) -> list[str]:
     """The trainer settings :func:`trl_rl_loss` does not reproduce (empty: all supported)."""
     args = trainer.args
@@ -279,6 +320,8 @@ def unsupported_loss_settings(trainer: GRPOTrainer) -> list[str]:
         problems.append("a MoE auxiliary loss")
     if getattr(args, "use_liger_kernel", False):
         problems.append("use_liger_kernel")
+    if getattr(args, "cast_lm_head_to_fp32", False) and next(trainer.model.parameters()).dtype != torch.float32:
+        problems.append("cast_lm_head_to_fp32 with a model not in float32")
     return problems
 
 
@@ -310,8 +353,12 @@ def trl_rl_loss(trainer: GRPOTrainer, inputs: dict[str, Any], old_logp: Tensor) 
         normalizer = float(inputs["num_items_in_batch"].clamp(min=1.0)) / trainer.accelerator.num_processes
         normalizer = normalizer / args.steps_per_generation
 
+    padding = ~inputs["completion_mask"].bool()
+
     def loss(logp: Tensor) -> Tensor:
-        lp = logp[:, P - 1 :]
+        # TRL's log-probs are 0 at padding (its labels are -100 there); as in TRL, so that the
+        # KL's exp(ref − ℓ) cannot overflow on a masked position and turn the sum into nan
+        lp = logp[:, P - 1 :].masked_fill(padding, 0.0)
         coef_1 = torch.exp(lp - old)
         if beta:
             per_token_kl = torch.exp(ref - lp) - (ref - lp) - 1
@@ -399,12 +446,31 @@ class MTPGRPOTrainer(GRPOTrainer):
         check_trl_version()
         self.mtp_config = MTPConfig() if mtp_config is None else mtp_config
         self.mtp_config.validate()
+        # The MTP term runs outside DDP's forward, so DDP must not look for unused parameters
+        # (it would take the MTP modules for unused, then receive their gradients). Every
+        # parameter gets a gradient at every step in every regime, so the search is not needed.
+        # Set before GRPOTrainer builds its accelerator, which reads it.
+        config = kwargs["args"] if "args" in kwargs else (args[2] if len(args) > 2 else None)
+        if config is not None:
+            if config.ddp_find_unused_parameters:
+                raise ValueError("MTPGRPOTrainer needs ddp_find_unused_parameters=False (the MTP term runs outside "
+                                 "DDP's forward)")
+            config.ddp_find_unused_parameters = False
         super().__init__(*args, **kwargs)
         from accelerate.utils import is_peft_model
 
         if is_peft_model(self.model):
             raise TypeError("MTPGRPOTrainer does not support PEFT models yet")
+        problems = unsupported_model_settings(self)
+        if problems:
+            raise ValueError(f"MTPGRPOTrainer does not support {', '.join(problems)}")
         cfg = self.mtp_config
+        if cfg.regime in ("policy", "occ") and self.loss_type not in PPO_CLIPPED_LOSS_TYPES:
+            raise ValueError(
+                f"regime {cfg.regime!r} applies the PPO-clipped policy loss to the MTP head with TRL's "
+                f"epsilon/epsilon_high as clip range; loss_type={self.loss_type!r} has no such range "
+                f"(use one of {', '.join(PPO_CLIPPED_LOSS_TYPES)})"
+            )
         add_mtp(self.model, depth=cfg.depth, init=cfg.init, seed=cfg.seed)
         options: dict[str, Any] = {"coef": cfg.coef}
         if cfg.regime in ("policy", "occ"):
@@ -412,13 +478,12 @@ class MTPGRPOTrainer(GRPOTrainer):
         if cfg.regime == "occ":
             options["estimator"] = cfg.estimator
         self.regime: Regime = make_regime(cfg.regime, **options)
-        if isinstance(self.regime, OCC) and self.num_iterations == 1 and (
-            self.args.steps_per_generation <= self.args.gradient_accumulation_steps
-        ):
+        if isinstance(self.regime, OCC) and not self.off_policy_updates():
             warnings.warn(
-                "occ with num_iterations=1 and steps_per_generation <= gradient_accumulation_steps: every update "
-                "starts at the sampling policy (ℓ = ℓ^old), so the OCC proxy and λ are 0 at every step; set "
-                "num_iterations > 1 or steps_per_generation > gradient_accumulation_steps",
+                "occ: with gradient_accumulation_steps a multiple of steps_per_generation × num_iterations, every "
+                "update of a generation batch happens before the optimizer step (ℓ = ℓ^old), so the OCC proxy and "
+                "λ are 0 at every step; use num_iterations or steps_per_generation so that "
+                "gradient_accumulation_steps % (steps_per_generation × num_iterations) != 0",
                 UserWarning,
                 stacklevel=2,
             )
@@ -447,7 +512,8 @@ class MTPGRPOTrainer(GRPOTrainer):
         finally:
             self._capturing_logps = False
         logp = self._captured_logps[-1]
-        term, tensors = self._mtp_term(lm, inputs, capture.hidden(), logp)
+        with self.accelerator.autocast():  # as TRL's own forward
+            term, tensors = self._mtp_term(lm, inputs, capture.hidden(), logp)
         mode = "train" if self.model.training else "eval"
         normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         if mode == "train":
@@ -496,6 +562,15 @@ class MTPGRPOTrainer(GRPOTrainer):
             stats = self.accelerator.reduce(stats, reduction="sum")
         lam = coefficient_from_statistics(stats, self.regime.coef, self.regime.estimator)  # type: ignore[attr-defined]
         return 0.0 if math.isnan(lam) else lam
+
+    def off_policy_updates(self) -> bool:
+        """Whether some updates start away from the sampling policy (TRL then keeps ``ℓ^old``):
+        ``gradient_accumulation_steps`` not a multiple of ``steps_per_generation × num_iterations``
+        (or vLLM's importance-sampling correction)."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return bool(self.args.gradient_accumulation_steps % generate_every) or bool(
+            getattr(self, "use_vllm", False) and getattr(self, "vllm_importance_sampling_correction", False)
+        )
 
     def pop_step_mtp(self) -> dict[str, float]:
         """Mean applied ``λ`` and ``L_MTP`` over the micro-batches since the last call."""

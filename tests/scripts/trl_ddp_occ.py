@@ -1,6 +1,7 @@
-"""Run by tests/test_trl.py under ``accelerate launch --cpu --num_processes 2``: an OCC run whose
+"""Run by tests/test_trl.py under ``torchrun --nproc_per_node 2`` (CPU, gloo): an OCC run whose
 ranks save, before every optimizer step, the λ they applied and the proxy inputs of their own
-micro-batch, so the test can check that every rank applied the estimate of the union."""
+micro-batch, so the test can check that every rank applied the estimate of the union. Arguments: checkpoint folder, output folder, ``checkpointing`` or ``plain`` (activation
+checkpointing on or off: off, transformers would ask DDP to look for unused parameters)."""
 
 from __future__ import annotations
 
@@ -37,11 +38,13 @@ class Save(TrainerCallback):
 
 def main() -> None:
     checkpoint, out = Path(sys.argv[1]), Path(sys.argv[2])
+    checkpointing = sys.argv[3] == "checkpointing" if len(sys.argv) > 3 else True
     task = make_text_task("add1")
     data = Dataset.from_list([{"prompt": p.question, "answer": p.answer} for p in task.train])
     config = GRPOConfig(output_dir=str(out), use_cpu=True, per_device_train_batch_size=8, num_generations=4, max_completion_length=6,
                         max_steps=2, num_iterations=2, learning_rate=1e-3, save_strategy="no", seed=0, report_to=[],
-                        bf16=False, max_grad_norm=0.0, logging_steps=1, disable_tqdm=True)
+                        bf16=False, max_grad_norm=0.0, logging_steps=1, disable_tqdm=True,
+                        gradient_checkpointing=checkpointing)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = MTPGRPOTrainer(model=LlamaForCausalLM.from_pretrained(checkpoint), reward_funcs=digit_reward,

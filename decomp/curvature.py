@@ -191,24 +191,28 @@ def hvp(
 
 
 DOT_BLOCK = 1 << 18  # elements per block: a block's float64 copies (2 MiB each) stay in cache
+DOT_SMALL = 1 << 16  # below this, per-operation overhead dominates: one fused product and sum
 
 
 def dot(a: Params, b: Params) -> float:
-    """``⟨a, b⟩`` summed over all tensors, products and sums in float64.
+    """``⟨a, b⟩`` summed over all tensors, accumulated in float64.
 
-    Lower-precision tensors are converted one cache-sized block (``DOT_BLOCK`` elements) at a
-    time: converting whole 100M-parameter dicts to float64 had cost more than the HVPs, and a
-    float32 product summed into float64 was both slower (about 8× on this CPU) and rounded
-    each product to float32.
+    Large lower-precision tensors are converted to float64 one cache-sized block
+    (``DOT_BLOCK`` elements) at a time, so their products are exact: converting whole
+    100M-parameter dicts had cost more than the HVPs, and a float32 product summed into float64
+    was about 8× slower on this CPU. Tensors under ``DOT_SMALL`` elements (where the overhead
+    of each operation dominates) form their products in their own dtype and sum them in float64.
     """
     total: Tensor | float = 0.0
     for k in a:
-        x, y = a[k].reshape(-1), b[k].reshape(-1)
-        if x.dtype == torch.float64 and y.dtype == torch.float64:
-            total = total + torch.dot(x, y)
-            continue
-        for xs, ys in zip(x.split(DOT_BLOCK), y.split(DOT_BLOCK), strict=True):
-            total = total + torch.dot(xs.to(torch.float64), ys.to(torch.float64))
+        x, y = a[k], b[k]
+        if x.numel() < DOT_SMALL:
+            total = total + torch.sum(x * y, dtype=torch.float64)
+        elif x.dtype == torch.float64 and y.dtype == torch.float64:
+            total = total + torch.dot(x.reshape(-1), y.reshape(-1))
+        else:
+            for xs, ys in zip(x.reshape(-1).split(DOT_BLOCK), y.reshape(-1).split(DOT_BLOCK), strict=True):
+                total = total + torch.dot(xs.to(torch.float64), ys.to(torch.float64))
     return float(total)
 
 

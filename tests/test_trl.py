@@ -426,7 +426,7 @@ def test_two_process_ddp_applies_the_union_occ_estimate_on_every_rank(checkpoint
     would have DDP look for unused parameters, and the MTP modules' gradients would then break it)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(ROOT / "tests" / "scripts" / "trl_ddp_occ.py"), str(checkpoint), str(tmp_path), checkpointing],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
     )

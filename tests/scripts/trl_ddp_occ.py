@@ -53,6 +53,9 @@ def main() -> None:
                                  mtp_config=MTPConfig(regime="occ", decomp_every=2))
         trainer.add_callback(Save(trainer, out))
         trainer.train()
+    if torch.distributed.is_initialized():  # a clean shutdown: gloo's threads joined before exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -132,6 +132,10 @@ def load_hf(model: str) -> tuple[nn.Module, Any]:
             os.environ.pop("TQDM_DISABLE", None)
         else:
             os.environ["TQDM_DISABLE"] = previous
+    if getattr(lm, "hf_quantizer", None) is not None and kwargs.get("gguf_file"):
+        # GGUF tensors are de-quantised to float32 on load: the model is dense, and keeping the
+        # quantisation marker would make Trainer (TRL) refuse to train it
+        lm.hf_quantizer.remove_quantization_config(lm)
     lm.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

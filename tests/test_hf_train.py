@@ -131,6 +131,8 @@ def test_real_smollm2_loads_and_runs_with_an_mtp_module():
 
     lm, tok = load_hf("smollm2-135m")
     assert lm.config.model_type == "llama" and sum(p.numel() for p in lm.parameters()) > 100e6
+    # de-quantised to dense float32: not flagged as quantised (Trainer would refuse to train it)
+    assert not lm.is_quantized and next(lm.parameters()).dtype == torch.float32
     model = attach_mtp(lm, depth=1)
     enc = tok(["<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")
     with torch.no_grad():

@@ -231,22 +231,25 @@ def measure_step(
     devices = sorted({p.device.index or 0 for p in params.values() if p.device.type == "cuda"})
 
     with torch.random.fork_rng(devices=devices), math_attention():
-        rl = second_order(J, params, method=hvp_method, name="rl_objective")
         theta = {k: v.detach() for k, v in params.items()}
+        # the first-order gradients before J's second-order graph exists: their passes then
+        # never hold memory at the same time as that graph (the peak of a decomposition)
         g_mtp, mtp_value = torch.func.grad_and_value(L)(theta)
-        if not math.isfinite(float(rl.value)):
-            raise ValueError(f"rl_objective returned a non-finite value ({float(rl.value)})")
         if not math.isfinite(float(mtp_value)):
             raise ValueError(f"mtp_loss returned a non-finite value ({float(mtp_value)})")
-        gn_rl = _finite_norm(rl.grad, "the gradient of rl_objective")
         gn_mtp = _finite_norm(g_mtp, "the gradient of mtp_loss")
-
-        g = rl.grad
-        if rl_loss is None:
-            update_grad = {k: -v for k, v in g.items()}
-        else:
+        update_grad = None
+        if rl_loss is not None:
             update_grad = torch.func.grad(scalar_function(rl_loss, "rl_loss"))(theta)
             _finite_norm(update_grad, "the gradient of rl_loss")
+        rl = second_order(J, params, method=hvp_method, name="rl_objective")
+        if not math.isfinite(float(rl.value)):
+            raise ValueError(f"rl_objective returned a non-finite value ({float(rl.value)})")
+        gn_rl = _finite_norm(rl.grad, "the gradient of rl_objective")
+
+        g = rl.grad
+        if update_grad is None:
+            update_grad = {k: -v for k, v in g.items()}
         cf = opt.counterfactual(theta, update_grad, g_mtp, coef)
         u_rl, delta, delta1 = cf.update_rl, cf.displacement, cf.unit_displacement
 
@@ -254,6 +257,7 @@ def measure_step(
         c1 = dot(g, delta1)
         x1 = dot(u_rl, h_delta1)
         p1 = -0.5 * dot(delta1, h_delta1) + 0.0  # + 0.0: report 0, not -0
+        del h_delta1  # (one parameter-sized buffer fewer at the second HVP)
         if opt.linear:
             c, x, p = coef * c1, coef * x1, coef * coef * p1 + 0.0
         else:
@@ -261,6 +265,9 @@ def measure_step(
             c = dot(g, delta)
             x = dot(u_rl, h_delta)
             p = -0.5 * dot(delta, h_delta) + 0.0
+            del h_delta
+        j_value = float(rl.value)
+        del rl  # frees J's second-order graph before the evaluations below
 
         with torch.no_grad():
             # one buffer for both points: θ + u_RL, then + δ in place
@@ -292,9 +299,9 @@ def measure_step(
         cosine=cosine,
         update_norm_rl=norm(u_rl),
         displacement_norm=norm(delta),
-        rl_objective=float(rl.value),
+        rl_objective=j_value,
         mtp_loss=float(mtp_value),
-        realized_rl=j_rl - float(rl.value),
+        realized_rl=j_rl - j_value,
         coef=coef,
         optimizer=opt.name,
         hvp_method=hvp_method,

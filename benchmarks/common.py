@@ -76,3 +76,36 @@ def training_update(model, batch: RolloutBatch, regime, opt: torch.optim.Optimiz
     opt.zero_grad()
     (pg + term.loss).backward()
     opt.step()
+
+
+def decomposition_rows(
+    update: Callable[[], object], obj, named: dict, opt: torch.optim.Optimizer, *, sgd_lr: float | None = None
+) -> dict[str, Callable[[], object]]:
+    """The decomposition-cost measurements on one batch: a training update (the unit), one full
+    ``decompose`` (AdamW; SGD too given ``sgd_lr``) and the parts it is made of, timed alone."""
+    from decomp.curvature import second_order
+    from decomp.decomposition import decompose
+
+    params = {k: v.detach() for k, v in named.items()}
+    vec = {k: torch.randn_like(p) for k, p in params.items()}
+    rows: dict[str, Callable[[], object]] = {
+        "training update": update,
+        "decompose, AdamW": lambda: decompose(obj.rl_objective, obj.mtp_loss, named, coef=0.1, optimizer=opt),
+    }
+    if sgd_lr is not None:
+        rows["decompose, SGD"] = lambda: decompose(obj.rl_objective, obj.mtp_loss, params, coef=0.1, lr=sgd_lr)
+    rows.update({
+        "  ∇J + graph for HVPs": lambda: second_order(obj.rl_objective, params),
+        "  ∇J + graph + one HVP": lambda: second_order(obj.rl_objective, params).hvp(vec),
+        "  ∇L_MTP": lambda: torch.func.grad(obj.mtp_loss)(params),
+        "  J forward": lambda: obj.rl_objective(params),
+    })
+    return rows
+
+
+def print_rows(t: dict[str, list[float]]) -> list[float]:
+    """One table row per measurement, as a ratio to the training update of the same repeat."""
+    base = t["training update"]
+    for name, ts in t.items():
+        print(f"| {name:<26} | {summary(ts, base)} |")
+    return base

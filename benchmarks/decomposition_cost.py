@@ -15,10 +15,15 @@ import argparse
 import statistics
 
 import torch
-from common import machine, summary, synthetic_rollout, timed, training_update
+from common import (
+    decomposition_rows,
+    machine,
+    print_rows,
+    synthetic_rollout,
+    timed,
+    training_update,
+)
 
-from decomp.curvature import second_order
-from decomp.decomposition import decompose
 from decomp.model import ModelConfig
 from decomp.objectives import objectives
 from decomp.regimes import Policy
@@ -54,23 +59,12 @@ def main() -> None:
             for s, t in st.items():
                 t.copy_(state[p][s])
 
-    vec = {k: torch.randn_like(p) for k, p in params.items()}
-    fns = {
-        "training update": measured_update,
-        "decompose, AdamW": lambda: decompose(obj.rl_objective, obj.mtp_loss, named, coef=0.1, optimizer=opt),
-        "decompose, SGD": lambda: decompose(obj.rl_objective, obj.mtp_loss, params, coef=0.1, lr=1e-4),
-        "  ∇J + graph for HVPs": lambda: second_order(obj.rl_objective, params),
-        "  ∇J + graph + one HVP": lambda: second_order(obj.rl_objective, params).hvp(vec),
-        "  ∇L_MTP": lambda: torch.func.grad(obj.mtp_loss)(params),
-        "  J forward": lambda: obj.rl_objective(params),
-    }
+    fns = decomposition_rows(measured_update, obj, named, opt, sgd_lr=1e-4)
     t = timed(fns, args.repeats)
-    base = t["training update"]
     print(f"# Decomposition cost — {machine()}")
     print(f"model {sum(p.numel() for p in params.values()) / 1e6:.3f}M parameters, batch 64×11, {args.repeats} repeats; "
           "median [min–max] seconds and ratio to the training update of the same repeat\n")
-    for name, ts in t.items():
-        print(f"| {name:<26} | {summary(ts, base)} |")
+    base = print_rows(t)
     print(f"\nmedian training update {statistics.median(base) * 1e3:.1f} ms")
 
 

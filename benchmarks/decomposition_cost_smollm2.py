@@ -13,10 +13,8 @@ import argparse
 import statistics
 
 import torch
-from common import machine, summary, timed, training_update
+from common import decomposition_rows, machine, print_rows, timed, training_update
 
-from decomp.curvature import second_order
-from decomp.decomposition import decompose
 from decomp.model import aligned_logprobs
 from decomp.mtp import attach_mtp
 from decomp.objectives import RolloutBatch, objectives
@@ -53,22 +51,12 @@ def main() -> None:
         training_update(model, batch, regime, opt)
 
     update()
-    vec = {k: torch.randn_like(p) for k, p in params.items()}
-    fns = {
-        "training update": update,
-        "decompose, AdamW": lambda: decompose(obj.rl_objective, obj.mtp_loss, named, coef=0.1, optimizer=opt),
-        "  ∇J + graph for HVPs": lambda: second_order(obj.rl_objective, params),
-        "  ∇J + graph + one HVP": lambda: second_order(obj.rl_objective, params).hvp(vec),
-        "  ∇L_MTP": lambda: torch.func.grad(obj.mtp_loss)(params),
-        "  J forward": lambda: obj.rl_objective(params),
-    }
+    fns = decomposition_rows(update, obj, named, opt)
     t = timed(fns, args.repeats)
-    base = t["training update"]
     print(f"# Decomposition cost, SmolLM2-135M-Instruct — {machine()}")
     print(f"{sum(p.numel() for p in params.values()) / 1e6:.1f}M parameters (with the MTP module), batch {B}×{T}, "
           f"{args.repeats} repeats; median [min–max] seconds and ratio to the training update of the same repeat\n")
-    for name, ts in t.items():
-        print(f"| {name:<26} | {summary(ts, base)} |")
+    base = print_rows(t)
     print(f"\nmedian training update {statistics.median(base):.2f} s")
 
 

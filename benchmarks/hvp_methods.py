@@ -15,29 +15,14 @@ import argparse
 import copy
 import platform
 import statistics
-import time
 
 import torch
+from common import timed
 
 from decomp.curvature import hvp, second_order
 from decomp.model import ModelConfig, MTPTransformer
 from decomp.objectives import RolloutBatch, model_logprobs, objectives
 from decomp.regimes import CrossEntropy
-
-
-def _timed_round_robin(fns: dict, repeats: int, sync) -> dict[str, list[float]]:
-    """Time each callable ``repeats`` times, interleaved, so drifting machine load hits all alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    out: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync()
-            t = time.perf_counter()
-            fn()
-            sync()
-            out[name].append(time.perf_counter() - t)
-    return out
 
 
 def main() -> None:
@@ -74,7 +59,7 @@ def main() -> None:
         opt.step()
 
     so = second_order(loss, params)
-    timings = _timed_round_robin(
+    timings = timed(
         {
             "training step": train_step,
             "hvp autograd (default)": lambda: hvp(loss, params, v, method="autograd"),

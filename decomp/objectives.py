@@ -128,8 +128,7 @@ def objectives(
         raise ValueError("give either rl_loss_of_logp or clip/kl_coef, not both")
 
     def rl_objective(params: Params) -> Tensor:
-        logp, _, _ = model_logprobs(model, params, batch.tokens, attention_mask=batch.attention_mask, with_mtp=False)
-        return importance_objective(logp, batch.old_logp, batch.advantages, mask)
+        return importance_objective(logprob_fn(params), batch.old_logp, batch.advantages, mask)
 
     def mtp_loss(params: Params) -> Tensor:
         _, mtp_logp, valid = model_logprobs(model, params, batch.tokens, regime.detach, batch.attention_mask)
@@ -147,20 +146,19 @@ def objectives(
         logp, _, _ = model_logprobs(model, params, batch.tokens, attention_mask=batch.attention_mask, with_mtp=False)
         return logp
 
-    rl_loss = None
-    if rl_loss_of_logp is not None:
-
-        def rl_loss(params: Params) -> Tensor:
-            logp, _, _ = model_logprobs(model, params, batch.tokens, attention_mask=batch.attention_mask, with_mtp=False)
-            return rl_loss_of_logp(logp)
-
-    elif clip is not None:
-
-        def rl_loss(params: Params) -> Tensor:
-            logp, _, _ = model_logprobs(model, params, batch.tokens, attention_mask=batch.attention_mask, with_mtp=False)
+    if rl_loss_of_logp is None and clip is not None:
+        # the built-in training loss: the clipped surrogate plus kl_coef·k3 KL
+        def rl_loss_of_logp(logp: Tensor) -> Tensor:
             loss = clipped_policy_loss(logp, batch.old_logp, batch.advantages, mask, *clip)
             if kl_coef:
                 loss = loss + kl_coef * masked_mean(kl_k3(logp, ref_logp), mask)
             return loss
+
+    rl_loss = None
+    if rl_loss_of_logp is not None:
+        loss_of_logp = rl_loss_of_logp
+
+        def rl_loss(params: Params) -> Tensor:
+            return loss_of_logp(logprob_fn(params))
 
     return Objectives(rl_objective, mtp_loss, logprob_fn, rl_loss)

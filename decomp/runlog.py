@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
+# a run directory's description when a trainer's own config.json sits beside it (decomp.integrations)
+RUN_FILE = "decomp_run.json"
 
 
 def _clean(value: Any) -> Any:
@@ -55,8 +57,9 @@ class JsonlWriter:
         self.close()
 
 
-def iter_jsonl(path: Path, *, warn: bool = True) -> Iterator[dict[str, Any]]:
-    """Records of a ``.jsonl`` file; unparsable lines are skipped (with a warning)."""
+def iter_jsonl(path: Path, *, warn: bool = True, required: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """Records of a ``.jsonl`` file; unparsable lines and records missing a ``required`` field
+    are skipped (with a warning naming the file and line)."""
     path = Path(path)
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -65,14 +68,18 @@ def iter_jsonl(path: Path, *, warn: bool = True) -> Iterator[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                if warn:
-                    warnings.warn(f"{path}:{lineno}: skipping a line that is not valid JSON", stacklevel=2)
-                continue
-            if not isinstance(record, dict):
-                if warn:
-                    warnings.warn(f"{path}:{lineno}: skipping a line that is not a JSON object", stacklevel=2)
-                continue
-            yield {k: (math.nan if v is None else v) for k, v in record.items()}
+                problem = "skipping a line that is not valid JSON (truncated?)"
+            else:
+                missing = [k for k in required if k not in record] if isinstance(record, dict) else []
+                if not isinstance(record, dict):
+                    problem = "skipping a line that is not a JSON object"
+                elif missing:
+                    problem = f"skipping a record missing {', '.join(missing)}"
+                else:
+                    yield {k: (math.nan if v is None else v) for k, v in record.items()}
+                    continue
+            if warn:
+                warnings.warn(f"{path}:{lineno}: {problem}", stacklevel=2)
 
 
 def read_jsonl(path: Path, *, warn: bool = True) -> list[dict[str, Any]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,31 +16,6 @@ from decomp.policies import HFPolicy, load_hf  # noqa: E402
 from decomp.runlog import read_jsonl  # noqa: E402
 from decomp.texttasks import last_integer_reward, make_text_task, math_reward, read_dataset  # noqa: E402
 from decomp.train import RunError, TrainConfig, train  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A randomly initialised Llama with a character tokenizer and a chat template, saved locally."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for c in [chr(i) for i in range(32, 127)] + ["\n"]:
-        vocab[c] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>")
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
-    tok.save_pretrained(folder)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
 
 
 HF_TINY = dict(steps=2, prompts_per_step=4, group_size=4, eval_every=2, decomp_every=2, checkpoint_every=2,

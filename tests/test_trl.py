@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("trl", reason="the trl extra is not installed: pip install -e '.[trl]'")
 
 from datasets import Dataset  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
+from transformers import LlamaForCausalLM, TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from decomp.cli import main as cli_main  # noqa: E402
@@ -42,30 +42,6 @@ from decomp.texttasks import make_text_task  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A randomly initialised 2-layer Llama with a character tokenizer, saved locally."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    folder = tmp_path_factory.mktemp("tiny-llama-trl")
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for c in [chr(i) for i in range(32, 127)] + ["\n"]:
-        vocab[c] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>")
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
-    tok.save_pretrained(folder)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
-
-
 def digit_reward(completions, **kwargs):
     """Dense: the fraction of digits in the completion (a random model earns some)."""
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
@@ -76,18 +52,18 @@ def dataset() -> Dataset:
     return Dataset.from_list([{"prompt": p.question, "answer": p.answer} for p in task.train])
 
 
-def make_trainer(checkpoint: Path, out: Path, mtp: MTPConfig, **overrides) -> MTPGRPOTrainer:
+def make_trainer(tiny_checkpoint: Path, out: Path, mtp: MTPConfig, **overrides) -> MTPGRPOTrainer:
     from transformers import AutoTokenizer
 
     options = dict(output_dir=str(out), use_cpu=True, report_to=[], per_device_train_batch_size=8, num_generations=4,
                    max_completion_length=6, max_steps=3, logging_steps=1, num_iterations=2, learning_rate=1e-3,
                    save_strategy="no", seed=0, bf16=False, max_grad_norm=0.0, disable_tqdm=True)
     options.update(overrides)
-    lm = LlamaForCausalLM.from_pretrained(checkpoint)
+    lm = LlamaForCausalLM.from_pretrained(tiny_checkpoint)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return MTPGRPOTrainer(model=lm, reward_funcs=digit_reward, args=GRPOConfig(**options),
-                              train_dataset=dataset(), processing_class=AutoTokenizer.from_pretrained(checkpoint),
+                              train_dataset=dataset(), processing_class=AutoTokenizer.from_pretrained(tiny_checkpoint),
                               mtp_config=mtp)
 
 
@@ -131,22 +107,22 @@ def test_version_outside_the_tested_range_warns_naming_it():
     assert TRL_TESTED_RANGE == ">=1.16,<1.17"
 
 
-def test_bad_config_is_refused(checkpoint, tmp_path):
+def test_bad_config_is_refused(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="unknown regime 'mtp'"):
         MTPConfig(regime="mtp").validate()
     with pytest.raises(ValueError, match="unknown decomposition direction"):
         MTPConfig(decomp_directions="active,sideways").validate()
 
 
-def _occ_warnings(checkpoint, tmp_path, **args) -> list[str]:
+def _occ_warnings(tiny_checkpoint, tmp_path, **args) -> list[str]:
     from transformers import AutoTokenizer
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        MTPGRPOTrainer(model=LlamaForCausalLM.from_pretrained(checkpoint), reward_funcs=digit_reward,
+        MTPGRPOTrainer(model=LlamaForCausalLM.from_pretrained(tiny_checkpoint), reward_funcs=digit_reward,
                        args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], num_generations=4,
                                        per_device_train_batch_size=4, **args),
-                       train_dataset=dataset(), processing_class=AutoTokenizer.from_pretrained(checkpoint),
+                       train_dataset=dataset(), processing_class=AutoTokenizer.from_pretrained(tiny_checkpoint),
                        mtp_config=MTPConfig(regime="occ"))
     return [str(w.message) for w in caught if "OCC proxy and λ are 0" in str(w.message)]
 
@@ -157,14 +133,14 @@ def _occ_warnings(checkpoint, tmp_path, **args) -> list[str]:
     ({"num_iterations": 2, "gradient_accumulation_steps": 2, "steps_per_generation": 1}, True),  # one optimizer step
     ({"num_iterations": 1, "gradient_accumulation_steps": 3, "steps_per_generation": 2}, False),
 ])
-def test_occ_warns_exactly_when_trl_keeps_no_old_log_probs(checkpoint, tmp_path, args, warned):
-    assert bool(_occ_warnings(checkpoint, tmp_path, **args)) == warned
+def test_occ_warns_exactly_when_trl_keeps_no_old_log_probs(tiny_checkpoint, tmp_path, args, warned):
+    assert bool(_occ_warnings(tiny_checkpoint, tmp_path, **args)) == warned
 
 
-def test_settings_the_mtp_term_cannot_follow_are_refused(checkpoint, tmp_path):
+def test_settings_the_mtp_term_cannot_follow_are_refused(tiny_checkpoint, tmp_path):
     from transformers import AutoTokenizer, GraniteConfig, GraniteForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(checkpoint)
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint)
     granite = GraniteForCausalLM(GraniteConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                                logits_scaling=4.0))
@@ -172,9 +148,9 @@ def test_settings_the_mtp_term_cannot_follow_are_refused(checkpoint, tmp_path):
                 num_iterations=2)
     cases = [
         (granite, {}, MTPConfig(), "logits_scaling=4.0"),
-        (LlamaForCausalLM.from_pretrained(checkpoint), {"loss_type": "cispo"}, MTPConfig(regime="policy"),
+        (LlamaForCausalLM.from_pretrained(tiny_checkpoint), {"loss_type": "cispo"}, MTPConfig(regime="policy"),
          "loss_type='cispo' has no such range"),
-        (LlamaForCausalLM.from_pretrained(checkpoint), {"ddp_find_unused_parameters": True}, MTPConfig(),
+        (LlamaForCausalLM.from_pretrained(tiny_checkpoint), {"ddp_find_unused_parameters": True}, MTPConfig(),
          "ddp_find_unused_parameters=False"),
     ]
     for model, args, mtp, message in cases:
@@ -185,8 +161,8 @@ def test_settings_the_mtp_term_cannot_follow_are_refused(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("regime", ["detach", "detach-inputs", "ce", "policy", "occ"])
-def test_each_regime_trains_three_steps(checkpoint, tmp_path, regime):
-    trainer = make_trainer(checkpoint, tmp_path, MTPConfig(regime=regime))
+def test_each_regime_trains_three_steps(tiny_checkpoint, tmp_path, regime):
+    trainer = make_trainer(tiny_checkpoint, tmp_path, MTPConfig(regime=regime))
     mtp_before = {k: v.detach().clone() for k, v in trainer.model.decomp_mtp.named_parameters()}
     train_quietly(trainer)
     assert trainer.state.global_step == 3
@@ -206,8 +182,8 @@ def test_each_regime_trains_three_steps(checkpoint, tmp_path, regime):
 
 
 @pytest.mark.parametrize("regime", ["detach", "detach-inputs", "ce", "policy", "occ"])
-def test_mtp_loss_reaches_shared_parameters_only_as_design_says(checkpoint, tmp_path, regime):
-    trainer = make_trainer(checkpoint, tmp_path, MTPConfig(regime=regime))
+def test_mtp_loss_reaches_shared_parameters_only_as_design_says(tiny_checkpoint, tmp_path, regime):
+    trainer = make_trainer(tiny_checkpoint, tmp_path, MTPConfig(regime=regime))
     lm = trainer.model
     inputs = fake_inputs(lm)
     tokens = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
@@ -234,8 +210,8 @@ def test_mtp_loss_reaches_shared_parameters_only_as_design_says(checkpoint, tmp_
         assert reached(embedding) and all(reached(n) for n in trunk if "layers.1." in n)
 
 
-def test_mtp_log_probs_align_with_decomps_aligned_axis(checkpoint, tmp_path):
-    trainer = make_trainer(checkpoint, tmp_path, MTPConfig(regime="ce", depth=2))
+def test_mtp_log_probs_align_with_decomps_aligned_axis(tiny_checkpoint, tmp_path):
+    trainer = make_trainer(tiny_checkpoint, tmp_path, MTPConfig(regime="ce", depth=2))
     lm = trainer.model.double()
     P = 2  # shorter than depth + 1: depth 2 has no prediction for the first completion token
     inputs = fake_inputs(lm, P=P, with_old=False)
@@ -260,8 +236,8 @@ LOSS_CASES = [  # loss_type, beta, bias-corrected KL, gradient accumulation, too
 
 
 @pytest.mark.parametrize("loss_type,beta,bias_kl,accum,tool_mask", LOSS_CASES)
-def test_rl_loss_reproduces_trls_loss_and_gradient(checkpoint, tmp_path, loss_type, beta, bias_kl, accum, tool_mask):
-    trainer = make_trainer(checkpoint, tmp_path, MTPConfig(regime="detach"), loss_type=loss_type, beta=beta,
+def test_rl_loss_reproduces_trls_loss_and_gradient(tiny_checkpoint, tmp_path, loss_type, beta, bias_kl, accum, tool_mask):
+    trainer = make_trainer(tiny_checkpoint, tmp_path, MTPConfig(regime="detach"), loss_type=loss_type, beta=beta,
                            epsilon_high=0.28, delta=1.5 if loss_type == "grpo" else None,
                            use_bias_correction_kl=bias_kl, gradient_accumulation_steps=accum)
     trainer.current_gradient_accumulation_steps = accum
@@ -300,9 +276,9 @@ def test_rl_loss_reproduces_trls_loss_and_gradient(checkpoint, tmp_path, loss_ty
         torch.testing.assert_close(grads["lm." + n], g, rtol=1e-4, atol=1e-6)
 
 
-def test_rl_loss_kl_stays_finite_at_padding_as_trls(checkpoint, tmp_path):
+def test_rl_loss_kl_stays_finite_at_padding_as_trls(tiny_checkpoint, tmp_path):
     """TRL's log-probs are 0 at padding; a very negative ℓ there must not overflow exp(ref − ℓ)."""
-    trainer = make_trainer(checkpoint, tmp_path, MTPConfig(regime="detach"), beta=0.04)
+    trainer = make_trainer(tiny_checkpoint, tmp_path, MTPConfig(regime="detach"), beta=0.04)
     trainer.current_gradient_accumulation_steps = 1
     inputs = fake_inputs(trainer.model, seed=4)
     old = inputs["old_per_token_logps"] * inputs["completion_mask"]  # TRL: 0 at padding
@@ -358,10 +334,10 @@ class _Check(TrainerCallback):
 
 
 @pytest.mark.parametrize("regime,loss_type,decomp_every", [("occ", "dapo", 1), ("ce", "grpo", 0)])
-def test_counterfactual_step_is_the_real_step_and_occ_is_decomps(checkpoint, tmp_path, regime, loss_type,
+def test_counterfactual_step_is_the_real_step_and_occ_is_decomps(tiny_checkpoint, tmp_path, regime, loss_type,
                                                                   decomp_every):
     """Also with the decomposition callback running before the check: measuring leaves the step alone."""
-    trainer = make_trainer(checkpoint, tmp_path, MTPConfig(regime=regime, decomp_every=decomp_every),
+    trainer = make_trainer(tiny_checkpoint, tmp_path, MTPConfig(regime=regime, decomp_every=decomp_every),
                            loss_type=loss_type, max_steps=2)
     check = _Check(trainer)
     trainer.add_callback(check)
@@ -377,9 +353,9 @@ def test_counterfactual_step_is_the_real_step_and_occ_is_decomps(checkpoint, tmp
             assert applied == pytest.approx(independent, rel=1e-4, abs=1e-6)
 
 
-def test_callback_logs_and_writes_records_the_analysis_reads(checkpoint, tmp_path, capsys):
+def test_callback_logs_and_writes_records_the_analysis_reads(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "run"
-    trainer = make_trainer(checkpoint, out, MTPConfig(regime="detach", decomp_every=1), max_steps=2)
+    trainer = make_trainer(tiny_checkpoint, out, MTPConfig(regime="detach", decomp_every=1), max_steps=2)
     train_quietly(trainer)
     records = read_jsonl(out / "decomposition.jsonl")
     assert sorted({(r["step"], r["direction"]) for r in records}) == [
@@ -399,16 +375,16 @@ def test_callback_logs_and_writes_records_the_analysis_reads(checkpoint, tmp_pat
     assert json.loads((tmp_path / "validation.json").read_text())
 
 
-def test_decomposition_refuses_a_loss_it_cannot_reproduce(checkpoint, tmp_path):
-    trainer = make_trainer(checkpoint, tmp_path, MTPConfig(regime="ce", decomp_every=1), loss_type="sapo")
+def test_decomposition_refuses_a_loss_it_cannot_reproduce(tiny_checkpoint, tmp_path):
+    trainer = make_trainer(tiny_checkpoint, tmp_path, MTPConfig(regime="ce", decomp_every=1), loss_type="sapo")
     with pytest.raises(ValueError, match="loss_type='sapo'"):
         train_quietly(trainer)
 
 
-def test_example_script_trains_a_local_checkpoint(checkpoint, tmp_path):
+def test_example_script_trains_a_local_checkpoint(tiny_checkpoint, tmp_path):
     out = tmp_path / "example"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "trl_grpo.py"), "--model", str(checkpoint), "--regime", "occ",
+        [sys.executable, str(ROOT / "examples" / "trl_grpo.py"), "--model", str(tiny_checkpoint), "--regime", "occ",
          "--steps", "2", "--decomp-every", "2", "--batch-size", "8", "--num-generations", "4",
          "--max-completion-length", "6", "--output-dir", str(out)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
@@ -420,14 +396,14 @@ def test_example_script_trains_a_local_checkpoint(checkpoint, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", ["checkpointing", "plain"])
-def test_two_process_ddp_applies_the_union_occ_estimate_on_every_rank(checkpoint, tmp_path, checkpointing):
+def test_two_process_ddp_applies_the_union_occ_estimate_on_every_rank(tiny_checkpoint, tmp_path, checkpointing):
     """torchrun, 2 CPU processes (gloo): the OCC sums are all-reduced, the decomposition runs on
     rank 0 only and nobody deadlocks, with activation checkpointing on or off (off, transformers
     would have DDP look for unused parameters, and the MTP modules' gradients would then break it)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "tests" / "scripts" / "trl_ddp_occ.py"), str(checkpoint), str(tmp_path), checkpointing],
+         str(ROOT / "tests" / "scripts" / "trl_ddp_occ.py"), str(tiny_checkpoint), str(tmp_path), checkpointing],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from decomp.runlog import SCHEMA_VERSION
+from decomp.runlog import RUN_FILE, SCHEMA_VERSION, iter_jsonl
 
 REQUIRED = {
     "metrics.jsonl": ("step", "regime"),
@@ -71,31 +71,11 @@ def _finite(x: Any) -> bool:
 
 
 def _read(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
-    out = []
-    if not path.exists():
-        return out
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                warnings.warn(f"{path}:{lineno}: skipping a line that is not valid JSON (truncated?)", stacklevel=3)
-                continue
-            if not isinstance(record, dict):
-                warnings.warn(f"{path}:{lineno}: skipping a line that is not a JSON object", stacklevel=3)
-                continue
-            missing = [k for k in required if k not in record]
-            if missing:
-                warnings.warn(f"{path}:{lineno}: skipping a record missing {', '.join(missing)}", stacklevel=3)
-                continue
-            # strict JSON stores nan as null; the analysis works with floats
-            out.append({k: (math.nan if v is None else v) for k, v in record.items()})
-    return out
+    # strict JSON stores nan as null; iter_jsonl gives floats back
+    return list(iter_jsonl(path, required=required)) if path.exists() else []
 
 
-RUN_FILES = ("decomp_run.json", "config.json")  # the first one present describes the run
+RUN_FILES = (RUN_FILE, "config.json")  # the first one present describes the run
 
 
 def _run_file(p: Path) -> Path | None:

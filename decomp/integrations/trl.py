@@ -90,11 +90,10 @@ from decomp.mtp import (
 from decomp.objectives import RolloutBatch
 from decomp.occ import PROXY_ESTIMATORS, coefficient_from_statistics, proxy_statistics
 from decomp.regimes import OCC, REGIMES, MTPTerm, Regime, make_regime
-from decomp.runlog import SCHEMA_VERSION, JsonlWriter, truncate_jsonl
+from decomp.runlog import RUN_FILE, SCHEMA_VERSION, JsonlWriter, truncate_jsonl
 
 TRL_TESTED_RANGE = ">=1.16,<1.17"  # the range the tests run on; pyproject's `trl` extra pins it
 MTP_ATTR = "decomp_mtp"  # the LM submodule holding the MTP modules
-RUN_FILE = "decomp_run.json"  # marks a decomp run directory beside the model's own config.json
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "luspo")
 
 
@@ -659,7 +658,7 @@ class DecompositionCallback(TrainerCallback):
             self._writers["decomposition"].write({"step": step, "regime": tr.regime.name, **record})
             prefix = "decomp/" if record["direction"] == "active" else f"decomp/{record['direction']}/"
             for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step",):
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
                     tr._metrics["train"][prefix + key].append(float(value))
         self._decomp_seconds += time.perf_counter() - start
 

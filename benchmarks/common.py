@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from decomp.model import ModelConfig, MTPTransformer
+from decomp.models.tiny import ModelConfig, MTPTransformer
 from decomp.objectives import RolloutBatch, model_logprobs
 from decomp.rl import group_advantages
 
@@ -62,9 +62,9 @@ def synthetic_rollout(cfg: ModelConfig, batch: int, seq_len: int, prompt_len: in
 
 
 def training_update(model, batch: RolloutBatch, regime, opt: torch.optim.Optimizer, clip: float = 0.2) -> None:
-    """One update exactly as ``decomp.train`` runs it: one forward for both heads, the clipped
+    """One update exactly as ``decomp.training.loop`` runs it: one forward for both heads, the clipped
     surrogate plus the regime's MTP term, backward, AdamW step."""
-    from decomp.model import aligned_logprobs
+    from decomp.objectives import aligned_logprobs
     from decomp.rl import clipped_policy_loss
 
     kwargs = {} if batch.attention_mask is None else {"attention_mask": batch.attention_mask}

@@ -24,10 +24,10 @@ from common import (
     training_update,
 )
 
-from decomp.model import ModelConfig
+from decomp.models.tiny import ModelConfig
 from decomp.objectives import objectives
 from decomp.regimes import Policy
-from decomp.tasks import VOCAB_SIZE
+from decomp.training.tasks import VOCAB_SIZE
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = ModelConfig(vocab_size=VOCAB_SIZE, max_len=11)
     model, batch = synthetic_rollout(cfg, batch=64, seq_len=11, prompt_len=7)
-    regime = Policy(coef=0.1)
+    regime = Policy(scale=0.1)
     obj = objectives(model, batch, regime, clip=(0.2, 0.2))
     named = dict(model.named_parameters())
     params = {k: v.detach() for k, v in named.items()}

@@ -15,12 +15,11 @@ import statistics
 import torch
 from common import decomposition_rows, machine, print_rows, timed, training_update
 
-from decomp.model import aligned_logprobs
-from decomp.mtp import attach_mtp
-from decomp.objectives import RolloutBatch, objectives
-from decomp.policies import load_hf
+from decomp.models.hf import attach_mtp
+from decomp.objectives import RolloutBatch, aligned_logprobs, objectives
 from decomp.regimes import Policy
 from decomp.rl import group_advantages
+from decomp.training.policies import load_hf
 
 
 def main() -> None:
@@ -41,7 +40,7 @@ def main() -> None:
         main, mtp = model(tokens)
         old, _, _ = aligned_logprobs(main, mtp, tokens)
     batch = RolloutBatch(tokens, mask, adv, old, response_start=P - 1)
-    regime = Policy(coef=0.1)
+    regime = Policy(scale=0.1)
     obj = objectives(model, batch, regime, clip=(0.2, 0.2))
     named = dict(model.named_parameters())
     params = {k: v.detach() for k, v in named.items()}

@@ -20,7 +20,7 @@ import torch
 from common import timed
 
 from decomp.curvature import hvp, second_order
-from decomp.model import ModelConfig, MTPTransformer
+from decomp.models.tiny import ModelConfig, MTPTransformer
 from decomp.objectives import RolloutBatch, model_logprobs, objectives
 from decomp.regimes import CrossEntropy
 

@@ -29,7 +29,8 @@ from common import machine, summary, synthetic_rollout, timed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from decomp.curvature import flatten, hvp
-from decomp.model import ModelConfig, aligned_logprobs
+from decomp.models.tiny import ModelConfig
+from decomp.objectives import aligned_logprobs
 from decomp.rl import cross_entropy_loss, importance_objective
 
 METHODS = ("decomp", "decomp-reverse", "decomp-forward", "double-backward", "curvlinops")

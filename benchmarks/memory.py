@@ -21,7 +21,7 @@ import torch
 from common import synthetic_rollout, training_update
 
 from decomp.decomposition import decompose
-from decomp.model import ModelConfig
+from decomp.models.tiny import ModelConfig
 from decomp.objectives import objectives
 from decomp.regimes import Policy
 
@@ -37,7 +37,7 @@ def one(what: str) -> int:
     def build(width, length, batch):
         cfg = ModelConfig(vocab_size=16, max_len=length, d_model=width, n_layers=3, n_heads=4, d_mlp=4 * width)
         model, b = synthetic_rollout(cfg, batch=batch, seq_len=length, prompt_len=8)
-        regime = Policy(coef=0.1)
+        regime = Policy(scale=0.1)
         obj = objectives(model, b, regime, clip=(0.2, 0.2))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         return model, b, regime, obj, opt

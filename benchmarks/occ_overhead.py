@@ -18,11 +18,12 @@ import time
 import torch
 from common import machine, synthetic_rollout
 
-from decomp.model import ModelConfig, aligned_logprobs
+from decomp.models.tiny import ModelConfig
+from decomp.objectives import aligned_logprobs
 from decomp.occ import proxy_coefficients
 from decomp.regimes import OCC, Policy
 from decomp.rl import clipped_policy_loss
-from decomp.tasks import VOCAB_SIZE
+from decomp.training.tasks import VOCAB_SIZE
 
 
 def main() -> None:
@@ -50,7 +51,7 @@ def main() -> None:
             for k, v in model.named_parameters():
                 v.copy_(snapshot[k])
 
-    policy, occ = Policy(coef=0.1), OCC(coef=0.1)
+    policy, occ = Policy(scale=0.1), OCC(scale=0.1)
     for _ in range(3):
         update(policy, False)
         update(occ, True)

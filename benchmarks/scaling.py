@@ -18,7 +18,7 @@ import torch
 from common import machine, synthetic_rollout, timed
 
 from decomp.decomposition import decompose
-from decomp.model import ModelConfig
+from decomp.models.tiny import ModelConfig
 from decomp.objectives import objectives
 from decomp.regimes import Policy
 
@@ -26,7 +26,7 @@ from decomp.regimes import Policy
 def decomposition_time(width: int, length: int, repeats: int) -> tuple[int, float]:
     cfg = ModelConfig(vocab_size=17, max_len=length, d_model=width, n_layers=2, n_heads=4, d_mlp=4 * width)
     model, batch = synthetic_rollout(cfg, batch=64, seq_len=length, prompt_len=length // 2)
-    obj = objectives(model, batch, Policy(coef=0.1))
+    obj = objectives(model, batch, Policy(scale=0.1))
     named = dict(model.named_parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     opt.zero_grad()

@@ -11,7 +11,13 @@ The measurement API (pure functions over a ``dict`` of parameters and callables)
 - :mod:`decomp.regimes` — the MTP training regimes (DESIGN.md §2).
 """
 
-from decomp.curvature import hessian_operator, hvp, jvp_logprobs, rayleigh_quotient, top_eigenvalues
+from decomp.curvature import (
+    hessian_operator,
+    hvp,
+    jvp_logprobs,
+    rayleigh_quotient,
+    top_eigenvalues,
+)
 from decomp.decomposition import Decomposition, StepMeasurement, decompose, measure_step
 from decomp.occ import (
     efficiency,

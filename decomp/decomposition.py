@@ -26,7 +26,14 @@ from torch import Tensor
 
 from decomp import optim as cf_optim
 from decomp.checks import Params, check_number, check_params, scalar_function
-from decomp.curvature import DEFAULT_HVP_METHOD, HVPMethod, dot, math_attention, norm, second_order
+from decomp.curvature import (
+    DEFAULT_HVP_METHOD,
+    HVPMethod,
+    dot,
+    math_attention,
+    norm,
+    second_order,
+)
 
 OptimizerSpec = str | torch.optim.Optimizer | cf_optim.SGD | cf_optim.AdamW
 OPTIMIZER_NAMES = ("sgd", "adamw", "adam")
@@ -64,6 +71,12 @@ class Decomposition:
     coef: float  # λ the displacement δ was computed with
     optimizer: str  # "sgd" or "adamw"
     hvp_method: str  # "autograd", "reverse" or "forward"
+
+    @property
+    def moves_objective(self) -> bool:
+        """False when the unit displacement leaves ``J`` unchanged to second order (``C₁ = X₁ =
+        P₁ = 0``: e.g. a ``detach`` direction), where no coefficient can matter."""
+        return not (self.correlation_unit == 0 and self.cross_unit == 0 and self.penalty_unit == 0)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a flat ``dict`` (floats and strings)."""

@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from decomp.checks import Params, check_finite, check_mask, check_same_shape
-from decomp.model import aligned_logprobs
 from decomp.regimes import Regime
 from decomp.rl import clipped_policy_loss, importance_objective, kl_k3, masked_mean
 
@@ -78,6 +77,37 @@ class Objectives:
     mtp_loss: Callable[[Params], Tensor]
     logprob_fn: Callable[[Params], Tensor]
     rl_loss: Callable[[Params], Tensor] | None = None
+
+
+def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """``log softmax(logits)[..., target]`` for each position."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def aligned_logprobs(
+    main_logits: Tensor, mtp_logits: list[Tensor], tokens: Tensor
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Per-token log-probs aligned on the predicted token.
+
+    Index ``j`` of every returned ``[B, T−1]`` tensor refers to token ``y_{j+1}``:
+
+    - ``logp[:, j] = log π(y_{j+1} | y_{≤j})`` (main head);
+    - ``mtp_logp[k−1][:, j]`` = MTP depth ``k``'s log-prob of the *same* token ``y_{j+1}``,
+      from its position ``j−k`` (right-shifted as in the reference implementation);
+    - ``mtp_valid[k−1][:, j]`` is False for ``j < k`` (no MTP prediction), where
+      ``mtp_logp`` is 0.
+    """
+    B, T = tokens.shape
+    logp = token_logprobs(main_logits[:, :-1], tokens[:, 1:])
+    mtp_logp, mtp_valid = [], []
+    for k, logits in enumerate(mtp_logits, start=1):
+        lp = token_logprobs(logits[:, : T - 1 - k], tokens[:, k + 1 :])
+        pad = lp.new_zeros(B, k)
+        mtp_logp.append(torch.cat([pad, lp], dim=1))
+        valid = torch.ones(B, T - 1, dtype=torch.bool, device=tokens.device)
+        valid[:, :k] = False
+        mtp_valid.append(valid)
+    return logp, mtp_logp, mtp_valid
 
 
 def model_logprobs(

@@ -29,7 +29,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from decomp.checks import Params, check_finite, check_mask, check_number, check_same_shape
+from decomp.checks import (
+    Params,
+    check_finite,
+    check_mask,
+    check_number,
+    check_same_shape,
+)
 from decomp.curvature import jvp_logprobs
 from decomp.decomposition import Decomposition
 
@@ -188,21 +194,21 @@ def jvp_coefficient(
     return projection_coefficient(a, b, mask, scale, reduction)
 
 
-def gain(lam: float, dec: Decomposition) -> float:
-    """Quadratic model of the MTP effect at coefficient ``λ``: ``λ(C₁ + X₁) − λ²P₁``."""
-    lam = check_number(lam, "lam")
-    return lam * (dec.correlation_unit + dec.cross_unit) - lam * lam * dec.penalty_unit
+def gain(coef: float, dec: Decomposition) -> float:
+    """Quadratic model of the MTP effect at coefficient ``λ = coef``: ``λ(C₁ + X₁) − λ²P₁``."""
+    coef = check_number(coef, "coef")
+    return coef * (dec.correlation_unit + dec.cross_unit) - coef * coef * dec.penalty_unit
 
 
-def efficiency(lam: float, dec: Decomposition) -> float:
+def efficiency(coef: float, dec: Decomposition) -> float:
     """``gain(λ)/gain(λ*)``: 1 is optimal, ≤ 0 means the estimate hurt.
 
-    ``nan`` when ``λ*`` is undefined (``P₁ ≤ 0``) or the best gain is 0, or ``lam`` is ``nan``.
+    ``nan`` when ``λ*`` is undefined (``P₁ ≤ 0``) or the best gain is 0, or ``coef`` is ``nan``.
     """
-    lam = float(lam)
-    if math.isnan(lam):
+    coef = float(coef)
+    if math.isnan(coef):
         return math.nan
     best = gain(dec.lambda_star, dec) if math.isfinite(dec.lambda_star) else math.nan
     if not math.isfinite(best) or best == 0.0:
         return math.nan
-    return gain(lam, dec) / best
+    return gain(coef, dec) / best

@@ -14,10 +14,10 @@ patch's ``detach_encoder``), ``"none"`` (full gradient into the shared trunk).
 
 | name            | unit loss ``L_MTP``                         | detach   | λ                  |
 |-----------------|---------------------------------------------|----------|--------------------|
-| ``detach``      | ``−mean_M m``                               | all      | ``coef``           |
-| ``detach-inputs``| ``−mean_M m``                              | inputs   | ``coef``           |
-| ``ce``          | ``−mean_M m``                               | none     | ``coef``           |
-| ``policy``      | clipped policy loss on ``m`` vs ``ℓ^old``   | none     | ``coef``           |
+| ``detach``      | ``−mean_M m``                               | all      | ``scale``          |
+| ``detach-inputs``| ``−mean_M m``                              | inputs   | ``scale``          |
+| ``ce``          | ``−mean_M m``                               | none     | ``scale``          |
+| ``policy``      | clipped policy loss on ``m`` vs ``ℓ^old``   | none     | ``scale``          |
 |                 | (``form="reinforce"``: ``−mean_M A·m``)     |          |                    |
 | ``occ``         | as ``policy``                               | none     | OCC estimate (§4)  |
 
@@ -39,8 +39,9 @@ from decomp.occ import PROXY_ESTIMATORS
 from decomp.rl import clipped_policy_loss, cross_entropy_loss, reinforce_loss
 
 DetachMode = Literal["all", "inputs", "none"]
+DETACH_MODES: tuple[str, ...] = ("none", "inputs", "all")
 PolicyForm = Literal["ratio", "reinforce"]
-DEFAULT_COEF = 0.1  # verl's mtp_loss_scaling_factor default
+DEFAULT_SCALE = 0.1  # verl's mtp_loss_scaling_factor default
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,14 @@ def _check_inputs(mtp_logp: Tensor, logp: Tensor, old_logp: Tensor, advantages: 
 
 @dataclass(frozen=True)
 class Regime:
-    """Base class: a fixed coefficient ``coef`` times a cross-entropy MTP loss."""
+    """Base class: a fixed coefficient ``λ = scale`` times a cross-entropy MTP loss."""
 
-    coef: float = DEFAULT_COEF
+    scale: float = DEFAULT_SCALE  # c
     name: ClassVar[str] = "base"
     detach: ClassVar[DetachMode] = "none"
 
     def __post_init__(self) -> None:
-        check_number(self.coef, "coef")
+        check_number(self.scale, "scale")
 
     def unit_loss(self, mtp_logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
         """``L_MTP`` at unit coefficient."""
@@ -79,7 +80,7 @@ class Regime:
 
     def coefficient(self, mtp_logp: Tensor, logp: Tensor, old_logp: Tensor, mask: Tensor) -> float:
         """``λ`` for this step."""
-        return float(self.coef)
+        return float(self.scale)
 
     def applied_unit_loss(
         self, coef: float, mtp_logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
@@ -175,7 +176,7 @@ class Policy(Regime):
 
 @dataclass(frozen=True)
 class OCC(Policy):
-    """Policy loss with ``λ`` set each step by an OCC estimator (DESIGN.md §4), ``coef`` = ``c``.
+    """Policy loss with ``λ`` set each step by an OCC estimator (DESIGN.md §4), ``scale`` = ``c``.
 
     ``estimator`` is ``"masked"`` (default), ``"reference"`` or ``"pooled"``. With no response
     tokens the estimate is undefined and ``λ = 0`` is used.
@@ -196,7 +197,7 @@ class OCC(Policy):
         with torch.no_grad():
             lam = float(
                 PROXY_ESTIMATORS[self.estimator](
-                    mtp_logp.detach(), logp.detach(), old_logp.detach(), mask, self.coef
+                    mtp_logp.detach(), logp.detach(), old_logp.detach(), mask, self.scale
                 )
             )
         return 0.0 if math.isnan(lam) else lam
@@ -210,7 +211,7 @@ REGIMES: dict[str, type[Regime]] = {
 def make_regime(name: str, **options: object) -> Regime:
     """Build a regime by name: ``detach``, ``detach-inputs``, ``ce``, ``policy`` or ``occ``.
 
-    ``options`` are the regime's fields (``coef``; ``form``, ``clip_low``, ``clip_high`` for
+    ``options`` are the regime's fields (``scale``; ``form``, ``clip_low``, ``clip_high`` for
     ``policy``/``occ``; ``estimator`` for ``occ``).
     """
     if name not in REGIMES:

@@ -21,19 +21,20 @@ SCHEMA_VERSION = 1
 RUN_FILE = "decomp_run.json"
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (at any depth of dicts and lists) replaced by ``None``."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 def dumps(record: dict[str, Any]) -> str:
     """One strict-JSON line for ``record`` (``nan``/``inf`` become ``null``)."""
-    return json.dumps(_clean(record), allow_nan=False, separators=(",", ":"))
+    return json.dumps(json_safe(record), allow_nan=False, separators=(",", ":"))
 
 
 class JsonlWriter:
@@ -100,8 +101,29 @@ def truncate_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> int:
                 continue
             if isinstance(record, dict) and keep(record):
                 kept.append(line if line.endswith("\n") else line + "\n")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
     return len(kept)
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it onto ``path``:
+    a reader (or a run killed mid-write) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as indented strict JSON (non-finite floats as ``null``), written atomically."""
+    atomic_write_text(path, json.dumps(json_safe(data), indent=2, allow_nan=False))

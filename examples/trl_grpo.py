@@ -23,9 +23,9 @@ import argparse
 from datasets import Dataset
 from trl import GRPOConfig
 
-from decomp.integrations.trl import MTPConfig, MTPGRPOTrainer
-from decomp.policies import load_hf
-from decomp.texttasks import REWARDS, make_text_task
+from decomp.integrations.trl import InstrumentConfig, MTPConfig, MTPGRPOTrainer
+from decomp.training.policies import load_hf
+from decomp.training.texttasks import REWARDS, make_text_task
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder, or smollm2-135m")
     parser.add_argument("--dataset", default="", help="JSONL with question/answer (default: the add1 task)")
     parser.add_argument("--regime", default="occ", help="detach, detach-inputs, ce, policy or occ")
-    parser.add_argument("--coef", type=float, default=0.1, help="MTP coefficient c (occ: the estimator's scale)")
+    parser.add_argument("--scale", type=float, default=0.1, help="MTP scale c: λ for fixed regimes, the estimator's scale for occ")
     parser.add_argument("--estimator", default="masked", help="occ estimator: reference, masked or pooled")
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps")
     parser.add_argument("--decomp-every", type=int, default=5, help="steps between exact decompositions (0: never)")
@@ -66,8 +66,8 @@ def main() -> None:
     )
     trainer = MTPGRPOTrainer(
         model=lm, reward_funcs=reward, args=config, train_dataset=train, processing_class=tokenizer,
-        mtp_config=MTPConfig(regime=args.regime, coef=args.coef, estimator=args.estimator,
-                             decomp_every=args.decomp_every),
+        mtp_config=MTPConfig(regime=args.regime, mtp_scale=args.scale, occ_estimator=args.estimator),
+        instrument_config=InstrumentConfig(decomp_every=args.decomp_every),
     )
     trainer.train()
     if trainer.accelerator.is_main_process:

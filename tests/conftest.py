@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from decomp.model import ModelConfig, MTPTransformer
+from decomp.models.tiny import ModelConfig, MTPTransformer
 from decomp.objectives import RolloutBatch, model_logprobs
 
 TINY = ModelConfig(vocab_size=11, max_len=12, d_model=16, n_layers=1, n_heads=2, d_mlp=32, mtp_depth=1)

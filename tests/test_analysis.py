@@ -15,7 +15,7 @@ from decomp.analysis.plots import FIGURES, make_figures
 from decomp.analysis.report import build_report
 from decomp.analysis.rundata import AnalysisError, load_runs
 from decomp.analysis.validate import N_RESAMPLES, estimator_stats, taylor_stats
-from decomp.cli import main
+from decomp.training.cli import main
 
 REGIMES = ("detach", "ce", "policy", "occ")
 

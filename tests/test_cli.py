@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from decomp.cli import main
 from decomp.rl import group_advantages
+from decomp.training.cli import main
 
 
 def test_group_advantages_match_a_direct_computation():
@@ -37,8 +37,8 @@ def test_probe_json_records(capsys):
 
 
 def test_console_script_errors_exit_2():
-    out = subprocess.run([sys.executable, "-m", "decomp.cli", "probe", "--lr", "-1"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "decomp.training.cli", "probe", "--lr", "-1"], capture_output=True, text=True)
     assert out.returncode == 2
     assert "must be a non-negative number" in out.stderr and "Traceback" not in out.stderr
-    out = subprocess.run([sys.executable, "-m", "decomp.cli", "--version"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "decomp.training.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("decomp ")

@@ -12,7 +12,7 @@ from conftest import make_problem
 
 from decomp import optim as cf
 from decomp.decomposition import decompose, decompose_sweep, measure_step
-from decomp.model import MTPTransformer
+from decomp.models.tiny import MTPTransformer
 from decomp.objectives import objectives
 from decomp.occ import efficiency, gain
 from decomp.regimes import CrossEntropy, Detach, Policy

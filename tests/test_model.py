@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import TINY, make_problem
 
-from decomp.model import ModelConfig, MTPTransformer, aligned_logprobs
-from decomp.objectives import objectives
+from decomp.models.tiny import ModelConfig, MTPTransformer
+from decomp.objectives import aligned_logprobs, objectives
 from decomp.regimes import CrossEntropy, Detach, DetachInputs
 
 

@@ -10,9 +10,13 @@ transformers = pytest.importorskip("transformers", reason="the hf extra is not i
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from decomp.curvature import flatten, hvp  # noqa: E402
-from decomp.model import aligned_logprobs  # noqa: E402
-from decomp.mtp import attach_mtp, load_mtp, save_mtp  # noqa: E402
-from decomp.objectives import RolloutBatch, model_logprobs, objectives  # noqa: E402
+from decomp.models.hf import attach_mtp, load_mtp, save_mtp  # noqa: E402
+from decomp.objectives import (  # noqa: E402
+    RolloutBatch,
+    aligned_logprobs,  # noqa: E402
+    model_logprobs,
+    objectives,
+)
 from decomp.regimes import CrossEntropy, Detach, DetachInputs  # noqa: E402
 
 HOSTS = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config)}

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from decomp.occ import masked_coefficient, reference_coefficient
-from decomp.regimes import OCC, REGIMES, CrossEntropy, Detach, DetachInputs, Policy, make_regime
+from decomp.regimes import (
+    OCC,
+    REGIMES,
+    CrossEntropy,
+    Detach,
+    DetachInputs,
+    Policy,
+    make_regime,
+)
 from decomp.rl import clipped_policy_loss, masked_mean
 
 
@@ -37,7 +45,7 @@ def test_registry_and_detach_modes():
 @pytest.mark.parametrize("cls", [Detach, DetachInputs, CrossEntropy])
 def test_cross_entropy_regimes(cls):
     mtp, logp, old, adv, mask = _inputs()
-    term = cls(coef=0.3)(mtp, logp, old, adv, mask)
+    term = cls(scale=0.3)(mtp, logp, old, adv, mask)
     expected = -(mtp * mask).sum() / mask.sum()
     assert torch.allclose(term.unit_loss, expected)
     assert torch.allclose(term.loss, 0.3 * expected)
@@ -46,12 +54,12 @@ def test_cross_entropy_regimes(cls):
 
 def test_policy_ratio_and_reinforce_forms():
     mtp, logp, old, adv, mask = _inputs(1)
-    ratio = Policy(coef=0.2)(mtp, logp, old, adv, mask)
+    ratio = Policy(scale=0.2)(mtp, logp, old, adv, mask)
     r = torch.exp(mtp - old)
     surrogate = torch.minimum(r * adv, r.clamp(0.8, 1.2) * adv)
     assert torch.allclose(ratio.unit_loss, -masked_mean(surrogate, mask))
     assert torch.allclose(ratio.loss, 0.2 * ratio.unit_loss)
-    reinforce = make_regime("policy", coef=0.2, form="reinforce")(mtp, logp, old, adv, mask)
+    reinforce = make_regime("policy", scale=0.2, form="reinforce")(mtp, logp, old, adv, mask)
     assert torch.allclose(reinforce.unit_loss, -masked_mean(adv * mtp, mask))
     assert torch.allclose(reinforce.loss, 0.2 * reinforce.unit_loss)
     assert ratio.loss.requires_grad
@@ -59,12 +67,12 @@ def test_policy_ratio_and_reinforce_forms():
 
 def test_occ_coefficient_and_reference_scaling_of_advantages():
     mtp, logp, old, adv, mask = _inputs(2)
-    occ = OCC(coef=0.5)
+    occ = OCC(scale=0.5)
     term = occ(mtp, logp, old, adv, mask)
     assert term.coef == pytest.approx(float(masked_coefficient(mtp.detach(), logp, old, mask, 0.5)), rel=1e-14)
     expected = clipped_policy_loss(mtp, old, term.coef * adv, mask)
     assert torch.allclose(term.loss, expected)
-    ref = OCC(coef=0.5, estimator="reference")(mtp, logp, old, adv, mask)
+    ref = OCC(scale=0.5, estimator="reference")(mtp, logp, old, adv, mask)
     assert ref.coef == pytest.approx(float(reference_coefficient(mtp.detach(), logp, old, mask, 0.5)), rel=1e-14)
     # the coefficient carries no gradient: d loss/d m equals that of the loss at a fixed λ
     (grad,) = torch.autograd.grad(term.loss, mtp)
@@ -87,14 +95,14 @@ def test_regime_inputs_are_validated():
         CrossEntropy()(mtp, logp, old, bad, mask)
     with pytest.raises(ValueError, match="shape mismatch"):
         CrossEntropy()(mtp, logp[:, :-1], old, adv, mask)
-    with pytest.raises(ValueError, match="coef"):
-        CrossEntropy(coef=float("nan"))
+    with pytest.raises(ValueError, match="scale"):
+        CrossEntropy(scale=float("nan"))
 
 
 def test_applied_unit_loss_times_coef_is_the_applied_term():
     mtp, logp, old, adv, mask = _inputs(5)
     for coef in (0.3, -0.2):
-        applied = OCC(coef=0.1).applied_unit_loss(coef, mtp, old, adv, mask)
+        applied = OCC(scale=0.1).applied_unit_loss(coef, mtp, old, adv, mask)
         assert torch.allclose(coef * applied, clipped_policy_loss(mtp, old, coef * adv, mask))
     # at λ < 0 the reference term is not λ·L_MTP: the clip picks the other branch
     unit = Policy().unit_loss(mtp, old, adv, mask)

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from decomp.model import ModelConfig, MTPTransformer
-from decomp.rl import clipped_policy_loss, generate, importance_objective, kl_k3, response_mask
-from decomp.tasks import EOS, PAD
+from decomp.models.tiny import ModelConfig, MTPTransformer
+from decomp.rl import (
+    clipped_policy_loss,
+    generate,
+    importance_objective,
+    kl_k3,
+    response_mask,
+)
+from decomp.training.tasks import EOS, PAD
 
 
 def test_response_mask_keeps_tokens_up_to_the_first_eos():

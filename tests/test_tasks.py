@@ -7,7 +7,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from decomp.tasks import BOS, EOS, PAD, VOCAB_SIZE, Problem, decode, encode, make_task
+from decomp.training.tasks import (
+    BOS,
+    EOS,
+    PAD,
+    VOCAB_SIZE,
+    Problem,
+    decode,
+    encode,
+    make_task,
+)
 
 
 def _resp(text: str, eos: bool = True, pad: int = 0) -> list[int]:

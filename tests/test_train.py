@@ -13,7 +13,8 @@ import pytest
 
 from decomp.decomposition import Decomposition
 from decomp.runlog import read_jsonl
-from decomp.train import RunError, TrainConfig, train
+from decomp.training.config import RunError, TrainConfig
+from decomp.training.loop import train
 
 TIMING = {"seconds", "decomp_seconds", "update_seconds"}
 
@@ -153,7 +154,7 @@ class _Proc:
 
 def _cli(*args: str, capsys=None) -> _Proc:
     """``decomp ARGS`` in-process (imports once); argparse's exits are caught like a shell would."""
-    from decomp.cli import main
+    from decomp.training.cli import main
 
     try:
         code = main(list(args))
@@ -228,7 +229,7 @@ def test_default_warm_start_and_rl_improve_accuracy(tmp_path):
 
 def test_console_script_reports_bad_input_in_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "decomp.cli", "run", "--regime", "mtp", "--out", str(tmp_path / "x")],
+        [sys.executable, "-m", "decomp.training.cli", "run", "--regime", "mtp", "--out", str(tmp_path / "x")],
         capture_output=True, text=True,
     )
     _one_line_error(proc, "unknown regime 'mtp'")

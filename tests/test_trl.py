@@ -20,10 +20,10 @@ from datasets import Dataset  # noqa: E402
 from transformers import LlamaForCausalLM, TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from decomp.cli import main as cli_main  # noqa: E402
 from decomp.decomposition import measure_step  # noqa: E402
 from decomp.integrations.trl import (  # noqa: E402
     TRL_TESTED_RANGE,
+    InstrumentConfig,
     MTPConfig,
     MTPGRPOTrainer,
     MTPModelView,
@@ -33,11 +33,15 @@ from decomp.integrations.trl import (  # noqa: E402
     rollout_batch,
     trl_rl_loss,
 )
-from decomp.model import aligned_logprobs  # noqa: E402
-from decomp.objectives import model_logprobs, objectives  # noqa: E402
+from decomp.objectives import (  # noqa: E402
+    aligned_logprobs,  # noqa: E402
+    model_logprobs,
+    objectives,
+)
 from decomp.occ import PROXY_ESTIMATORS  # noqa: E402
 from decomp.runlog import read_jsonl  # noqa: E402
-from decomp.texttasks import make_text_task  # noqa: E402
+from decomp.training.cli import main as cli_main  # noqa: E402
+from decomp.training.texttasks import make_text_task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +56,7 @@ def dataset() -> Dataset:
     return Dataset.from_list([{"prompt": p.question, "answer": p.answer} for p in task.train])
 
 
-def make_trainer(tiny_checkpoint: Path, out: Path, mtp: MTPConfig, **overrides) -> MTPGRPOTrainer:
+def make_trainer(tiny_checkpoint: Path, out: Path, mtp: MTPConfig, decomp_every: int = 0, **overrides) -> MTPGRPOTrainer:
     from transformers import AutoTokenizer
 
     options = dict(output_dir=str(out), use_cpu=True, report_to=[], per_device_train_batch_size=8, num_generations=4,
@@ -64,7 +68,7 @@ def make_trainer(tiny_checkpoint: Path, out: Path, mtp: MTPConfig, **overrides) 
         warnings.simplefilter("ignore")
         return MTPGRPOTrainer(model=lm, reward_funcs=digit_reward, args=GRPOConfig(**options),
                               train_dataset=dataset(), processing_class=AutoTokenizer.from_pretrained(tiny_checkpoint),
-                              mtp_config=mtp)
+                              mtp_config=mtp, instrument_config=InstrumentConfig(decomp_every=decomp_every))
 
 
 def train_quietly(trainer: MTPGRPOTrainer) -> None:
@@ -110,8 +114,8 @@ def test_version_outside_the_tested_range_warns_naming_it():
 def test_bad_config_is_refused(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="unknown regime 'mtp'"):
         MTPConfig(regime="mtp").validate()
-    with pytest.raises(ValueError, match="unknown decomposition direction"):
-        MTPConfig(decomp_directions="active,sideways").validate()
+    with pytest.raises(ValueError, match="directions must be a comma-separated subset"):
+        InstrumentConfig(decomp_directions="active,sideways").validate()
 
 
 def _occ_warnings(tiny_checkpoint, tmp_path, **args) -> list[str]:
@@ -211,7 +215,7 @@ def test_mtp_loss_reaches_shared_parameters_only_as_design_says(tiny_checkpoint,
 
 
 def test_mtp_log_probs_align_with_decomps_aligned_axis(tiny_checkpoint, tmp_path):
-    trainer = make_trainer(tiny_checkpoint, tmp_path, MTPConfig(regime="ce", depth=2))
+    trainer = make_trainer(tiny_checkpoint, tmp_path, MTPConfig(regime="ce", mtp_depth=2))
     lm = trainer.model.double()
     P = 2  # shorter than depth + 1: depth 2 has no prediction for the first completion token
     inputs = fake_inputs(lm, P=P, with_old=False)
@@ -312,10 +316,10 @@ class _Check(TrainerCallback):
         r = batch.response
         # an independent OCC estimate: decomp.occ on log-probs from the unfused view
         lam = float(PROXY_ESTIMATORS["masked"](r(mtp_logp[0]), r(logp), r(batch.old_logp), r(batch.mask & valid[0]),
-                                               tr.mtp_config.coef))
+                                               tr.mtp_config.mtp_scale))
         t = micro["tensors"]  # the very tensors the trainer used
         same = float(PROXY_ESTIMATORS["masked"](t["mtp_logp"][0], t["logp"], t["old_logp"], t["mask"][0],
-                                                tr.mtp_config.coef))
+                                                tr.mtp_config.mtp_scale))
         self.coefs.append((lam, same, float(micro["coef"])))
         obj = objectives(view, batch, tr.regime, coef=float(micro["coef"]),
                          rl_loss_of_logp=trl_rl_loss(tr, inputs, r(batch.old_logp)))
@@ -337,7 +341,7 @@ class _Check(TrainerCallback):
 def test_counterfactual_step_is_the_real_step_and_occ_is_decomps(tiny_checkpoint, tmp_path, regime, loss_type,
                                                                   decomp_every):
     """Also with the decomposition callback running before the check: measuring leaves the step alone."""
-    trainer = make_trainer(tiny_checkpoint, tmp_path, MTPConfig(regime=regime, decomp_every=decomp_every),
+    trainer = make_trainer(tiny_checkpoint, tmp_path, MTPConfig(regime=regime), decomp_every=decomp_every,
                            loss_type=loss_type, max_steps=2)
     check = _Check(trainer)
     trainer.add_callback(check)
@@ -355,7 +359,7 @@ def test_counterfactual_step_is_the_real_step_and_occ_is_decomps(tiny_checkpoint
 
 def test_callback_logs_and_writes_records_the_analysis_reads(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "run"
-    trainer = make_trainer(tiny_checkpoint, out, MTPConfig(regime="detach", decomp_every=1), max_steps=2)
+    trainer = make_trainer(tiny_checkpoint, out, MTPConfig(regime="detach"), decomp_every=1, max_steps=2)
     train_quietly(trainer)
     records = read_jsonl(out / "decomposition.jsonl")
     assert sorted({(r["step"], r["direction"]) for r in records}) == [
@@ -376,7 +380,7 @@ def test_callback_logs_and_writes_records_the_analysis_reads(tiny_checkpoint, tm
 
 
 def test_decomposition_refuses_a_loss_it_cannot_reproduce(tiny_checkpoint, tmp_path):
-    trainer = make_trainer(tiny_checkpoint, tmp_path, MTPConfig(regime="ce", decomp_every=1), loss_type="sapo")
+    trainer = make_trainer(tiny_checkpoint, tmp_path, MTPConfig(regime="ce"), decomp_every=1, loss_type="sapo")
     with pytest.raises(ValueError, match="loss_type='sapo'"):
         train_quietly(trainer)
 

@@ -8,9 +8,21 @@ import pytest
 import torch
 
 from decomp import optim as cf
-from decomp.curvature import hessian_operator, hvp, jvp_logprobs, rayleigh_quotient, top_eigenvalues
+from decomp.curvature import (
+    hessian_operator,
+    hvp,
+    jvp_logprobs,
+    rayleigh_quotient,
+    top_eigenvalues,
+)
 from decomp.decomposition import decompose
-from decomp.occ import efficiency, gain, masked_coefficient, pooled_coefficient, reference_coefficient
+from decomp.occ import (
+    efficiency,
+    gain,
+    masked_coefficient,
+    pooled_coefficient,
+    reference_coefficient,
+)
 
 P = {"x": torch.tensor([1.0, 2.0], dtype=torch.float64)}
 J = lambda p: -(p["x"] ** 2).sum()  # noqa: E731
@@ -104,7 +116,7 @@ def test_hvp_refuses_mismatched_directions():
 
 def test_gain_and_efficiency_check_lambda():
     d = decompose(J, L, P, lr=0.1, coef=1.0)
-    with pytest.raises(ValueError, match="lam must be finite"):
+    with pytest.raises(ValueError, match="coef must be finite"):
         gain(float("inf"), d)
     assert math.isnan(efficiency(float("nan"), d))
 

@@ -1,5 +1,5 @@
 """Analysis of run directories: figures, estimator validation, claims and reports.
 
-This package only reads run directories written by :mod:`decomp.train` (or any trainer writing
+This package only reads run directories written by :mod:`decomp.training.loop` (or any trainer writing
 the same JSONL schema); it never imports the training code.
 """

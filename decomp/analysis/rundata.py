@@ -1,6 +1,6 @@
 """Reading run directories (the only input of the analysis commands).
 
-A run directory holds ``config.json`` and the JSONL logs written by :mod:`decomp.train` (or
+A run directory holds ``config.json`` and the JSONL logs written by :mod:`decomp.training.loop` (or
 ``decomp_run.json`` in their place, as :mod:`decomp.integrations.trl` writes beside the model's
 own ``config.json`` in a trainer's output directory). Given
 paths that are run directories or folders containing them (one level down, as ``decomp compare``

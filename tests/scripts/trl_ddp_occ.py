@@ -14,8 +14,8 @@ from datasets import Dataset
 from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback
 from trl import GRPOConfig
 
-from decomp.integrations.trl import MTPConfig, MTPGRPOTrainer
-from decomp.texttasks import make_text_task
+from decomp.integrations.trl import InstrumentConfig, MTPConfig, MTPGRPOTrainer
+from decomp.training.texttasks import make_text_task
 
 
 def digit_reward(completions, **kwargs):
@@ -50,7 +50,8 @@ def main() -> None:
         trainer = MTPGRPOTrainer(model=LlamaForCausalLM.from_pretrained(checkpoint), reward_funcs=digit_reward,
                                  args=config, train_dataset=data,
                                  processing_class=AutoTokenizer.from_pretrained(checkpoint),
-                                 mtp_config=MTPConfig(regime="occ", decomp_every=2))
+                                 mtp_config=MTPConfig(regime="occ"),
+                                 instrument_config=InstrumentConfig(decomp_every=2))
         trainer.add_callback(Save(trainer, out))
         trainer.train()
     if torch.distributed.is_initialized():  # a clean shutdown: gloo's threads joined before exit

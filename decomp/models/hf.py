@@ -3,7 +3,7 @@
 :func:`attach_mtp` wraps a Llama-family causal LM (Llama, Qwen2, SmolLM, Mistral: a decoder with
 a list of ``config.num_hidden_layers`` layers and rotary position embeddings) in
 :class:`HFMTPModel`, whose ``forward(tokens, detach, with_mtp, attention_mask)`` returns main and
-MTP logits exactly like the built-in :class:`~decomp.model.MTPTransformer`, so every
+MTP logits exactly like the built-in :class:`~decomp.models.tiny.MTPTransformer`, so every
 measurement, regime and the training loop work on it unchanged.
 
 Depth ``k`` at position ``t``: ``z = Block_k(W_k [RMSNorm(h); RMSNorm(Emb(y_{t+k}))])``,
@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from decomp.model import DETACH_MODES
+from decomp.models.mtp_module import MTPModule
+from decomp.regimes import DETACH_MODES
 
 MTP_INITS = ("copy_last", "random")
 
@@ -49,18 +50,6 @@ def _decoder_parts(lm: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module]:
     if rotary is None:
         raise TypeError(f"{type(lm).__name__}: attach_mtp supports decoders with rotary position embeddings")
     return decoder, lists[0], rotary
-
-
-class HFMTPModule(nn.Module):
-    """One MTP depth around a decoder layer of the host LM."""
-
-    def __init__(self, hidden: int, eps: float, block: nn.Module) -> None:
-        super().__init__()
-        self.state_norm = nn.RMSNorm(hidden, eps=eps)
-        self.embed_norm = nn.RMSNorm(hidden, eps=eps)
-        self.proj = nn.Linear(2 * hidden, hidden, bias=False)
-        self.block = block
-        self.out_norm = nn.RMSNorm(hidden, eps=eps)
 
 
 def causal_padding_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -145,7 +134,7 @@ def build_mtp_modules(lm: nn.Module, depth: int = 1, init: str = "copy_last", se
             block = copy.deepcopy(layers[-1])
             if init == "random":
                 block.apply(lm._init_weights)
-            module = HFMTPModule(hidden, eps, block)
+            module = MTPModule(hidden, eps, block)
             nn.init.normal_(module.proj.weight, std=std)
             modules.append(module)
     first = next(lm.parameters())
@@ -182,7 +171,7 @@ def mtp_states_from_hidden(
         e = embed(tokens[:, k:])
         if detach in ("inputs", "all"):
             e = e.detach()
-        z = module.proj(torch.cat([module.state_norm(state[:, : T - k]), module.embed_norm(e)], dim=-1))
+        z = module.combine(state[:, : T - k], e)
         pos = position_ids[:, : T - k]
         mask = None if full_mask is None else full_mask[:, :, : T - k, : T - k]
         z = module.block(z, attention_mask=mask, position_ids=pos, position_embeddings=rotary(z, pos))

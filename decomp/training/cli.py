@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,34 +27,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _number(kind: type, what: str, ok: Callable[[Any], bool]) -> Callable[[str], Any]:
+    """An argparse type converting to ``kind`` and accepting values where ``ok`` holds."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be a {what}, got {text}")
+        return value
+
+    return parse
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
-    return value
+_positive_int = _number(int, "positive integer", lambda v: v >= 1)
+_nonnegative_int = _number(int, "non-negative integer", lambda v: v >= 0)
+_nonnegative_float = _number(float, "non-negative number", lambda v: v >= 0)
 
 
 def _int_list(text: str) -> list[int]:
@@ -65,40 +56,15 @@ def _int_list(text: str) -> list[int]:
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` pairs for TrainConfig fields, converted to each field's type."""
-    from decomp.train import FIELDS
+    from decomp.training.config import parse_value
 
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        key = key.strip().replace("-", "_")
         if not sep:
             raise CLIError(f"--set expects KEY=VALUE, got {item!r}")
-        if key not in FIELDS:
-            raise CLIError(f"--set: unknown config field {key!r}; see `decomp run --help-config`")
-        kind = FIELDS[key].type
-        try:
-            out[key] = {"int": int, "float": float, "str": str}[kind](raw)
-        except ValueError:
-            raise CLIError(f"--set {key}: expected {kind}, got {raw!r}") from None
+        out[key.strip().replace("-", "_")] = parse_value(key.strip().replace("-", "_"), raw)
     return out
-
-
-def _config_help() -> str:
-    import inspect
-
-    from decomp.train import FIELDS, TrainConfig
-
-    # the field comments in TrainConfig's source are the documentation of each hyperparameter
-    comments = {}
-    for line in inspect.getsource(TrainConfig).splitlines():
-        name, _, rest = line.strip().partition(":")
-        if name in FIELDS and "#" in rest:
-            comments[name] = rest.split("#", 1)[1].strip()
-    defaults = TrainConfig()
-    lines = ["TrainConfig fields (set with --set KEY=VALUE):"]
-    for name in FIELDS:
-        lines.append(f"  {name:<22} {getattr(defaults, name)!s:<10} {comments.get(name, '')}")
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,13 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--prompts", type=_positive_int, default=4, help="prompts per batch (default 4)")
     probe.add_argument("--group-size", type=_positive_int, default=8, help="samples per prompt G (default 8)")
     probe.add_argument("--lr", type=_nonnegative_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    probe.add_argument("--coef", type=float, default=0.1, help="MTP coefficient c (default 0.1)")
+    probe.add_argument("--scale", type=float, default=0.1, help="MTP scale c of the shadow directions (default 0.1)")
     probe.add_argument("--json", action="store_true", help="print the records as JSON instead of a table")
     return parser
 
 
 def _make_config(args: argparse.Namespace, **fixed: Any):
-    from decomp.train import TrainConfig
+    from decomp.training.config import TrainConfig
 
     values = _parse_sets(args.set)
     for key, flag in (("task", args.task), ("steps", args.steps), ("decomp_every", args.decomp_every),
@@ -226,7 +192,8 @@ def _row(result) -> dict[str, Any]:
 def _run_training(args: argparse.Namespace, jobs: list[tuple[Any, Path]]) -> list[dict[str, Any]]:
     import torch
 
-    from decomp.train import check_run_dir, train
+    from decomp.training.loop import train
+    from decomp.training.rundir import check_run_dir
 
     for cfg, out in jobs:  # refuse bad input before any run starts
         cfg.validate()
@@ -278,12 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from decomp.analysis.rundata import AnalysisError
-    from decomp.train import RunError
-    from decomp.warmstart import WarmStartError
+    from decomp.training.config import RunError, config_help
+    from decomp.training.warmstart import WarmStartError
 
     try:
         if args.command in ("run", "compare") and args.help_config:
-            print(_config_help())
+            print(config_help())
             return 0
         if args.command == "run":
             if args.out is None:
@@ -308,10 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command in ("plot", "validate", "report"):
             _analysis(args)
         elif args.command == "probe":
-            from decomp.probe import ProbeConfig, format_probe, run_probe
+            from decomp.training.probe import ProbeConfig, format_probe, run_probe
 
             records = run_probe(
-                ProbeConfig(seed=args.seed, prompts=args.prompts, group_size=args.group_size, lr=args.lr, coef=args.coef)
+                ProbeConfig(seed=args.seed, prompts=args.prompts, group_size=args.group_size, lr=args.lr, scale=args.scale)
             )
             print(json.dumps(records, indent=2) if args.json else format_probe(records))
     except (CLIError, RunError, AnalysisError, WarmStartError, OSError, ValueError, TypeError) as err:

@@ -15,16 +15,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from decomp.model import ModelConfig, MTPTransformer, aligned_logprobs
-from decomp.rl import generate
-from decomp.tasks import EOS, PAD, Task
+from decomp.models.tiny import ModelConfig, MTPTransformer
+from decomp.objectives import aligned_logprobs
+from decomp.rl import cross_entropy_loss, generate
+from decomp.runlog import atomic_write
+from decomp.training.tasks import EOS, PAD, Task
 
 WARMSTART_VERSION = 1  # bump when the warm-start procedure changes
 
@@ -97,10 +98,9 @@ def _train(model_cfg: ModelConfig, task: Task, seed: int, cfg: WarmStartConfig) 
             mask[:, P - 1 :] = tokens[:, P:] != PAD
             main, mtp = model(tokens)
             logp, mtp_logp, valid = aligned_logprobs(main, mtp, tokens)
-            loss = -(logp * mask).sum() / mask.sum()
+            loss = cross_entropy_loss(logp, mask)
             for m, v in zip(mtp_logp, valid, strict=True):
-                mv = mask & v
-                loss = loss + cfg.mtp_coef / len(mtp_logp) * (-(m * mv).sum() / mv.sum())
+                loss = loss + cfg.mtp_coef / len(mtp_logp) * cross_entropy_loss(m, mask & v)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -135,9 +135,6 @@ def warm_start(
     log(f"warm start: training to {cfg.target_accuracy:.0%} held-out accuracy on {task.name!r} (seed {seed})")
     state, info = _train(model_cfg, task, seed, cfg)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-    os.close(fd)
-    torch.save({"state": state, "info": info}, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save({"state": state, "info": info}, tmp))
     log(f"warm start: {info['accuracy']:.1%} after {info['steps']} steps ({info['seconds']:.1f} s), cached")
     return state, {**info, "cached": False, "path": str(path)}

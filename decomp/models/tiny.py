@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-DETACH_MODES = ("none", "inputs", "all")
+from decomp.models.mtp_module import MTPModule
+from decomp.regimes import DETACH_MODES
 
 
 @dataclass(frozen=True)
@@ -92,22 +93,6 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class MTPModule(nn.Module):
-    """One MTP depth: ``z = Block(W [RMSNorm(h); RMSNorm(e)])``, then its own output norm."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.state_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.embed_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
-        self.block = Block(cfg)
-        self.out_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-
-    def forward(self, state: Tensor, next_embed: Tensor) -> Tensor:
-        z = self.proj(torch.cat([self.state_norm(state), self.embed_norm(next_embed)], dim=-1))
-        return self.block(z)
-
-
 class MTPTransformer(nn.Module):
     """Decoder-only transformer returning main logits and one logits tensor per MTP depth."""
 
@@ -119,7 +104,7 @@ class MTPTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.mtp_depth))
+        self.mtp = nn.ModuleList(MTPModule(cfg.d_model, cfg.norm_eps, Block(cfg)) for _ in range(cfg.mtp_depth))
         self.apply(self._init)
 
     @staticmethod
@@ -165,37 +150,6 @@ class MTPTransformer(nn.Module):
                 break
             # depth k at position t sees token t+k; the chain of MTP states stays live.
             next_embed = F.embedding(tokens[:, k:], embed_weight)
-            state = module(state[:, : T - k], next_embed)
+            state = module.block(module.combine(state[:, : T - k], next_embed))
             mtp_logits.append(F.linear(module.out_norm(state), head_weight))
         return main_logits, mtp_logits
-
-
-def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
-    """``log softmax(logits)[..., target]`` for each position."""
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-
-
-def aligned_logprobs(
-    main_logits: Tensor, mtp_logits: list[Tensor], tokens: Tensor
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Per-token log-probs aligned on the predicted token.
-
-    Index ``j`` of every returned ``[B, T−1]`` tensor refers to token ``y_{j+1}``:
-
-    - ``logp[:, j] = log π(y_{j+1} | y_{≤j})`` (main head);
-    - ``mtp_logp[k−1][:, j]`` = MTP depth ``k``'s log-prob of the *same* token ``y_{j+1}``,
-      from its position ``j−k`` (right-shifted as in the reference implementation);
-    - ``mtp_valid[k−1][:, j]`` is False for ``j < k`` (no MTP prediction), where
-      ``mtp_logp`` is 0.
-    """
-    B, T = tokens.shape
-    logp = token_logprobs(main_logits[:, :-1], tokens[:, 1:])
-    mtp_logp, mtp_valid = [], []
-    for k, logits in enumerate(mtp_logits, start=1):
-        lp = token_logprobs(logits[:, : T - 1 - k], tokens[:, k + 1 :])
-        pad = lp.new_zeros(B, k)
-        mtp_logp.append(torch.cat([pad, lp], dim=1))
-        valid = torch.ones(B, T - 1, dtype=torch.bool, device=tokens.device)
-        valid[:, :k] = False
-        mtp_valid.append(valid)
-    return logp, mtp_logp, mtp_valid

@@ -1,10 +1,10 @@
 """What the training loop needs from a model family: build it, sample rollouts, evaluate.
 
-- :class:`BuiltinPolicy`: the tiny :class:`~decomp.model.MTPTransformer` on the character
-  tasks of :mod:`decomp.tasks`, started from the cached supervised warm start.
+- :class:`BuiltinPolicy`: the tiny :class:`~decomp.models.tiny.MTPTransformer` on the character
+  tasks of :mod:`decomp.training.tasks`, started from the cached supervised warm start.
 - :class:`HFPolicy`: a Hugging Face causal LM (the offline SmolLM2-135M-Instruct, or any local
-  checkpoint folder) with an MTP module from :mod:`decomp.mtp`, on the text tasks of
-  :mod:`decomp.texttasks`, prompted through its chat template (left padding), sampling with the
+  checkpoint folder) with an MTP module from :mod:`decomp.models.hf`, on the text tasks of
+  :mod:`decomp.training.texttasks`, prompted through its chat template (left padding), sampling with the
   LM's KV cache at temperature 1 and no top-k/top-p (so ``ℓ^old`` is the sampling policy's own
   log-prob). Before RL its MTP module is warmed up, as a pre-trained MTP layer would be: detached
   cross-entropy (only MTP parameters learn) on the model's own samples, cached by a hash.
@@ -29,9 +29,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from decomp.model import MTPTransformer, aligned_logprobs
-from decomp.objectives import RolloutBatch
-from decomp.rl import generate, group_advantages, response_mask
+from decomp.models.tiny import MTPTransformer
+from decomp.objectives import RolloutBatch, aligned_logprobs
+from decomp.rl import cross_entropy_loss, generate, group_advantages, response_mask
+from decomp.runlog import atomic_write
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,11 +57,11 @@ def _stream(gen: torch.Generator) -> int:
 
 
 class BuiltinPolicy:
-    """The built-in tiny MTP transformer on a character task (warm start: :mod:`decomp.warmstart`)."""
+    """The built-in tiny MTP transformer on a character task (warm start: :mod:`decomp.training.warmstart`)."""
 
     def __init__(self, cfg: Any, cache_dir: Path | None, log: Any) -> None:
-        from decomp.tasks import make_task
-        from decomp.warmstart import warm_start
+        from decomp.training.tasks import make_task
+        from decomp.training.warmstart import warm_start
 
         self.task = make_task(cfg.task)
         model_cfg = cfg.model_config(self.task)
@@ -71,7 +72,7 @@ class BuiltinPolicy:
         self.train_size = len(self.task.train)
 
     def sample(self, indices: list[int], group_size: int, gen: torch.Generator) -> Sampled:
-        from decomp.tasks import EOS, PAD
+        from decomp.training.tasks import EOS, PAD
 
         problems = [self.task.train[i] for i in indices for _ in range(group_size)]
         prompts = self.task.prompt_ids(problems)
@@ -80,7 +81,7 @@ class BuiltinPolicy:
         return Sampled(tokens, None, prompts.shape[1], response_mask(responses, EOS), self.task.rewards(responses, problems))
 
     def accuracy(self) -> float:
-        from decomp.warmstart import held_out_accuracy
+        from decomp.training.warmstart import held_out_accuracy
 
         return held_out_accuracy(self.model, self.task)
 
@@ -147,8 +148,8 @@ class HFPolicy:
     """A Hugging Face causal LM with an MTP module on a text task (module docstring)."""
 
     def __init__(self, cfg: Any, cache_dir: Path | None, log: Any) -> None:
-        from decomp.mtp import attach_mtp
-        from decomp.texttasks import make_text_task
+        from decomp.models.hf import attach_mtp
+        from decomp.training.texttasks import make_text_task
 
         self.task = make_text_task(cfg.task, cfg.dataset, cfg.reward, cfg.max_new_tokens)
         start = time.perf_counter()
@@ -211,8 +212,8 @@ class HFPolicy:
         return float(self._sample(self.task.held_out, None).rewards.mean())
 
     def _warm_up_mtp(self, cfg: Any, cache_dir: Path | None, log: Any) -> dict[str, Any]:
-        from decomp.mtp import load_mtp, save_mtp
-        from decomp.warmstart import default_cache_dir
+        from decomp.models.hf import load_mtp, save_mtp
+        from decomp.training.warmstart import default_cache_dir
 
         accuracy = self.accuracy()
         key = hashlib.sha256(json.dumps({
@@ -237,15 +238,13 @@ class HFPolicy:
             _, mtp_logp, valid = aligned_logprobs(main, mtp, s.tokens)
             mask = torch.zeros_like(valid[0])
             mask[:, s.prompt_len - 1 :] = s.response_mask
-            loss = torch.stack([-(m * (mask & v)).sum() / (mask & v).sum().clamp_min(1) for m, v in zip(mtp_logp, valid, strict=True)]).mean()
+            loss = torch.stack([cross_entropy_loss(m, mask & v) for m, v in zip(mtp_logp, valid, strict=True)]).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_mtp(self.model, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_mtp(self.model, tmp))
         log(f"MTP warm-up: CE {losses[0]:.3f} → {losses[-1]:.3f} ({time.perf_counter() - start:.0f} s), cached")
         return {**info, "cached": False, "mtp_loss_first": losses[0], "mtp_loss_last": losses[-1]}
 

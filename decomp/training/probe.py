@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from decomp.decomposition import measure_step
-from decomp.model import ModelConfig, MTPTransformer
+from decomp.models.tiny import ModelConfig, MTPTransformer
 from decomp.objectives import RolloutBatch, model_logprobs, objectives
 from decomp.occ import efficiency, jvp_coefficient, proxy_coefficients
 from decomp.regimes import make_regime
@@ -34,7 +34,7 @@ class ProbeConfig:
     prompt_len: int = 6  # tokens before the response
     response_len: int = 10  # response tokens
     lr: float = 1e-3  # AdamW learning rate
-    coef: float = 0.1  # MTP coefficient c of the shadow directions
+    scale: float = 0.1  # c: the MTP coefficient λ of the shadow directions
     dtype: str = "float64"  # measurement precision of the probe model
 
 
@@ -66,10 +66,10 @@ def run_probe(cfg: ProbeConfig = ProbeConfig()) -> dict[str, dict[str, float | s
     named = dict(model.named_parameters())
 
     # first mini-batch update under `detach` (the proxy is exactly 0 here: ℓ = ℓ^old)
-    detach = objectives(model, batch, make_regime("detach", coef=cfg.coef))
+    detach = objectives(model, batch, make_regime("detach", scale=cfg.scale))
     start = time.perf_counter()
     opt.zero_grad()
-    (-detach.rl_objective(named) + cfg.coef * detach.mtp_loss(named)).backward()
+    (-detach.rl_objective(named) + cfg.scale * detach.mtp_loss(named)).backward()
     opt.step()
     step_seconds = time.perf_counter() - start
 
@@ -77,17 +77,17 @@ def run_probe(cfg: ProbeConfig = ProbeConfig()) -> dict[str, dict[str, float | s
     logp, mtp_logp, valid = model_logprobs(model, params, batch.tokens)
     records: dict[str, dict[str, float | str]] = {}
     for direction in ("ce", "policy"):
-        regime = make_regime(direction, coef=cfg.coef)
+        regime = make_regime(direction, scale=cfg.scale)
         obj = objectives(model, batch, regime)
         start = time.perf_counter()
-        measured = measure_step(obj.rl_objective, obj.mtp_loss, named, coef=cfg.coef, optimizer=opt)
+        measured = measure_step(obj.rl_objective, obj.mtp_loss, named, coef=cfg.scale, optimizer=opt)
         seconds = time.perf_counter() - start
         dec, updates = measured.decomposition, measured.updates
         record: dict[str, float | str] = dict(dec.to_dict())
         mask = batch.mask & valid[0]
-        estimates = proxy_coefficients(mtp_logp[0], logp, batch.old_logp, mask, cfg.coef)
+        estimates = proxy_coefficients(mtp_logp[0], logp, batch.old_logp, mask, cfg.scale)
         estimates["jvp"] = float(
-            jvp_coefficient(obj.logprob_fn, params, updates.unit_displacement, updates.update_rl, mask, cfg.coef)
+            jvp_coefficient(obj.logprob_fn, params, updates.unit_displacement, updates.update_rl, mask, cfg.scale)
         )
         for name, lam in estimates.items():
             record[f"coef_{name}"] = lam

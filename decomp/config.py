@@ -1,0 +1,117 @@
+"""The MTP settings a trainer adds to its own: one definition for the reference loop and TRL.
+
+:class:`MTPConfig` says how the MTP loss enters training (regime, scale ``c``, OCC estimator),
+:class:`InstrumentConfig` what is measured and how often. The reference loop's
+:class:`~decomp.training.config.TrainConfig` extends both; :class:`~decomp.integrations.trl.
+MTPGRPOTrainer` takes them as they are. Each field carries its help text as dataclass metadata
+(:func:`option`), so ``decomp run --help-config`` and the docs read it from one place, and each
+class validates itself once (:meth:`MTPConfig.validate`).
+
+Names: ``coef`` is always a coefficient ``λ`` multiplying ``L_MTP`` in one update; ``mtp_scale``
+is the configured constant ``c`` (the public implementation's ``mtp_loss_scaling_factor``):
+``λ = c`` for the fixed-coefficient regimes, ``λ = c · proxy`` for ``occ``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from decomp.occ import REDUCTIONS
+from decomp.regimes import REGIMES, Regime, make_regime
+
+DIRECTIONS = ("active", "ce", "policy")
+MTP_INITS = ("copy_last", "random")
+POLICY_FORMS = ("ratio", "reinforce")
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with its help text (read by :func:`field_help`)."""
+    return field(default=default, metadata={"help": help})
+
+
+def field_help(cls: type) -> list[tuple[str, Any, str]]:
+    """``(name, default, help)`` of every field of a config dataclass, in definition order."""
+    return [(f.name, f.default, f.metadata.get("help", "")) for f in dataclasses.fields(cls)]
+
+
+def parse_directions(text: str) -> tuple[str, ...]:
+    """``"active,ce"`` → ``("active", "ce")``; a ``ValueError`` names unknown directions."""
+    directions = tuple(d.strip() for d in text.split(",") if d.strip())
+    bad = [d for d in directions if d not in DIRECTIONS]
+    if not directions or bad:
+        raise ValueError(f"directions must be a comma-separated subset of {', '.join(DIRECTIONS)}, got {text!r}")
+    return directions
+
+
+@dataclass(frozen=True)
+class MTPConfig:
+    """How the MTP loss enters the joint loss ``−J_clip + λ·L_MTP``."""
+
+    regime: str = option("detach", f"MTP regime: {' | '.join(REGIMES)}")
+    mtp_scale: float = option(0.1, "c: λ for fixed-coefficient regimes, the estimator's scale for occ")
+    occ_estimator: str = option("masked", f"occ: the proxy estimator ({' | '.join(REDUCTIONS)})")
+    policy_form: str = option("ratio", f"policy/occ MTP loss: {' | '.join(POLICY_FORMS)}")
+    mtp_depth: int = option(1, "K: MTP depths (depth k predicts token t+k+1)")
+    mtp_init: str = option("copy_last", "Hugging Face hosts: MTP block copied from the last layer, or random")
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field."""
+        if self.regime not in REGIMES:
+            raise ValueError(f"unknown regime {self.regime!r}; valid regimes: {', '.join(REGIMES)}")
+        if not math.isfinite(self.mtp_scale):
+            raise ValueError(f"mtp_scale must be finite, got {self.mtp_scale}")
+        if self.occ_estimator not in REDUCTIONS:
+            raise ValueError(f"occ_estimator must be one of {', '.join(REDUCTIONS)}, got {self.occ_estimator!r}")
+        if self.policy_form not in POLICY_FORMS:
+            raise ValueError(f"policy_form must be one of {', '.join(POLICY_FORMS)}, got {self.policy_form!r}")
+        if self.mtp_depth < 1:
+            raise ValueError(f"mtp_depth must be >= 1, got {self.mtp_depth}")
+        if self.mtp_init not in MTP_INITS:
+            raise ValueError(f"mtp_init must be one of {', '.join(MTP_INITS)}, got {self.mtp_init!r}")
+
+    def make_regime(self, clip: tuple[float, float] = (0.2, 0.2)) -> Regime:
+        """The regime object; ``clip`` is the trainer's PPO clip range (policy/occ use it)."""
+        options: dict[str, Any] = {"scale": self.mtp_scale}
+        if self.regime in ("policy", "occ"):
+            options.update(form=self.policy_form, clip_low=clip[0], clip_high=clip[1])
+        if self.regime == "occ":
+            options["estimator"] = self.occ_estimator
+        return make_regime(self.regime, **options)
+
+
+@dataclass(frozen=True)
+class InstrumentConfig:
+    """What is measured at instrumented updates, and how often (in optimizer/RL steps)."""
+
+    decomp_every: int = option(5, "steps between instrumented updates (0: never)")
+    decomp_directions: str = option("active,ce,policy", "MTP directions measured at each instrumented update")
+    sweep_every: int = option(50, "steps between coefficient sweeps, at the first instrumented update at or "
+                              "after each multiple (0: never)")
+    curvature_every: int = option(50, "steps between Hessian eigenvalue runs, at the first instrumented update "
+                                  "at or after each multiple (0: never)")
+
+    def validate(self) -> None:
+        for name in ("decomp_every", "sweep_every", "curvature_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        parse_directions(self.decomp_directions)
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return parse_directions(self.decomp_directions)
+
+    def instruments(self, step: int) -> bool:
+        """Whether ``step`` (1-based) is instrumented."""
+        return self.decomp_every > 0 and step % self.decomp_every == 0
+
+    def due(self, every: int, step: int) -> bool:
+        """Whether a sweep or curvature run (period ``every``) happens at instrumented ``step``:
+        the first instrumented step at or after each multiple of ``every``, so any two periods
+        compose (``every`` need not be a multiple of ``decomp_every``)."""
+        if not every or not self.instruments(step):
+            return False
+        previous = step - self.decomp_every  # the instrumented step before this one (0: none)
+        return step // every > previous // every

@@ -1,0 +1,154 @@
+"""``DecompositionCallback``: the decomp run directory of a TRL run, and the exact decomposition
+of the coming optimizer step every ``decomp_every`` steps (see the package docstring)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import trl
+from torch import nn
+from transformers import TrainerCallback
+
+from decomp import __version__
+from decomp.instrument import instrument_update
+from decomp.integrations.trl.align import MTPModelView, plain_forward, rollout_batch
+from decomp.integrations.trl.loss import trl_rl_loss
+from decomp.integrations.trl.support import unsupported_loss_settings
+from decomp.runlog import RUN_FILE, SCHEMA_VERSION, JsonlWriter, truncate_jsonl
+
+if TYPE_CHECKING:
+    from decomp.integrations.trl.trainer import MTPGRPOTrainer
+
+
+class DecompositionCallback(TrainerCallback):
+    """Writes the decomp run directory and, every ``every`` optimizer steps, the exact
+    decomposition of the coming step (module docstring). Installed by :class:`MTPGRPOTrainer`.
+    """
+
+    def __init__(self, trainer: MTPGRPOTrainer, every: int = 0) -> None:
+        if every < 0:
+            raise ValueError(f"every must be >= 0, got {every}")
+        self.trainer = trainer
+        self.every = every
+        self.out: Path | None = None
+        self._writers: dict[str, JsonlWriter] = {}
+        self._decomp_seconds = 0.0
+        self._reward = math.nan  # mean reward of the latest generation batch
+
+    # run directory ------------------------------------------------------------------------
+
+    def _main(self) -> bool:
+        return bool(self.trainer.accelerator.is_main_process)
+
+    def _check_measurable(self) -> None:
+        tr = self.trainer
+        problems = unsupported_loss_settings(tr)
+        if getattr(tr, "is_deepspeed_enabled", False) or getattr(tr, "is_fsdp_enabled", False):
+            problems.append("DeepSpeed/FSDP (sharded parameters or optimizer state)")
+        if problems:
+            raise ValueError(f"decomp_every > 0: the decomposition does not support {', '.join(problems)}")
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.every:
+            self._check_measurable()
+        if not self._main():
+            return
+        tr = self.trainer
+        self.out = Path(tr.decomp_dir or args.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "decomposition.jsonl"):
+            # a resumed run: drop records of steps after the checkpoint
+            truncate_jsonl(self.out / name, lambda r: isinstance(r.get("step"), int) and r["step"] <= state.global_step)
+        config = {
+            **asdict(tr.mtp_config),
+            **asdict(tr.instrument_config),
+            "trainer": "trl.GRPOTrainer",
+            "trl_version": trl.__version__,
+            "model": getattr(tr.model.config, "_name_or_path", ""),
+            "seed": args.seed,
+            "learning_rate": args.learning_rate,
+            "loss_type": tr.loss_type,
+            "beta": float(tr.beta),
+            "num_generations": tr.num_generations,
+            "num_iterations": tr.num_iterations,
+            "steps_per_generation": args.steps_per_generation,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "max_grad_norm": args.max_grad_norm,
+            "num_processes": tr.accelerator.num_processes,
+        }
+        text = json.dumps(
+            {"config": config, "decomp_version": __version__, "schema_version": SCHEMA_VERSION}, indent=2
+        )
+        (self.out / RUN_FILE).write_text(text, encoding="utf-8")
+        self._writers = {name: JsonlWriter(self.out / f"{name}.jsonl") for name in ("metrics", "decomposition")}
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers = {}
+
+    # per step -----------------------------------------------------------------------------
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        step = state.global_step + 1  # the step about to be taken
+        if not self.every or step % self.every or not self._main() or self.trainer.last_micro_batch is None:
+            return
+        start = time.perf_counter()
+        records = self.measure()
+        tr = self.trainer
+        for record in records:
+            self._writers["decomposition"].write({"step": step, "regime": tr.regime.name, **record})
+            prefix = "decomp/" if record["direction"] == "active" else f"decomp/{record['direction']}/"
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    tr._metrics["train"][prefix + key].append(float(value))
+        self._decomp_seconds += time.perf_counter() - start
+
+    def measure(self) -> list[dict[str, Any]]:
+        """The decomposition records of the coming optimizer step (one per direction)."""
+        tr = self.trainer
+        micro = tr.last_micro_batch
+        assert micro is not None
+        inputs = micro["inputs"]
+        lm = tr.accelerator.unwrap_model(tr.model)
+        view = MTPModelView(lm, tr.temperature)
+        batch = rollout_batch(inputs, micro["logp"])
+        old = batch.response(batch.old_logp)
+        optimizer = getattr(tr.optimizer, "optimizer", tr.optimizer)  # accelerate wraps it
+        grad_clipped = self._grad_clipped(lm)
+        with plain_forward(lm):
+            result = instrument_update(
+                view, batch, optimizer, tr.regime, scale=tr.mtp_config.mtp_scale, coef=float(micro["coef"]),
+                clip=(float(tr.epsilon_low), float(tr.epsilon_high)), directions=tr.instrument_config.directions,
+                rl_loss_of_logp=trl_rl_loss(tr, inputs, old),
+            )
+        return [{**r, "grad_clipped": grad_clipped} for r in result.decompositions]
+
+    def _grad_clipped(self, lm: nn.Module) -> bool:
+        max_norm = self.trainer.args.max_grad_norm
+        if not max_norm or max_norm <= 0:
+            return False
+        grads = [p.grad for p in lm.parameters() if p.grad is not None]
+        if not grads:
+            return False
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        return norm >= max_norm * (1 - 1e-4)  # clipping scaled the gradient to max_norm
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        applied = self.trainer.pop_step_mtp()
+        if not self._main() or "metrics" not in self._writers:
+            return
+        rewards = self.trainer._metrics["train"].get("reward")
+        if rewards:  # TRL appends one per generation batch and clears the list at each log
+            self._reward = float(rewards[-1])
+        self._writers["metrics"].write({
+            "step": state.global_step, "regime": self.trainer.regime.name, "reward_mean": self._reward,
+            "mtp_coef": applied["coef"], "mtp_loss": applied["loss"], "decomp_seconds": self._decomp_seconds,
+        })
+        self._decomp_seconds = 0.0

@@ -1,0 +1,326 @@
+"""The reference GRPO loop with an MTP module, instrumented with the measurement library.
+
+Every hyperparameter is a field of :class:`~decomp.training.config.TrainConfig`. One training
+*step* is one rollout batch: ``prompts_per_step`` prompts × ``group_size`` samples,
+group-normalised advantages, then ``epochs × num_minibatches`` AdamW updates on the clipped
+surrogate plus the regime's MTP term (the OCC proxy is exactly zero on the first update of an
+on-policy batch and carries signal from the second on). Every ``decomp_every`` steps, the last
+update of the step is instrumented (:mod:`decomp.instrument`) before it is applied.
+
+Read top to bottom, :func:`train` is: open the run (:func:`open_run`), then per step
+:func:`rollout` → :func:`minibatch_partition` → for each update :func:`update_loss` →
+(:func:`instrument`) → :func:`apply_update`, then :func:`evaluate_and_log` and
+:func:`save_checkpoint`; finally :func:`finish_run`.
+
+The run directory's files are listed in :mod:`decomp.training.rundir`. Records are appended and
+flushed one line at a time. ``resume`` reloads the checkpoint, drops records written after it
+(a killed run may have got ahead of its last checkpoint) and continues; since every step's
+randomness comes from a generator seeded by ``(seed, step)``, a resumed run writes the same
+records as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from decomp import __version__
+from decomp.instrument import instrument_update
+from decomp.objectives import RolloutBatch, aligned_logprobs
+from decomp.regimes import MTPTerm, Regime
+from decomp.rl import clipped_policy_loss, kl_k3, masked_mean
+from decomp.runlog import (
+    SCHEMA_VERSION,
+    JsonlWriter,
+    atomic_write,
+    atomic_write_text,
+    truncate_jsonl,
+    write_json,
+)
+from decomp.training.config import RunError, TrainConfig
+from decomp.training.policies import ModelUnavailable, build_policy, rollout
+from decomp.training.rundir import LOG_FILES, RUN_FILES, check_run_dir, load_checkpoint
+
+
+@dataclass
+class RunResult:
+    out: Path
+    config: TrainConfig
+    warm_accuracy: float
+    final_accuracy: float
+    steps_done: int
+    seconds: float
+
+
+@dataclass
+class RunState:
+    """What the loop carries from step to step (built by :func:`open_run`)."""
+
+    cfg: TrainConfig
+    out: Path
+    policy: Any  # BuiltinPolicy | HFPolicy
+    optimizer: torch.optim.Optimizer
+    regime: Regime
+    start_step: int
+    warm_info: dict[str, Any]
+    ref_params: dict[str, Tensor] | None  # the warm start's parameters, for the KL term
+    logs: dict[str, JsonlWriter] = field(default_factory=dict)
+    accuracy: float = float("nan")
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.policy.model
+
+
+def stream_seed(seed: int, step: int) -> int:
+    """The seed of step ``step``'s generator: one independent, reproducible stream per
+    ``(seed, step)``, so resuming needs no RNG state."""
+    return (seed * 1_000_003 + step * 7_919 + 17) % (2**63 - 1)
+
+
+def open_run(cfg: TrainConfig, out: Path, *, resume: bool, overwrite: bool, cache_dir: Path | None,
+             log: Callable[[str], None]) -> RunState:
+    """Check the folder, build the policy (warm start, cached) and optimizer, restore a
+    checkpoint when resuming, and open the logs."""
+    mode = check_run_dir(out, cfg, resume=resume, overwrite=overwrite)
+    ckpt = load_checkpoint(out / "checkpoint.pt") if mode == "resume" else None
+    if mode == "overwrite":
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        policy = build_policy(cfg, cache_dir, log)
+    except ModelUnavailable as err:
+        raise RunError(str(err)) from None
+    model = policy.model
+    ref_params = {k: v.detach().clone() for k, v in model.named_parameters()} if cfg.kl_coef > 0 else None
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    state = RunState(cfg, out, policy, opt, cfg.make_regime(cfg.clip), 0, policy.warm_info, ref_params)
+    if ckpt is None:
+        for name in LOG_FILES:
+            (out / name).unlink(missing_ok=True)
+    else:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        state.start_step = int(ckpt["step"])
+        state.warm_info = ckpt["warm_start"]
+        for name in LOG_FILES:
+            truncate_jsonl(out / name, lambda r: isinstance(r.get("step"), int) and r["step"] <= state.start_step)
+    write_json(out / "config.json", {"config": asdict(cfg), "decomp_version": __version__,
+                                     "schema_version": SCHEMA_VERSION})
+    state.logs = {name.removesuffix(".jsonl"): JsonlWriter(out / name) for name in LOG_FILES}
+    state.accuracy = float(state.warm_info["accuracy"])
+    if state.start_step == 0:
+        state.logs["metrics"].write({"step": 0, "regime": cfg.regime, "accuracy": state.accuracy,
+                                     "warm_start_steps": state.warm_info["steps"]})
+    return state
+
+
+def minibatch_partition(n: int, cfg: TrainConfig, gen: torch.Generator) -> list[Tensor]:
+    """The row indices of every update of a step: each epoch a fresh random partition of the
+    ``n`` sequences into ``num_minibatches`` mini-batches."""
+    return [chunk for _ in range(cfg.epochs)
+            for chunk in torch.randperm(n, generator=gen).chunk(cfg.num_minibatches)]
+
+
+@dataclass
+class UpdateLoss:
+    """The training loss of one mini-batch update and its parts (graph alive in ``loss``)."""
+
+    loss: Tensor
+    pg_loss: Tensor
+    kl: Tensor | None
+    terms: list[MTPTerm]  # one per MTP depth
+    logp: Tensor
+
+    @property
+    def coef(self) -> float:
+        """λ applied at this update: the mean over depths (each depth's term is ``λ_k·L_k``)."""
+        return sum(t.coef for t in self.terms) / len(self.terms)
+
+
+def update_loss(state: RunState, mb: RolloutBatch, ref_logp: Tensor | None) -> UpdateLoss:
+    """One forward for both heads: clipped surrogate (+ KL) + the regime's MTP term."""
+    cfg = state.cfg
+    kwargs = {} if mb.attention_mask is None else {"attention_mask": mb.attention_mask}
+    main, mtp = state.model(mb.tokens, detach=state.regime.detach, **kwargs)
+    logp, mtp_logp, valid = aligned_logprobs(main, mtp, mb.tokens)
+    pg = clipped_policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, cfg.clip_low, cfg.clip_high)
+    loss, kl = pg, None
+    if ref_logp is not None:
+        kl = masked_mean(kl_k3(logp, ref_logp), mb.mask)
+        loss = loss + cfg.kl_coef * kl
+    # response-shaped views: the reference estimator averages over them (padding included)
+    r = mb.response
+    terms = [state.regime(r(m), r(logp), r(mb.old_logp), r(mb.advantages), r(mb.mask & v))
+             for m, v in zip(mtp_logp, valid, strict=True)]
+    loss = loss + torch.stack([t.loss for t in terms]).mean()
+    return UpdateLoss(loss, pg, kl, terms, logp)
+
+
+def instrument(state: RunState, step: int, update: int, mb: RolloutBatch, ref_logp: Tensor | None,
+               coef: float) -> None:
+    """Measure the coming update (:func:`decomp.instrument.instrument_update`) and log it."""
+    cfg = state.cfg
+    result = instrument_update(
+        state.model, mb, state.optimizer, state.regime, scale=cfg.mtp_scale, coef=coef, clip=cfg.clip,
+        kl_coef=cfg.kl_coef, ref_logp=ref_logp, directions=cfg.directions,
+        sweep=cfg.due(cfg.sweep_every, step), curvature=cfg.due(cfg.curvature_every, step),
+    )
+    where = {"step": step, "update": update, "regime": cfg.regime}
+    for record in result.decompositions:
+        state.logs["decomposition"].write({**where, **record})
+    for record in result.sweeps:
+        state.logs["sweeps"].write({**where, **record})
+    if result.curvature is not None:
+        state.logs["curvature"].write({**where, **result.curvature})
+
+
+def apply_update(state: RunState, mb: RolloutBatch, out: UpdateLoss, sums: dict[str, float]) -> None:
+    """Backward and AdamW step; accumulate the step's training statistics in ``sums``."""
+    cfg = state.cfg
+    state.optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    state.optimizer.step()
+    with torch.no_grad():
+        ratio = torch.exp(out.logp.detach() - mb.old_logp)
+        clipped = ((ratio < 1 - cfg.clip_low) | (ratio > 1 + cfg.clip_high)) & mb.mask
+        sums["clip_fraction"] += float(clipped.sum() / mb.mask.sum().clamp_min(1))
+    sums["pg_loss"] += float(out.pg_loss.detach())
+    sums["mtp_loss"] += float(torch.stack([t.unit_loss.detach() for t in out.terms]).mean())
+    sums["mtp_coef"] += out.coef
+    if out.kl is not None:
+        sums["kl"] += float(out.kl.detach())
+
+
+def train_step(state: RunState, step: int) -> dict[str, Any]:
+    """One rollout batch and its updates (the last one instrumented on instrumented steps);
+    returns the step's metrics record (without evaluation)."""
+    cfg = state.cfg
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(stream_seed(cfg.seed, step))
+    batch, ref_logp, stats = rollout(state.policy, cfg, gen, state.ref_params)
+    partition = minibatch_partition(batch.tokens.shape[0], cfg, gen)
+    sums = {"pg_loss": 0.0, "mtp_loss": 0.0, "mtp_coef": 0.0, "kl": 0.0, "clip_fraction": 0.0}
+    decomp_seconds = update_seconds = 0.0
+    for update, idx in enumerate(partition):
+        t_update = time.perf_counter()
+        mb = batch.subset(idx)
+        mb_ref = None if ref_logp is None else ref_logp[idx]
+        out = update_loss(state, mb, mb_ref)
+        if cfg.instruments(step) and update == len(partition) - 1:
+            t_dec = time.perf_counter()
+            instrument(state, step, update, mb, mb_ref, out.coef)
+            decomp_seconds += time.perf_counter() - t_dec
+        apply_update(state, mb, out, sums)
+        update_seconds += time.perf_counter() - t_update
+    record: dict[str, Any] = {"step": step, "regime": cfg.regime, **stats}
+    record.update({k: v / len(partition) for k, v in sums.items()})
+    record["decomp_seconds"] = decomp_seconds
+    # one training update (forward, backward, AdamW) without the measurements: the unit the
+    # decomposition's cost is compared with
+    record["update_seconds"] = (update_seconds - decomp_seconds) / len(partition)
+    record["t0"] = t0
+    return record
+
+
+def evaluate_and_log(state: RunState, step: int, record: dict[str, Any]) -> None:
+    """Held-out accuracy every ``eval_every`` steps and at the end; write the metrics record."""
+    cfg = state.cfg
+    if step % cfg.eval_every == 0 or step == cfg.steps:
+        state.accuracy = state.policy.accuracy()
+        record["accuracy"] = state.accuracy
+    record["seconds"] = time.perf_counter() - record.pop("t0")
+    state.logs["metrics"].write(record)
+
+
+def save_checkpoint(state: RunState, step: int) -> None:
+    if step % state.cfg.checkpoint_every == 0 or step == state.cfg.steps:
+        blob = {"step": step, "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                "warm_start": state.warm_info}
+        atomic_write(state.out / "checkpoint.pt", lambda tmp: torch.save(blob, tmp))
+
+
+def finish_run(state: RunState, seconds: float) -> RunResult:
+    cfg = state.cfg
+    if state.start_step >= cfg.steps:  # a finished run "resumed" without more steps
+        state.accuracy = state.policy.accuracy()
+    warm = float(state.warm_info["accuracy"])
+    atomic_write_text(state.out / "summary.json", json_summary(cfg, warm, state.accuracy, state.warm_info))
+    return RunResult(state.out, cfg, warm, state.accuracy, cfg.steps, seconds)
+
+
+def json_summary(cfg: TrainConfig, warm: float, final: float, warm_info: dict[str, Any]) -> str:
+    return json.dumps({"regime": cfg.regime, "seed": cfg.seed, "task": cfg.task, "steps": cfg.steps,
+                       "warm_accuracy": warm, "final_accuracy": final, "warm_start": warm_info}, indent=2)
+
+
+class Progress:
+    """A bar on a terminal; in a log (CI, nohup) a status line every 10% of the run instead."""
+
+    def __init__(self, state: RunState, enabled: bool, log: Callable[[str], None]) -> None:
+        cfg = state.cfg
+        self.cfg, self.log, self.bar = cfg, log, None
+        self.line_every = max(1, cfg.steps // 10) if enabled and not sys.stderr.isatty() else 0
+        if enabled and not self.line_every:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.steps, initial=state.start_step, desc=f"{cfg.regime} s{cfg.seed}",
+                            unit="step", leave=True)
+
+    def update(self, step: int, reward: float, accuracy: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(reward=f"{reward:.2f}", acc=f"{accuracy:.1%}", refresh=False)
+            self.bar.update(1)
+        elif self.line_every and (step % self.line_every == 0 or step == self.cfg.steps):
+            self.log(f"{self.cfg.regime} seed {self.cfg.seed}: step {step}/{self.cfg.steps} reward {reward:.2f} "
+                     f"accuracy {accuracy:.1%}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(
+    cfg: TrainConfig,
+    out: Path | str,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    stop_after: int | None = None,
+) -> RunResult:
+    """Run (or resume) one instrumented GRPO run into ``out``; see the module docstring.
+
+    ``stop_after`` ends the run abruptly after that step's records are written and before its
+    checkpoint, as a kill would (for tests of ``resume``).
+    """
+    cfg.validate()
+    t_start = time.perf_counter()
+    state = open_run(cfg, Path(out), resume=resume, overwrite=overwrite, cache_dir=cache_dir, log=log)
+    bar = Progress(state, progress, log)
+    try:
+        for step in range(state.start_step + 1, cfg.steps + 1):
+            record = train_step(state, step)
+            evaluate_and_log(state, step, record)
+            bar.update(step, record["reward_mean"], state.accuracy)
+            if stop_after is not None and step >= stop_after:
+                warm = float(state.warm_info["accuracy"])
+                return RunResult(state.out, cfg, warm, state.accuracy, step, time.perf_counter() - t_start)
+            save_checkpoint(state, step)
+    finally:
+        for writer in state.logs.values():
+            writer.close()
+        bar.close()
+    return finish_run(state, time.perf_counter() - t_start)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import statistics
 import time
@@ -90,16 +91,48 @@ def decomposition_rows(
     vec = {k: torch.randn_like(p) for k, p in params.items()}
     rows: dict[str, Callable[[], object]] = {
         "training update": update,
-        "decompose, AdamW": lambda: decompose(obj.rl_objective, obj.mtp_loss, named, coef=0.1, optimizer=opt),
+        "decompose, AdamW": lambda: decompose(obj.rl_objective, obj.mtp_loss, named, coef=0.1, optimizer=opt,
+                                              rl_loss=obj.rl_loss),
     }
     if sgd_lr is not None:
-        rows["decompose, SGD"] = lambda: decompose(obj.rl_objective, obj.mtp_loss, params, coef=0.1, lr=sgd_lr)
+        rows["decompose, SGD"] = lambda: decompose(obj.rl_objective, obj.mtp_loss, params, coef=0.1, lr=sgd_lr,
+                                                   rl_loss=obj.rl_loss)
     rows.update({
         "  ∇J + graph for HVPs": lambda: second_order(obj.rl_objective, params),
         "  ∇J + graph + one HVP": lambda: second_order(obj.rl_objective, params).hvp(vec),
         "  ∇L_MTP": lambda: torch.func.grad(obj.mtp_loss)(params),
         "  J forward": lambda: obj.rl_objective(params),
     })
+    return rows
+
+
+def ground_truth_rows(model, batch, eval_batch, named: dict, opt: torch.optim.Optimizer,
+                      scale: float = 0.1) -> dict[str, Callable[[], object]]:
+    """Per direction (``ce``, ``policy``): the in-sample decomposition, the held-out split's
+    extra cost (``J``'s side only: the updates are shared) and the realized-optimum search."""
+    from decomp.decomposition import decompose_updates, step_updates
+    from decomp.objectives import objectives
+    from decomp.regimes import CrossEntropy, Policy
+    from decomp.search import realized_optimum
+
+    rows: dict[str, Callable[[], object]] = {}
+    for name, regime in (("ce", CrossEntropy(scale=scale)), ("policy", Policy(scale=scale))):
+        obj = objectives(model, batch, regime, coef=scale, clip=(0.2, 0.2))
+        held = objectives(model, eval_batch, regime)
+        step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=scale, optimizer=opt, rl_loss=obj.rl_loss)
+        measured = decompose_updates(step, obj.rl_objective)
+
+        def in_sample(obj=obj):
+            s = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=scale, optimizer=opt, rl_loss=obj.rl_loss)
+            return decompose_updates(s, obj.rl_objective)
+
+        def search(m=measured):
+            d = m.decomposition
+            return realized_optimum(m.gain, start=d.lambda_star if math.isfinite(d.lambda_star) else scale)
+
+        rows[f"{name}: decomposition, in-sample"] = in_sample
+        rows[f"{name}:   + held-out split (J side)"] = lambda step=step, held=held: decompose_updates(step, held.rl_objective)
+        rows[f"{name}:   + search for λ̂"] = search
     return rows
 
 

@@ -5,8 +5,11 @@
 The default reference-run model (64 wide, 2 layers, MTP depth 1) on a mini-batch of 64 rollouts
 of 11 tokens, float32, AdamW with real state after 3 updates. A training update is forward,
 backward and ``optimizer.step()`` of ``−J_clip + c·L_MTP``. The decomposition is
-``decompose(J, L_MTP, params, coef=c, optimizer=the live AdamW)`` (and with ``"sgd"``), and the
-parts it is made of, timed alone.
+``decompose(J, L_MTP, params, coef=c, optimizer=the live AdamW, rl_loss=the clipped surrogate)``
+(and with ``"sgd"``), and the parts it is made of, timed alone; then per direction (``ce``,
+``policy``) the in-sample decomposition, the held-out split's extra cost (``J``'s side on another
+batch of the same size; the first-order gradients and updates are shared) and the search for the
+realized optimum ``λ̂``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import statistics
 import torch
 from common import (
     decomposition_rows,
+    ground_truth_rows,
     machine,
     print_rows,
     synthetic_rollout,
@@ -59,7 +63,9 @@ def main() -> None:
             for s, t in st.items():
                 t.copy_(state[p][s])
 
+    _, eval_batch = synthetic_rollout(cfg, batch=64, seq_len=11, prompt_len=7, seed=1)
     fns = decomposition_rows(measured_update, obj, named, opt, sgd_lr=1e-4)
+    fns.update(ground_truth_rows(model, batch, eval_batch, named, opt))
     t = timed(fns, args.repeats)
     print(f"# Decomposition cost — {machine()}")
     print(f"model {sum(p.numel() for p in params.values()) / 1e6:.3f}M parameters, batch 64×11, {args.repeats} repeats; "

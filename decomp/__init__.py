@@ -1,14 +1,16 @@
 """decomp: exact correlation/penalty decomposition of MTP losses in RLVR, and OCC estimators.
 
-The measurement API (pure functions over a ``dict`` of parameters and callables):
+The measurement API (pure functions over a ``dict`` of parameters and callables; the
+definitions are in docs/method.md):
 
-- :func:`decomp.decomposition.decompose` — the per-step decomposition (DESIGN.md §3), and
-  :func:`~decomp.decomposition.measure_step`, which also returns the update dicts;
+- :func:`decomp.decomposition.decompose` — the per-step decomposition (§3), and
+  :func:`~decomp.decomposition.measure_step`, which also returns the updates and the realized
+  gain ``ΔJ(λ)``; ``search=True`` adds the realized optimum ``λ̂`` (:mod:`decomp.search`);
 - :mod:`decomp.curvature` — ``hvp``, ``hessian_operator``, ``top_eigenvalues``,
   ``rayleigh_quotient``, ``jvp_logprobs``;
 - :mod:`decomp.optim` — counterfactual SGD/AdamW steps;
-- :mod:`decomp.occ` — the OCC estimator ladder (DESIGN.md §4);
-- :mod:`decomp.regimes` — the MTP training regimes (DESIGN.md §2).
+- :mod:`decomp.occ` — the OCC estimator ladder (§4);
+- :mod:`decomp.regimes` — the MTP training regimes (§2).
 """
 
 from decomp.curvature import (
@@ -21,13 +23,16 @@ from decomp.curvature import (
 from decomp.decomposition import Decomposition, StepMeasurement, decompose, measure_step
 from decomp.occ import (
     efficiency,
-    gain,
     jvp_coefficient,
     masked_coefficient,
+    model_efficiency,
+    model_gain,
     pooled_coefficient,
     reference_coefficient,
+    trust_region_coefficient,
 )
 from decomp.regimes import make_regime
+from decomp.search import realized_optimum
 
 __version__ = "0.1.0"
 
@@ -37,7 +42,10 @@ __all__ = [
     "decompose",
     "measure_step",
     "efficiency",
-    "gain",
+    "model_efficiency",
+    "model_gain",
+    "realized_optimum",
+    "trust_region_coefficient",
     "hessian_operator",
     "hvp",
     "jvp_coefficient",

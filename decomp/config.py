@@ -88,6 +88,10 @@ class InstrumentConfig:
 
     decomp_every: int = option(5, "steps between instrumented updates (0: never)")
     decomp_directions: str = option("active,ce,policy", "MTP directions measured at each instrumented update")
+    heldout: bool = option(True, "also judge each instrumented update on an independent held-out batch of "
+                           "rollouts from the current policy (split 'heldout')")
+    search: bool = option(True, "find the realized optimum λ̂ and every estimator's realized gain (real "
+                          "counterfactual steps, forward passes only)")
     sweep_every: int = option(50, "steps between coefficient sweeps, at the first instrumented update at or "
                               "after each multiple (0: never)")
     curvature_every: int = option(50, "steps between Hessian eigenvalue runs, at the first instrumented update "

@@ -1,4 +1,4 @@
-"""The exact per-step decomposition of the MTP loss's effect on the RL objective (DESIGN.md §3).
+"""The exact per-step decomposition of the MTP loss's effect on the RL objective (docs/method.md §3).
 
 At parameters ``θ`` with optimizer state ``S``:
 
@@ -10,7 +10,16 @@ At parameters ``θ`` with optimizer state ``S``:
 - predicted ``ΔJ_pred = C + X − P``; realized ``ΔJ_MTP = J(θ + u_RL + δ) − J(θ + u_RL)``;
   residual ``= realized − predicted = O(‖u‖³)``;
 - ``λ* = (C₁ + X₁)/(2P₁)`` and ``λ*_nocross = C₁/(2P₁)`` from the unit quantities when
-  ``P₁ > 0``, else ``nan`` with a reason.
+  ``P₁ > 0``, else ``nan`` with a reason;
+- with ``search=True``, the realized optimum ``λ̂ = argmax_λ ΔJ(λ)``, ``ΔJ(λ) = J(θ + u(λ)) −
+  J(θ + u_RL)`` with real counterfactual optimizer steps (:mod:`decomp.search`).
+
+Two batches. The updates are built from the training batch (``mtp_loss``, and ``rl_loss`` or
+``rl_objective``); ``J``'s side — ``g``, ``H``, the realized values and the search — is evaluated
+on ``eval_objective`` when given (an independent held-out batch: an unbiased estimate of the
+objective the update improves), else on ``rl_objective`` (in-sample). :func:`step_updates` and
+:func:`decompose_updates` split the two, so that several evaluation objectives share one set of
+updates.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Required, TypedDict, Unpack
 
 import torch
 from torch import Tensor
@@ -34,6 +43,13 @@ from decomp.curvature import (
     norm,
     second_order,
 )
+from decomp.search import (
+    DEFAULT_SEARCH_BOUND,
+    MAX_SEARCH_EVALUATIONS,
+    SEARCH_RTOL,
+    check_search,
+    realized_optimum,
+)
 
 OptimizerSpec = str | torch.optim.Optimizer | cf_optim.SGD | cf_optim.AdamW
 OPTIMIZER_NAMES = ("sgd", "adamw", "adam")
@@ -41,7 +57,7 @@ OPTIMIZER_NAMES = ("sgd", "adamw", "adam")
 
 @dataclass(frozen=True)
 class Decomposition:
-    """All quantities of one instrumented step; every field is defined in DESIGN.md §3.
+    """All quantities of one instrumented step; every field is defined in docs/method.md §3.
 
     Fields with ``_unit`` are per unit coefficient (``δ₁`` in place of ``δ``); for SGD
     ``correlation = coef·correlation_unit``, ``cross = coef·cross_unit`` and
@@ -71,6 +87,12 @@ class Decomposition:
     coef: float  # λ the displacement δ was computed with
     optimizer: str  # "sgd" or "adamw"
     hvp_method: str  # "autograd", "reverse" or "forward"
+    # the realized optimum (``search=True``; else nan and "not searched")
+    lambda_hat: float = math.nan  # argmax_λ ΔJ(λ) with real optimizer steps
+    gain_hat: float = math.nan  # ΔJ(λ̂) ≥ 0
+    lambda_hat_reason: str = "not searched"  # "" when λ̂ is an interior maximum
+    search_evaluations: int = 0  # forward evaluations of J the search took
+    gain_lambda_star: float = math.nan  # ΔJ(λ*), realized: how good the quadratic model's optimum is
 
     @property
     def moves_objective(self) -> bool:
@@ -151,74 +173,231 @@ def optimal_coefficient(correlation_unit: float, cross_unit: float, penalty_unit
 
 
 @dataclass(frozen=True)
-class StepMeasurement:
-    """A :class:`Decomposition` with the update dicts it was computed from.
+class StepUpdates:
+    """The training batch's side of a step, shared by every evaluation objective.
 
     ``updates`` holds ``u_RL``, ``δ`` and ``δ₁`` (e.g. for the ``jvp`` estimators of
-    :mod:`decomp.occ`); ``grad_rl`` is ``∇J``, ``grad_mtp`` is ``∇L_MTP`` and ``update_grad`` the
-    loss gradient the optimizer stepped on for ``u_RL`` (``−∇J``, or ``∇rl_loss``).
+    :mod:`decomp.occ`); ``grad_mtp`` is ``∇L_MTP``, ``update_grad`` the loss gradient the
+    optimizer stepped on for ``u_RL`` (``−∇J`` of the training batch, or ``∇rl_loss``).
+    """
+
+    theta: Params  # detached parameters
+    updates: cf_optim.Counterfactual | None  # None until completed by the in-sample J's gradient
+    grad_mtp: Params
+    update_grad: Params | None
+    mtp_value: float
+    grad_norm_mtp: float
+    coef: float
+    optimizer: cf_optim.SGD | cf_optim.AdamW  # the resolved counterfactual optimizer
+    devices: list[int]  # CUDA devices whose RNG a measurement forks
+
+    def completed(self, grad_j: Params) -> StepUpdates:
+        """The updates for ``u_RL`` following ``−∇J`` (in-sample ``J`` and no ``rl_loss``), from
+        ``J``'s own gradient, so that it is computed once."""
+        update_grad = {k: -v for k, v in grad_j.items()}
+        cf = self.optimizer.counterfactual(self.theta, update_grad, self.grad_mtp, self.coef)
+        return dataclasses.replace(self, updates=cf, update_grad=update_grad)
+
+    def displacement(self, coef: float) -> Params:
+        """``δ(λ)`` of a real counterfactual step at ``λ = coef``."""
+        if coef == self.coef:
+            return self.updates.displacement
+        return self.optimizer.displacement(self.theta, self.update_grad, self.grad_mtp, coef, self.updates.update_rl)
+
+
+@dataclass(frozen=True)
+class StepMeasurement:
+    """A :class:`Decomposition` with the updates and gradients it was computed from.
+
+    ``grad_rl`` is ``∇J`` of the evaluation objective; ``gain(λ)`` the realized
+    ``J(θ + u_RL + δ(λ)) − J(θ + u_RL)`` of a real counterfactual step at any ``λ``.
     """
 
     decomposition: Decomposition
-    updates: cf_optim.Counterfactual
+    step: StepUpdates
     grad_rl: Params
-    grad_mtp: Params
-    update_grad: Params
-    optimizer: cf_optim.SGD | cf_optim.AdamW  # the resolved counterfactual optimizer
+    gain: RealizedGain
+
+    @property
+    def updates(self) -> cf_optim.Counterfactual:
+        return self.step.updates
+
+    @property
+    def grad_mtp(self) -> Params:
+        return self.step.grad_mtp
+
+    @property
+    def update_grad(self) -> Params:
+        return self.step.update_grad
+
+    @property
+    def optimizer(self) -> cf_optim.SGD | cf_optim.AdamW:
+        return self.step.optimizer
 
 
-def decompose(
+class RealizedGain:
+    """``ΔJ(λ) = J(θ + u_RL + δ(λ)) − J(θ + u_RL)`` with real counterfactual steps (no gradient).
+
+    ``evaluations`` counts the forward evaluations of ``J`` (the one at ``θ + u_RL`` included).
+    """
+
+    def __init__(self, objective: Callable[[Params], Tensor], step: StepUpdates) -> None:
+        self.objective, self.step = objective, step
+        self.base_point = _add(step.theta, step.updates.update_rl)
+        self._work: Params | None = None  # one buffer reused for every λ
+        self.evaluations = 0
+        self.base = self._value(self.base_point)
+
+    def _value(self, point: Params) -> float:
+        with torch.random.fork_rng(devices=self.step.devices), math_attention(), torch.no_grad():
+            self.evaluations += 1
+            return float(self.objective(point))
+
+    def at(self, delta: Params) -> float:
+        """``ΔJ`` at the displacement ``delta``."""
+        with torch.no_grad():
+            if self._work is None:
+                self._work = {k: v.clone() for k, v in self.base_point.items()}
+            else:
+                for k, v in self.base_point.items():
+                    self._work[k].copy_(v)
+            for k in self._work:
+                self._work[k].add_(delta[k])
+        return self._value(self._work) - self.base
+
+    def __call__(self, coef: float) -> float:
+        return 0.0 if coef == 0.0 else self.at(self.step.displacement(coef))
+
+
+class MeasureOptions(TypedDict, total=False):
+    """The keyword arguments :func:`decompose` and :func:`decompose_sweep` pass to
+    :func:`measure_step` (documented there)."""
+
+    coef: Required[float]
+    lr: float | None
+    optimizer: OptimizerSpec
+    optimizer_state: cf_optim.State | None
+    hvp_method: HVPMethod
+    rl_loss: Callable[[Params], Tensor] | None
+    eval_objective: Callable[[Params], Tensor] | None
+    search: bool
+    search_bound: float
+    search_evaluations: int
+    search_rtol: float
+
+
+def step_updates(
     rl_objective: Callable[[Params], Tensor],
     mtp_loss: Callable[[Params], Tensor],
     params: Params,
     *,
-    lr: float | None = None,
     coef: float,
+    lr: float | None = None,
     optimizer: OptimizerSpec = "sgd",
     optimizer_state: cf_optim.State | None = None,
-    hvp_method: HVPMethod = DEFAULT_HVP_METHOD,
     rl_loss: Callable[[Params], Tensor] | None = None,
-) -> Decomposition:
-    """Decompose the effect of one MTP-augmented optimizer step on ``J`` (DESIGN.md §3).
+    defer: bool = False,
+) -> StepUpdates:
+    """The training batch's side of :func:`measure_step`: ``∇L_MTP``, the loss gradient of the
+    RL update (``∇rl_loss``, or ``−∇J`` of ``rl_objective``), and the counterfactual ``u_RL``,
+    ``δ(coef)`` and ``δ₁`` (first-order passes only).
 
-    Args:
-        rl_objective: ``J(params)``, the RL objective to **maximise** (scalar).
-        mtp_loss: ``L_MTP(params)``, the MTP loss to **minimise** (scalar). Its gradient on the
-            shared parameters decides the regime: a loss computed through detached copies
-            (``detach``) gives ``δ = 0`` there and so exactly zero correlation and penalty.
-        params: ``dict[str, Tensor]`` of parameters (e.g. ``dict(model.named_parameters())``).
-        lr: learning rate ``η``. Required for an optimizer given by name; for an optimizer
-            object, overrides its learning rate(s) when given.
-        coef: the MTP coefficient ``λ`` of the joint loss ``−J + λ·L_MTP``.
-        optimizer: ``"sgd"`` (plain gradient step: ``u_RL = η∇J``, ``δ = −ηλ∇L_MTP``),
-            ``"adamw"``/``"adam"`` with ``optimizer_state``, a live ``torch.optim`` SGD/Adam/AdamW
-            (its hyperparameters and state are read, never modified), or a
-            :mod:`decomp.optim` counterfactual optimizer.
-        optimizer_state: per-parameter state for ``"adamw"``/``"adam"``
-            (``{name: {"step", "exp_avg", "exp_avg_sq"}}``); ``None`` is a fresh state.
-        hvp_method: ``"autograd"`` (double backward, default), ``"reverse"`` (``vjp∘grad``) or
-            ``"forward"`` (``jvp∘grad``), see :mod:`decomp.curvature`.
-        rl_loss: the loss whose gradient drives the RL update, when training does not step on
-            ``−J`` itself (e.g. the clipped surrogate plus a KL term at a later mini-batch
-            update). ``u_RL`` and ``u`` then follow ``∇rl_loss``; ``g``, ``H`` and the realized
-            change stay those of ``J``. Default: ``−J``.
-
-    Returns:
-        A :class:`Decomposition`. Parameters, optimizer state and the torch RNG state are left
-        bit-identical (the RNG is forked, so even a stochastic objective cannot advance it).
-        :func:`measure_step` returns the same with the update dicts.
+    ``defer`` (only without ``rl_loss``) leaves ``−∇J`` and the updates to
+    :func:`decompose_updates` on the same ``rl_objective``, whose second-order pass gives ``∇J``.
     """
-    return measure_step(
-        rl_objective,
-        mtp_loss,
-        params,
-        lr=lr,
-        coef=coef,
-        optimizer=optimizer,
-        optimizer_state=optimizer_state,
-        hvp_method=hvp_method,
-        rl_loss=rl_loss,
-    ).decomposition
+    params = check_params(params)
+    coef = check_number(coef, "coef")
+    if lr is not None:
+        lr = check_number(lr, "lr", nonnegative=True)
+    opt = _resolve_optimizer(optimizer, optimizer_state, lr, params)
+    devices = sorted({p.device.index or 0 for p in params.values() if p.device.type == "cuda"})
+    L = scalar_function(mtp_loss, "mtp_loss")
+    with torch.random.fork_rng(devices=devices), math_attention():
+        theta = {k: v.detach() for k, v in params.items()}
+        g_mtp, mtp_value = torch.func.grad_and_value(L)(theta)
+        if not math.isfinite(float(mtp_value)):
+            raise ValueError(f"mtp_loss returned a non-finite value ({float(mtp_value)})")
+        gn_mtp = _finite_norm(g_mtp, "the gradient of mtp_loss")
+        step = StepUpdates(theta, None, g_mtp, None, float(mtp_value), gn_mtp, coef, opt, devices)
+        if rl_loss is not None:
+            update_grad = torch.func.grad(scalar_function(rl_loss, "rl_loss"))(theta)
+            _finite_norm(update_grad, "the gradient of rl_loss")
+            cf = opt.counterfactual(theta, update_grad, g_mtp, coef)
+            return dataclasses.replace(step, updates=cf, update_grad=update_grad)
+        if defer:
+            return step
+        grad_j = torch.func.grad(scalar_function(rl_objective, "rl_objective"))(theta)
+        _finite_norm(grad_j, "the gradient of rl_objective")
+        return step.completed(grad_j)
+
+
+def _second_order_terms(rl: Any, step: StepUpdates) -> tuple[float, ...]:
+    """``C₁, X₁, P₁, C, X, P`` from the HVPs along ``δ₁`` (and ``δ`` unless the optimizer is
+    linear, when ``δ = λδ₁``); each product is freed before the next."""
+    g, u_rl, delta, delta1 = rl.grad, step.updates.update_rl, step.updates.displacement, step.updates.unit_displacement
+    h_delta1 = rl.hvp(delta1)
+    c1, x1 = dot(g, delta1), dot(u_rl, h_delta1)
+    p1 = -0.5 * dot(delta1, h_delta1) + 0.0  # + 0.0: report 0, not -0
+    del h_delta1
+    if step.optimizer.linear:
+        lam = step.coef
+        return c1, x1, p1, lam * c1, lam * x1, lam * lam * p1 + 0.0
+    h_delta = rl.hvp(delta)
+    return c1, x1, p1, dot(g, delta), dot(u_rl, h_delta), -0.5 * dot(delta, h_delta) + 0.0
+
+
+def decompose_updates(
+    step: StepUpdates,
+    objective: Callable[[Params], Tensor],
+    *,
+    hvp_method: HVPMethod = DEFAULT_HVP_METHOD,
+    search: bool = False,
+    search_bound: float = DEFAULT_SEARCH_BOUND,
+    search_evaluations: int = MAX_SEARCH_EVALUATIONS,
+    search_rtol: float = SEARCH_RTOL,
+    name: str = "eval_objective",
+) -> StepMeasurement:
+    """``J``'s side of :func:`measure_step` on ``objective`` (called ``name`` in errors) for
+    updates built elsewhere."""
+    J = scalar_function(objective, name)
+    with torch.random.fork_rng(devices=step.devices), math_attention():
+        rl = second_order(J, step.theta, method=hvp_method, name=name)
+        if not math.isfinite(float(rl.value)):
+            raise ValueError(f"{name} returned a non-finite value ({float(rl.value)})")
+        gn_rl = _finite_norm(rl.grad, f"the gradient of {name}")
+        if step.updates is None:
+            step = step.completed(rl.grad)
+        c1, x1, p1, c, x, p = _second_order_terms(rl, step)
+        j_value, g = float(rl.value), rl.grad
+        del rl  # frees J's second-order graph before the evaluations below
+        gain = RealizedGain(J, step)
+        realized = gain.at(step.updates.displacement)
+    lam, lam_nc, reason = optimal_coefficient(c1, x1, p1)
+    gn_mtp = step.grad_norm_mtp
+    cosine = -dot(g, step.grad_mtp) / (gn_rl * gn_mtp) + 0.0 if gn_rl > 0 and gn_mtp > 0 else math.nan
+    dec = Decomposition(
+        correlation=c, cross=x, penalty=p, predicted=c + x - p, realized=realized, residual=realized - (c + x - p),
+        lambda_star=lam, lambda_star_no_cross=lam_nc, lambda_star_reason=reason, correlation_unit=c1,
+        cross_unit=x1, penalty_unit=p1, grad_norm_rl=gn_rl, grad_norm_mtp=gn_mtp, cosine=cosine,
+        update_norm_rl=norm(step.updates.update_rl), displacement_norm=norm(step.updates.displacement),
+        rl_objective=j_value, mtp_loss=step.mtp_value, realized_rl=gain.base - j_value, coef=step.coef,
+        optimizer=step.optimizer.name, hvp_method=hvp_method,
+    )
+    if search:
+        dec = _with_optimum(dec, gain, search_bound, search_evaluations, search_rtol)
+    return StepMeasurement(dec, step, g, gain)
+
+
+def _with_optimum(dec: Decomposition, gain: RealizedGain, bound: float, evaluations: int, rtol: float) -> Decomposition:
+    """``dec`` with the realized optimum (:func:`decomp.search.realized_optimum`) and ``ΔJ(λ*)``."""
+    start = dec.lambda_star if math.isfinite(dec.lambda_star) and dec.lambda_star != 0 else dec.coef
+    opt = realized_optimum(gain, start=start, bound=bound, max_evaluations=evaluations, rtol=rtol,
+                           moves_objective=dec.moves_objective or dec.realized != 0)
+    at_star = gain(dec.lambda_star) if math.isfinite(dec.lambda_star) else math.nan
+    return dataclasses.replace(
+        dec, lambda_hat=opt.coef, gain_hat=opt.gain, lambda_hat_reason=opt.reason,
+        search_evaluations=opt.evaluations, gain_lambda_star=at_star,
+    )
 
 
 def measure_step(
@@ -226,100 +405,71 @@ def measure_step(
     mtp_loss: Callable[[Params], Tensor],
     params: Params,
     *,
-    lr: float | None = None,
     coef: float,
+    lr: float | None = None,
     optimizer: OptimizerSpec = "sgd",
     optimizer_state: cf_optim.State | None = None,
     hvp_method: HVPMethod = DEFAULT_HVP_METHOD,
     rl_loss: Callable[[Params], Tensor] | None = None,
+    eval_objective: Callable[[Params], Tensor] | None = None,
+    search: bool = False,
+    search_bound: float = DEFAULT_SEARCH_BOUND,
+    search_evaluations: int = MAX_SEARCH_EVALUATIONS,
+    search_rtol: float = SEARCH_RTOL,
 ) -> StepMeasurement:
-    """:func:`decompose`, also returning ``u_RL``, ``δ``, ``δ₁`` and both gradients."""
-    params = check_params(params)
-    coef = check_number(coef, "coef")
-    if lr is not None:
-        lr = check_number(lr, "lr", nonnegative=True)
-    opt = _resolve_optimizer(optimizer, optimizer_state, lr, params)
-    J = scalar_function(rl_objective, "rl_objective")
-    L = scalar_function(mtp_loss, "mtp_loss")
-    devices = sorted({p.device.index or 0 for p in params.values() if p.device.type == "cuda"})
+    """Decompose the effect of one MTP-augmented optimizer step on ``J`` (docs/method.md §3).
 
-    with torch.random.fork_rng(devices=devices), math_attention():
-        theta = {k: v.detach() for k, v in params.items()}
-        # the first-order gradients before J's second-order graph exists: their passes then
-        # never hold memory at the same time as that graph (the peak of a decomposition)
-        g_mtp, mtp_value = torch.func.grad_and_value(L)(theta)
-        if not math.isfinite(float(mtp_value)):
-            raise ValueError(f"mtp_loss returned a non-finite value ({float(mtp_value)})")
-        gn_mtp = _finite_norm(g_mtp, "the gradient of mtp_loss")
-        update_grad = None
-        if rl_loss is not None:
-            update_grad = torch.func.grad(scalar_function(rl_loss, "rl_loss"))(theta)
-            _finite_norm(update_grad, "the gradient of rl_loss")
-        rl = second_order(J, params, method=hvp_method, name="rl_objective")
-        if not math.isfinite(float(rl.value)):
-            raise ValueError(f"rl_objective returned a non-finite value ({float(rl.value)})")
-        gn_rl = _finite_norm(rl.grad, "the gradient of rl_objective")
+    Args:
+        rl_objective: ``J(params)`` on the training batch, to **maximise** (scalar).
+        mtp_loss: ``L_MTP(params)``, the MTP loss to **minimise** (scalar). Its gradient on the
+            shared parameters decides the regime: a loss computed through detached copies
+            (``detach``) gives ``δ = 0`` there and so exactly zero correlation and penalty.
+        params: ``dict[str, Tensor]`` of parameters (e.g. ``dict(model.named_parameters())``).
+        coef: the MTP coefficient ``λ`` of the joint loss ``−J + λ·L_MTP``.
+        lr: learning rate ``η``. Required for an optimizer given by name; for an optimizer
+            object, overrides its learning rate(s) when given.
+        optimizer: ``"sgd"`` (plain gradient step), ``"adamw"``/``"adam"`` with
+            ``optimizer_state``, a live ``torch.optim`` SGD/Adam/AdamW (its hyperparameters and
+            state are read, never modified), or a :mod:`decomp.optim` counterfactual optimizer.
+        optimizer_state: per-parameter state for ``"adamw"``/``"adam"``
+            (``{name: {"step", "exp_avg", "exp_avg_sq"}}``); ``None`` is a fresh state.
+        hvp_method: ``"autograd"`` (double backward, default), ``"reverse"`` (``vjp∘grad``) or
+            ``"forward"`` (``jvp∘grad``), see :mod:`decomp.curvature`.
+        rl_loss: the loss whose gradient drives the RL update, when training does not step on
+            ``−J`` itself (e.g. the clipped surrogate plus a KL term). Default: ``−J``.
+        eval_objective: the ``J`` the step is judged on (``g``, ``H``, realized values, search),
+            e.g. the same objective on an independent held-out batch. Default: ``rl_objective``
+            (in-sample).
+        search: also find the realized optimum ``λ̂`` (:func:`decomp.search.realized_optimum`),
+            its gain and the realized gain at ``λ*``.
+        search_bound: the largest ``|λ|`` the search tries (finite, positive).
+        search_evaluations: at most this many forward evaluations of ``J`` for the search.
+        search_rtol: the search stops when ``λ̂`` is known to this relative accuracy.
 
-        g = rl.grad
-        if update_grad is None:
-            update_grad = {k: -v for k, v in g.items()}
-        cf = opt.counterfactual(theta, update_grad, g_mtp, coef)
-        u_rl, delta, delta1 = cf.update_rl, cf.displacement, cf.unit_displacement
+    Returns:
+        A :class:`StepMeasurement` (the :class:`Decomposition`, the updates, ``∇J`` and the
+        realized-gain function). Parameters, optimizer state and the torch RNG state are left
+        bit-identical (the RNG is forked, so even a stochastic objective cannot advance it).
+    """
+    if search:
+        check_search(optimizer, search_bound, search_evaluations, search_rtol)
+    step = step_updates(rl_objective, mtp_loss, params, coef=coef, lr=lr, optimizer=optimizer,
+                        optimizer_state=optimizer_state, rl_loss=rl_loss,
+                        defer=rl_loss is None and eval_objective is None)
+    return decompose_updates(step, rl_objective if eval_objective is None else eval_objective,
+                             hvp_method=hvp_method, search=search, search_bound=search_bound,
+                             search_evaluations=search_evaluations, search_rtol=search_rtol,
+                             name="rl_objective" if eval_objective is None else "eval_objective")
 
-        h_delta1 = rl.hvp(delta1)
-        c1 = dot(g, delta1)
-        x1 = dot(u_rl, h_delta1)
-        p1 = -0.5 * dot(delta1, h_delta1) + 0.0  # + 0.0: report 0, not -0
-        del h_delta1  # (one parameter-sized buffer fewer at the second HVP)
-        if opt.linear:
-            c, x, p = coef * c1, coef * x1, coef * coef * p1 + 0.0
-        else:
-            h_delta = rl.hvp(delta)
-            c = dot(g, delta)
-            x = dot(u_rl, h_delta)
-            p = -0.5 * dot(delta, h_delta) + 0.0
-            del h_delta
-        j_value = float(rl.value)
-        del rl  # frees J's second-order graph before the evaluations below
 
-        with torch.no_grad():
-            # one buffer for both points: θ + u_RL, then + δ in place
-            point = _add(theta, u_rl)
-            j_rl = float(J(point))
-            for k in point:
-                point[k].add_(delta[k])
-            j_full = float(J(point))
-
-    predicted = c + x - p
-    realized = j_full - j_rl
-    lam, lam_nc, reason = optimal_coefficient(c1, x1, p1)
-    cosine = -dot(g, g_mtp) / (gn_rl * gn_mtp) + 0.0 if gn_rl > 0 and gn_mtp > 0 else math.nan
-    dec = Decomposition(
-        correlation=c,
-        cross=x,
-        penalty=p,
-        predicted=predicted,
-        realized=realized,
-        residual=realized - predicted,
-        lambda_star=lam,
-        lambda_star_no_cross=lam_nc,
-        lambda_star_reason=reason,
-        correlation_unit=c1,
-        cross_unit=x1,
-        penalty_unit=p1,
-        grad_norm_rl=gn_rl,
-        grad_norm_mtp=gn_mtp,
-        cosine=cosine,
-        update_norm_rl=norm(u_rl),
-        displacement_norm=norm(delta),
-        rl_objective=j_value,
-        mtp_loss=float(mtp_value),
-        realized_rl=j_rl - j_value,
-        coef=coef,
-        optimizer=opt.name,
-        hvp_method=hvp_method,
-    )
-    return StepMeasurement(dec, cf, g, g_mtp, update_grad, opt)
+def decompose(
+    rl_objective: Callable[[Params], Tensor],
+    mtp_loss: Callable[[Params], Tensor],
+    params: Params,
+    **options: Unpack[MeasureOptions],
+) -> Decomposition:
+    """The :class:`Decomposition` of :func:`measure_step` (same arguments; see there)."""
+    return measure_step(rl_objective, mtp_loss, params, **options).decomposition
 
 
 @dataclass(frozen=True)
@@ -338,32 +488,14 @@ class Sweep:
     decomposition: Decomposition  # at the base coefficient ``coef``
 
 
-def sweep_coefficients(
-    measured: StepMeasurement,
-    rl_objective: Callable[[Params], Tensor],
-    params: Params,
-    coefs: list[float],
-) -> Sweep:
-    """The realized effect of real counterfactual steps at ``coefs``, reusing a measurement.
-
-    ``measured`` comes from :func:`measure_step` at the same ``params`` (its gradients and
-    resolved optimizer are reused, so each coefficient costs one counterfactual step and one
-    evaluation of ``J``).
-    """
+def sweep_coefficients(measured: StepMeasurement, coefs: list[float]) -> Sweep:
+    """The realized effect of real counterfactual steps at ``coefs``, reusing a measurement
+    (each coefficient costs one counterfactual step and one evaluation of ``J``)."""
     coefs = [check_number(c, "coefs[i]") for c in coefs]
     if not coefs:
         raise ValueError("coefs is empty")
     dec = measured.decomposition
-    J = scalar_function(rl_objective, "rl_objective")
-    theta = {k: v.detach() for k, v in params.items()}
-    devices = sorted({p.device.index or 0 for p in params.values() if p.device.type == "cuda"})
-    realized = []
-    with torch.random.fork_rng(devices=devices), math_attention(), torch.no_grad():
-        theta_rl = _add(theta, measured.updates.update_rl)
-        j_rl = float(J(theta_rl))
-        for lam in coefs:
-            delta = measured.optimizer.counterfactual(theta, measured.update_grad, measured.grad_mtp, lam).displacement
-            realized.append(float(J(_add(theta_rl, delta))) - j_rl)
+    realized = [measured.gain(lam) for lam in coefs]
     quadratic = [lam * (dec.correlation_unit + dec.cross_unit) - lam * lam * dec.penalty_unit for lam in coefs]
     return Sweep(coefs, realized, quadratic, dec)
 
@@ -374,19 +506,10 @@ def decompose_sweep(
     params: Params,
     *,
     coefs: list[float],
-    coef: float,
-    lr: float | None = None,
-    optimizer: OptimizerSpec = "sgd",
-    optimizer_state: cf_optim.State | None = None,
-    hvp_method: HVPMethod = DEFAULT_HVP_METHOD,
-    rl_loss: Callable[[Params], Tensor] | None = None,
+    **options: Unpack[MeasureOptions],
 ) -> Sweep:
     """:func:`decompose` at ``coef``, plus the realized effect of real steps at every ``coefs``.
 
     Leaves parameters, optimizer state and the RNG untouched, as :func:`decompose` does.
     """
-    measured = measure_step(
-        rl_objective, mtp_loss, params, lr=lr, coef=coef, optimizer=optimizer,
-        optimizer_state=optimizer_state, hvp_method=hvp_method, rl_loss=rl_loss,
-    )
-    return sweep_coefficients(measured, rl_objective, params, coefs)
+    return sweep_coefficients(measure_step(rl_objective, mtp_loss, params, **options), coefs)

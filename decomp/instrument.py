@@ -4,24 +4,30 @@ Called by the training loop just before an optimizer step, with the live model, 
 optimizer and the mini-batch of that step. For each MTP *direction* —
 
 - ``active``: the run's own regime and coefficient (for ``occ``, this step's estimate ``λ_t``);
-- ``ce`` and ``policy``: shadow directions with the fixed coefficient ``c`` (``scale``), measured in every
-  run (a ``detach`` run included) to see what joint training would do at this point —
+- ``ce`` and ``policy``: shadow directions with the fixed coefficient ``c`` (``scale``), measured
+  in every run (a ``detach`` run included) to see what joint training would do at this point —
 
-it records every field of :class:`~decomp.decomposition.Decomposition` (with the live AdamW
-state, and the RL update following the gradient of the training loss's RL part — the clipped
-surrogate plus the KL term — as the real update does), the proxy estimators (``reference``,
-``masked``, ``pooled`` on the response-shaped view, averaged over MTP depths as training
-averages the depths' coefficients; they depend only on the log-probs, so they are the same for
-every direction), the ``jvp`` estimators
-(``jvp_masked``, ``jvp_pooled``, along that direction's ``δ₁`` and ``u_RL``) and each
-estimator's efficiency against that direction's ``λ*``.
+the updates ``u_RL``, ``δ``, ``δ₁`` are built once from the training mini-batch, with the live
+AdamW state and the RL update following the gradient of the training loss's RL part (the
+clipped surrogate plus the KL term), as the real update does. ``J``'s side is then evaluated on
+each *split*: ``train`` (the same mini-batch, in-sample) and, given ``eval_batch``, ``heldout``
+(an independent batch of rollouts from the current policy that no update uses). Each
+(direction, split) record holds every field of :class:`~decomp.decomposition.Decomposition`,
+the realized optimum ``λ̂`` (``search``), and for every estimator its value ``coef_E``, its
+realized gain ``gain_E`` and efficiency ``efficiency_E = gain_E/gain_hat`` from a real
+counterfactual step, and the quadratic model's ``model_efficiency_E``. Estimators: the proxies
+(``reference``, ``masked``, ``pooled`` on the response-shaped view of the training mini-batch,
+averaged over MTP depths as training averages the depths' coefficients; the same for every
+direction), the ``jvp`` level (``jvp_masked``, ``jvp_pooled``) and ``trust_region`` (in the units
+of ``λ``, :func:`decomp.occ.trust_region_coefficient`), both along that direction's ``δ₁`` and
+``u_RL``. A shadow direction identical to the active one is written as a copy marked
+``same_as: "active"`` (not a second observation).
 
 Optionally, at the same update:
 
-- a coefficient **sweep** per measured direction (:func:`~decomp.decomposition.sweep_coefficients`):
-  the realized ``ΔJ_MTP`` of real counterfactual AdamW steps on a grid of ``λ`` around that
-  direction's ``λ*`` (``λ*·[−0.5, 2.5]``, or ``c·[−20, 20]`` when ``λ*`` is undefined), beside
-  the quadratic model;
+- a coefficient **sweep** per measured direction and split: the realized ``ΔJ_MTP`` of real
+  counterfactual AdamW steps on a grid of ``λ`` around that direction's ``λ*`` (``λ*·[−0.5,
+  2.5]``, or ``c·[−20, 20]`` when ``λ*`` is undefined), beside the quadratic model;
 - the **curvature** context: the largest and smallest eigenvalues of ``∇²J`` on the mini-batch
   (one Lanczos run, both ends). The Rayleigh quotient of each direction's displacement needs no
   extra work: it is ``−2·penalty / displacement_norm²`` from the decomposition record.
@@ -43,9 +49,27 @@ from torch import nn
 
 from decomp.config import DIRECTIONS
 from decomp.curvature import jvp_logprobs, top_eigenvalues
-from decomp.decomposition import StepMeasurement, measure_step, sweep_coefficients
-from decomp.objectives import Objectives, RolloutBatch, model_logprobs, objectives
-from decomp.occ import efficiency, projection_coefficient, proxy_coefficients
+from decomp.decomposition import (
+    StepMeasurement,
+    StepUpdates,
+    decompose_updates,
+    step_updates,
+    sweep_coefficients,
+)
+from decomp.objectives import (
+    Objectives,
+    RolloutBatch,
+    check_eval_batch,
+    model_logprobs,
+    objectives,
+)
+from decomp.occ import (
+    efficiency,
+    model_efficiency,
+    projection_coefficient,
+    proxy_coefficients,
+    trust_region_coefficient,
+)
 from decomp.regimes import CrossEntropy, Policy, Regime
 
 SWEEP_POINTS = 13
@@ -98,14 +122,19 @@ def proxy_estimates(model: nn.Module, batch: RolloutBatch, scale: float) -> dict
     return {name: sum(d[name] for d in per_depth) / len(per_depth) for name in per_depth[0]}
 
 
-def jvp_estimates(obj: Objectives, params: dict, measured: StepMeasurement, batch: RolloutBatch,
+def jvp_estimates(obj: Objectives, params: dict, step: StepUpdates, batch: RolloutBatch,
                   scale: float) -> dict[str, float]:
-    """The jvp level: ``a = ∇ℓ·δ₁``, ``b = ∇ℓ·u_RL`` by forward mode, once, for both reductions."""
-    updates, view = measured.updates, batch.response
+    """The jvp level (``a = ∇ℓ·δ₁``, ``b = ∇ℓ·u_RL`` by forward mode, once, for every
+    reduction) and the trust-region estimate in the units of ``λ``."""
+    updates, view = step.updates, batch.response
     a = view(jvp_logprobs(obj.logprob_fn, params, updates.unit_displacement))
     b = view(jvp_logprobs(obj.logprob_fn, params, updates.update_rl))
     mask = view(batch.mask.bool())
-    return {f"jvp_{r}": float(projection_coefficient(a, b, mask, scale, r)) for r in ("masked", "pooled")}
+    out = {f"jvp_{r}": float(projection_coefficient(a, b, mask, scale, r)) for r in ("masked", "pooled")}
+    with torch.no_grad():
+        ratio = torch.exp(view(obj.logprob_fn(params)) - view(batch.old_logp))
+    out["trust_region"] = trust_region_coefficient(a, b, view(batch.advantages), ratio, mask)
+    return out
 
 
 def _objectives(model: nn.Module, batch: RolloutBatch, regime: Regime, coef: float, loss: dict[str, Any]) -> Objectives:
@@ -115,34 +144,50 @@ def _objectives(model: nn.Module, batch: RolloutBatch, regime: Regime, coef: flo
     return objectives(model, batch, regime, coef=coef, rl_loss_of_logp=loss["rl_loss_of_logp"])
 
 
+def estimator_fields(estimates: dict[str, float], measured: StepMeasurement) -> dict[str, float]:
+    """``coef_E``, the realized ``gain_E`` and ``efficiency_E``, and ``model_efficiency_E``."""
+    dec, out = measured.decomposition, {}
+    for name, coef in estimates.items():
+        gain = measured.gain(coef) if math.isfinite(coef) else math.nan
+        out[f"coef_{name}"] = coef
+        out[f"gain_{name}"] = gain
+        out[f"efficiency_{name}"] = efficiency(gain, dec)
+        out[f"model_efficiency_{name}"] = model_efficiency(coef, dec)
+    return out
+
+
 def measure_direction(
-    model: nn.Module, batch: RolloutBatch, optimizer: torch.optim.Optimizer, regime: Regime, coef: float,
-    proxies: dict[str, float], scale: float, loss: dict[str, Any],
-) -> tuple[dict[str, Any], StepMeasurement, Objectives]:
-    """The decomposition record of one direction: every field, every estimate and its efficiency."""
+    model: nn.Module, splits: dict[str, RolloutBatch], optimizer: torch.optim.Optimizer, regime: Regime,
+    coef: float, proxies: dict[str, float], scale: float, loss: dict[str, Any], search: bool,
+) -> list[tuple[dict[str, Any], StepMeasurement, Objectives]]:
+    """One record per split for one direction: the updates from the training batch, ``J``'s
+    side on each split, every estimate with its realized gain."""
     start = time.perf_counter()
     named = dict(model.named_parameters())
     params = {k: v.detach() for k, v in named.items()}
+    batch = splits["train"]
     obj = _objectives(model, batch, regime, coef, loss)
-    measured = measure_step(obj.rl_objective, obj.mtp_loss, named, coef=coef, optimizer=optimizer, rl_loss=obj.rl_loss)
-    dec = measured.decomposition
-    estimates = {**proxies, **jvp_estimates(obj, params, measured, batch, scale)}
-    record: dict[str, Any] = {"regime_of_direction": regime.name, **dec.to_dict()}
-    for name, lam in estimates.items():
-        record[f"coef_{name}"] = lam
-        record[f"efficiency_{name}"] = efficiency(lam, dec)
-    record["seconds"] = time.perf_counter() - start
-    return record, measured, obj
+    step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=coef, optimizer=optimizer, rl_loss=obj.rl_loss)
+    estimates = {**proxies, **jvp_estimates(obj, params, step, batch, scale)}
+    shared = time.perf_counter() - start
+    out = []
+    for split, split_batch in splits.items():
+        start = time.perf_counter()
+        split_obj = obj if split == "train" else objectives(model, split_batch, regime)
+        measured = decompose_updates(step, split_obj.rl_objective, search=search)
+        record: dict[str, Any] = {"split": split, "same_as": "", "regime_of_direction": regime.name,
+                                  **measured.decomposition.to_dict(), **estimator_fields(estimates, measured)}
+        record["seconds"] = time.perf_counter() - start + (shared if split == "train" else 0.0)
+        out.append((record, measured, split_obj))
+    return out
 
 
-def sweep_record(measured: StepMeasurement, obj: Objectives, model: nn.Module, regime: Regime, scale: float,
-                 coef: float) -> dict[str, Any]:
+def sweep_record(measured: StepMeasurement, regime: Regime, scale: float, coef: float) -> dict[str, Any]:
     """Realized ``ΔJ_MTP`` of real counterfactual steps on :func:`sweep_grid` around ``λ*``."""
     dec = measured.decomposition
-    grid = sweep_grid(dec.lambda_star, scale)
-    result = sweep_coefficients(measured, obj.rl_objective, dict(model.named_parameters()), grid)
-    return {"regime_of_direction": regime.name, "lambda_star": dec.lambda_star, "coef": coef,
-            "coefs": result.coefs, "realized": result.realized, "quadratic": result.quadratic}
+    result = sweep_coefficients(measured, sweep_grid(dec.lambda_star, scale))
+    return {"regime_of_direction": regime.name, "lambda_star": dec.lambda_star, "lambda_hat": dec.lambda_hat,
+            "coef": coef, "coefs": result.coefs, "realized": result.realized, "quadratic": result.quadratic}
 
 
 def curvature_record(model: nn.Module, batch: RolloutBatch, regime: Regime) -> dict[str, Any]:
@@ -165,33 +210,45 @@ def instrument_update(
     kl_coef: float = 0.0,
     ref_logp: torch.Tensor | None = None,
     directions: tuple[str, ...] = DIRECTIONS,
+    eval_batch: RolloutBatch | None = None,
+    search: bool = True,
     sweep: bool = False,
     curvature: bool = False,
     rl_loss_of_logp: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Instrumented:
-    """One decomposition record per direction (``active``, ``ce``, ``policy``) for the coming
-    update; with ``sweep``/``curvature``, the sweeps and eigenvalues too (module docstring).
+    """One decomposition record per direction (``active``, ``ce``, ``policy``) and split for
+    the coming update; with ``sweep``/``curvature``, the sweeps and eigenvalues too (module
+    docstring).
 
     ``scale`` is the run's ``c`` (the shadow directions' ``λ``); ``coef`` is the ``λ`` the run
     applies at this update (``c``, or the OCC estimate); ``clip``, ``kl_coef`` and ``ref_logp``
     define the training loss's RL part, or ``rl_loss_of_logp`` replaces it (a trainer's own loss
     as a function of the aligned main log-probs, see :func:`decomp.objectives.objectives`).
+    ``eval_batch`` adds the ``heldout`` split; ``search`` the realized optimum of each record.
     """
+    splits = {"train": batch}
+    if eval_batch is not None:
+        check_eval_batch(model, batch, eval_batch)
+        splits["heldout"] = eval_batch
     proxies = proxy_estimates(model, batch, scale)
     loss = {"clip": clip, "kl_coef": kl_coef, "ref_logp": ref_logp, "rl_loss_of_logp": rl_loss_of_logp}
     out = Instrumented([])
     coefs = {"active": coef, "ce": scale, "policy": scale}
+    active: list[dict[str, Any]] = []
     for direction, reg in shadow_regimes(regime, scale, clip).items():
         if direction not in directions:
             continue
-        first = out.decompositions[0] if out.decompositions else None
-        if first is not None and first["direction"] == "active" and _same_direction(reg, regime, coefs[direction], coef):
-            out.decompositions.append({**first, "direction": direction, "seconds": 0.0})
+        if active and _same_direction(reg, regime, coefs[direction], coef):
+            out.decompositions += [{**r, "direction": direction, "same_as": "active", "seconds": 0.0} for r in active]
             continue
-        record, measured, obj = measure_direction(model, batch, optimizer, reg, coefs[direction], proxies, scale, loss)
-        out.decompositions.append({"direction": direction, **record})
-        if sweep and measured.decomposition.moves_objective:
-            out.sweeps.append({"direction": direction, **sweep_record(measured, obj, model, reg, scale, coefs[direction])})
+        for record, measured, _ in measure_direction(model, splits, optimizer, reg, coefs[direction], proxies,
+                                                     scale, loss, search):
+            out.decompositions.append({"direction": direction, **record})
+            if direction == "active":
+                active.append(record)
+            if sweep and measured.decomposition.moves_objective:
+                out.sweeps.append({"direction": direction, "split": record["split"],
+                                   **sweep_record(measured, reg, scale, coefs[direction])})
     if curvature:
         out.curvature = curvature_record(model, batch, regime)
     return out

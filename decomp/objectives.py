@@ -71,6 +71,32 @@ class RolloutBatch:
         )
 
 
+def vocab_size(model: nn.Module) -> int | None:
+    """The number of token ids ``model`` embeds (``None`` when it cannot be told)."""
+    for host in (model, getattr(model, "lm", None)):
+        if host is not None and hasattr(host, "get_input_embeddings"):
+            return int(host.get_input_embeddings().num_embeddings)
+    embed = getattr(model, "embed", None)
+    return int(embed.num_embeddings) if isinstance(embed, nn.Embedding) else None
+
+
+def check_eval_batch(model: nn.Module, batch: RolloutBatch, eval_batch: RolloutBatch) -> None:
+    """``ValueError`` naming ``eval_batch`` when it cannot stand beside ``batch``: not a
+    :class:`RolloutBatch`, another number of sequences, or token ids outside the vocabulary."""
+    if not isinstance(eval_batch, RolloutBatch):
+        raise ValueError(f"eval_batch must be a RolloutBatch, got {type(eval_batch).__name__}")
+    if eval_batch.tokens.shape[0] != batch.tokens.shape[0]:
+        raise ValueError(f"eval_batch has {eval_batch.tokens.shape[0]} sequences, the training batch "
+                         f"{batch.tokens.shape[0]}: evaluate on a batch of the training batch's size")
+    if eval_batch.tokens.device != batch.tokens.device:
+        raise ValueError(f"eval_batch is on {eval_batch.tokens.device}, the training batch on {batch.tokens.device}")
+    vocab = vocab_size(model)
+    low, high = int(eval_batch.tokens.min()), int(eval_batch.tokens.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise ValueError(f"eval_batch holds token ids in [{low}, {high}], outside the model's vocabulary "
+                         f"of {vocab}")
+
+
 @dataclass(frozen=True)
 class Objectives:
     rl_objective: Callable[[Params], Tensor]

@@ -194,21 +194,62 @@ def jvp_coefficient(
     return projection_coefficient(a, b, mask, scale, reduction)
 
 
-def gain(coef: float, dec: Decomposition) -> float:
+def trust_region_coefficient(a: Tensor, b: Tensor, advantages: Tensor, ratio: Tensor, mask: Tensor) -> float:
+    """An estimate of ``λ*`` in the units of ``λ``, from the ``jvp`` level's per-token changes.
+
+    Model the objective's change for a step ``x`` as ``⟨∇J, x⟩ − (β/2)·E_M[(∇ℓ·x)²]``: the first
+    order exact, the second a Fisher (KL trust-region) penalty in the log-probs of the sampled
+    tokens, whose scale ``β`` is calibrated so that the RL update itself is the best step along
+    its own direction: ``β = C_RL / E_M[b²]`` with ``C_RL = ⟨∇J, u_RL⟩ = E_M[A·r·b]``. Adding
+    ``λδ₁`` to ``u_RL`` then gains ``λC₁ − (β/2)(2λE_M[ab] + λ²E_M[a²])``, maximised at::
+
+        λ_TR = (C₁ − β·E_M[a·b]) / (β·E_M[a²]),    C₁ = ⟨∇J, δ₁⟩ = E_M[A·r·a]
+
+    with ``a = ∇ℓ·δ₁``, ``b = ∇ℓ·u_RL`` (``[B, T]``, from :func:`~decomp.curvature.jvp_logprobs`),
+    the advantages ``A``, the importance ratio ``r = exp(ℓ − ℓ^old)`` and the mask. No Hessian.
+    ``nan`` when the RL step does not improve ``J`` to first order (``C_RL ≤ 0``) or ``a = 0``.
+    """
+    check_same_shape(a=a, b=b, advantages=advantages, ratio=ratio, mask=mask)
+    with torch.no_grad():
+        m = check_mask(mask).to(torch.float64)
+        a, b = a.detach().double() * m, b.detach().double() * m
+        weight = advantages.detach().double() * ratio.detach().double() * m
+        n = float(m.sum())
+        if n == 0:
+            return math.nan
+        c1, c_rl = float((weight * a).sum()) / n, float((weight * b).sum()) / n
+        aa, ab, bb = float((a * a).sum()) / n, float((a * b).sum()) / n, float((b * b).sum()) / n
+    if c_rl <= 0 or aa == 0 or bb == 0:
+        return math.nan
+    beta = c_rl / bb
+    return (c1 - beta * ab) / (beta * aa)
+
+
+def model_gain(coef: float, dec: Decomposition) -> float:
     """Quadratic model of the MTP effect at coefficient ``λ = coef``: ``λ(C₁ + X₁) − λ²P₁``."""
     coef = check_number(coef, "coef")
     return coef * (dec.correlation_unit + dec.cross_unit) - coef * coef * dec.penalty_unit
 
 
-def efficiency(coef: float, dec: Decomposition) -> float:
-    """``gain(λ)/gain(λ*)``: 1 is optimal, ≤ 0 means the estimate hurt.
-
-    ``nan`` when ``λ*`` is undefined (``P₁ ≤ 0``) or the best gain is 0, or ``coef`` is ``nan``.
-    """
+def model_efficiency(coef: float, dec: Decomposition) -> float:
+    """``model_gain(λ)/model_gain(λ*)``: the quadratic model's view of how good ``λ`` is
+    (1 optimal, ≤ 0 the estimate hurts). ``nan`` when ``λ*`` is undefined (``P₁ ≤ 0``), the
+    best gain is 0, or ``coef`` is ``nan``. The realized version is :func:`efficiency`."""
     coef = float(coef)
     if math.isnan(coef):
         return math.nan
-    best = gain(dec.lambda_star, dec) if math.isfinite(dec.lambda_star) else math.nan
+    best = model_gain(dec.lambda_star, dec) if math.isfinite(dec.lambda_star) else math.nan
     if not math.isfinite(best) or best == 0.0:
         return math.nan
-    return gain(coef, dec) / best
+    return model_gain(coef, dec) / best
+
+
+def efficiency(gain: float, dec: Decomposition) -> float:
+    """Realized efficiency ``ΔJ(λ_est)/ΔJ(λ̂)`` of an estimate whose realized gain (a real
+    counterfactual step, :class:`~decomp.decomposition.RealizedGain`) is ``gain``: 1 is as good
+    as the realized optimum, ≤ 0 means the estimate hurt. ``nan`` when ``λ̂`` was not searched,
+    is undefined, or gains nothing (``ΔJ(λ̂) = 0``)."""
+    best = dec.gain_hat
+    if not (math.isfinite(best) and best > 0 and math.isfinite(gain)):
+        return math.nan
+    return gain / best

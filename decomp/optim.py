@@ -9,15 +9,22 @@ The decomposition (DESIGN.md §3) needs, for one step:
 - ``u_RL``: the update for the RL loss gradient ``−∇J`` alone (the ``detach`` update on every
   coordinate ``J`` depends on);
 - ``δ = u − u_RL``: the MTP displacement, where ``u`` is the update for ``−∇J + λ∇L_MTP``;
-- ``δ₁``: the displacement per unit coefficient, the optimizer's step rule linearised in the
-  added gradient with its preconditioner frozen at the ``u_RL`` step:
+- ``δ₁ = dδ/dλ`` at ``λ = 0``, exactly: the derivative of the optimizer's whole step rule in
+  the coefficient of the added gradient.
 
-  - SGD (affine in the gradient): ``δ₁ = −η κ ∇L_MTP`` exactly, ``κ`` the momentum factor of
-    this step (1 for plain SGD), and ``δ = λ δ₁``;
-  - Adam/AdamW: ``δ₁ = −η (1−β₁)/(1−β₁ᵗ) · ∇L_MTP ⊘ (√v̂ + ε)`` with ``v̂`` the bias-corrected
-    second moment of the ``u_RL`` step. The factor ``(1−β₁)/(1−β₁ᵗ)`` is the share of this
-    step's gradient in Adam's bias-corrected first moment; without it ``λ*`` would not be in
-    the units of the user's coefficient.
+  - SGD (affine in the gradient): ``δ₁ = −η κ ∇L_MTP``, ``κ`` the momentum factor of this step
+    (1 for plain SGD), and ``δ = λ δ₁`` exactly;
+  - Adam/AdamW, per coordinate, with ``G = g_RL`` (plus the coupled decay ``w·θ`` for Adam),
+    ``m = β₁m' + (1−β₁)G``, ``v = β₂v' + (1−β₂)G²`` (AMSGrad: ``max(v'_max, v)``) and
+    ``D = √(v/(1−β₂ᵗ)) + ε``::
+
+        δ₁ = −η/(1−β₁ᵗ) · [ (1−β₁)·g_MTP / D  −  m · (dv/dλ) / (2 (1−β₂ᵗ) √(v/(1−β₂ᵗ)) D²) ]
+
+    with ``dv/dλ = 2(1−β₂)·G·g_MTP`` (0 where AMSGrad's stored maximum is the larger, and
+    where ``v = 0``, where ``m = 0`` too). The first term is the first moment's path, the
+    second the second moment's: holding ``√v̂`` fixed (the first term alone) overstates ``δ₁``
+    early in training, when this step's gradient is a large part of ``v``. At Adam's first step
+    the two nearly cancel (the update is ``≈ −η·sign(G)``, flat in ``λ``).
 
 Parameters absent from the optimizer (frozen) get a zero update.
 """
@@ -80,6 +87,10 @@ class CounterfactualOptimizer(Protocol):
     def counterfactual(
         self, params: Params, rl_grads: Params, mtp_grads: Params, coef: float
     ) -> Counterfactual: ...
+
+    def displacement(
+        self, params: Params, rl_grads: Params, mtp_grads: Params, coef: float, update_rl: Params
+    ) -> Params: ...
 
     def with_lr(self, lr: float) -> CounterfactualOptimizer: ...
 
@@ -206,6 +217,19 @@ class SGD(_Base):
             disp[key] = unit[key].mul(coef)
         return Counterfactual(update_rl, disp, unit)
 
+    def displacement(self, params: Params, rl_grads: Params, mtp_grads: Params, coef: float,
+                     update_rl: Params) -> Params:
+        """``δ(λ) = λ δ₁`` (SGD is affine in the gradient)."""
+        out = {}
+        for key, p in params.items():
+            h = self.hyper(key)
+            if h is None:
+                out[key] = torch.zeros_like(p)
+                continue
+            _, kappa = self._direction(key, p.detach(), rl_grads[key])
+            out[key] = mtp_grads[key].mul(-h.lr * kappa * coef)
+        return out
+
 
 class AdamW(_Base):
     """Counterfactual ``torch.optim.AdamW`` (and ``Adam`` with ``decoupled_weight_decay=False``).
@@ -226,27 +250,50 @@ class AdamW(_Base):
 
     def _moments(self, key: str, p: Tensor, g: Tensor) -> tuple[Tensor, Tensor, float, float]:
         """New first moment, denominator ``√v̂ + ε``, step size ``η/(1−β₁ᵗ)`` and β₁ weight."""
+        m_new, root, step_size, w1, _ = self._moments_raw(key, p, g)
+        return m_new, root.add_(self.hyper(key).eps), step_size, w1
+
+    def _moments_raw(self, key: str, p: Tensor, g: Tensor) -> tuple[Tensor, Tensor, float, float, Tensor | None]:
+        """New first moment ``m``, ``√v̂`` (as torch computes it: ``√v/√(1−β₂ᵗ)``), step size
+        ``η/(1−β₁ᵗ)``, β₁ weight ``1−β₁``, and (AMSGrad) where the stored maximum beats this
+        step's ``v``."""
         h: AdamHyper = self.hyper(key)
         beta1, beta2 = h.betas
-        st = self.state(key)
-        step = float(st["step"]) if "step" in st else 0.0
-        t = step + 1
+        t = self._step(key)
         if h.weight_decay != 0 and not h.decoupled_weight_decay:
             g = g.add(p, alpha=h.weight_decay)
+        st = self.state(key)
         exp_avg = st.get("exp_avg")
         exp_avg_sq = st.get("exp_avg_sq")
         # two fresh buffers per call, the rest in place: at 100M+ parameters the passes over
         # memory, not the arithmetic, are what a counterfactual step costs
         m_new = g.mul(1 - beta1) if exp_avg is None else exp_avg.lerp(g, 1 - beta1)
         v_new = g.mul(g).mul_(1 - beta2) if exp_avg_sq is None else exp_avg_sq.mul(beta2).addcmul_(g, g, value=1 - beta2)
-        if h.amsgrad:
-            v_max = st.get("max_exp_avg_sq")
-            if v_max is not None:
-                torch.maximum(v_max, v_new, out=v_new)
-        bias1 = 1 - beta1**t
-        bias2 = 1 - beta2**t
-        denom = v_new.sqrt_().div_(math.sqrt(bias2)).add_(h.eps)
-        return m_new, denom, h.lr / bias1, 1 - beta1
+        stored = None
+        if h.amsgrad and st.get("max_exp_avg_sq") is not None:
+            stored = st["max_exp_avg_sq"] > v_new
+            torch.maximum(st["max_exp_avg_sq"], v_new, out=v_new)
+        return m_new, v_new.sqrt_().div_(math.sqrt(1 - beta2**t)), h.lr / (1 - beta1**t), 1 - beta1, stored
+
+    def _step(self, key: str) -> float:
+        """``t``, the number of the coming step (1 at the first)."""
+        st = self.state(key)
+        return (float(st["step"]) if "step" in st else 0.0) + 1
+
+    def _unit_displacement(self, key: str, p: Tensor, rl_grad: Tensor, mtp_grad: Tensor) -> Tensor:
+        """``δ₁ = dδ/dλ`` at ``λ = 0`` for parameter ``key`` (module docstring)."""
+        h: AdamHyper = self.hyper(key)
+        beta2 = h.betas[1]
+        m, root, step_size, w1, stored = self._moments_raw(key, p, rl_grad)
+        g = rl_grad if h.weight_decay == 0 or h.decoupled_weight_decay else rl_grad.add(p, alpha=h.weight_decay)
+        denom = root.add(h.eps)
+        # d√v̂/dλ = (1−β₂)·G·g_MTP / ((1−β₂ᵗ)·√v̂): the second moment's path
+        d_root = g.mul(mtp_grad).mul_((1 - beta2) / (1 - beta2 ** self._step(key)))
+        d_root.div_(root).masked_fill_(root == 0, 0.0)  # v = 0 only where m = 0: no second-moment term
+        if stored is not None:
+            d_root.masked_fill_(stored, 0.0)  # AMSGrad's stored maximum does not depend on λ
+        first = mtp_grad.mul(w1).div_(denom)
+        return first.sub_(m.mul_(d_root).div_(denom).div_(denom)).mul_(-step_size)
 
     def _decay(self, key: str, p: Tensor) -> Tensor | None:
         h: AdamHyper = self.hyper(key)
@@ -285,8 +332,24 @@ class AdamW(_Base):
             # δ free of the cancellation error of subtracting two nearly equal updates.
             m_full, denom_full, _, _ = self._moments(key, p, mtp_grads[key].mul(coef).add_(rl_grads[key]))
             disp[key] = m_full.div_(denom_full).mul_(-step_size).sub_(adaptive_rl)
-            unit[key] = mtp_grads[key].div(denom_rl).mul_(-step_size * w1)
+            unit[key] = self._unit_displacement(key, p, rl_grads[key], mtp_grads[key])
         return Counterfactual(update_rl, disp, unit)
+
+    def displacement(self, params: Params, rl_grads: Params, mtp_grads: Params, coef: float,
+                     update_rl: Params) -> Params:
+        """``δ(λ) = u(λ) − u_RL`` alone, given ``u_RL`` from :meth:`counterfactual` (one pass over
+        the state per coefficient: what a search over ``λ`` repeats)."""
+        out = {}
+        for key, p in params.items():
+            if self.hyper(key) is None:
+                out[key] = torch.zeros_like(p)
+                continue
+            p = p.detach()
+            m_full, denom_full, step_size, _ = self._moments(key, p, mtp_grads[key].mul(coef).add_(rl_grads[key]))
+            u = m_full.div_(denom_full).mul_(-step_size)
+            decay = self._decay(key, p)
+            out[key] = u.sub_(update_rl[key] if decay is None else update_rl[key] - decay)
+        return out
 
 
 def from_torch(optimizer: torch.optim.Optimizer, named_params: Mapping[str, Tensor]) -> SGD | AdamW:

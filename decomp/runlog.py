@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: split, same_as, λ̂ and realized gains in decomposition records
 # a run directory's description when a trainer's own config.json sits beside it (decomp.integrations)
 RUN_FILE = "decomp_run.json"
 

@@ -42,3 +42,15 @@ def test_console_script_errors_exit_2():
     assert "must be a non-negative number" in out.stderr and "Traceback" not in out.stderr
     out = subprocess.run([sys.executable, "-m", "decomp.training.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("decomp ")
+
+
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_help_config_and_missing_out(command, capsys, tmp_path):
+    assert main([command, "--help-config"]) == 0
+    assert "mtp_scale" in capsys.readouterr().out
+    assert main([command]) == 2
+    assert f"decomp {command}: error: --out is required" in capsys.readouterr().err
+    if command == "compare":
+        assert main([command, "--out", str(tmp_path), "--regimes", ","]) == 2
+        assert "--regimes and --seeds must each name at least one value" in capsys.readouterr().err
+    assert main(["validate"]) == 2 and "no run directories given" in capsys.readouterr().err

@@ -51,3 +51,29 @@ def test_cuda_rng_and_live_adamw_state_untouched():
     assert torch.equal(torch.cuda.get_rng_state(), before)
     assert all(torch.equal(params[k], p) for k, p in named.items())
     assert d.optimizer == "adamw"
+
+
+def test_cuda_rng_untouched_by_hf_mtp_build_and_sampling(tiny_checkpoint):
+    pytest.importorskip("transformers", reason="the hf extra is not installed: pip install -e '.[hf]'")
+    from decomp.models.hf import attach_mtp
+    from decomp.training.policies import HFPolicy, load_hf
+
+    lm, tokenizer = load_hf(str(tiny_checkpoint))
+    lm.to("cuda")
+    torch.cuda.manual_seed(123)
+    torch.rand(4, device="cuda")  # a stream that has moved: seed 123, non-zero offset
+    before, cpu_before = torch.cuda.get_rng_state(), torch.get_rng_state()
+    a = attach_mtp(lm, depth=2, init="random", seed=3)  # random init runs on the GPU block
+    assert torch.equal(torch.cuda.get_rng_state(), before)
+    b = attach_mtp(lm, depth=2, init="random", seed=3)
+    assert all(p.is_cuda and torch.equal(p, q) for p, q in zip(a.mtp.parameters(), b.mtp.parameters(), strict=True))
+    policy = HFPolicy.__new__(HFPolicy)  # only what _generate needs: no warm-up
+    policy.model, policy.tokenizer = a, tokenizer
+    policy.pad_id, policy.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    policy.task = type("Task", (), {"max_new_tokens": 5})()
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]], device="cuda")
+    mask = torch.ones_like(ids)
+    first = policy._generate(ids, mask, seed=11)
+    assert torch.equal(policy._generate(ids, mask, seed=11), first)
+    assert torch.equal(torch.cuda.get_rng_state(), before)
+    assert torch.equal(torch.get_rng_state(), cpu_before)

@@ -14,7 +14,8 @@ from decomp import optim as cf
 from decomp.decomposition import decompose, decompose_sweep, measure_step
 from decomp.models.tiny import MTPTransformer
 from decomp.objectives import objectives
-from decomp.occ import efficiency, gain
+from decomp.occ import model_efficiency as efficiency
+from decomp.occ import model_gain as gain
 from decomp.regimes import CrossEntropy, Detach, Policy
 
 REL = 1e-10
@@ -118,7 +119,16 @@ def test_adamw_on_quadratic_matches_numpy_and_taylor_is_exact():
     u_rl, denom = _numpy_adamw(x, -g, m, v, step, lr, 0.9, 0.999, 1e-8, wd)
     u_full, _ = _numpy_adamw(x, -g + coef * gl, m, v, step, lr, 0.9, 0.999, 1e-8, wd)
     delta = u_full - u_rl
-    delta1 = -lr * (1 - 0.9) / (1 - 0.9 ** (step + 1)) * gl / denom
+    # δ₁ = dδ/dλ: the first moment's path and the second moment's (closed form in NumPy)
+    t, G = step + 1, -g
+    m2 = 0.9 * m + 0.1 * G
+    root = np.sqrt((0.999 * v + 0.001 * G**2) / (1 - 0.999**t))
+    d_root = 0.001 * G * gl / ((1 - 0.999**t) * root)
+    delta1 = -lr / (1 - 0.9**t) * (0.1 * gl / denom - m2 * d_root / denom**2)
+    h = 1e-5  # and a central difference of the real step agrees
+    fd = (_numpy_adamw(x, -g + h * gl, m, v, step, lr, 0.9, 0.999, 1e-8, wd)[0]
+          - _numpy_adamw(x, -g - h * gl, m, v, step, lr, 0.9, 0.999, 1e-8, wd)[0]) / (2 * h)
+    assert np.allclose(fd, delta1, rtol=1e-6, atol=1e-12)
     H = -A
     expected = dict(
         correlation=g @ delta, cross=u_rl @ H @ delta, penalty=-0.5 * delta @ H @ delta,
@@ -239,7 +249,7 @@ def test_float32_model_with_sdpa_and_live_optimizer():
     d = decompose(obj.rl_objective, obj.mtp_loss, dict(problem.model.named_parameters()), coef=0.2, optimizer=opt)
     assert d.optimizer == "sgd"
     assert d.correlation == pytest.approx(0.2 * d.correlation_unit, rel=1e-6)
-    assert all(math.isfinite(v) for k, v in d.to_dict().items() if isinstance(v, float) and "lambda" not in k)
+    assert all(math.isfinite(v) for k, v in d.to_dict().items() if isinstance(v, float) and "lambda" not in k and "gain" not in k)
 
 
 def test_measure_step_returns_the_updates_the_decomposition_used():

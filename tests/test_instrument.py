@@ -1,23 +1,32 @@
 """instrument_update on a hand-built batch: estimators on the response-shaped view, exact zeros
-for detach, and the active OCC direction at a negative coefficient."""
+for detach, the active OCC direction at a negative coefficient, sweeps only where the direction
+moves J, and depth-2 estimates as the mean over depths."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
-from conftest import make_problem
+from conftest import TINY, make_problem
 
+import decomp.decomposition
+from decomp.decomposition import Decomposition, decompose
 from decomp.instrument import instrument_update
 from decomp.objectives import RolloutBatch, model_logprobs, objectives
-from decomp.occ import masked_coefficient, pooled_coefficient, reference_coefficient
-from decomp.regimes import OCC, Detach
+from decomp.occ import (
+    masked_coefficient,
+    pooled_coefficient,
+    proxy_coefficients,
+    reference_coefficient,
+)
+from decomp.regimes import OCC, CrossEntropy, Detach
 from decomp.rl import clipped_policy_loss
 
 
-def _setup(seed=0, prompt_len=4):
-    problem = make_problem(seed=seed, prompt_len=prompt_len)
+def _setup(seed=0, prompt_len=4, mtp_depth=1):
+    problem = make_problem(seed=seed, prompt_len=prompt_len, cfg=dataclasses.replace(TINY, mtp_depth=mtp_depth))
     b = problem.batch
     batch = RolloutBatch(b.tokens, b.mask, b.advantages, b.old_logp, response_start=prompt_len - 1)
     model = problem.model
@@ -66,3 +75,54 @@ def test_active_occ_direction_at_negative_coefficient_is_the_applied_term():
     g2 = torch.func.grad(applied)(params)
     assert all(torch.allclose(g1[k], g2[k], rtol=1e-10, atol=1e-14) for k in params)
     assert math.isfinite(active["correlation"])
+
+
+def test_moves_objective_tells_a_detach_direction_from_a_ce_one():
+    model, batch, _ = _setup()
+    named = dict(model.named_parameters())
+    moves = {}
+    for regime in (Detach(), CrossEntropy()):
+        obj = objectives(model, batch, regime)
+        moves[regime.name] = decompose(obj.rl_objective, obj.mtp_loss, named, lr=1e-2, coef=0.1).moves_objective
+    assert moves == {"detach": False, "ce": True}
+
+
+def test_sweeps_skip_exactly_the_directions_that_do_not_move_j(monkeypatch):
+    """The sweep decision reads ``moves_objective``, not the wording of ``lambda_star_reason``."""
+
+    class Reworded(Decomposition):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            object.__setattr__(self, "lambda_star_reason", "reworded")
+
+    monkeypatch.setattr(decomp.decomposition, "Decomposition", Reworded)  # what the measurement builds
+    model, batch, opt = _setup()
+    out = instrument_update(model, batch, opt, Detach(scale=0.1), scale=0.1, coef=0.1, sweep=True)
+    assert [d["lambda_star_reason"] for d in out.decompositions] == ["reworded"] * 3
+    assert [s["direction"] for s in out.sweeps] == ["ce", "policy"]  # not the detach (active) one
+
+
+def test_depth_two_estimates_are_the_mean_over_depths_and_occ_applies_coef_masked():
+    from decomp.training.loop import UpdateLoss
+
+    model, batch, opt = _setup(seed=2, mtp_depth=2)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    with torch.no_grad():
+        logp, mtp_logp, valid = model_logprobs(model, params, batch.tokens)
+    assert len(mtp_logp) == 2
+    r = batch.response
+    per_depth = [proxy_coefficients(r(m), r(logp), r(batch.old_logp), r(batch.mask & v), 0.1)
+                 for m, v in zip(mtp_logp, valid, strict=True)]
+    assert per_depth[0]["masked"] != pytest.approx(per_depth[1]["masked"], rel=1e-3)  # the mean is not depth 1's
+    # λ as the training loop applies it: the mean of the depths' OCC terms' coefficients
+    regime = OCC(scale=0.1)
+    terms = [regime(r(m), r(logp), r(batch.old_logp), r(batch.advantages), r(batch.mask & v))
+             for m, v in zip(mtp_logp, valid, strict=True)]
+    applied = UpdateLoss(torch.zeros(()), torch.zeros(()), None, terms, logp).coef
+    out = instrument_update(model, batch, opt, regime, scale=0.1, coef=applied, directions=("active",))
+    (active,) = out.decompositions
+    for name in ("reference", "masked", "pooled"):
+        mean = (per_depth[0][name] + per_depth[1][name]) / 2
+        assert active[f"coef_{name}"] == pytest.approx(mean, rel=1e-12), name
+    assert active["coef"] == applied
+    assert active["coef"] == pytest.approx(active["coef_masked"], rel=1e-12)

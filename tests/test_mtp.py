@@ -164,3 +164,48 @@ def test_bad_arguments_and_rng():
     rng = torch.get_rng_state()
     attach_mtp(lm, init="random", seed=5)  # seeded and forked: the caller's stream does not move
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def _no_seed_all(monkeypatch):
+    """Make reseeding every CUDA device (what ``torch.manual_seed`` does) an error."""
+
+    def refuse(seed):
+        raise AssertionError(f"torch.cuda.manual_seed_all({seed}) reseeds the caller's CUDA streams")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", refuse)
+
+
+def test_building_and_sampling_seed_only_forked_generators(monkeypatch, tiny_checkpoint):
+    from decomp.training.policies import HFPolicy, load_hf
+
+    _no_seed_all(monkeypatch)
+    lm, tokenizer = load_hf(str(tiny_checkpoint))
+    rng = torch.get_rng_state()
+    a = attach_mtp(lm, depth=2, init="random", seed=3)
+    b = attach_mtp(lm, depth=2, init="random", seed=3)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for pa, pb in zip(a.mtp.parameters(), b.mtp.parameters(), strict=True):
+        assert torch.equal(pa, pb)  # still a function of the seed
+    policy = HFPolicy.__new__(HFPolicy)  # only what _generate needs: no warm-up
+    policy.model, policy.tokenizer = a, tokenizer
+    policy.pad_id, policy.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    policy.task = type("Task", (), {"max_new_tokens": 5})()
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    mask = torch.ones_like(ids)
+    first = policy._generate(ids, mask, seed=11)
+    assert torch.equal(policy._generate(ids, mask, seed=11), first)
+    policy._generate(ids, mask, seed=None)  # greedy
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_seeded_fork_arguments():
+    from decomp.rng import cuda_index, seeded_fork
+
+    assert cuda_index("cpu") is None and cuda_index(None) is None and cuda_index("cuda:1") == 1
+    with pytest.raises(TypeError, match="seed must be"), seeded_fork(1.5):
+        pass
+    rng = torch.get_rng_state()
+    with seeded_fork(7, "cpu"):
+        x = torch.rand(3)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(x, torch.rand(3, generator=torch.Generator().manual_seed(7)))

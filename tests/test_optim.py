@@ -162,3 +162,64 @@ def test_adam_fresh_state_and_bad_hyperparameters():
         cf.from_torch(torch.optim.RMSprop([torch.nn.Parameter(torch.ones(1))]), {"x": torch.ones(1)})
     with pytest.raises(ValueError, match="none of named_params"):
         cf.from_torch(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1), {"x": torch.ones(1)})
+
+
+def _state_after(cls, kwargs, steps: int, shapes, seed: int = 0):
+    """Parameters and a real torch optimizer state after ``steps − 1`` steps on random gradients
+    (float64), so that the next step is step ``steps``."""
+    gen = torch.Generator().manual_seed(seed)
+    params = {f"p{i}": torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for i, s in enumerate(shapes)}
+    opt = cls(params.values(), **kwargs)
+    for _ in range(steps - 1):
+        for p in params.values():
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        opt.step()
+    return params, opt, gen
+
+
+OPTIMIZERS = [
+    (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    (torch.optim.AdamW, dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05, amsgrad=True)),
+    (torch.optim.Adam, dict(lr=1e-2, weight_decay=0.01)),
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01)),
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs", OPTIMIZERS)
+@pytest.mark.parametrize("step", [1, 2, 10, 100])
+def test_unit_displacement_is_the_derivative_of_the_step(cls, kwargs, step):
+    """δ₁ = dδ/dλ at λ = 0, against a central difference of the real step in λ (float64), with
+    ∇J ≠ 0 and ∇L_MTP not parallel to it: the second moment's dependence on λ included."""
+    params, opt, gen = _state_after(cls, kwargs, step, [(7, 5), (11,)], seed=step)
+    named = dict(params)
+    cf_opt = cf.from_torch(opt, named)
+    theta = {k: v.detach() for k, v in named.items()}
+    rl = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in theta.items()}
+    mtp = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in theta.items()}
+    unit = cf_opt.counterfactual(theta, rl, mtp, 0.0).unit_displacement
+    h = 1e-5
+    plus = cf_opt.counterfactual(theta, rl, mtp, h).displacement
+    minus = cf_opt.counterfactual(theta, rl, mtp, -h).displacement
+    for k in theta:
+        central = (plus[k] - minus[k]) / (2 * h)
+        scale = float(central.abs().max())
+        err = float((unit[k] - central).abs().max())
+        assert err <= 1e-6 * max(scale, 1.0), (k, err, scale)
+    if cls is not torch.optim.SGD:
+        # the frozen-preconditioner formula (first moment's path only) is measurably different
+        st = cf_opt._moments(list(theta)[0], theta["p0"], rl["p0"])
+        frozen = mtp["p0"] * st[3] / st[1] * -st[2]
+        assert float((frozen - unit["p0"]).abs().max()) > 1e-3 * float(unit["p0"].abs().max())
+
+
+def test_adam_unit_displacement_is_nearly_flat_at_the_first_step():
+    """At Adam's first step the update is ≈ −η·sign(G): dδ/dλ ≈ η·ε·g_MTP/|G|² ≈ 0."""
+    params, opt, gen = _state_after(torch.optim.AdamW, dict(lr=1e-2), 1, [(50,)])
+    cf_opt = cf.from_torch(opt, params)
+    theta = {k: v.detach() for k, v in params.items()}
+    rl = {"p0": torch.randn(50, generator=gen, dtype=torch.float64)}
+    mtp = {"p0": torch.randn(50, generator=gen, dtype=torch.float64)}
+    unit = cf_opt.counterfactual(theta, rl, mtp, 0.0).unit_displacement["p0"]
+    frozen = 1e-2 * mtp["p0"] / (rl["p0"].abs() + 1e-8)
+    assert float(unit.abs().max()) < 1e-6 * float(frozen.abs().max())

@@ -79,3 +79,30 @@ def test_encode_decode_and_unknown_characters():
         encode("1-2")
     with pytest.raises(ValueError, match="valid tasks: add, chain"):
         make_task("mul")
+
+
+def _old_split(problems: list, n_held: int) -> tuple[list, list]:
+    """The permutation logic both task modules had before they shared one split (seed written out)."""
+    order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(20260526)).tolist()
+    return [problems[i] for i in order[n_held:]], [problems[i] for i in order[:n_held]]
+
+
+@pytest.mark.parametrize("name", ["add", "chain"])
+def test_character_task_split_is_unchanged(name):
+    task = make_task(name)
+    train, held = _old_split(task.all_problems(), 500)
+    assert task.held_out == held and task.train == train
+
+
+@pytest.mark.parametrize("name,n_held", [("add1", 30), ("add", 500)])
+def test_text_task_split_is_unchanged_and_shared(name, n_held):
+    from decomp.training import tasks, texttasks
+
+    task = texttasks.make_text_task(name)
+    problems = sorted(task.train + task.held_out, key=lambda p: [int(x) for x in p.question[8:-1].split("+")])
+    train, held = _old_split(problems, n_held)
+    assert task.held_out == held and task.train == train
+    assert texttasks.split(problems) == tasks.held_out_split(problems, n_held)
+    assert not hasattr(texttasks, "SPLIT_SEED")  # one seed, in decomp.training.tasks
+    with pytest.raises(ValueError, match="n_held"):
+        tasks.held_out_split(problems, len(problems) + 1)

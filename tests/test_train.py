@@ -57,7 +57,7 @@ def _same(a: list[dict], b: list[dict]) -> bool:
 def test_short_run_writes_every_record(run_dir, regime):
     out = run_dir(regime, regime=regime)
     config = json.loads((out / "config.json").read_text())
-    assert config["config"]["regime"] == regime and config["schema_version"] == 1
+    assert config["config"]["regime"] == regime and config["schema_version"] == 2
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(7))
     for m in metrics[1:]:
@@ -66,15 +66,20 @@ def test_short_run_writes_every_record(run_dir, regime):
         assert 0.0 <= m["mtp_acceptance"] <= 1.0
     assert [("accuracy" in m) for m in metrics] == [True, False, False, True, False, False, True]
     records = read_jsonl(out / "decomposition.jsonl")
-    assert [(r["step"], r["direction"]) for r in records] == [
-        (s, d) for s in (2, 4, 6) for d in ("active", "ce", "policy")
+    assert [(r["step"], r["direction"], r["split"]) for r in records] == [
+        (s, d, split) for s in (2, 4, 6) for d in ("active", "ce", "policy") for split in ("train", "heldout")
     ]
     fields = {f.name for f in dataclasses.fields(Decomposition)}
     for r in records:
         assert fields <= set(r)
-        for est in ("reference", "masked", "pooled", "jvp_masked", "jvp_pooled"):
-            assert f"coef_{est}" in r and f"efficiency_{est}" in r
+        for est in ("reference", "masked", "pooled", "jvp_masked", "jvp_pooled", "trust_region"):
+            for prefix in ("coef", "gain", "efficiency", "model_efficiency"):
+                assert f"{prefix}_{est}" in r
         assert r["optimizer"] == "adamw" and r["update"] == 1
+        assert r["lambda_hat_reason"] != "not searched" and r["search_evaluations"] <= 25
+    for step in (2, 4, 6):  # the held-out split judges the same updates on another batch
+        train, held = (r for r in records if r["step"] == step and r["direction"] == "policy")
+        assert train["displacement_norm"] == held["displacement_norm"]
     active = [r for r in records if r["direction"] == "active"]
     if regime == "detach":
         assert all(r["correlation"] == 0.0 and r["penalty"] == 0.0 for r in active)
@@ -84,7 +89,8 @@ def test_short_run_writes_every_record(run_dir, regime):
         assert all(r["coef"] == pytest.approx(r["coef_masked"], rel=1e-6, abs=1e-12) for r in active)
     sweeps = read_jsonl(out / "sweeps.jsonl")
     expected_directions = ["ce", "policy"] if regime == "detach" else ["active", "ce", "policy"]
-    assert [(r["step"], r["direction"]) for r in sweeps] == [(4, d) for d in expected_directions]
+    assert [(r["step"], r["direction"], r["split"]) for r in sweeps] == [
+        (4, d, split) for d in expected_directions for split in ("train", "heldout")]
     for r in sweeps:
         assert len(r["coefs"]) == len(r["realized"]) == len(r["quadratic"]) == 13
         assert r["realized"][r["coefs"].index(0.0)] == 0.0  # λ = 0 is on the grid: no displacement
@@ -102,6 +108,12 @@ def test_same_seed_gives_identical_records_and_instrumentation_does_not_perturb(
     assert _same(_records(a, "decomposition.jsonl"), _records(b, "decomposition.jsonl"))
     assert _same(_records(a, "metrics.jsonl"), _records(c, "metrics.jsonl"))
     assert read_jsonl(c / "decomposition.jsonl") == []
+    # the held-out batch has its own stream: without it, the training records and the train
+    # split's decompositions are the same
+    e = run_dir("e", regime="policy", heldout=False)
+    assert _same(_records(a, "metrics.jsonl"), _records(e, "metrics.jsonl"))
+    train_split = [r for r in _records(a, "decomposition.jsonl") if r["split"] == "train"]
+    assert _same(train_split, _records(e, "decomposition.jsonl"))
     d = run_dir("d", regime="policy", seed=1)
     assert not _same(_records(a, "metrics.jsonl"), _records(d, "metrics.jsonl"))
 
@@ -233,3 +245,28 @@ def test_console_script_reports_bad_input_in_one_line(tmp_path):
         capture_output=True, text=True,
     )
     _one_line_error(proc, "unknown regime 'mtp'")
+
+
+def test_every_epoch_draws_a_fresh_minibatch_partition():
+    import torch
+
+    from decomp.training.loop import minibatch_partition
+
+    one = minibatch_partition(16, dataclasses.replace(TINY, epochs=1, num_minibatches=4), torch.Generator().manual_seed(3))
+    old = torch.randperm(16, generator=torch.Generator().manual_seed(3)).chunk(4)  # the single-epoch order before
+    assert len(one) == 4 and all(torch.equal(a, b) for a, b in zip(one, old, strict=True))
+    parts = minibatch_partition(16, dataclasses.replace(TINY, epochs=3, num_minibatches=4),
+                                torch.Generator().manual_seed(3))
+    assert len(parts) == 12
+    epochs = [parts[4 * e : 4 * e + 4] for e in range(3)]
+    for chunks in epochs:  # each epoch covers every sequence once
+        assert sorted(torch.cat(chunks).tolist()) == list(range(16))
+    assert all(torch.equal(a, b) for a, b in zip(epochs[0], one, strict=True))  # epoch 1 is the one-epoch order
+    firsts = [tuple(chunks[0].tolist()) for chunks in epochs]
+    assert len(set(firsts)) == 3  # not the first epoch's mini-batches again
+
+
+def test_sweeps_need_not_be_a_multiple_of_decomp_every(run_dir):
+    # instrumented at 2, 4, 6; sweep period 3: at the first instrumented step at or after 3 and 6
+    out = run_dir("sweep3", sweep_every=3, curvature_every=0)
+    assert sorted({r["step"] for r in read_jsonl(out / "sweeps.jsonl")}) == [4, 6]

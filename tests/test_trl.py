@@ -39,7 +39,7 @@ from decomp.objectives import (  # noqa: E402
     objectives,
 )
 from decomp.occ import PROXY_ESTIMATORS  # noqa: E402
-from decomp.runlog import read_jsonl  # noqa: E402
+from decomp.runlog import SCHEMA_VERSION, read_jsonl  # noqa: E402
 from decomp.training.cli import main as cli_main  # noqa: E402
 from decomp.training.texttasks import make_text_task  # noqa: E402
 
@@ -162,6 +162,43 @@ def test_settings_the_mtp_term_cannot_follow_are_refused(tiny_checkpoint, tmp_pa
             warnings.simplefilter("ignore")
             MTPGRPOTrainer(model=model, reward_funcs=digit_reward, args=GRPOConfig(**base, **args),
                            train_dataset=dataset(), processing_class=tok, mtp_config=mtp)
+
+
+def test_the_callers_grpo_config_is_copied_not_modified(tiny_checkpoint, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    config = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], num_generations=4,
+                        per_device_train_batch_size=4, num_iterations=2, seed=7)
+    assert config.ddp_find_unused_parameters is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        by_name = MTPGRPOTrainer(model=LlamaForCausalLM.from_pretrained(tiny_checkpoint), reward_funcs=digit_reward,
+                                 args=config, train_dataset=dataset(), processing_class=tok)
+        # GRPOTrainer(model, reward_funcs, args, ...): the config as the third positional argument
+        positional = MTPGRPOTrainer(LlamaForCausalLM.from_pretrained(tiny_checkpoint), digit_reward, config,
+                                    dataset(), processing_class=tok, mtp_config=MTPConfig(regime="ce"))
+    assert config.ddp_find_unused_parameters is None  # the caller's object is untouched
+    for trainer in (by_name, positional):
+        assert trainer.args is not config and trainer.args.ddp_find_unused_parameters is False
+        assert trainer.args.seed == 7 and trainer.args.output_dir == str(tmp_path)
+    assert positional.regime.name == "ce" and hasattr(positional.model, "decomp_mtp")
+
+
+def test_without_a_grpo_config_trls_default_gets_the_ddp_setting(tiny_checkpoint, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    monkeypatch.chdir(tmp_path)  # TRL's default output_dir is relative: "<model name>-GRPO"
+    # TRL's default config asks for bf16, which TrainingArguments refuses on a machine without a
+    # bf16 GPU; pretend there is one (the trainer still runs on the CPU)
+    monkeypatch.setattr("transformers.training_args.is_torch_bf16_gpu_available", lambda: True)
+    lm = LlamaForCausalLM.from_pretrained(tiny_checkpoint)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = MTPGRPOTrainer(lm, digit_reward, train_dataset=dataset(),
+                                 processing_class=AutoTokenizer.from_pretrained(tiny_checkpoint))
+    assert trainer.args.ddp_find_unused_parameters is False
+    assert trainer.args.output_dir.endswith(f"{Path(lm.config._name_or_path).name}-GRPO")
 
 
 @pytest.mark.parametrize("regime", ["detach", "detach-inputs", "ce", "policy", "occ"])
@@ -372,7 +409,7 @@ def test_callback_logs_and_writes_records_the_analysis_reads(tiny_checkpoint, tm
     logged = [h for h in trainer.state.log_history if "decomp/lambda_star" in h or "decomp/correlation" in h]
     assert len(logged) == 2 and all("decomp/ce/penalty" in h and "decomp/coef_masked" in h for h in logged)
     run = json.loads((out / "decomp_run.json").read_text())
-    assert run["config"]["regime"] == "detach" and run["schema_version"] == 1
+    assert run["config"]["regime"] == "detach" and run["schema_version"] == SCHEMA_VERSION
     assert cli_main(["plot", str(out), "--out", str(tmp_path / "figures")]) == 0
     assert cli_main(["validate", str(out), "--out", str(tmp_path / "validation.json")]) == 0
     assert (tmp_path / "figures" / "terms_active.png").is_file()

@@ -18,8 +18,9 @@ from decomp.curvature import (
 from decomp.decomposition import decompose
 from decomp.occ import (
     efficiency,
-    gain,
     masked_coefficient,
+    model_efficiency,
+    model_gain,
     pooled_coefficient,
     reference_coefficient,
 )
@@ -117,8 +118,9 @@ def test_hvp_refuses_mismatched_directions():
 def test_gain_and_efficiency_check_lambda():
     d = decompose(J, L, P, lr=0.1, coef=1.0)
     with pytest.raises(ValueError, match="coef must be finite"):
-        gain(float("inf"), d)
-    assert math.isnan(efficiency(float("nan"), d))
+        model_gain(float("inf"), d)
+    assert math.isnan(model_efficiency(float("nan"), d))
+    assert math.isnan(efficiency(float("nan"), d))  # a realized gain of nan (and no λ̂ searched)
 
 
 def test_counterfactual_optimizer_type_errors():

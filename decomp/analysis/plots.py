@@ -2,18 +2,24 @@
 
 One colour per regime throughout (Okabe–Ito, safe for colour-blind readers), one colour and
 marker per estimator. Where a regime has several seeds, lines are the mean over seeds at each
-step and the band is ± one standard deviation.
+step (a run's several values at one step averaged first, so each run counts once) and the band
+is ± one standard deviation over seeds. Decomposition records are read on the held-out split
+where a run has one, else on the training split.
 
 Figures (``FIGURES``):
 
 - ``terms_<direction>``: correlation ``C``, cross term ``X``, penalty ``P``, and predicted vs
   realized ``ΔJ_MTP`` over training, per regime, for the ``active``, ``ce`` and ``policy``
   directions;
-- ``coefficients``: the exact ``λ*`` of the ``policy`` direction with every estimator, and the
-  coefficient an ``occ`` run used;
-- ``proxy_vs_exact``: each estimator against ``λ*`` (symlog axes), Spearman and Pearson in the
-  legend;
-- ``efficiency``: the distribution of ``gain(λ_est)/gain(λ*)`` per estimator;
+- ``coefficients``: top row, the realized optimum ``λ̂`` and the quadratic model's ``λ*`` of the
+  ``policy`` direction (λ units); bottom row, every estimator and the ``λ`` an ``occ`` run
+  applied, on their own axis (the proxies scale like ``c·lr``, not like ``λ``);
+- ``proxy_vs_exact``: per estimator, the rank of each record's estimate within its run against
+  the rank of its ``λ̂`` (``λ*`` when no record has ``λ̂``), with the mean within-run Spearman ρ
+  and its run-bootstrap interval: scale-free, no magnitude is compared;
+- ``efficiency``: per estimator (and ``λ*``), the median realized efficiency
+  ``gain(λ_est)/gain(λ̂)`` of each run (points) and their mean over runs with its interval (the
+  quadratic model's efficiency for records without ``λ̂``);
 - ``quadratic_check``: realized ``ΔJ_MTP`` of real counterfactual steps over a grid of ``λ``
   (points) with the quadratic model ``λ(C₁+X₁) − λ²P₁`` (line), at the first and last sweep;
 - ``training``: reward, held-out accuracy and MTP acceptance per regime;
@@ -32,11 +38,26 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy import stats  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from scipy import stats
 
-from decomp.analysis.rundata import ESTIMATORS, Run, regimes_of  # noqa: E402
+from decomp.analysis.rundata import (
+    ESTIMATORS,
+    Run,
+    estimator_names,
+    model_efficiency,
+    realized_efficiency,
+    regimes_of,
+    split_of,
+)
+from decomp.analysis.stats import combine_runs, finite, fmt_interval, median
+from decomp.analysis.validate import (
+    TARGET_NAMES,
+    estimator_stats,
+    select_records,
+    target_of,
+)
 
 REGIME_COLORS = {
     "detach": "#0072B2",  # blue
@@ -70,10 +91,6 @@ def _color(regime: str) -> str:
     return REGIME_COLORS.get(regime, "#666666")
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _by_regime(runs: list[Run]) -> dict[str, list[Run]]:
     out: dict[str, list[Run]] = defaultdict(list)
     for r in runs:
@@ -81,13 +98,26 @@ def _by_regime(runs: list[Run]) -> dict[str, list[Run]]:
     return out
 
 
+def _style(estimator: str, i: int = 0) -> tuple[str, str]:
+    return ESTIMATOR_STYLE.get(estimator, (("#666666", "#999999", "#000000")[i % 3], "PXh*p"[i % 5]))
+
+
+def _records(run: Run, direction: str) -> list[dict[str, Any]]:
+    """The run's records of ``direction`` on its preferred split (held-out when it has one)."""
+    return select_records(run, direction)[1]
+
+
 def _series(runs: list[Run], get: Callable[[Run], list[tuple[int, float]]]):
-    """Per step: mean and sd over the runs (seeds) that have a finite value there."""
+    """Per step: mean and sd over the runs (seeds) that have a finite value there; a run's
+    several values at one step (several updates) are averaged first, so each run counts once."""
     values: dict[int, list[float]] = defaultdict(list)
     for run in runs:
+        per_step: dict[int, list[float]] = defaultdict(list)
         for step, v in get(run):
-            if _finite(v):
-                values[step].append(float(v))
+            if finite(v):
+                per_step[step].append(float(v))
+        for step, vs in per_step.items():
+            values[step].append(float(np.mean(vs)))
     steps = np.array(sorted(values))
     mean = np.array([np.mean(values[s]) for s in steps])
     sd = np.array([np.std(values[s]) if len(values[s]) > 1 else 0.0 for s in steps])
@@ -177,34 +207,51 @@ def _robust_ylim(ax, values: list[float], q: float = 2.0) -> bool:
 SMOOTH = 5  # instrumented updates in the rolling median of the term plots
 
 
-def plot_terms(runs: list[Run], direction: str):
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.4), sharex=True)
-    groups = _by_regime(runs)
-    clipped = False
-    for ax, key in zip(axes.flat[:3], ("correlation", "cross", "penalty"), strict=True):
-        raw: list[float] = []
-        for regime, rs in groups.items():
-            steps, mean, sd, _ = _series(rs, lambda run, k=key: [(r["step"], r[k]) for r in run.records(direction)])
-            _band(ax, steps, mean, sd, _color(regime), regime, smooth=SMOOTH)
-            raw += list(mean)
-        ax.axhline(0, color="black", lw=0.6)
-        ax.set_title(TERM_LABELS[key])
-        ax.set_ylabel("ΔJ (reward units)")
-        _sci(ax)
-        clipped |= _robust_ylim(ax, raw)
-    ax = axes.flat[3]
-    raw = []
+def _field(direction: str, key: str) -> Callable[[Run], list[tuple[int, float]]]:
+    """A run's ``(step, record[key])`` of ``direction`` on its preferred split."""
+    return lambda run: [(r["step"], r.get(key)) for r in _records(run, direction)]
+
+
+def _term_panel(ax, groups: dict[str, list[Run]], direction: str, key: str) -> bool:
+    raw: list[float] = []
     for regime, rs in groups.items():
-        steps, mean, sd, _ = _series(rs, lambda run: [(r["step"], r["realized"]) for r in run.records(direction)])
+        steps, mean, sd, _ = _series(rs, _field(direction, key))
+        _band(ax, steps, mean, sd, _color(regime), regime, smooth=SMOOTH)
+        raw += list(mean)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_title(TERM_LABELS[key])
+    ax.set_ylabel("ΔJ (reward units)")
+    _sci(ax)
+    return _robust_ylim(ax, raw)
+
+
+def _delta_panel(ax, groups: dict[str, list[Run]], direction: str) -> bool:
+    raw: list[float] = []
+    for regime, rs in groups.items():
+        steps, mean, sd, _ = _series(rs, _field(direction, "realized"))
         _band(ax, steps, mean, sd, _color(regime), f"{regime} realized", smooth=SMOOTH)
         raw += list(mean)
-        steps, mean, sd, _ = _series(rs, lambda run: [(r["step"], r["predicted"]) for r in run.records(direction)])
+        steps, mean, sd, _ = _series(rs, _field(direction, "predicted"))
         _band(ax, steps, mean, 0 * sd, _color(regime), f"{regime} predicted", style=":", smooth=SMOOTH)
     ax.axhline(0, color="black", lw=0.6)
     ax.set_title("ΔJ_MTP: realized (solid) vs predicted C + X − P (dotted)")
     ax.set_ylabel("ΔJ (reward units)")
     _sci(ax)
-    clipped |= _robust_ylim(ax, raw)
+    return _robust_ylim(ax, raw)
+
+
+def _splits_note(runs: list[Run], direction: str) -> str:
+    splits = sorted({select_records(run, direction)[0] for run in runs if run.records(direction)})
+    return f"{' and '.join(splits)} split" if splits else "no records"
+
+
+def plot_terms(runs: list[Run], direction: str):
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.4), sharex=True)
+    groups = _by_regime(runs)
+    clipped = False
+    for ax, key in zip(axes.flat[:3], ("correlation", "cross", "penalty"), strict=True):
+        clipped |= _term_panel(ax, groups, direction, key)
+    clipped |= _delta_panel(axes.flat[3], groups, direction)
     for ax in axes[1]:
         ax.set_xlabel("RL step")
     handles, labels = axes.flat[0].get_legend_handles_labels()
@@ -213,106 +260,173 @@ def plot_terms(runs: list[Run], direction: str):
         for ax in axes.flat:
             _no_data(ax, f"{direction}-direction records")
     note = "; y-range: 2–98% quantiles, outliers cut off" if clipped else ""
-    fig.suptitle(f"Decomposition of the MTP effect, {direction} direction\n({_legend_note(runs)}; faint: each "
-                 f"instrumented update, bold: rolling median of {SMOOTH}{note})", y=1.06)
+    fig.suptitle(f"Decomposition of the MTP effect, {direction} direction, {_splits_note(runs, direction)}\n"
+                 f"({_legend_note(runs)}; faint: each instrumented update, bold: rolling median of {SMOOTH}{note})",
+                 y=1.06)
     fig.tight_layout()
     return fig
 
 
-def plot_coefficients(runs: list[Run]):
-    groups = _by_regime(runs)
-    n = len(groups)
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 0.6, 3.8), sharey=True, squeeze=False)
-    every: list[float] = []
-    for ax, (regime, rs) in zip(axes[0], groups.items(), strict=True):
-        if regime == "occ":
-            steps, mean, sd, _ = _series(rs, lambda run: [(m["step"], m.get("mtp_coef")) for m in run.metrics if m["step"] > 0])
-            ax.plot(steps, mean, "-", color=_color("occ"), lw=0.8, alpha=0.8, label="λ used by OCC (every step)")
-            every += list(mean)
-        steps, mean, sd, _ = _series(rs, lambda run: [(r["step"], r["lambda_star"]) for r in run.records("policy")])
-        _band(ax, steps, mean, sd, "black", "exact λ*", marker="o")
-        every += list(mean)
-        for est, (color, marker) in ESTIMATOR_STYLE.items():
-            steps, mean, sd, _ = _series(rs, lambda run, e=est: [(r["step"], r[f"coef_{e}"]) for r in run.records("policy")])
-            ax.plot(steps, mean, marker, color=color, ms=3.5, alpha=0.85, ls="none", label=est)
-            every += list(mean)
-        ax.axhline(0, color="black", lw=0.6)
-        ax.set_title(f"{regime} run")
-        ax.set_xlabel("RL step")
-    for ax in axes[0]:
-        _symlog(ax, "y", 1e-3, every)
-    axes[0, 0].set_ylabel("coefficient λ (symlog)")
+def _lambda_panel(ax, rs: list[Run]) -> list[float]:
+    """λ̂ and λ* of the policy direction over training (λ units); the values drawn."""
+    drawn: list[float] = []
+    for key, color, label, marker in (("lambda_hat", "#E69F00", "realized optimum λ̂", "s"),
+                                      ("lambda_star", "black", "quadratic model's λ*", "o")):
+        steps, mean, sd, _ = _series(rs, _field("policy", key))
+        _band(ax, steps, mean, sd, color, label, marker=marker)
+        drawn += list(mean)
+    ax.axhline(0, color="black", lw=0.6)
+    return drawn
+
+
+def _estimate_panel(ax, rs: list[Run], regime: str, names: list[str]) -> list[float]:
+    """Every estimator of the policy direction, and the λ an occ run applied (estimator units)."""
+    drawn: list[float] = []
+    if regime == "occ":
+        steps, mean, _, _ = _series(rs, lambda run: [(m["step"], m.get("mtp_coef")) for m in run.metrics if m["step"] > 0])
+        ax.plot(steps, mean, "-", color=_color("occ"), lw=0.8, alpha=0.8, label="λ applied by the occ run (its estimate)")
+        drawn += list(mean)
+    for i, est in enumerate(names):
+        color, marker = _style(est, i)
+        steps, mean, _, _ = _series(rs, _field("policy", f"coef_{est}"))
+        ax.plot(steps, mean, marker, color=color, ms=3.5, alpha=0.85, ls="none", label=est)
+        drawn += list(mean)
+    ax.axhline(0, color="black", lw=0.6)
+    return drawn
+
+
+def _unique_legend(fig, axes, y: float) -> None:
     handles, labels = [], []
-    for ax in axes[0]:
+    for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    _figure_legend(fig, handles, labels, 1.08)
-    fig.suptitle("Optimal coefficient λ* of the policy MTP loss and its estimates", y=1.14)
-    fig.tight_layout()
+    _figure_legend(fig, handles, labels, y)
+
+
+def plot_coefficients(runs: list[Run]):
+    groups = _by_regime(runs)
+    n = max(len(groups), 1)
+    names = estimator_names(r for run in runs for r in run.records("policy"))
+    fig, axes = plt.subplots(2, n, figsize=(3.6 * n + 0.6, 6.6), sharex="col", sharey="row", squeeze=False)
+    lam: list[float] = []
+    est: list[float] = []
+    for col, (regime, rs) in enumerate(groups.items()):
+        lam += _lambda_panel(axes[0, col], rs)
+        est += _estimate_panel(axes[1, col], rs, regime, names)
+        axes[0, col].set_title(f"{regime} run")
+        axes[1, col].set_xlabel("RL step")
+    for ax in axes[0]:
+        _symlog(ax, "y", 1e-3, lam)
+    nonzero = [abs(v) for v in est if finite(v) and v != 0]
+    for ax in axes[1]:
+        _symlog(ax, "y", float(np.percentile(nonzero, 10)) if nonzero else 1e-4, est)
+    axes[0, 0].set_ylabel("λ units (symlog)")
+    axes[1, 0].set_ylabel("estimate, estimator units ∝ c·lr\n(not λ units; symlog)")
+    _unique_legend(fig, axes[0], 1.04)
+    _unique_legend(fig, axes[1], 0.5)
+    fig.suptitle("Optimal coefficient of the policy MTP loss (top: λ̂ and λ*, λ units) and the estimators "
+                 "(bottom: own units, compare signs and trends, not magnitudes)", y=1.09)
+    fig.tight_layout(h_pad=3.5)
     return fig
 
 
-def _estimator_points(runs: list[Run], est: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Within-run ranks scaled to (0, 1): ``(rank − ½)/n`` (average ranks for ties)."""
+    return (stats.rankdata(values) - 0.5) / values.size
+
+
+def _rank_points(runs: list[Run], est: str, target: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Each run's records as (rank of the target, rank of the estimate) within the run."""
     xs, ys, regs = [], [], []
     for run in runs:
-        for r in run.records("policy"):
-            if _finite(r.get("lambda_star")) and _finite(r.get(f"coef_{est}")):
-                xs.append(r["lambda_star"])
-                ys.append(r[f"coef_{est}"])
-                regs.append(run.regime)
+        rows = [r for r in _records(run, "policy") if finite(r.get(target)) and finite(r.get(f"coef_{est}"))]
+        tgt = np.array([r[target] for r in rows], dtype=float)
+        val = np.array([r[f"coef_{est}"] for r in rows], dtype=float)
+        if len(rows) < 2 or np.ptp(tgt) == 0 or np.ptp(val) == 0:
+            continue  # no ranking within this run (and no within-run ρ)
+        xs += list(_ranks(tgt))
+        ys += list(_ranks(val))
+        regs += [run.regime] * len(rows)
     return np.array(xs), np.array(ys), regs
 
 
+def _rank_panel(ax, runs: list[Run], groups: list[list[dict[str, Any]]], est: str, target: str) -> None:
+    x, y, regs = _rank_points(runs, est, target)
+    for regime in regimes_of(runs):
+        sel = np.array([g == regime for g in regs], dtype=bool)
+        if sel.any():
+            ax.scatter(x[sel], y[sel], s=12, color=_color(regime), alpha=0.75, label=regime, edgecolors="none")
+    ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--")
+    rho = estimator_stats(groups, est, target)["spearman"]
+    ax.set_title(f"{est}\nρ within runs {fmt_interval(rho)}\n{rho['n_runs']} runs, {rho['n_records']} records",
+                 fontsize=9)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+
+
 def plot_proxy_vs_exact(runs: list[Run]):
-    fig, axes = plt.subplots(1, len(ESTIMATORS), figsize=(3.3 * len(ESTIMATORS), 3.7), squeeze=False)
-    for ax, est in zip(axes[0], ESTIMATORS, strict=True):
-        x, y, regs = _estimator_points(runs, est)
-        for regime in regimes_of(runs):
-            sel = np.array([g == regime for g in regs], dtype=bool)
-            if sel.any():
-                ax.scatter(x[sel], y[sel], s=12, color=_color(regime), alpha=0.75, label=regime, edgecolors="none")
-        title = est
-        if x.size >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
-            rho = stats.spearmanr(x, y).statistic
-            r = stats.pearsonr(x, y).statistic
-            title = f"{est}\nSpearman {rho:+.2f}, Pearson {r:+.2f}, n = {x.size}"
-        lin_y = float(np.percentile(np.abs(y[y != 0]), 10)) if np.any(y != 0) else 1e-4
-        _symlog(ax, "x", 1e-1, x, per_side=2)
-        _symlog(ax, "y", lin_y, y)
-        ax.axhline(0, color="black", lw=0.5)
-        ax.axvline(0, color="black", lw=0.5)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("exact λ* (symlog)")
-    axes[0, 0].set_ylabel("estimate (symlog)")
+    groups = [g for g in (_records(run, "policy") for run in runs) if g]
+    target = target_of(groups)
+    names = estimator_names(r for g in groups for r in g) or list(ESTIMATORS)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.3 * len(names), 3.9), squeeze=False, sharey=True)
+    for ax, est in zip(axes[0], names, strict=True):
+        _rank_panel(ax, runs, groups, est, target)
+        ax.set_xlabel(f"rank of {'λ̂' if target == 'lambda_hat' else 'λ*'} within its run")
+    axes[0, 0].set_ylabel("rank of the estimate within its run")
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    _figure_legend(fig, handles, labels, 1.02, title="run regime (points: instrumented updates)", title_fontsize=8)
-    fig.suptitle("Estimators against the exact optimal coefficient (policy direction)", y=1.12)
+    _figure_legend(fig, handles, labels, 1.02, title="run regime (points: instrumented updates; dashed: same rank)",
+                   title_fontsize=8)
+    fig.suptitle(f"Estimators against {TARGET_NAMES[target]}, policy direction: ranks within each run "
+                 "(scale-free; 95% interval: run bootstrap)", y=1.16)
     fig.tight_layout()
     return fig
 
 
+def _efficiency_columns(runs: list[Run]) -> tuple[str, list[tuple[str, list[float], int]]]:
+    """Per estimator (and λ*): the median efficiency of each run and the records behind them;
+    realized efficiency where records carry λ̂, else the quadratic model's."""
+    groups = [g for g in (_records(run, "policy") for run in runs) if g]
+    realized = any("gain_hat" in r for g in groups for r in g)
+    get = realized_efficiency if realized else model_efficiency
+    columns = []
+    for est in estimator_names(r for g in groups for r in g):
+        per_run = [[get(r, est) for r in g] for g in groups]
+        columns.append((est, [median(v) for v in per_run], sum(finite(x) for v in per_run for x in v)))
+    if realized:
+        per_run = [[r["gain_lambda_star"] / r["gain_hat"] for r in g if finite(r.get("gain_lambda_star"))
+                    and finite(r.get("gain_hat")) and r["gain_hat"] != 0] for g in groups]
+        columns.append(("λ*", [median(v) for v in per_run], sum(len(v) for v in per_run)))
+    return ("realized gain(λ_est)/gain(λ̂)" if realized else "model gain(λ_est)/gain(λ*) (no λ̂ recorded)"), columns
+
+
 def plot_efficiency(runs: list[Run]):
-    fig, ax = plt.subplots(figsize=(7.5, 3.8))
-    data, labels = [], []
-    for est in ESTIMATORS:
-        vals = [r[f"efficiency_{est}"] for run in runs for r in run.records("policy") if _finite(r.get(f"efficiency_{est}"))]
-        data.append(np.array(vals))
-        labels.append(f"{est}\n(n={len(vals)})")
-    positions = np.arange(len(data))
-    for i, (vals, est) in enumerate(zip(data, ESTIMATORS, strict=True)):
+    kind, columns = _efficiency_columns(runs)
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.4 * len(columns) + 1), 3.9))
+    labels = []
+    for i, (est, per_run, n_records) in enumerate(columns):
+        vals = np.array([v for v in per_run if finite(v)])
+        comb = combine_runs(vals, n_records=n_records)
+        labels.append(f"{est}\n({comb['n_runs']} runs,\n{n_records} rec.)")
         if vals.size:
-            jitter = np.random.default_rng(i).uniform(-0.18, 0.18, vals.size)
-            ax.scatter(positions[i] + jitter, vals, s=9, alpha=0.5, color=ESTIMATOR_STYLE[est][0], edgecolors="none")
-            ax.plot([positions[i] - 0.3, positions[i] + 0.3], [np.median(vals)] * 2, color="black", lw=2)
-    ax.axhline(1, color="#009E73", lw=1, ls="--", label="1: as good as λ*")
+            jitter = np.random.default_rng(i).uniform(-0.15, 0.15, vals.size)
+            ax.scatter(i + jitter, vals, s=14, alpha=0.7, color=_style(est, i)[0] if est != "λ*" else "black",
+                       edgecolors="none")
+            lo, hi = comb["low"], comb["high"]
+            if finite(lo) and finite(hi):
+                ax.errorbar(i + 0.3, comb["value"], yerr=[[comb["value"] - lo], [hi - comb["value"]]], fmt="D",
+                            color="black", ms=4, capsize=3)
+    ax.axhline(1, color="#009E73", lw=1, ls="--", label="1: as good as the optimum")
     ax.axhline(0, color="black", lw=0.8, label="0: no gain (≤ 0 hurts)")
     ax.set_yscale("symlog", linthresh=1e-2)
-    ax.set_xticks(positions, labels)
-    ax.set_ylabel("efficiency gain(λ_est)/gain(λ*) (symlog)")
-    ax.set_title("Efficiency of each estimator (policy direction; bar = median)")
+    ax.set_xticks(np.arange(len(columns)), labels)
+    ax.set_ylabel(f"{kind}\n(median per run; symlog)")
+    ax.set_title("Efficiency per estimator, policy direction (points: runs; diamond: mean over runs, "
+                 "95% run-bootstrap interval)", fontsize=9)
     ax.legend(loc="lower left", fontsize=7)
+    if not columns:
+        _no_data(ax, "estimator efficiencies")
     fig.tight_layout()
     return fig
 
@@ -321,6 +435,8 @@ def plot_quadratic_check(runs: list[Run]):
     picks = []
     for run in runs:
         pol = [s for s in run.sweeps if s["direction"] == "policy"]
+        held = [s for s in pol if split_of(s) == "heldout"]
+        pol = held or [s for s in pol if split_of(s) == "train"]
         if pol:
             picks.append((run, pol[0]))
             if len(pol) > 1:
@@ -344,8 +460,10 @@ def plot_quadratic_check(runs: list[Run]):
         a, b = np.polyfit(lam[nz], quad_pts[nz] / lam[nz], 1) if nz.sum() >= 2 else (0.0, 0.0)
         ax.plot(dense, a * dense * dense + b * dense, color=_color(run.regime), lw=1.5, label="quadratic model")
         ax.scatter(lam, real, s=16, color="black", zorder=3, label="real AdamW step")
-        if _finite(sw.get("lambda_star")):
+        if finite(sw.get("lambda_star")):
             ax.axvline(sw["lambda_star"], color="gray", ls="--", lw=0.8, label="λ*")
+        if finite(sw.get("lambda_hat")):
+            ax.axvline(sw["lambda_hat"], color="#E69F00", ls=":", lw=1.0, label="λ̂")
         ax.axhline(0, color="black", lw=0.5)
         ax.set_title(f"{run.regime} s{run.seed}, step {sw['step']}")
         ax.set_xlabel("coefficient λ")
@@ -367,7 +485,7 @@ def plot_training(runs: list[Run]):
     for ax, (key, title, window) in zip(axes, specs, strict=True):
         for regime, rs in groups.items():
             def get(run, k=key, w=window):
-                pts = [(m["step"], m.get(k)) for m in run.metrics if _finite(m.get(k))]
+                pts = [(m["step"], m.get(k)) for m in run.metrics if finite(m.get(k))]
                 if w > 1 and len(pts) >= w:
                     steps = [p[0] for p in pts]
                     vals = np.convolve([p[1] for p in pts], np.ones(w) / w, mode="valid")
@@ -402,9 +520,9 @@ def plot_curvature(runs: list[Run]):
         for regime, rs in groups.items():
             def rq(run, d=direction):
                 pts = []
-                for r in run.records(d):
+                for r in _records(run, d):
                     n = r.get("displacement_norm")
-                    if _finite(n) and n > 0:
+                    if finite(n) and n > 0:
                         pts.append((r["step"], -2.0 * r["penalty"] / (n * n)))
                 return pts
 

@@ -1,73 +1,84 @@
 """``decomp report``: a Markdown report of run directories.
 
-Sections: final held-out accuracy per regime (mean ± sd over seeds); early vs late averages of
-the correlation and the penalty per regime and direction (first and last third of the
-instrumented updates); the estimator validation table (:mod:`decomp.analysis.validate`); the
-claims table (:mod:`decomp.analysis.claims`, every verdict computed by its stated rule); the
+Sections: held-out accuracy per regime (mean ± sd over seeds, with the seeds named); early vs
+late correlation and penalty per regime and direction (per run: means over the first and last
+third of its instrumented steps, then the mean over runs); the estimator validation table
+(:mod:`decomp.analysis.validate`, per-run statistics combined over runs); the claims table
+(:mod:`decomp.analysis.claims`: statistic, interval, rule, runs, records and verdict of each); the
 figures, when a figure folder is given. Nothing in it is written by hand.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
 from decomp import __version__
-from decomp.analysis.claims import _thirds, evaluate_claims
+from decomp.analysis.claims import INTERVAL, MIN_RUNS, evaluate_claims
 from decomp.analysis.plots import FIGURES
-from decomp.analysis.rundata import Run, regimes_of
+from decomp.analysis.rundata import FINAL_EVALUATIONS, Run, regimes_of
+from decomp.analysis.stats import early_late, finite_array, fmt
 from decomp.analysis.validate import format_table, validate
 
-
-def _fmt(x: float, spec: str) -> str:
-    return "nan" if not math.isfinite(x) else format(x, spec)
+DIRECTIONS = ("active", "ce", "policy")
 
 
 def _mean_sd(values: list[float]) -> str:
-    vals = [v for v in values if math.isfinite(v)]
-    if not vals:
+    vals = finite_array(values)
+    if not vals.size:
         return "nan"
-    if len(vals) == 1:
+    if vals.size == 1:
         return f"{100 * vals[0]:.1f}%"
     return f"{100 * np.mean(vals):.1f}% ± {100 * np.std(vals, ddof=1):.1f}"
 
 
 def accuracy_table(runs: list[Run]) -> str:
-    lines = ["| regime | seeds | warm-start accuracy | final accuracy | change (points) |", "|---|---|---|---|---|"]
+    k = FINAL_EVALUATIONS
+    lines = [(f"| regime | seeds | warm-start accuracy | last evaluation | final (mean of last {k} evaluations) | "
+             "change (points) |"), "|---|---|---|---|---|---|"]
     for regime in regimes_of(runs):
         rs = [r for r in runs if r.regime == regime]
-        change = [100 * (r.final_accuracy - r.warm_accuracy) for r in rs]
+        change = finite_array([100 * (r.final_accuracy_mean() - r.warm_accuracy) for r in rs])
         lines.append(
             f"| {regime} | {', '.join(str(r.seed) for r in rs)} | {_mean_sd([r.warm_accuracy for r in rs])} | "
-            f"{_mean_sd([r.final_accuracy for r in rs])} | {_fmt(float(np.mean(change)), '+.1f')} |"
+            f"{_mean_sd([r.final_accuracy for r in rs])} | {_mean_sd([r.final_accuracy_mean() for r in rs])} | "
+            f"{fmt(float(np.mean(change)) if change.size else float('nan'), '+.1f')} |"
         )
     return "\n".join(lines)
 
 
+def _terms_of_run(run: Run, direction: str) -> tuple[str, list[float], int] | None:
+    """Split used, (C early, C late, P early, P late) and records of one run's direction."""
+    split = run.preferred_split(direction)
+    recs = run.records(direction, split)
+    steps = [r["step"] for r in recs]
+    c_e, c_l, n = early_late(steps, [r["correlation"] for r in recs])
+    p_e, p_l, _ = early_late(steps, [r["penalty"] for r in recs])
+    return (split, [c_e, c_l, p_e, p_l], n) if n else None
+
+
+def _terms_row(runs: list[Run], regime: str, direction: str) -> str | None:
+    rs = [r for r in runs if r.regime == regime]
+    per_run = [(run, t) for run in rs if (t := _terms_of_run(run, direction)) is not None]
+    if not per_run:
+        return None
+    values = np.array([t[1] for _, t in per_run], dtype=float)
+    means = [fmt(float(np.mean(col[np.isfinite(col)])) if np.isfinite(col).any() else float("nan"))
+             for col in values.T]
+    splits = ", ".join(sorted({t[0] for _, t in per_run}))
+    copy = " (= active)" if all(run.copies(direction) == len(run.records(direction)) for run, _ in per_run) else ""
+    return (f"| {regime} | {direction}{copy} | {splits} | {len(per_run)} | {sum(t[2] for _, t in per_run)} | "
+            + " | ".join(means) + " |")
+
+
 def terms_table(runs: list[Run]) -> str:
-    lines = ["| regime | direction | C early | C late | P early | P late | records |", "|---|---|---|---|---|---|---|"]
+    lines = ["| regime | direction | split | runs | records | C early | C late | P early | P late |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for regime in regimes_of(runs):
-        for direction in ("active", "ce", "policy"):
-            early, late = [], []
-            for run in runs:
-                if run.regime == regime:
-                    e, lt = _thirds(run.records(direction))
-                    early += e
-                    late += lt
-            if not early:
-                continue
-
-            def mean(rs, k):
-                return float(np.mean([r[k] for r in rs]))
-
-            lines.append(
-                f"| {regime} | {direction} | {mean(early, 'correlation'):.3g} | {mean(late, 'correlation'):.3g} | "
-                f"{mean(early, 'penalty'):.3g} | {mean(late, 'penalty'):.3g} | {len(early) + len(late)} |"
-            )
+        lines += [row for d in DIRECTIONS if (row := _terms_row(runs, regime, d)) is not None]
     return "\n".join(lines)
 
 
@@ -76,10 +87,17 @@ def _cell(text: str) -> str:
 
 
 def claims_table(runs: list[Run]) -> str:
-    lines = ["| claim | statistic | rule | n | verdict |", "|---|---|---|---|---|"]
+    lines = ["| claim | statistic | 95% interval | rule | runs | records | verdict |", "|---|---|---|---|---|---|---|"]
     for c in evaluate_claims(runs):
-        lines.append(f"| {_cell(c.claim)} | {_cell(c.statistic)} | {_cell(c.rule)} | {c.n} | **{c.verdict}** |")
+        lines.append(f"| {_cell(c.claim)} | {_cell(c.statistic)} | {_cell(c.interval or '–')} | {_cell(c.rule)} | "
+                     f"{c.n_runs} | {c.n_records} | **{c.verdict}** |")
     return "\n".join(lines)
+
+
+def _figure_links(out: Path, figures: Path) -> list[str]:
+    rel = Path(os.path.relpath(Path(figures).resolve(), Path(out).resolve().parent))
+    return [f"![{name}]({(rel / f'{name}.png').as_posix()})" for name in FIGURES
+            if (Path(figures) / f"{name}.png").exists()]
 
 
 def build_report(runs: list[Run], out: Path, figures: Path | None = None) -> str:
@@ -87,26 +105,27 @@ def build_report(runs: list[Run], out: Path, figures: Path | None = None) -> str
     result = validate(runs)
     sections = [
         "# decomp report",
-        f"Generated by decomp {__version__} on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from "
+        f"Generated by decomp {__version__} on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from "
         f"{len(runs)} run(s): " + ", ".join(f"`{r.path}`" for r in runs) + ".",
-        "## Final held-out accuracy",
-        "Greedy decoding on the task's fixed held-out set; mean ± sd over seeds.",
+        "## Held-out accuracy",
+        (f"Greedy decoding on the task's fixed held-out set; mean ± sd over seeds. The final accuracy of a run is "
+         f"the mean of its last {FINAL_EVALUATIONS} evaluations (all when fewer), the summary the OCC claim pairs."),
         accuracy_table(runs),
         "## Correlation and penalty, early vs late",
-        "Means over the first and last third of the instrumented updates (ΔJ units).",
+        ("Per run: means over the first and last third of its instrumented steps (ΔJ units), on the held-out split "
+         "where the run has one; then the mean over runs. `(= active)`: that direction is the active one, its "
+         "records are copies of the active records."),
         terms_table(runs),
-        "## Estimators against the exact optimal coefficient",
-        f"Direction `{result['direction']}` (the MTP loss OCC scales), {result['records']} instrumented updates.",
+        "## Estimators against the optimal coefficient",
         format_table(result, markdown=True),
         "## The paper's claims on this data",
-        "Each verdict follows from the stated rule; `inconclusive` means too little data or a statistic "
-        "between the two thresholds.",
+        (f"Each verdict follows from the stated rule: per-run statistics, then a {INTERVAL} (the run is the unit "
+         f"of replication); a claim about regimes or seeds needs ≥ {MIN_RUNS} runs (paired seeds). `inconclusive` "
+         "means too few runs or an interval that straddles a threshold."),
         claims_table(runs),
     ]
     if figures is not None:
         sections.append("## Figures")
-        rel = Path(os.path.relpath(Path(figures).resolve(), Path(out).resolve().parent))
-        for name in FIGURES:
-            if (Path(figures) / f"{name}.png").exists():
-                sections.append(f"![{name}]({(rel / f'{name}.png').as_posix()})")
+        sections += _figure_links(out, figures)
     return "\n\n".join(sections) + "\n"
+

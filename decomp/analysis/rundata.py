@@ -6,7 +6,20 @@ own ``config.json`` in a trainer's output directory). Given
 paths that are run directories or folders containing them (one level down, as ``decomp compare``
 writes), :func:`load_runs` returns :class:`Run` objects. Damaged input is skipped with a warning
 naming the file and line: a truncated or non-JSON line, a record missing a required field, a run
-whose schema version is not this one's. No usable run directory is an :class:`AnalysisError`.
+whose schema version this decomp cannot read (``READABLE_SCHEMAS``: version 1, before ``split``
+and the realized optimum, and the current one). No usable run directory is an :class:`AnalysisError`.
+
+Decomposition records are read as they are; fields added by newer runs (``split``, ``same_as``,
+``lambda_hat``, ``gain_hat``, ``gain_<estimator>``, ...) are absent from older ones and read as
+absent. Two rules make every statistic count each measurement once:
+
+- a record's split is its ``split`` field, ``"train"`` when there is none (:func:`split_of`);
+- a shadow direction identical to the active one (the ``ce`` direction of a ``ce`` run) is a
+  copy of the ``active`` record, marked ``same_as: "active"``; older runs are recognised by
+  ``seconds == 0.0`` and every numeric field equal to the active record of the same step,
+  update and split (:func:`copies_of_active`). A copy stands for its direction in a
+  per-direction statistic; statistics over every direction leave it out
+  (:meth:`Run.unique_records`).
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from decomp.analysis.stats import finite
 from decomp.runlog import RUN_FILE, SCHEMA_VERSION, iter_jsonl
 
 REQUIRED = {
@@ -28,7 +42,11 @@ REQUIRED = {
     "sweeps.jsonl": ("step", "direction", "coefs", "realized", "quadratic"),
     "curvature.jsonl": ("step", "eigenvalue_max", "eigenvalue_min"),
 }
+# the preferred display order; the estimators of a record set are every coef_<name> field present
 ESTIMATORS = ("reference", "masked", "pooled", "jvp_masked", "jvp_pooled")
+SPLITS = ("train", "heldout")
+READABLE_SCHEMAS = tuple(range(1, SCHEMA_VERSION + 1))  # older records lack the newer fields: read as absent
+FINAL_EVALUATIONS = 5  # held-out evaluations averaged into a run's final accuracy
 
 
 class AnalysisError(ValueError):
@@ -52,22 +70,129 @@ class Run:
     def seed(self) -> int:
         return int(self.config.get("seed", 0))
 
-    def records(self, direction: str) -> list[dict[str, Any]]:
-        return [r for r in self.decompositions if r["direction"] == direction]
+    def records(self, direction: str, split: str | None = None) -> list[dict[str, Any]]:
+        """The records of ``direction`` (of one ``split`` when given); copies of the active
+        record stand for their direction and are included."""
+        return [r for r in self.decompositions
+                if r["direction"] == direction and (split is None or split_of(r) == split)]
+
+    def unique_records(self, split: str | None = None) -> list[dict[str, Any]]:
+        """Every decomposition record (of one ``split`` when given) except the copies of the
+        active record: each measurement once."""
+        copies = copies_of_active(self.decompositions)
+        return [r for i, r in enumerate(self.decompositions)
+                if i not in copies and (split is None or split_of(r) == split)]
+
+    def copies(self, direction: str) -> int:
+        """How many records of ``direction`` are copies of the active record."""
+        return sum(1 for i in copies_of_active(self.decompositions) if self.decompositions[i]["direction"] == direction)
+
+    def preferred_split(self, direction: str) -> str:
+        """``heldout`` when the run has held-out records of ``direction``, else ``train``."""
+        return "heldout" if self.records(direction, "heldout") else "train"
+
+    @property
+    def evaluations(self) -> list[float]:
+        """Held-out accuracies after the warm start (step > 0), in step order."""
+        evaluated = sorted((m for m in self.metrics if m["step"] > 0 and finite(m.get("accuracy"))),
+                           key=lambda m: m["step"])
+        return [float(m["accuracy"]) for m in evaluated]
 
     @property
     def warm_accuracy(self) -> float:
-        first = [m for m in self.metrics if m["step"] == 0 and _finite(m.get("accuracy"))]
+        first = [m for m in self.metrics if m["step"] == 0 and finite(m.get("accuracy"))]
         return float(first[0]["accuracy"]) if first else math.nan
 
     @property
     def final_accuracy(self) -> float:
-        evaluated = [m for m in self.metrics if m["step"] > 0 and _finite(m.get("accuracy"))]
-        return float(evaluated[-1]["accuracy"]) if evaluated else math.nan
+        """The last held-out evaluation (see :meth:`final_accuracy_mean` for the summary the
+        claims use)."""
+        evaluated = self.evaluations
+        return evaluated[-1] if evaluated else math.nan
+
+    def final_accuracy_mean(self, k: int = FINAL_EVALUATIONS) -> float:
+        """Mean of the last ``k`` held-out evaluations (all of them when there are fewer): one
+        evaluation on a fixed set is noisy, and the last ``k`` share the end of training."""
+        evaluated = self.evaluations[-k:]
+        return float(sum(evaluated) / len(evaluated)) if evaluated else math.nan
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def split_of(record: dict[str, Any]) -> str:
+    """The record's split: its ``split`` field, ``"train"`` when absent or empty."""
+    split = record.get("split")
+    return split if isinstance(split, str) and split else "train"
+
+
+def _key(record: dict[str, Any]) -> tuple[Any, ...]:
+    return record.get("step"), record.get("update"), split_of(record)
+
+
+def _same_numbers(copy: dict[str, Any], active: dict[str, Any]) -> bool:
+    """Every numeric field of ``copy`` but ``seconds`` equals ``active``'s (nan equals nan)."""
+    for k, v in copy.items():
+        if k == "seconds" or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        w = active.get(k)
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            return False
+        if not (v == w or (math.isnan(v) and math.isnan(w))):
+            return False
+    return True
+
+
+def is_copy_of(record: dict[str, Any], active: dict[str, Any] | None) -> bool:
+    """Whether ``record`` (a shadow direction) is the copy of the active record ``active`` of
+    its step, update and split: by its ``same_as`` field when present, else by ``seconds == 0``
+    and identical numbers."""
+    if record.get("direction") == "active":
+        return False
+    same_as = record.get("same_as")
+    if isinstance(same_as, str):
+        return same_as == "active"
+    if active is None or record.get("seconds") != 0.0:
+        return False
+    return _same_numbers(record, active)
+
+
+def copies_of_active(records: list[dict[str, Any]]) -> set[int]:
+    """Indices in ``records`` of the copies of an active record (:func:`is_copy_of`)."""
+    active = {_key(r): r for r in records if r.get("direction") == "active"}
+    return {i for i, r in enumerate(records) if is_copy_of(r, active.get(_key(r)))}
+
+
+def interior_optimum(record: dict[str, Any]) -> bool:
+    """Whether the record's ``λ̂`` is finite and an interior maximum (``lambda_hat_reason`` empty
+    or absent); at the search bound its magnitude is the bound's, only its sign is informative."""
+    reason = record.get("lambda_hat_reason")
+    return finite(record.get("lambda_hat")) and (not isinstance(reason, str) or reason == "")
+
+
+def estimator_names(records: Iterable[dict[str, Any]]) -> list[str]:
+    """Every estimator with a ``coef_<name>`` field in ``records``: those of ``ESTIMATORS`` in
+    its order, then the others sorted."""
+    found = {k[len("coef_"):] for r in records for k in r if k.startswith("coef_") and len(k) > len("coef_")}
+    return [e for e in ESTIMATORS if e in found] + sorted(found - set(ESTIMATORS))
+
+
+def realized_efficiency(record: dict[str, Any], estimator: str) -> float:
+    """``gain_E / gain_hat`` of a record: its ``efficiency_E`` when the record carries the
+    realized optimum (``gain_hat``), else ``nan`` (older records' ``efficiency_E`` is the
+    quadratic model's, :func:`model_efficiency`)."""
+    if "gain_hat" not in record:
+        return math.nan
+    eff = record.get(f"efficiency_{estimator}")
+    if finite(eff):
+        return float(eff)
+    gain, best = record.get(f"gain_{estimator}"), record.get("gain_hat")
+    return float(gain) / float(best) if finite(gain) and finite(best) and best != 0 else math.nan
+
+
+def model_efficiency(record: dict[str, Any], estimator: str) -> float:
+    """The quadratic model's ``gain(λ_est)/gain(λ*)``: ``model_efficiency_E``, or in records
+    without a realized optimum, ``efficiency_E``."""
+    key = f"model_efficiency_{estimator}" if "gain_hat" in record else f"efficiency_{estimator}"
+    value = record.get(key)
+    return float(value) if finite(value) else math.nan
 
 
 def _read(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -104,9 +229,10 @@ def load_run(path: Path) -> Run | None:
         warnings.warn(f"{config_path}:1: unreadable config ({type(err).__name__}), skipping the run", stacklevel=2)
         return None
     version = data.get("schema_version") if isinstance(data, dict) else None
-    if version != SCHEMA_VERSION or not isinstance(data.get("config"), dict):
+    if version not in READABLE_SCHEMAS or not isinstance(data.get("config"), dict):
         warnings.warn(
-            f"{config_path}:1: schema version {version!r}, this decomp reads {SCHEMA_VERSION}; skipping the run",
+            f"{config_path}:1: schema version {version!r}, this decomp reads "
+            f"{', '.join(map(str, READABLE_SCHEMAS))}; skipping the run",
             stacklevel=2,
         )
         return None

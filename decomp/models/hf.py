@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from decomp.models.mtp_module import MTPModule
 from decomp.regimes import DETACH_MODES
+from decomp.rng import seeded_fork
 
 MTP_INITS = ("copy_last", "random")
 
@@ -115,8 +116,10 @@ def build_mtp_modules(lm: nn.Module, depth: int = 1, init: str = "copy_last", se
     """``depth`` MTP modules for the causal LM ``lm`` (module docstring), on its device and dtype.
 
     ``Block_k`` copies the LM's last decoder layer (``init="copy_last"``) or is re-initialised
-    with the host's own scheme (``"random"``); ``W_k`` is ``N(0, initializer_range²)``. The RNG
-    is forked and seeded: building the modules never moves the caller's random stream.
+    with the host's own scheme (``"random"``); ``W_k`` is ``N(0, initializer_range²)``. The
+    random init runs on the CPU generator and on that of the last layer's device, both forked and
+    seeded with ``seed`` (:func:`decomp.rng.seeded_fork`): building the modules never moves the
+    caller's CPU or CUDA random stream.
     """
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
@@ -128,8 +131,10 @@ def build_mtp_modules(lm: nn.Module, depth: int = 1, init: str = "copy_last", se
     eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
     std = float(getattr(cfg, "initializer_range", 0.02))
     modules = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    # `init="random"` initialises the copied block where it lives (the last layer's device), the
+    # rest on the CPU: fork and seed exactly those two generators
+    block_device = next(layers[-1].parameters()).device
+    with seeded_fork(seed, block_device):
         for _ in range(depth):
             block = copy.deepcopy(layers[-1])
             if init == "random":

@@ -209,6 +209,8 @@ def _run_training(args: argparse.Namespace, jobs: list[tuple[Any, Path]]) -> lis
 
 
 def _analysis(args: argparse.Namespace) -> None:
+    """``plot``, ``validate`` and ``report``: load the run directories (their warnings go to
+    stderr), then run the command."""
     import warnings
 
     from decomp.analysis.rundata import load_runs
@@ -220,67 +222,92 @@ def _analysis(args: argparse.Namespace) -> None:
         runs = load_runs(args.runs)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    if args.command == "plot":
-        from decomp.analysis.plots import make_figures
+    {"plot": _plot, "validate": _validate, "report": _report}[args.command](args, runs)
 
-        paths = make_figures(runs, Path(args.out), pdf=args.pdf)
-        print(f"{len(paths)} figure files from {len(runs)} run(s) in {args.out}")
-    elif args.command == "validate":
-        from decomp.analysis.validate import format_table, validate, write_json
 
-        result = validate(runs, direction=args.direction)
-        print(format_table(result))
-        if args.out:
-            write_json(result, Path(args.out))
-            print(f"written {args.out}")
-    else:
-        from decomp.analysis.report import build_report
+def _plot(args: argparse.Namespace, runs: list) -> None:
+    from decomp.analysis.plots import make_figures
 
-        text = build_report(runs, Path(args.out), Path(args.figures) if args.figures else None)
-        Path(args.out).write_text(text)
-        print(f"report of {len(runs)} run(s) written to {args.out}")
+    paths = make_figures(runs, Path(args.out), pdf=args.pdf)
+    print(f"{len(paths)} figure files from {len(runs)} run(s) in {args.out}")
+
+
+def _validate(args: argparse.Namespace, runs: list) -> None:
+    from decomp.analysis.validate import format_table, validate, write_json
+
+    result = validate(runs, direction=args.direction)
+    print(format_table(result))
+    if args.out:
+        write_json(result, Path(args.out))
+        print(f"written {args.out}")
+
+
+def _report(args: argparse.Namespace, runs: list) -> None:
+    from decomp.analysis.report import build_report
+
+    text = build_report(runs, Path(args.out), Path(args.figures) if args.figures else None)
+    Path(args.out).write_text(text)
+    print(f"report of {len(runs)} run(s) written to {args.out}")
+
+
+def _run(args: argparse.Namespace) -> None:
+    """``decomp run``: one training run into ``--out``."""
+    if args.out is None:
+        raise CLIError("--out is required")
+    cfg = _make_config(args, regime=args.regime, seed=args.seed)
+    start = time.perf_counter()
+    rows = _run_training(args, [(cfg, Path(args.out))])
+    print(_table(rows))
+    print(f"run directory: {args.out} ({time.perf_counter() - start:.1f} s)")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    """``decomp compare``: every regime × seed, each into ``--out/<regime>-seed<seed>``."""
+    if args.out is None:
+        raise CLIError("--out is required")
+    regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
+    if not regimes or not args.seeds:
+        raise CLIError("--regimes and --seeds must each name at least one value")
+    configs = [(_make_config(args, regime=r, seed=s), Path(args.out) / f"{r}-seed{s}") for s in args.seeds for r in regimes]
+    start = time.perf_counter()
+    rows = _run_training(args, configs)
+    print(_table(rows))
+    total = time.perf_counter() - start
+    print(f"{len(rows)} runs in {total:.1f} s; run directories under {args.out}")
+
+
+def _probe(args: argparse.Namespace) -> None:
+    """``decomp probe``: one measured update on a synthetic batch, as a table or JSON."""
+    from decomp.training.probe import ProbeConfig, format_probe, run_probe
+
+    records = run_probe(
+        ProbeConfig(seed=args.seed, prompts=args.prompts, group_size=args.group_size, lr=args.lr, scale=args.scale)
+    )
+    print(json.dumps(records, indent=2) if args.json else format_probe(records))
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    """Run the parsed command (``--help-config`` of ``run``/``compare`` prints the config help)."""
+    from decomp.training.config import config_help
+
+    if args.command in ("run", "compare") and args.help_config:
+        print(config_help())
+        return
+    commands = {"run": _run, "compare": _compare, "plot": _analysis, "validate": _analysis, "report": _analysis,
+                "probe": _probe}
+    commands[args.command](args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """The ``decomp`` command: 0 on success, 2 on bad input or a refused run (message on
+    stderr; ``DECOMP_DEBUG=1`` re-raises it), 130 on interrupt."""
+    args = build_parser().parse_args(argv)
     from decomp.analysis.rundata import AnalysisError
-    from decomp.training.config import RunError, config_help
+    from decomp.training.config import RunError
     from decomp.training.warmstart import WarmStartError
 
     try:
-        if args.command in ("run", "compare") and args.help_config:
-            print(config_help())
-            return 0
-        if args.command == "run":
-            if args.out is None:
-                raise CLIError("--out is required")
-            cfg = _make_config(args, regime=args.regime, seed=args.seed)
-            start = time.perf_counter()
-            rows = _run_training(args, [(cfg, Path(args.out))])
-            print(_table(rows))
-            print(f"run directory: {args.out} ({time.perf_counter() - start:.1f} s)")
-        elif args.command == "compare":
-            if args.out is None:
-                raise CLIError("--out is required")
-            regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
-            if not regimes or not args.seeds:
-                raise CLIError("--regimes and --seeds must each name at least one value")
-            configs = [(_make_config(args, regime=r, seed=s), Path(args.out) / f"{r}-seed{s}") for s in args.seeds for r in regimes]
-            start = time.perf_counter()
-            rows = _run_training(args, configs)
-            print(_table(rows))
-            total = time.perf_counter() - start
-            print(f"{len(rows)} runs in {total:.1f} s; run directories under {args.out}")
-        elif args.command in ("plot", "validate", "report"):
-            _analysis(args)
-        elif args.command == "probe":
-            from decomp.training.probe import ProbeConfig, format_probe, run_probe
-
-            records = run_probe(
-                ProbeConfig(seed=args.seed, prompts=args.prompts, group_size=args.group_size, lr=args.lr, scale=args.scale)
-            )
-            print(json.dumps(records, indent=2) if args.json else format_probe(records))
+        _dispatch(args)
     except (CLIError, RunError, AnalysisError, WarmStartError, OSError, ValueError, TypeError) as err:
         if os.environ.get("DECOMP_DEBUG"):
             raise

@@ -167,14 +167,29 @@ def update_loss(state: RunState, mb: RolloutBatch, ref_logp: Tensor | None) -> U
     return UpdateLoss(loss, pg, kl, terms, logp)
 
 
+HELDOUT_STREAM = 0x5DEECE66D  # offsets the held-out batch's seed from the step's training stream
+
+
+def heldout_batch(state: RunState, step: int, size: int) -> RolloutBatch:
+    """An independent batch of ``size`` sequences sampled from the current policy: fresh prompts
+    from the training pool, group-normalised advantages, ``ℓ^old`` the current log-probs. Its own
+    generator, so the training stream (and so every training record) is the same with or without
+    instrumentation."""
+    cfg = state.cfg
+    gen = torch.Generator().manual_seed((stream_seed(cfg.seed, step) + HELDOUT_STREAM) % (2**63 - 1))
+    batch, _, _ = rollout(state.policy, cfg, gen, None, prompts=-(-size // cfg.group_size))
+    return batch.subset(torch.arange(size))
+
+
 def instrument(state: RunState, step: int, update: int, mb: RolloutBatch, ref_logp: Tensor | None,
                coef: float) -> None:
     """Measure the coming update (:func:`decomp.instrument.instrument_update`) and log it."""
     cfg = state.cfg
+    eval_batch = heldout_batch(state, step, mb.tokens.shape[0]) if cfg.heldout else None
     result = instrument_update(
         state.model, mb, state.optimizer, state.regime, scale=cfg.mtp_scale, coef=coef, clip=cfg.clip,
-        kl_coef=cfg.kl_coef, ref_logp=ref_logp, directions=cfg.directions,
-        sweep=cfg.due(cfg.sweep_every, step), curvature=cfg.due(cfg.curvature_every, step),
+        kl_coef=cfg.kl_coef, ref_logp=ref_logp, directions=cfg.directions, eval_batch=eval_batch,
+        search=cfg.search, sweep=cfg.due(cfg.sweep_every, step), curvature=cfg.due(cfg.curvature_every, step),
     )
     where = {"step": step, "update": update, "regime": cfg.regime}
     for record in result.decompositions:

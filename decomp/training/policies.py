@@ -32,6 +32,7 @@ from torch.func import functional_call
 from decomp.models.tiny import MTPTransformer
 from decomp.objectives import RolloutBatch, aligned_logprobs
 from decomp.rl import cross_entropy_loss, generate, group_advantages, response_mask
+from decomp.rng import seeded_fork
 from decomp.runlog import atomic_write
 
 SMOLLM2 = "smollm2-135m"
@@ -183,10 +184,10 @@ class HFPolicy:
             do_sample=not greedy, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=self.task.max_new_tokens,
             pad_token_id=self.pad_id, eos_token_id=self.eos_id,
         )
-        # HF sampling draws from the global RNG: fork it so the run's own streams never move
-        with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
+        # HF sampling draws from the global RNG of the LM's device: fork (and seed) the CPU
+        # generator and that device's only, so the run's own streams never move
+        device = next(self.model.lm.parameters()).device
+        with seeded_fork(seed, device):
             out = self.model.lm.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         responses = out[:, ids.shape[1] :]
         return torch.nn.functional.pad(responses, (0, self.task.max_new_tokens - responses.shape[1]), value=self.pad_id)
@@ -253,9 +254,12 @@ def build_policy(cfg: Any, cache_dir: Path | None, log: Any) -> BuiltinPolicy | 
     return BuiltinPolicy(cfg, cache_dir, log) if cfg.model == "builtin" else HFPolicy(cfg, cache_dir, log)
 
 
-def rollout(policy: BuiltinPolicy | HFPolicy, cfg: Any, gen: torch.Generator, ref_params: dict | None):
-    """One rollout batch: ``(RolloutBatch, ref_logp or None, stats)``."""
-    idx = torch.randint(0, policy.train_size, (cfg.prompts_per_step,), generator=gen).tolist()
+def rollout(policy: BuiltinPolicy | HFPolicy, cfg: Any, gen: torch.Generator, ref_params: dict | None,
+            prompts: int | None = None):
+    """One rollout batch of ``prompts`` (default ``prompts_per_step``) prompts × ``group_size``
+    samples from the current policy: ``(RolloutBatch, ref_logp or None, stats)``."""
+    n = cfg.prompts_per_step if prompts is None else prompts
+    idx = torch.randint(0, policy.train_size, (n,), generator=gen).tolist()
     s = policy.sample(idx, cfg.group_size, gen)
     model = policy.model
     advantages = group_advantages(s.rewards, cfg.group_size)

@@ -12,15 +12,18 @@ final number is exactly the answer, else 0; malformed output (no ``<eos>``, a st
 a leading zero, an empty field) gets 0 and never raises.
 
 Each task's problems are split once by a fixed permutation (independent of the run seed) into a
-held-out set of ``HELD_OUT`` problems and the training pool.
+held-out set of ``HELD_OUT`` problems and the training pool (:func:`held_out_split`, shared with
+the text tasks of :mod:`decomp.training.texttasks`).
 """
 
 from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -31,8 +34,20 @@ CHARS = "0123456789+*=,"
 VOCAB = SPECIALS + list(CHARS)
 VOCAB_SIZE = len(VOCAB)
 _CHAR_ID = {c: i + len(SPECIALS) for i, c in enumerate(CHARS)}
-SPLIT_SEED = 20260526  # fixes the held-out split for every run
+SPLIT_SEED = 20260526  # fixes the held-out split of every task, character and text alike
 HELD_OUT = 500
+
+P = TypeVar("P")
+
+
+def held_out_split(problems: Sequence[P], n_held: int) -> tuple[list[P], list[P]]:
+    """``(train, held_out)``: with ``π = randperm(len(problems))`` drawn from a generator seeded
+    with ``SPLIT_SEED``, ``held_out = problems[π[:n_held]]`` and ``train = problems[π[n_held:]]``
+    (both in permutation order). The split depends only on the problems, never on the run seed."""
+    if not 0 <= n_held <= len(problems):
+        raise ValueError(f"n_held must be in [0, {len(problems)}], got {n_held}")
+    order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+    return [problems[i] for i in order[n_held:]], [problems[i] for i in order[:n_held]]
 
 
 def encode(text: str) -> list[int]:
@@ -71,11 +86,7 @@ class Task:
 
     @cached_property
     def _split(self) -> tuple[list[Problem], list[Problem]]:
-        problems = self.all_problems()
-        order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
-        held = [problems[i] for i in order[:HELD_OUT]]
-        train = [problems[i] for i in order[HELD_OUT:]]
-        return train, held
+        return held_out_split(self.all_problems(), HELD_OUT)
 
     @property
     def train(self) -> list[Problem]:

@@ -4,8 +4,9 @@
   a fifth right, enough signal for RL on a CPU) and ``add`` (two-digit operands).
 - ``--dataset FILE.jsonl``: one JSON object per line with ``question`` and ``answer``.
 
-A task's problems are split once by a fixed permutation (independent of the run seed) into a
-held-out set (``min(500, 30%)`` of them) and the training pool.
+A task's problems are split once by the fixed permutation of
+:func:`decomp.training.tasks.held_out_split` (independent of the run seed) into a held-out set
+(``min(500, max(1, ⌊0.3 n⌋))`` of the ``n`` problems) and the training pool.
 
 Rewards (1.0 or 0.0, never an exception):
 
@@ -22,9 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from decomp.training.tasks import HELD_OUT, held_out_split
 
-SPLIT_SEED = 20260526
 ARITHMETIC_SYSTEM_PROMPT = "Answer with the number only."
 MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -78,9 +78,8 @@ class TextTask:
 
 
 def split(problems: list[TextProblem]) -> tuple[list[TextProblem], list[TextProblem]]:
-    n_held = min(500, max(1, int(0.3 * len(problems))))
-    order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
-    return [problems[i] for i in order[n_held:]], [problems[i] for i in order[:n_held]]
+    """``(train, held_out)`` with ``min(HELD_OUT, max(1, ⌊0.3 n⌋))`` held out (module docstring)."""
+    return held_out_split(problems, min(HELD_OUT, max(1, int(0.3 * len(problems)))))
 
 
 def read_dataset(path: Path | str) -> list[TextProblem]:

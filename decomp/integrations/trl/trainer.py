@@ -192,8 +192,8 @@ def _with_ddp_settings(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[t
     config = bound.arguments.get("args")
     if config is None:
         model = bound.arguments["model"]
-        name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
-        config = GRPOConfig(f"{str(name).split('/')[-1]}-GRPO")
+        name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
+        config = GRPOConfig(f"{str(name).split('/')[-1]}-GRPO")  # exactly GRPOTrainer's default
     if config.ddp_find_unused_parameters:
         raise ValueError("MTPGRPOTrainer needs ddp_find_unused_parameters=False (the MTP term runs outside "
                          "DDP's forward)")

@@ -1,0 +1,35 @@
+"""The shared MTP and instrumentation settings (decomp.config) and the run config built on them."""
+
+from __future__ import annotations
+
+import pytest
+
+from decomp.config import InstrumentConfig
+from decomp.training.config import RunError, TrainConfig
+
+
+def _due(cfg: InstrumentConfig, every: int, steps: int = 200) -> list[int]:
+    return [s for s in range(1, steps + 1) if cfg.due(every, s)]
+
+
+def test_sweeps_fall_on_the_first_instrumented_step_at_or_after_each_multiple():
+    cfg = TrainConfig(decomp_every=4)  # sweep_every=50 is not a multiple of 4
+    cfg.validate()
+    assert _due(cfg, cfg.sweep_every) == [52, 100, 152, 200]
+    assert all(cfg.instruments(s) for s in _due(cfg, cfg.sweep_every))
+    assert _due(cfg, cfg.curvature_every) == [52, 100, 152, 200]
+
+
+@pytest.mark.parametrize("decomp_every,every", [(5, 50), (2, 4), (1, 7), (10, 10)])
+def test_a_period_that_is_a_multiple_of_decomp_every_falls_exactly_on_its_multiples(decomp_every, every):
+    cfg = InstrumentConfig(decomp_every=decomp_every)
+    assert _due(cfg, every) == list(range(every, 201, every))
+
+
+def test_never_when_either_period_is_zero_and_negative_periods_are_refused():
+    assert _due(InstrumentConfig(decomp_every=0), 50) == []
+    assert _due(InstrumentConfig(decomp_every=5), 0) == []
+    with pytest.raises(ValueError, match="sweep_every must be >= 0"):
+        InstrumentConfig(sweep_every=-1).validate()
+    with pytest.raises(RunError, match="curvature_every must be >= 0"):
+        TrainConfig(curvature_every=-50).validate()

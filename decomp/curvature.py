@@ -3,7 +3,7 @@
 All functions take a scalar function ``f(params) -> Tensor`` of a ``dict[str, Tensor]`` of
 parameters (what ``torch.func.functional_call`` takes) and never form a Hessian.
 
-Three exact HVP methods, all reverse-over-reverse or forward-over-reverse (DESIGN.md §5):
+Three exact HVP methods, all reverse-over-reverse or forward-over-reverse (docs/method.md §5):
 
 - ``"autograd"`` (default): reverse-over-reverse with ``torch.autograd`` on leaf copies of the
   parameters, ``∇⟨∇f, v⟩`` (PyHessian's double backward, applied to the functional ``f``).
@@ -46,6 +46,15 @@ DEFAULT_HVP_METHOD: HVPMethod = "autograd"
 def math_attention() -> Iterator[None]:
     """Select PyTorch's math SDPA backend, the one that supports forward AD and double backward."""
     with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+@contextlib.contextmanager
+def any_attention() -> Iterator[None]:
+    """Let PyTorch pick its fastest SDPA backend again (e.g. inside :func:`math_attention`): for
+    forward-only evaluations, where nothing differentiates through attention."""
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                      SDPBackend.MATH]):
         yield
 
 
@@ -352,7 +361,7 @@ def jvp_logprobs(
 
     ``logprob_fn(params)`` returns a tensor of per-token log-probs (any shape, e.g. ``[B, T]``);
     the result has the same shape. One forward pass carrying a tangent, no Hessian: this is the
-    ``jvp`` level of the estimator ladder (DESIGN.md §4).
+    ``jvp`` level of the estimator ladder (docs/method.md §4).
     """
     params = check_params(params)
     v = check_like(v, params, "v")

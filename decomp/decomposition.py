@@ -37,6 +37,7 @@ from decomp import optim as cf_optim
 from decomp.checks import Params, check_number, check_params, scalar_function
 from decomp.curvature import (
     DEFAULT_HVP_METHOD,
+    any_attention,
     HVPMethod,
     dot,
     math_attention,
@@ -249,20 +250,24 @@ class RealizedGain:
         self.base = self._value(self.base_point)
 
     def _value(self, point: Params) -> float:
-        with torch.random.fork_rng(devices=self.step.devices), math_attention(), torch.no_grad():
+        # forward only, so the fused attention kernel (faster than the math backend the
+        # second-order passes need) — for every evaluation, base included, wherever it is
+        # called from: the two kernels differ in the last bit, and ΔJ is a difference
+        with torch.random.fork_rng(devices=self.step.devices), any_attention(), torch.no_grad():
             self.evaluations += 1
             return float(self.objective(point))
 
     def at(self, delta: Params) -> float:
         """``ΔJ`` at the displacement ``delta``."""
+        keys = list(self.base_point)
         with torch.no_grad():
             if self._work is None:
-                self._work = {k: v.clone() for k, v in self.base_point.items()}
-            else:
-                for k, v in self.base_point.items():
-                    self._work[k].copy_(v)
-            for k in self._work:
-                self._work[k].add_(delta[k])
+                self._work = dict(zip(keys, torch._foreach_add([self.base_point[k] for k in keys],
+                                                               [delta[k] for k in keys]), strict=True))
+            else:  # one multi-tensor pass per operation: at small sizes, launches are the cost
+                work = [self._work[k] for k in keys]
+                torch._foreach_copy_(work, [self.base_point[k] for k in keys])
+                torch._foreach_add_(work, [delta[k] for k in keys])
         return self._value(self._work) - self.base
 
     def __call__(self, coef: float) -> float:

@@ -4,7 +4,7 @@ A counterfactual optimizer computes the update ``u = θ_new − θ`` that ``torc
 apply for given gradients and the current state, without touching the parameters or the state.
 They reproduce ``torch.optim.SGD`` / ``torch.optim.AdamW`` to float32 rounding (tested).
 
-The decomposition (DESIGN.md §3) needs, for one step:
+The decomposition (docs/method.md §3) needs, for one step:
 
 - ``u_RL``: the update for the RL loss gradient ``−∇J`` alone (the ``detach`` update on every
   coordinate ``J`` depends on);
@@ -338,18 +338,54 @@ class AdamW(_Base):
     def displacement(self, params: Params, rl_grads: Params, mtp_grads: Params, coef: float,
                      update_rl: Params) -> Params:
         """``δ(λ) = u(λ) − u_RL`` alone, given ``u_RL`` from :meth:`counterfactual` (one pass over
-        the state per coefficient: what a search over ``λ`` repeats)."""
-        out = {}
-        for key, p in params.items():
-            if self.hyper(key) is None:
-                out[key] = torch.zeros_like(p)
-                continue
-            p = p.detach()
-            m_full, denom_full, step_size, _ = self._moments(key, p, mtp_grads[key].mul(coef).add_(rl_grads[key]))
-            u = m_full.div_(denom_full).mul_(-step_size)
-            decay = self._decay(key, p)
-            out[key] = u.sub_(update_rl[key] if decay is None else update_rl[key] - decay)
+        the state per coefficient: what a search over ``λ`` repeats). Parameters that share
+        hyperparameters and step count go through multi-tensor (``_foreach``) operations."""
+        out: Params = {}
+        for (h, t), keys in self._groups(params).items():
+            if h is None:
+                out.update({k: torch.zeros_like(params[k]) for k in keys})
+            elif h.amsgrad or (h.weight_decay != 0 and not h.decoupled_weight_decay) or any(
+                self.state(k).get("exp_avg") is None for k in keys
+            ):
+                out.update({k: self._displacement_one(k, params[k].detach(), rl_grads[k], mtp_grads[k], coef,
+                                                      update_rl[k]) for k in keys})
+            else:
+                out.update(zip(keys, self._displacement_group(h, t, keys, params, rl_grads, mtp_grads, coef,
+                                                              update_rl), strict=True))
         return out
+
+    def _groups(self, params: Params) -> dict[tuple[AdamHyper | None, float], list[str]]:
+        groups: dict[tuple[AdamHyper | None, float], list[str]] = {}
+        for key in params:
+            groups.setdefault((self.hyper(key), self._step(key)), []).append(key)
+        return groups
+
+    def _displacement_one(self, key: str, p: Tensor, rl_grad: Tensor, mtp_grad: Tensor, coef: float,
+                          update_rl: Tensor) -> Tensor:
+        m_full, denom_full, step_size, _ = self._moments(key, p, mtp_grad.mul(coef).add_(rl_grad))
+        u = m_full.div_(denom_full).mul_(-step_size)
+        decay = self._decay(key, p)
+        return u.sub_(update_rl if decay is None else update_rl - decay)
+
+    def _displacement_group(self, h: AdamHyper, t: float, keys: list[str], params: Params, rl_grads: Params,
+                            mtp_grads: Params, coef: float, update_rl: Params) -> list[Tensor]:
+        """The Adam step rule of :meth:`_moments` on lists of tensors (same ``h`` and ``t``)."""
+        beta1, beta2 = h.betas
+        grad = torch._foreach_add([rl_grads[k] for k in keys], [mtp_grads[k] for k in keys], alpha=coef)
+        m = [self.state(k)["exp_avg"].clone() for k in keys]
+        torch._foreach_lerp_(m, grad, 1 - beta1)
+        v = torch._foreach_mul([self.state(k)["exp_avg_sq"] for k in keys], beta2)
+        torch._foreach_addcmul_(v, grad, grad, value=1 - beta2)
+        torch._foreach_sqrt_(v)
+        torch._foreach_div_(v, math.sqrt(1 - beta2**t))
+        torch._foreach_add_(v, h.eps)
+        torch._foreach_div_(m, v)
+        torch._foreach_mul_(m, -h.lr / (1 - beta1**t))
+        adaptive_rl = [update_rl[k] for k in keys]
+        if h.weight_decay != 0:  # u_RL holds the decoupled decay −η·w·θ; δ leaves it out
+            adaptive_rl = torch._foreach_add(adaptive_rl, [params[k].detach() for k in keys], alpha=h.lr * h.weight_decay)
+        torch._foreach_sub_(m, adaptive_rl)
+        return m
 
 
 def from_torch(optimizer: torch.optim.Optimizer, named_params: Mapping[str, Tensor]) -> SGD | AdamW:

@@ -223,3 +223,20 @@ def test_adam_unit_displacement_is_nearly_flat_at_the_first_step():
     unit = cf_opt.counterfactual(theta, rl, mtp, 0.0).unit_displacement["p0"]
     frozen = 1e-2 * mtp["p0"] / (rl["p0"].abs() + 1e-8)
     assert float(unit.abs().max()) < 1e-6 * float(frozen.abs().max())
+
+
+@pytest.mark.parametrize("cls,kwargs", OPTIMIZERS)
+@pytest.mark.parametrize("step", [1, 10])
+def test_displacement_alone_equals_the_counterfactual_displacement(cls, kwargs, step):
+    """``displacement(λ)`` (multi-tensor path for Adam) equals ``counterfactual(λ).displacement``."""
+    params, opt, gen = _state_after(cls, kwargs, step, [(7, 5), (11,), (3,)], seed=step)
+    cf_opt = cf.from_torch(opt, params)
+    theta = {k: v.detach() for k, v in params.items()}
+    rl = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in theta.items()}
+    mtp = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in theta.items()}
+    base = cf_opt.counterfactual(theta, rl, mtp, 0.3)
+    for coef in (0.3, -2.0, 50.0):
+        full = cf_opt.counterfactual(theta, rl, mtp, coef).displacement
+        alone = cf_opt.displacement(theta, rl, mtp, coef, base.update_rl)
+        for k in theta:
+            assert torch.allclose(alone[k], full[k], rtol=1e-10, atol=1e-15), k

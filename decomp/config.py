@@ -19,10 +19,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from decomp.occ import REDUCTIONS
-from decomp.regimes import REGIMES, Regime, make_regime
+from decomp.occ import ESTIMATORS
+from decomp.regimes import REGIMES, Policy, Regime, make_regime
 
-DIRECTIONS = ("active", "ce", "policy")
+DIRECTIONS = ("active", "ce", "policy", "distill-joint")
 MTP_INITS = ("copy_last", "random")
 POLICY_FORMS = ("ratio", "reinforce")
 
@@ -52,7 +52,8 @@ class MTPConfig:
 
     regime: str = option("detach", f"MTP regime: {' | '.join(REGIMES)}")
     mtp_scale: float = option(0.1, "c: λ for fixed-coefficient regimes, the estimator's scale for occ")
-    occ_estimator: str = option("masked", f"occ: the proxy estimator ({' | '.join(REDUCTIONS)})")
+    occ_estimator: str = option("masked", f"occ: the estimator ({' | '.join(ESTIMATORS)}); the last three "
+                                "need the step's updates at every update")
     policy_form: str = option("ratio", f"policy/occ MTP loss: {' | '.join(POLICY_FORMS)}")
     mtp_depth: int = option(1, "K: MTP depths (depth k predicts token t+k+1)")
     mtp_init: str = option("copy_last", "Hugging Face hosts: MTP block copied from the last layer, or random")
@@ -63,8 +64,8 @@ class MTPConfig:
             raise ValueError(f"unknown regime {self.regime!r}; valid regimes: {', '.join(REGIMES)}")
         if not math.isfinite(self.mtp_scale):
             raise ValueError(f"mtp_scale must be finite, got {self.mtp_scale}")
-        if self.occ_estimator not in REDUCTIONS:
-            raise ValueError(f"occ_estimator must be one of {', '.join(REDUCTIONS)}, got {self.occ_estimator!r}")
+        if self.occ_estimator not in ESTIMATORS:
+            raise ValueError(f"occ_estimator must be one of {', '.join(ESTIMATORS)}, got {self.occ_estimator!r}")
         if self.policy_form not in POLICY_FORMS:
             raise ValueError(f"policy_form must be one of {', '.join(POLICY_FORMS)}, got {self.policy_form!r}")
         if self.mtp_depth < 1:
@@ -75,7 +76,7 @@ class MTPConfig:
     def make_regime(self, clip: tuple[float, float] = (0.2, 0.2)) -> Regime:
         """The regime object; ``clip`` is the trainer's PPO clip range (policy/occ use it)."""
         options: dict[str, Any] = {"scale": self.mtp_scale}
-        if self.regime in ("policy", "occ"):
+        if issubclass(REGIMES[self.regime], Policy):
             options.update(form=self.policy_form, clip_low=clip[0], clip_high=clip[1])
         if self.regime == "occ":
             options["estimator"] = self.occ_estimator
@@ -87,11 +88,12 @@ class InstrumentConfig:
     """What is measured at instrumented updates, and how often (in optimizer/RL steps)."""
 
     decomp_every: int = option(5, "steps between instrumented updates (0: never)")
-    decomp_directions: str = option("active,ce,policy", "MTP directions measured at each instrumented update")
+    decomp_directions: str = option("active,ce,policy,distill-joint",
+                                    "MTP directions measured at each instrumented update")
     heldout: bool = option(True, "also judge each instrumented update on an independent held-out batch of "
                            "rollouts from the current policy (split 'heldout')")
-    search: bool = option(True, "find the realized optimum λ̂ and every estimator's realized gain (real "
-                          "counterfactual steps, forward passes only)")
+    search: bool = option(True, "find the realized optimum λ̂, and every estimator's realized gain and "
+                          "efficiency (real counterfactual steps, forward passes only)")
     sweep_every: int = option(50, "steps between coefficient sweeps, at the first instrumented update at or "
                               "after each multiple (0: never)")
     curvature_every: int = option(50, "steps between Hessian eigenvalue runs, at the first instrumented update "

@@ -37,8 +37,8 @@ from decomp import optim as cf_optim
 from decomp.checks import Params, check_number, check_params, scalar_function
 from decomp.curvature import (
     DEFAULT_HVP_METHOD,
-    any_attention,
     HVPMethod,
+    any_attention,
     dot,
     math_attention,
     norm,
@@ -377,6 +377,7 @@ def decompose_updates(
         del rl  # frees J's second-order graph before the evaluations below
         gain = RealizedGain(J, step)
         realized = gain.at(step.updates.displacement)
+        j_start = gain._value(step.theta)  # J(θ) by the same kernel as every realized value
     lam, lam_nc, reason = optimal_coefficient(c1, x1, p1)
     gn_mtp = step.grad_norm_mtp
     cosine = -dot(g, step.grad_mtp) / (gn_rl * gn_mtp) + 0.0 if gn_rl > 0 and gn_mtp > 0 else math.nan
@@ -385,7 +386,7 @@ def decompose_updates(
         lambda_star=lam, lambda_star_no_cross=lam_nc, lambda_star_reason=reason, correlation_unit=c1,
         cross_unit=x1, penalty_unit=p1, grad_norm_rl=gn_rl, grad_norm_mtp=gn_mtp, cosine=cosine,
         update_norm_rl=norm(step.updates.update_rl), displacement_norm=norm(step.updates.displacement),
-        rl_objective=j_value, mtp_loss=step.mtp_value, realized_rl=gain.base - j_value, coef=step.coef,
+        rl_objective=j_value, mtp_loss=step.mtp_value, realized_rl=gain.base - j_start, coef=step.coef,
         optimizer=step.optimizer.name, hvp_method=hvp_method,
     )
     if search:

@@ -50,6 +50,7 @@ from torch import nn
 from decomp.config import DIRECTIONS
 from decomp.curvature import jvp_logprobs, top_eigenvalues
 from decomp.decomposition import (
+    RealizedGain,
     StepMeasurement,
     StepUpdates,
     decompose_updates,
@@ -70,7 +71,8 @@ from decomp.occ import (
     proxy_coefficients,
     trust_region_coefficient,
 )
-from decomp.regimes import CrossEntropy, Policy, Regime
+from decomp.regimes import CrossEntropy, DistillJoint, Policy, Regime
+from decomp.search import realized_optimum
 
 SWEEP_POINTS = 13
 EIGEN_TOL = 1e-3  # relative accuracy of the Ritz values: enough to place δ in the spectrum
@@ -85,6 +87,7 @@ def shadow_regimes(regime: Regime, scale: float, clip: tuple[float, float] = (0.
         "active": regime,
         "ce": CrossEntropy(scale=scale),
         "policy": Policy(scale=scale, form=form, **clips),
+        "distill-joint": DistillJoint(scale=scale),
     }
 
 
@@ -144,11 +147,12 @@ def _objectives(model: nn.Module, batch: RolloutBatch, regime: Regime, coef: flo
     return objectives(model, batch, regime, coef=coef, rl_loss_of_logp=loss["rl_loss_of_logp"])
 
 
-def estimator_fields(estimates: dict[str, float], measured: StepMeasurement) -> dict[str, float]:
-    """``coef_E``, the realized ``gain_E`` and ``efficiency_E``, and ``model_efficiency_E``."""
+def estimator_fields(estimates: dict[str, float], measured: StepMeasurement, search: bool) -> dict[str, float]:
+    """``coef_E``, the realized ``gain_E`` and ``efficiency_E`` (with ``search``; one forward
+    evaluation each), and ``model_efficiency_E``."""
     dec, out = measured.decomposition, {}
     for name, coef in estimates.items():
-        gain = measured.gain(coef) if math.isfinite(coef) else math.nan
+        gain = measured.gain(coef) if search and math.isfinite(coef) else math.nan
         out[f"coef_{name}"] = coef
         out[f"gain_{name}"] = gain
         out[f"efficiency_{name}"] = efficiency(gain, dec)
@@ -176,7 +180,7 @@ def measure_direction(
         split_obj = obj if split == "train" else objectives(model, split_batch, regime)
         measured = decompose_updates(step, split_obj.rl_objective, search=search)
         record: dict[str, Any] = {"split": split, "same_as": "", "regime_of_direction": regime.name,
-                                  **measured.decomposition.to_dict(), **estimator_fields(estimates, measured)}
+                                  **measured.decomposition.to_dict(), **estimator_fields(estimates, measured, search)}
         record["seconds"] = time.perf_counter() - start + (shared if split == "train" else 0.0)
         out.append((record, measured, split_obj))
     return out
@@ -196,6 +200,32 @@ def curvature_record(model: nn.Module, batch: RolloutBatch, regime: Regime) -> d
     params = {k: v.detach() for k, v in model.named_parameters()}
     top, bottom = top_eigenvalues(objectives(model, batch, regime).rl_objective, params, k=2, which="BE", tol=EIGEN_TOL)
     return {"eigenvalue_max": float(top), "eigenvalue_min": float(bottom), "seconds": time.perf_counter() - start}
+
+
+def step_estimate(model: nn.Module, batch: RolloutBatch, optimizer: torch.optim.Optimizer, regime: Regime,
+                  estimator: str, scale: float, loss: dict[str, Any]) -> float:
+    """An estimator that needs the step's updates (``jvp_*``, ``trust_region``) for the coming
+    update, as an ``occ`` regime applies it (0 where undefined): the updates along the regime's
+    unit MTP loss, then the forward-mode passes. No Hessian."""
+    named = dict(model.named_parameters())
+    params = {k: v.detach() for k, v in named.items()}
+    obj = _objectives(model, batch, regime, scale, loss)
+    step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=scale, optimizer=optimizer, rl_loss=obj.rl_loss)
+    value = jvp_estimates(obj, params, step, batch, scale)[estimator]
+    return value if math.isfinite(value) else 0.0
+
+
+def oracle_estimate(model: nn.Module, batch: RolloutBatch, eval_batch: RolloutBatch, optimizer: torch.optim.Optimizer,
+                    regime: Regime, start: float, loss: dict[str, Any]) -> tuple[float, str]:
+    """``(λ̂, reason)``: the realized optimum of the coming update on ``eval_batch`` (held out),
+    with the updates built from ``batch`` — the ``oracle`` regime's coefficient."""
+    check_eval_batch(model, batch, eval_batch)
+    named = dict(model.named_parameters())
+    obj = _objectives(model, batch, regime, start, loss)
+    step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=start, optimizer=optimizer, rl_loss=obj.rl_loss)
+    gain = RealizedGain(objectives(model, eval_batch, regime).rl_objective, step)
+    optimum = realized_optimum(gain, start=start)  # forward passes only: no Hessian products here
+    return optimum.coef, optimum.reason
 
 
 def instrument_update(
@@ -233,7 +263,7 @@ def instrument_update(
     proxies = proxy_estimates(model, batch, scale)
     loss = {"clip": clip, "kl_coef": kl_coef, "ref_logp": ref_logp, "rl_loss_of_logp": rl_loss_of_logp}
     out = Instrumented([])
-    coefs = {"active": coef, "ce": scale, "policy": scale}
+    coefs = {"active": coef, "ce": scale, "policy": scale, "distill-joint": scale}
     active: list[dict[str, Any]] = []
     for direction, reg in shadow_regimes(regime, scale, clip).items():
         if direction not in directions:

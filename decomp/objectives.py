@@ -4,7 +4,7 @@ Given an :class:`MTPTransformer`-like model (``model(tokens, detach=...) -> (mai
 [mtp_logits_k])``), a rollout batch and a regime, :func:`objectives` returns pure functions of a
 parameter dict (through ``torch.func.functional_call``):
 
-- ``rl_objective(θ) = J(θ) = Σ M·A·exp(ℓ − ℓ^old) / Σ M`` (DESIGN.md §1);
+- ``rl_objective(θ) = J(θ) = Σ M·A·exp(ℓ − ℓ^old) / Σ M`` (docs/method.md §1);
 - ``mtp_loss(θ) = L_MTP(θ)``: the regime's MTP loss per unit coefficient, averaged over the ``K``
   MTP depths (the reference scales each head by ``c/K``), computed with the regime's detach mode.
   Given ``coef``, it is the term the regime applies at that coefficient divided by it, so that
@@ -136,6 +136,31 @@ def aligned_logprobs(
     return logp, mtp_logp, mtp_valid
 
 
+def aligned_distill(main_logits: Tensor, mtp_logits: list[Tensor]) -> list[Tensor]:
+    """Per depth ``k``, ``Σ_v p(v)·log q_k(v)`` on the aligned axis: ``p`` the main head's
+    *detached* distribution for token ``y_{j+1}`` (position ``j``), ``q_k`` MTP depth ``k``'s for
+    the same token (position ``j−k``); 0 where ``j < k`` (as :func:`aligned_logprobs`' ``m``).
+
+    Its negative mean is the soft cross-entropy of the MTP head against the policy's own
+    next-token distribution (the ``distill`` regimes): the draft-model objective of speculative
+    decoding, which needs no sampled token.
+    """
+    T = main_logits.shape[1]
+    target = torch.softmax(main_logits[:, :-1].detach().float(), dim=-1)
+    out = []
+    for k, logits in enumerate(mtp_logits, start=1):
+        logq = torch.log_softmax(logits[:, : T - 1 - k].float(), dim=-1)
+        x = (target[:, k:] * logq).sum(-1).to(logits.dtype)
+        out.append(torch.cat([x.new_zeros(x.shape[0], k), x], dim=1))
+    return out
+
+
+def mtp_inputs(regime_input: str, main_logits: Tensor, mtp_logits: list[Tensor], mtp_logp: list[Tensor]) -> list[Tensor]:
+    """What a regime's MTP loss reads per depth: ``m`` (``"logp"``) or the distillation term
+    of :func:`aligned_distill` (``"distill"``)."""
+    return aligned_distill(main_logits, mtp_logits) if regime_input == "distill" else mtp_logp
+
+
 def model_logprobs(
     model: nn.Module,
     params: Params,
@@ -187,9 +212,14 @@ def objectives(
         return importance_objective(logprob_fn(params), batch.old_logp, batch.advantages, mask)
 
     def mtp_loss(params: Params) -> Tensor:
-        _, mtp_logp, valid = model_logprobs(model, params, batch.tokens, regime.detach, batch.attention_mask)
+        kwargs = {"detach": regime.detach}
+        if batch.attention_mask is not None:
+            kwargs["attention_mask"] = batch.attention_mask
+        main_logits, mtp_logits = functional_call(model, params, (batch.tokens,), kwargs)
+        _, mtp_logp, valid = aligned_logprobs(main_logits, mtp_logits, batch.tokens)
         if not mtp_logp:
             raise ValueError("the model has no MTP module (mtp_depth = 0)")
+        mtp_logp = mtp_inputs(regime.mtp_input, main_logits, mtp_logits, mtp_logp)
         losses = [
             regime.unit_loss(m, batch.old_logp, batch.advantages, mask & v)
             if coef is None

@@ -1,4 +1,4 @@
-"""Estimators of the optimal MTP coefficient without Hessians: the ladder of DESIGN.md §4.
+"""Estimators of the optimal MTP coefficient without Hessians: the ladder of docs/method.md §4.
 
 All estimators share one projection formula on per-token changes ``a_t`` (what the MTP
 direction does to the main log-probs) and ``b_t`` (what the RL updates do):
@@ -163,6 +163,10 @@ PROXY_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
     "masked": masked_coefficient,
     "pooled": pooled_coefficient,
 }
+# estimators that need the step's updates (u_RL, δ₁) and forward-mode passes: an OCC regime using
+# one computes them at every update (decomp.instrument.step_estimate)
+STEP_ESTIMATORS: tuple[str, ...] = ("jvp_masked", "jvp_pooled", "trust_region")
+ESTIMATORS: tuple[str, ...] = (*PROXY_ESTIMATORS, *STEP_ESTIMATORS)
 
 
 def proxy_coefficients(

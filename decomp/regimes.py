@@ -1,4 +1,4 @@
-"""The MTP training regimes of DESIGN.md §2 as small objects.
+"""The MTP training regimes of docs/method.md §2 as small objects.
 
 A regime turns aligned per-token log-probs into the MTP term of the joint loss
 ``L = −J_clip + λ·L_MTP``:
@@ -20,6 +20,13 @@ patch's ``detach_encoder``), ``"none"`` (full gradient into the shared trunk).
 | ``policy``      | clipped policy loss on ``m`` vs ``ℓ^old``   | none     | ``scale``          |
 |                 | (``form="reinforce"``: ``−mean_M A·m``)     |          |                    |
 | ``occ``         | as ``policy``                               | none     | OCC estimate (§4)  |
+| ``frozen``      | as ``detach``, applied at λ = 0; the MTP    | all      | 0                  |
+|                 | module is left out of the optimizer         |          |                    |
+| ``distill``     | ``−mean_M Σ_v p(v) log q(v)``, ``p`` the    | all      | ``scale``          |
+|                 | policy's detached distribution              |          |                    |
+| ``distill-joint``| as ``distill`` (shadow direction only)     | none     | ``scale``          |
+| ``cosine``      | as ``policy``                               | none     | ``c·max(0, cos)``  |
+| ``oracle``      | as ``policy`` (``λ·L_MTP`` for either sign) | none     | held-out ``λ̂``     |
 
 For ``policy``/``occ`` in ratio form the term is computed as the reference implementation does,
 ``policy_loss(m, ℓ^old, λ·A)``; for ``λ ≥ 0`` this equals ``λ·L_MTP``.
@@ -35,7 +42,7 @@ import torch
 from torch import Tensor
 
 from decomp.checks import check_finite, check_number, check_same_shape
-from decomp.occ import PROXY_ESTIMATORS
+from decomp.occ import ESTIMATORS, PROXY_ESTIMATORS, STEP_ESTIMATORS
 from decomp.rl import clipped_policy_loss, cross_entropy_loss, reinforce_loss
 
 DetachMode = Literal["all", "inputs", "none"]
@@ -70,6 +77,10 @@ class Regime:
     scale: float = DEFAULT_SCALE  # c
     name: ClassVar[str] = "base"
     detach: ClassVar[DetachMode] = "none"
+    mtp_input: ClassVar[str] = "logp"  # what the MTP loss reads: "logp" (m) or "distill"
+    trains_mtp: ClassVar[bool] = True  # False: the MTP module is not trained during RL
+    needs_gradients: ClassVar[bool] = False  # λ from the RL and MTP gradients (cosine)
+    needs_search: ClassVar[bool] = False  # λ from the held-out realized search (oracle)
 
     def __post_init__(self) -> None:
         check_number(self.scale, "scale")
@@ -176,10 +187,12 @@ class Policy(Regime):
 
 @dataclass(frozen=True)
 class OCC(Policy):
-    """Policy loss with ``λ`` set each step by an OCC estimator (DESIGN.md §4), ``scale`` = ``c``.
+    """Policy loss with ``λ`` set each step by an OCC estimator (docs/method.md §4), ``scale`` = ``c``.
 
-    ``estimator`` is ``"masked"`` (default), ``"reference"`` or ``"pooled"``. With no response
-    tokens the estimate is undefined and ``λ = 0`` is used.
+    ``estimator`` is a proxy (``"masked"``, default; ``"reference"``; ``"pooled"``), computed here
+    from the log-probs, or one that needs the step's updates (``"jvp_masked"``, ``"jvp_pooled"``,
+    ``"trust_region"``), computed by the caller (:func:`decomp.instrument.step_estimate`) and
+    applied with :meth:`term_at`. Where the estimate is undefined ``λ = 0`` is used.
     """
 
     estimator: str = "masked"
@@ -188,12 +201,20 @@ class OCC(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.estimator not in PROXY_ESTIMATORS:
+        if self.estimator not in ESTIMATORS:
             raise ValueError(
-                f"unknown estimator {self.estimator!r}; valid estimators: {', '.join(PROXY_ESTIMATORS)}"
+                f"unknown estimator {self.estimator!r}; valid estimators: {', '.join(ESTIMATORS)}"
             )
 
+    @property
+    def needs_step(self) -> bool:
+        """Whether the estimate needs the step's updates (set by the caller with ``term_at``)."""
+        return self.estimator in STEP_ESTIMATORS
+
     def coefficient(self, mtp_logp: Tensor, logp: Tensor, old_logp: Tensor, mask: Tensor) -> float:
+        if self.needs_step:
+            raise ValueError(f"estimator {self.estimator!r} needs the step's updates: compute it with "
+                             "decomp.instrument.step_estimate and apply it with term_at")
         with torch.no_grad():
             lam = float(
                 PROXY_ESTIMATORS[self.estimator](
@@ -203,9 +224,75 @@ class OCC(Policy):
         return 0.0 if math.isnan(lam) else lam
 
 
+@dataclass(frozen=True)
+class Frozen(Detach):
+    """The MTP module is not trained during RL (MiMo's practice): ``λ = 0`` and its parameters
+    are left out of the optimizer, so they stay exactly as the warm start left them."""
+
+    name: ClassVar[str] = "frozen"
+    trains_mtp: ClassVar[bool] = False
+
+    def coefficient(self, mtp_logp: Tensor, logp: Tensor, old_logp: Tensor, mask: Tensor) -> float:
+        return 0.0
+
+
+@dataclass(frozen=True)
+class Distill(Regime):
+    """Soft cross-entropy of the MTP head against the policy's own detached next-token
+    distribution for the same token (``mtp_input = "distill"``, :func:`decomp.objectives.
+    aligned_distill`): the draft-model objective, fully decoupled from the policy (as SkyRL
+    trains its draft head for speculative decoding)."""
+
+    name: ClassVar[str] = "distill"
+    detach: ClassVar[DetachMode] = "all"
+    mtp_input: ClassVar[str] = "distill"
+
+
+@dataclass(frozen=True)
+class DistillJoint(Distill):
+    """:class:`Distill` with its gradient reaching the shared trunk, embedding and head (measured
+    as a shadow direction: what joint training of the draft objective would do)."""
+
+    name: ClassVar[str] = "distill-joint"
+    detach: ClassVar[DetachMode] = "none"
+
+
+@dataclass(frozen=True)
+class Cosine(Policy):
+    """The policy MTP loss gated by gradient similarity (Du et al. 2018, arXiv 1812.02224):
+    ``λ = c·max(0, cos(∇J, −∇L_MTP))`` per update on the shared parameters, from one extra
+    backward pass (:meth:`gated`); the classic first-order baseline for auxiliary losses."""
+
+    name: ClassVar[str] = "cosine"
+    needs_gradients: ClassVar[bool] = True
+
+    def gated(self, cosine: float) -> float:
+        """``c·max(0, cosine)`` (0 for an undefined cosine)."""
+        return self.scale * max(0.0, cosine) if math.isfinite(cosine) else 0.0
+
+
+@dataclass(frozen=True)
+class Oracle(Policy):
+    """The policy MTP loss at the realized optimum ``λ̂`` of a held-out search at every update
+    (:func:`decomp.search.realized_optimum`): not deployable — the upper bound of what
+    calibrating ``λ`` can buy. Where ``λ̂`` is undefined (no MTP effect, or the gain still rising
+    at the search bound) it applies ``fallback``. The term is ``λ·L_MTP`` for either sign (not the
+    reference's advantage scaling), so the searched displacement is exactly the applied one."""
+
+    fallback: float = 0.0
+    name: ClassVar[str] = "oracle"
+    needs_search: ClassVar[bool] = True
+
+    def _scaled_loss(
+        self, coef: float, mtp_logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, unit: Tensor
+    ) -> Tensor:
+        return coef * unit
+
+
 REGIMES: dict[str, type[Regime]] = {
-    cls.name: cls for cls in (Detach, DetachInputs, CrossEntropy, Policy, OCC)
+    cls.name: cls for cls in (Detach, DetachInputs, CrossEntropy, Policy, OCC, Frozen, Distill, Cosine, Oracle)
 }
+SHADOW_ONLY: dict[str, type[Regime]] = {DistillJoint.name: DistillJoint}  # measured, never trained
 
 
 def make_regime(name: str, **options: object) -> Regime:

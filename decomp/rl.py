@@ -1,6 +1,6 @@
 """Policy-gradient objectives and losses on aligned per-token log-probs ``[B, T]``.
 
-Conventions (DESIGN.md §1): ``mask`` marks response tokens; every average is the token mean
+Conventions (docs/method.md §1): ``mask`` marks response tokens; every average is the token mean
 ``Σ_t M_t x_t / Σ_t M_t`` over the batch (DAPO-style token-level aggregation).
 """
 
@@ -23,7 +23,7 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def importance_objective(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
-    """``J = Σ M·A·exp(ℓ − ℓ^old) / Σ M``: the unclipped surrogate to maximise (DESIGN.md §1).
+    """``J = Σ M·A·exp(ℓ − ℓ^old) / Σ M``: the unclipped surrogate to maximise (docs/method.md §1).
 
     Its gradient at ``ℓ = ℓ^old`` is the policy gradient.
     """

@@ -39,7 +39,7 @@ MAX_SEARCH_EVALUATIONS = 25
 SEARCH_RTOL = 0.1  # ΔJ is flat at its maximum: 10% in λ costs ~1% of the gain at a parabola's peak
 EXPANSION = 4.0
 RISING = "the realized gain keeps rising up to the search bound |λ| = {bound:g}"
-NO_EFFECT = "ΔJ(λ) = 0 at every λ tried: the MTP displacement does not move J"
+NO_EFFECT = "ΔJ(λ) = 0 at every λ tried: the MTP displacement does not move J (or J is flat: zero advantages)"
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def realized_optimum(
     except _Budget:
         reason = ""
     n = len(seen) - 1
-    if not moves_objective and all(v == 0.0 for v in seen.values()):
+    if all(v == 0.0 for v in seen.values()) and (n >= 2 or not moves_objective):
         return Optimum(math.nan, math.nan, NO_EFFECT, n)
     best = max(seen, key=lambda k: (seen[k], -abs(k)))
     return Optimum(best, seen[best], reason, n)

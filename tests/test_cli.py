@@ -30,9 +30,11 @@ def test_probe_json_records(capsys):
     records = json.loads(capsys.readouterr().out.replace("NaN", "null"))
     assert set(records) == {"ce", "policy"}
     for rec in records.values():
-        for key in ("correlation", "penalty", "coef_masked", "coef_jvp", "efficiency_pooled"):
+        for key in ("correlation", "penalty", "coef_masked", "coef_jvp_pooled", "coef_trust_region",
+                    "efficiency_pooled", "lambda_hat", "gain_hat"):
             assert key in rec
-        assert rec["optimizer"] == "adamw"
+        assert rec["optimizer"] == "adamw" and rec["split"] == "train"
+        assert rec["lambda_hat_reason"] != "not searched"
         assert math.isclose(rec["predicted"], rec["correlation"] + rec["cross"] - rec["penalty"], rel_tol=1e-12)
 
 

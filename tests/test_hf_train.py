@@ -61,8 +61,8 @@ def test_local_checkpoint_run_writes_the_usual_records(tiny_checkpoint, tmp_path
     # the held-out split comes from its own sample of the current policy, here with a left-padded
     # prompt of another length than the training batch's
     assert [(r["direction"], r["split"]) for r in records] == [
-        (d, s) for d in ("active", "ce", "policy") for s in ("train", "heldout")]
-    assert [r["same_as"] for r in records] == ["", "", "", "", "active", "active"]
+        (d, s) for d in ("active", "ce", "policy", "distill-joint") for s in ("train", "heldout")]
+    assert [r["same_as"] for r in records] == ["", "", "", "", "active", "active", "", ""]
     assert all(r["optimizer"] == "adamw" for r in records)
     assert len(read_jsonl(tmp_path / "run" / "sweeps.jsonl")) >= 1
     # the warm-up cached the MTP module; a second run reuses it

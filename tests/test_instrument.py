@@ -53,7 +53,7 @@ def test_proxies_use_the_response_shaped_view():
     full = float(reference_coefficient(mtp_logp[0], logp, batch.old_logp, batch.mask & valid[0], 0.1))
     assert rec["coef_reference"] != pytest.approx(full, rel=1e-3)
     assert rec["direction"] == "active" and rec["correlation"] == 0.0 and rec["penalty"] == 0.0
-    assert [d["direction"] for d in out.decompositions] == ["active", "ce", "policy"]
+    assert [d["direction"] for d in out.decompositions] == ["active", "ce", "policy", "distill-joint"]
 
 
 def test_active_occ_direction_at_negative_coefficient_is_the_applied_term():
@@ -97,7 +97,8 @@ def test_sweeps_skip_exactly_the_directions_that_do_not_move_j(monkeypatch):
 
     monkeypatch.setattr(decomp.decomposition, "Decomposition", Reworded)  # what the measurement builds
     model, batch, opt = _setup()
-    out = instrument_update(model, batch, opt, Detach(scale=0.1), scale=0.1, coef=0.1, sweep=True)
+    out = instrument_update(model, batch, opt, Detach(scale=0.1), scale=0.1, coef=0.1, sweep=True,
+                            directions=("active", "ce", "policy"))
     assert [d["lambda_star_reason"] for d in out.decompositions] == ["reworded"] * 3
     assert [s["direction"] for s in out.sweeps] == ["ce", "policy"]  # not the detach (active) one
 
@@ -118,7 +119,7 @@ def test_depth_two_estimates_are_the_mean_over_depths_and_occ_applies_coef_maske
     regime = OCC(scale=0.1)
     terms = [regime(r(m), r(logp), r(batch.old_logp), r(batch.advantages), r(batch.mask & v))
              for m, v in zip(mtp_logp, valid, strict=True)]
-    applied = UpdateLoss(torch.zeros(()), torch.zeros(()), None, terms, logp).coef
+    applied = UpdateLoss(torch.zeros(()), torch.zeros(()), torch.zeros(()), None, terms, logp).coef
     out = instrument_update(model, batch, opt, regime, scale=0.1, coef=applied, directions=("active",))
     (active,) = out.decompositions
     for name in ("reference", "masked", "pooled"):

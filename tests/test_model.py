@@ -1,4 +1,4 @@
-"""The tiny MTP transformer: shapes, MTP alignment and detach modes (DESIGN.md §1-2)."""
+"""The tiny MTP transformer: shapes, MTP alignment and detach modes (docs/method.md §1-2)."""
 
 from __future__ import annotations
 
@@ -88,3 +88,28 @@ def test_bad_detach_mode_and_too_long_sequence():
         model(torch.zeros(1, TINY.max_len + 1, dtype=torch.long))
     with pytest.raises(ValueError, match="divisible"):
         ModelConfig(d_model=10, n_heads=4)
+
+
+def test_aligned_distill_against_an_explicit_loop():
+    """Σ_v p(v)·log q_k(v) with p the main head's detached distribution for token y_{j+1}
+    (position j) and q_k MTP depth k's for the same token (position j−k)."""
+    from decomp.objectives import aligned_distill
+
+    torch.manual_seed(0)
+    B, T, V = 2, 7, 5
+    main = torch.randn(B, T, V, dtype=torch.float64, requires_grad=True)
+    mtp = [torch.randn(B, T - k, V, dtype=torch.float64, requires_grad=True) for k in (1, 2)]
+    got = aligned_distill(main, mtp)
+    for k, x in enumerate(got, start=1):
+        assert x.shape == (B, T - 1)
+        for b in range(B):
+            for j in range(T - 1):
+                if j < k:
+                    assert x[b, j] == 0
+                    continue
+                p = torch.softmax(main[b, j], -1)
+                logq = torch.log_softmax(mtp[k - 1][b, j - k], -1)
+                assert torch.allclose(x[b, j], (p * logq).sum())
+    # the target is detached: the gradient reaches the MTP logits only
+    got[0].sum().backward()
+    assert main.grad is None and mtp[0].grad is not None

@@ -30,9 +30,10 @@ def _inputs(seed=0):
 
 
 def test_registry_and_detach_modes():
-    assert list(REGIMES) == ["detach", "detach-inputs", "ce", "policy", "occ"]
-    assert [REGIMES[n].detach for n in REGIMES] == ["all", "inputs", "none", "none", "none"]
-    with pytest.raises(ValueError, match="valid regimes: detach, detach-inputs, ce, policy, occ"):
+    assert list(REGIMES) == ["detach", "detach-inputs", "ce", "policy", "occ", "frozen", "distill", "cosine", "oracle"]
+    assert [REGIMES[n].detach for n in REGIMES] == ["all", "inputs", "none", "none", "none", "all", "all", "none",
+                                                    "none"]
+    with pytest.raises(ValueError, match="valid regimes: detach, detach-inputs, ce, policy, occ, frozen"):
         make_regime("mtp")
     with pytest.raises(TypeError, match="bad option for regime 'ce'"):
         make_regime("ce", estimator="masked")
@@ -108,3 +109,36 @@ def test_applied_unit_loss_times_coef_is_the_applied_term():
     unit = Policy().unit_loss(mtp, old, adv, mask)
     assert not torch.allclose(-0.2 * unit, clipped_policy_loss(mtp, old, -0.2 * adv, mask))
     assert torch.equal(CrossEntropy().applied_unit_loss(-0.2, mtp, old, adv, mask), CrossEntropy().unit_loss(mtp, old, adv, mask))
+
+
+def test_new_regimes_flags_and_coefficients():
+    mtp, logp, old, adv, mask = _inputs()
+    from decomp.regimes import Cosine, Distill, DistillJoint, Frozen, Oracle
+
+    frozen = Frozen(scale=0.3)
+    assert not frozen.trains_mtp and frozen(mtp, logp, old, adv, mask).coef == 0.0
+    assert Distill().mtp_input == "distill" and Distill.detach == "all" and DistillJoint.detach == "none"
+    cosine = Cosine(scale=0.5)
+    assert cosine.needs_gradients and cosine.gated(0.4) == pytest.approx(0.2) and cosine.gated(-0.3) == 0.0
+    assert cosine.gated(float("nan")) == 0.0
+    oracle = Oracle(scale=0.1, fallback=0.0)
+    assert oracle.needs_search
+    # the oracle applies λ·L_MTP for either sign, so the searched displacement is the applied one
+    for coef in (0.7, -0.4):
+        term = oracle.term_at(coef, mtp, old, adv, mask)
+        assert torch.allclose(term.loss, coef * term.unit_loss)
+    assert not torch.allclose(Policy().term_at(-0.4, mtp, old, adv, mask).loss,
+                              -0.4 * Policy().term_at(-0.4, mtp, old, adv, mask).unit_loss)
+
+
+def test_occ_step_estimators_are_applied_by_the_caller():
+    from decomp.regimes import OCC
+
+    mtp, logp, old, adv, mask = _inputs()
+    occ = OCC(estimator="trust_region")
+    assert occ.needs_step
+    with pytest.raises(ValueError, match="needs the step's updates"):
+        occ(mtp, logp, old, adv, mask)
+    assert occ.term_at(0.25, mtp, old, adv, mask).coef == 0.25
+    with pytest.raises(ValueError, match="unknown estimator"):
+        OCC(estimator="telepathy")

@@ -65,6 +65,11 @@ REGIME_COLORS = {
     "ce": "#D55E00",  # vermillion
     "policy": "#009E73",  # bluish green
     "occ": "#CC79A7",  # reddish purple
+    "occ-tr": "#E69F00",  # orange
+    "oracle": "#000000",  # black
+    "cosine": "#F0E442",  # yellow
+    "frozen": "#999999",  # grey
+    "distill": "#882255",  # wine
 }
 ESTIMATOR_STYLE = {
     "reference": ("#E69F00", "o"),  # orange
@@ -73,7 +78,7 @@ ESTIMATOR_STYLE = {
     "jvp_masked": ("#D55E00", "v"),
     "jvp_pooled": ("#CC79A7", "D"),
 }
-DIRECTIONS = ("active", "ce", "policy")
+DIRECTIONS = ("active", "ce", "policy", "distill-joint")
 TERM_LABELS = {
     "correlation": "correlation C = ⟨∇J, δ⟩",
     "cross": "cross term X = u_RLᵀHδ",

@@ -43,7 +43,7 @@ REQUIRED = {
     "curvature.jsonl": ("step", "eigenvalue_max", "eigenvalue_min"),
 }
 # the preferred display order; the estimators of a record set are every coef_<name> field present
-ESTIMATORS = ("reference", "masked", "pooled", "jvp_masked", "jvp_pooled")
+ESTIMATORS = ("reference", "masked", "pooled", "jvp_masked", "jvp_pooled", "trust_region")
 SPLITS = ("train", "heldout")
 READABLE_SCHEMAS = tuple(range(1, SCHEMA_VERSION + 1))  # older records lack the newer fields: read as absent
 FINAL_EVALUATIONS = 5  # held-out evaluations averaged into a run's final accuracy
@@ -250,7 +250,8 @@ def load_runs(paths: Iterable[Path | str]) -> list[Run]:
     runs = [r for r in (load_run(d) for d in dirs) if r is not None]
     if not runs:
         raise AnalysisError("no run directories found (a run directory holds config.json)")
-    order = {"detach": 0, "detach-inputs": 1, "ce": 2, "policy": 3, "occ": 4}
+    order = {name: i for i, name in enumerate(("detach", "detach-inputs", "frozen", "distill", "ce", "policy", "occ",
+                                              "cosine", "oracle"))}
     return sorted(runs, key=lambda r: (order.get(r.regime, 9), r.regime, r.seed, str(r.path)))
 
 

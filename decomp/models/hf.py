@@ -1,4 +1,4 @@
-"""A DeepSeek-V3-style MTP module attached to a Hugging Face causal LM (DESIGN.md §1).
+"""A DeepSeek-V3-style MTP module attached to a Hugging Face causal LM (docs/method.md §1).
 
 :func:`attach_mtp` wraps a Llama-family causal LM (Llama, Qwen2, SmolLM, Mistral: a decoder with
 a list of ``config.num_hidden_layers`` layers and rotary position embeddings) in
@@ -158,7 +158,7 @@ def mtp_states_from_hidden(
     """Each depth's normed output state ``RMSNorm_k(z)`` ``[B, T−k, H]`` from the decoder output
     ``hidden`` ``[B, T, H]``: what :func:`mtp_head` turns into logits.
 
-    ``detach`` (DESIGN.md §2): ``"all"`` and ``"inputs"`` feed ``h`` and the token embeddings
+    ``detach`` (docs/method.md §2): ``"all"`` and ``"inputs"`` feed ``h`` and the token embeddings
     through detached copies (``"all"`` also detaches the head, in :func:`mtp_head`); ``"none"``
     detaches nothing. ``position_ids`` ``[B, T]`` are the positions the decoder used for ``hidden``.
     """

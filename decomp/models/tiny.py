@@ -1,4 +1,4 @@
-"""A tiny decoder-only transformer with a DeepSeek-V3-style MTP module (DESIGN.md §1).
+"""A tiny decoder-only transformer with a DeepSeek-V3-style MTP module (docs/method.md §1).
 
 Main model: token + learned position embeddings, ``n_layers`` pre-norm blocks (RMSNorm, causal
 ``scaled_dot_product_attention``, GELU MLP), final RMSNorm, output head. Logits at position
@@ -11,7 +11,7 @@ token ``t+k`` and predicts token ``t+k+1``::
     z = Block_k(W_k [RMSNorm(h); RMSNorm(Emb(y_{t+k}))]),   logits = Head(RMSNorm_k(z))
 
 The two input norms, ``W_k``, ``Block_k`` and ``RMSNorm_k`` belong to the MTP module; ``Emb``
-and ``Head`` are the main model's (shared). Detach modes (DESIGN.md §2):
+and ``Head`` are the main model's (shared). Detach modes (docs/method.md §2):
 
 - ``"none"``: gradients of MTP losses reach every parameter;
 - ``"inputs"``: the trunk state and the token embeddings entering the MTP module are detached;

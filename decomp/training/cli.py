@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from decomp import __version__
+from decomp.config import DIRECTIONS
+from decomp.regimes import REGIMES
 
 
 class CLIError(Exception):
@@ -93,10 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument("--help-config", action="store_true", help="list every TrainConfig field and exit")
 
-    run = sub.add_parser("run", help="one instrumented GRPO run of the built-in MTP model",
+    run = sub.add_parser("run", help="one instrumented GRPO run (built-in model or a Hugging Face LM)",
                          description="Warm-start (cached), then train with GRPO under one MTP regime, "
                          "instrumenting every --decomp-every steps; writes a run directory.")
-    run.add_argument("--regime", default=None, help="detach (default), detach-inputs, ce, policy or occ")
+    run.add_argument("--regime", default=None, help=f"MTP regime: {', '.join(REGIMES)} (default detach)")
     run.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     run.add_argument("--out", default=None, help="run directory to create (required)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -124,12 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", required=True, help="folder for the figures")
     plot.add_argument("--pdf", action="store_true", help="also write PDF files")
 
-    val = sub.add_parser("validate", help="OCC estimators against the exact λ*",
-                         description="Per estimator: sign agreement, Spearman and Pearson with 95%% bootstrap "
-                         "intervals, efficiency, best constant; Taylor residual statistics.")
+    val = sub.add_parser("validate", help="OCC estimators against the realized optimum λ̂",
+                         description="Per estimator, on held-out records where runs have them: sign agreement "
+                         "with λ̂, within-run Spearman, realized efficiency, each per run and combined over runs "
+                         "with a 95%% interval resampling runs; λ* against λ̂; the Taylor residual.")
     run_dirs(val)
-    val.add_argument("--direction", default="policy", choices=("active", "ce", "policy"),
-                     help="which MTP direction's λ* to validate against (default policy)")
+    val.add_argument("--direction", default="policy", choices=DIRECTIONS,
+                     help="which MTP direction to validate on (default policy)")
     val.add_argument("--out", default=None, help="where to write validation.json (default: print only)")
 
     rep = sub.add_parser("report", help="a Markdown report with a claims table",
@@ -143,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         "probe",
         help="one instrumented update of the built-in model on a synthetic batch",
         description="Decompose the ce and policy MTP directions at one real AdamW step of the built-in "
-        "tiny model on a synthetic batch, and compare every OCC estimator with the exact λ*.",
+        "tiny model on a synthetic batch: λ*, the realized optimum λ̂ and every OCC estimator with its realized "
+        "efficiency.",
     )
     probe.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     probe.add_argument("--prompts", type=_positive_int, default=4, help="prompts per batch (default 4)")

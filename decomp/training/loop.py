@@ -22,6 +22,7 @@ records as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -33,8 +34,8 @@ import torch
 from torch import Tensor
 
 from decomp import __version__
-from decomp.instrument import instrument_update
-from decomp.objectives import RolloutBatch, aligned_logprobs
+from decomp.instrument import instrument_update, oracle_estimate, step_estimate
+from decomp.objectives import RolloutBatch, aligned_logprobs, mtp_inputs
 from decomp.regimes import MTPTerm, Regime
 from decomp.rl import clipped_policy_loss, kl_k3, masked_mean
 from decomp.runlog import (
@@ -74,6 +75,7 @@ class RunState:
     ref_params: dict[str, Tensor] | None  # the warm start's parameters, for the KL term
     logs: dict[str, JsonlWriter] = field(default_factory=dict)
     accuracy: float = float("nan")
+    oracle_fallbacks: int = 0  # updates of this step where λ̂ was undefined (the fallback applied)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -102,9 +104,13 @@ def open_run(cfg: TrainConfig, out: Path, *, resume: bool, overwrite: bool, cach
         raise RunError(str(err)) from None
     model = policy.model
     ref_params = {k: v.detach().clone() for k, v in model.named_parameters()} if cfg.kl_coef > 0 else None
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+    regime = cfg.make_regime(cfg.clip)
+    shared = set(model.shared_parameter_names())
+    # frozen: the MTP module is left out of the optimizer (it stays as the warm start left it)
+    trained = [p for n, p in model.named_parameters() if regime.trains_mtp or n in shared]
+    opt = torch.optim.AdamW(trained, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    state = RunState(cfg, out, policy, opt, cfg.make_regime(cfg.clip), 0, policy.warm_info, ref_params)
+    state = RunState(cfg, out, policy, opt, regime, 0, policy.warm_info, ref_params)
     if ckpt is None:
         for name in LOG_FILES:
             (out / name).unlink(missing_ok=True)
@@ -137,46 +143,104 @@ class UpdateLoss:
     """The training loss of one mini-batch update and its parts (graph alive in ``loss``)."""
 
     loss: Tensor
+    rl_loss: Tensor  # the RL part: clipped surrogate (+ KL)
     pg_loss: Tensor
     kl: Tensor | None
     terms: list[MTPTerm]  # one per MTP depth
     logp: Tensor
+    grads: dict[str, Tensor] | None = None  # the update's gradient, when computed by parts (cosine)
+    gated_coef: float | None = None  # cosine: the λ the gate chose
 
     @property
     def coef(self) -> float:
         """λ applied at this update: the mean over depths (each depth's term is ``λ_k·L_k``)."""
+        if self.gated_coef is not None:
+            return self.gated_coef
         return sum(t.coef for t in self.terms) / len(self.terms)
 
+    @property
+    def unit_mtp_loss(self) -> Tensor:
+        return torch.stack([t.unit_loss for t in self.terms]).mean()
 
-def update_loss(state: RunState, mb: RolloutBatch, ref_logp: Tensor | None) -> UpdateLoss:
-    """One forward for both heads: clipped surrogate (+ KL) + the regime's MTP term."""
+
+def update_loss(state: RunState, mb: RolloutBatch, ref_logp: Tensor | None, coef: float | None = None) -> UpdateLoss:
+    """One forward for both heads: clipped surrogate (+ KL) + the regime's MTP term (at ``coef``
+    when the caller computed ``λ``, else at the regime's own coefficient)."""
     cfg = state.cfg
     kwargs = {} if mb.attention_mask is None else {"attention_mask": mb.attention_mask}
     main, mtp = state.model(mb.tokens, detach=state.regime.detach, **kwargs)
     logp, mtp_logp, valid = aligned_logprobs(main, mtp, mb.tokens)
+    mtp_x = mtp_inputs(state.regime.mtp_input, main, mtp, mtp_logp)
     pg = clipped_policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, cfg.clip_low, cfg.clip_high)
-    loss, kl = pg, None
+    rl, kl = pg, None
     if ref_logp is not None:
         kl = masked_mean(kl_k3(logp, ref_logp), mb.mask)
-        loss = loss + cfg.kl_coef * kl
+        rl = rl + cfg.kl_coef * kl
     # response-shaped views: the reference estimator averages over them (padding included)
     r = mb.response
-    terms = [state.regime(r(m), r(logp), r(mb.old_logp), r(mb.advantages), r(mb.mask & v))
-             for m, v in zip(mtp_logp, valid, strict=True)]
-    loss = loss + torch.stack([t.loss for t in terms]).mean()
-    return UpdateLoss(loss, pg, kl, terms, logp)
+    terms = [state.regime(r(x), r(logp), r(mb.old_logp), r(mb.advantages), r(mb.mask & v)) if coef is None
+             else state.regime.term_at(coef, r(x), r(mb.old_logp), r(mb.advantages), r(mb.mask & v))
+             for x, v in zip(mtp_x, valid, strict=True)]
+    return UpdateLoss(rl + torch.stack([t.loss for t in terms]).mean(), rl, pg, kl, terms, logp)
+
+
+def loss_parts(state: RunState, ref_logp: Tensor | None) -> dict[str, object]:
+    """The training loss's RL part as :func:`decomp.instrument.step_estimate` takes it."""
+    cfg = state.cfg
+    return {"clip": cfg.clip, "kl_coef": cfg.kl_coef, "ref_logp": ref_logp, "rl_loss_of_logp": None}
+
+
+def computed_coefficient(state: RunState, step: int, update: int, mb: RolloutBatch,
+                         ref_logp: Tensor | None) -> float | None:
+    """``λ`` for regimes whose coefficient needs more than the log-probs: ``oracle`` (held-out
+    realized optimum, ``fallback`` where undefined) and ``occ`` with a step estimator; ``None``
+    for every other regime (its coefficient comes with its term)."""
+    regime, cfg = state.regime, state.cfg
+    loss = loss_parts(state, ref_logp)
+    if regime.needs_search:
+        eval_batch = heldout_batch(state, step, mb.tokens.shape[0], salt=update + 1)
+        # the search starts from c at every update: no state carried between updates, so a
+        # resumed run searches exactly as an uninterrupted one
+        coef, reason = oracle_estimate(state.model, mb, eval_batch, state.optimizer, regime, cfg.mtp_scale, loss)
+        if reason or not math.isfinite(coef):
+            state.oracle_fallbacks += 1
+            return float(regime.fallback)
+        return coef
+    if getattr(regime, "needs_step", False):
+        return step_estimate(state.model, mb, state.optimizer, regime, regime.estimator, cfg.mtp_scale, loss)
+    return None
+
+
+def gate_by_cosine(state: RunState, out: UpdateLoss) -> None:
+    """``cosine``: the RL and the unit MTP gradients by two backward passes (one more than a
+    plain update), ``λ = c·max(0, cos)`` on the shared parameters, and the update's gradient
+    ``∇L_RL + λ∇L_MTP`` (for ``λ ≥ 0`` the applied term is exactly ``λ·L_MTP``)."""
+    named = [(n, p) for n, p in state.model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    g_rl = torch.autograd.grad(out.rl_loss, params, retain_graph=True, allow_unused=True)
+    g_mtp = torch.autograd.grad(out.unit_mtp_loss, params, retain_graph=True, allow_unused=True)
+    shared = set(state.model.shared_parameter_names())
+    pairs = [(a, b) for (n, _), a, b in zip(named, g_rl, g_mtp, strict=True) if n in shared and a is not None
+             and b is not None]
+    dot_ = sum(float((a.double() * b.double()).sum()) for a, b in pairs)
+    norms = (sum(float(a.double().pow(2).sum()) for a, _ in pairs) * sum(float(b.double().pow(2).sum()) for _, b in pairs))
+    out.gated_coef = state.regime.gated(dot_ / math.sqrt(norms) if norms > 0 else math.nan)
+    out.grads = {}
+    for (n, p), a, b in zip(named, g_rl, g_mtp, strict=True):
+        g = torch.zeros_like(p) if a is None else a.clone()
+        out.grads[n] = g if b is None else g.add_(b, alpha=out.gated_coef)
 
 
 HELDOUT_STREAM = 0x5DEECE66D  # offsets the held-out batch's seed from the step's training stream
 
 
-def heldout_batch(state: RunState, step: int, size: int) -> RolloutBatch:
+def heldout_batch(state: RunState, step: int, size: int, salt: int = 0) -> RolloutBatch:
     """An independent batch of ``size`` sequences sampled from the current policy: fresh prompts
     from the training pool, group-normalised advantages, ``ℓ^old`` the current log-probs. Its own
     generator, so the training stream (and so every training record) is the same with or without
     instrumentation."""
     cfg = state.cfg
-    gen = torch.Generator().manual_seed((stream_seed(cfg.seed, step) + HELDOUT_STREAM) % (2**63 - 1))
+    gen = torch.Generator().manual_seed((stream_seed(cfg.seed, step) + HELDOUT_STREAM * (salt + 1)) % (2**63 - 1))
     batch, _, _ = rollout(state.policy, cfg, gen, None, prompts=-(-size // cfg.group_size))
     return batch.subset(torch.arange(size))
 
@@ -204,14 +268,19 @@ def apply_update(state: RunState, mb: RolloutBatch, out: UpdateLoss, sums: dict[
     """Backward and AdamW step; accumulate the step's training statistics in ``sums``."""
     cfg = state.cfg
     state.optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
+    if out.grads is None:
+        out.loss.backward()
+    else:
+        for n, p in state.model.named_parameters():
+            if n in out.grads:
+                p.grad = out.grads[n]
     state.optimizer.step()
     with torch.no_grad():
         ratio = torch.exp(out.logp.detach() - mb.old_logp)
         clipped = ((ratio < 1 - cfg.clip_low) | (ratio > 1 + cfg.clip_high)) & mb.mask
         sums["clip_fraction"] += float(clipped.sum() / mb.mask.sum().clamp_min(1))
     sums["pg_loss"] += float(out.pg_loss.detach())
-    sums["mtp_loss"] += float(torch.stack([t.unit_loss.detach() for t in out.terms]).mean())
+    sums["mtp_loss"] += float(out.unit_mtp_loss.detach())
     sums["mtp_coef"] += out.coef
     if out.kl is not None:
         sums["kl"] += float(out.kl.detach())
@@ -226,12 +295,15 @@ def train_step(state: RunState, step: int) -> dict[str, Any]:
     batch, ref_logp, stats = rollout(state.policy, cfg, gen, state.ref_params)
     partition = minibatch_partition(batch.tokens.shape[0], cfg, gen)
     sums = {"pg_loss": 0.0, "mtp_loss": 0.0, "mtp_coef": 0.0, "kl": 0.0, "clip_fraction": 0.0}
+    state.oracle_fallbacks = 0
     decomp_seconds = update_seconds = 0.0
     for update, idx in enumerate(partition):
         t_update = time.perf_counter()
         mb = batch.subset(idx)
         mb_ref = None if ref_logp is None else ref_logp[idx]
-        out = update_loss(state, mb, mb_ref)
+        out = update_loss(state, mb, mb_ref, computed_coefficient(state, step, update, mb, mb_ref))
+        if state.regime.needs_gradients:
+            gate_by_cosine(state, out)
         if cfg.instruments(step) and update == len(partition) - 1:
             t_dec = time.perf_counter()
             instrument(state, step, update, mb, mb_ref, out.coef)
@@ -240,6 +312,8 @@ def train_step(state: RunState, step: int) -> dict[str, Any]:
         update_seconds += time.perf_counter() - t_update
     record: dict[str, Any] = {"step": step, "regime": cfg.regime, **stats}
     record.update({k: v / len(partition) for k, v in sums.items()})
+    if state.regime.needs_search:
+        record["oracle_fallbacks"] = state.oracle_fallbacks
     record["decomp_seconds"] = decomp_seconds
     # one training update (forward, backward, AdamW) without the measurements: the unit the
     # decomposition's cost is compared with

@@ -254,6 +254,20 @@ def build_policy(cfg: Any, cache_dir: Path | None, log: Any) -> BuiltinPolicy | 
     return BuiltinPolicy(cfg, cache_dir, log) if cfg.model == "builtin" else HFPolicy(cfg, cache_dir, log)
 
 
+def speculative_acceptance(main_logits: Tensor, mtp_logits: Tensor, mask: Tensor) -> float:
+    """The MTP head's expected acceptance rate as a speculative-sampling draft: the mean over
+    masked aligned positions ``j`` of ``Σ_v min(p_j(v), q_j(v))``, ``p_j`` the main head's
+    distribution for token ``y_{j+1}`` (position ``j``) and ``q_j`` depth 1's for the same token
+    (position ``j−1``) — the probability that a token drawn from ``q`` is accepted against ``p``
+    (Leviathan et al. 2023). Aligned positions ``j < 1`` have no draft."""
+    T = main_logits.shape[1]
+    p = torch.softmax(main_logits[:, 1 : T - 1].float(), dim=-1)
+    q = torch.softmax(mtp_logits[:, : T - 2].float(), dim=-1)
+    overlap = torch.minimum(p, q).sum(-1)  # [B, T−2] for aligned j = 1 .. T−2
+    m = mask[:, 1:].float()
+    return float((overlap * m).sum() / m.sum().clamp_min(1))
+
+
 def rollout(policy: BuiltinPolicy | HFPolicy, cfg: Any, gen: torch.Generator, ref_params: dict | None,
             prompts: int | None = None):
     """One rollout batch of ``prompts`` (default ``prompts_per_step``) prompts × ``group_size``
@@ -275,6 +289,7 @@ def rollout(policy: BuiltinPolicy | HFPolicy, cfg: Any, gen: torch.Generator, re
         guess = mtp[0].argmax(-1)[:, : tokens.shape[1] - 2]
         hits = (guess == tokens[:, 2:]) & mask[:, 1:] & valid[0][:, 1:]
         acceptance = float(hits.sum() / (mask[:, 1:] & valid[0][:, 1:]).sum().clamp_min(1))
+        acceptance_rate = speculative_acceptance(main, mtp[0], mask & valid[0])
         ref_logp = None
         if ref_params is not None:
             ref_main, _ = functional_call(model, ref_params, (tokens,), {"with_mtp": False, **kwargs})
@@ -284,6 +299,7 @@ def rollout(policy: BuiltinPolicy | HFPolicy, cfg: Any, gen: torch.Generator, re
     stats = {
         "reward_mean": float(s.rewards.mean()),
         "mtp_acceptance": acceptance,
+        "mtp_acceptance_rate": acceptance_rate,
         "response_length": float(mask.sum(1).float().mean()),
     }
     return batch, ref_logp, stats

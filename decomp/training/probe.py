@@ -4,7 +4,8 @@ A self-contained look at the measurement library: a random tiny MTP transformer,
 random sequences with random 0/1 rewards (group-normalised advantages), one real AdamW update
 under ``detach``, then — at the second mini-batch update of the same rollout batch, where the
 log-prob proxy has signal — the exact decomposition of the ``ce`` and ``policy`` MTP directions
-with the real AdamW state, and every OCC estimator with its efficiency.
+with the real AdamW state, the realized optimum λ̂ and every OCC estimator with its realized
+efficiency.
 
 The numbers describe a random model on random data: they exercise the machinery, they are not
 a finding. The reference RL run is ``decomp run`` / ``decomp compare``.
@@ -18,10 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from decomp.decomposition import measure_step
+from decomp.instrument import instrument_update
 from decomp.models.tiny import ModelConfig, MTPTransformer
 from decomp.objectives import RolloutBatch, model_logprobs, objectives
-from decomp.occ import efficiency, jvp_coefficient, proxy_coefficients
 from decomp.regimes import make_regime
 from decomp.rl import group_advantages
 
@@ -73,28 +73,17 @@ def run_probe(cfg: ProbeConfig = ProbeConfig()) -> dict[str, dict[str, float | s
     opt.step()
     step_seconds = time.perf_counter() - start
 
-    params = {k: v.detach() for k, v in named.items()}
-    logp, mtp_logp, valid = model_logprobs(model, params, batch.tokens)
+    # the second update: the decomposition of the ce and policy directions (train split), with
+    # the realized optimum λ̂ and every estimator's realized efficiency
+    batch = RolloutBatch(batch.tokens, batch.mask, batch.advantages, batch.old_logp,
+                         response_start=cfg.prompt_len - 1)
+    start = time.perf_counter()
+    out = instrument_update(model, batch, opt, make_regime("detach", scale=cfg.scale), scale=cfg.scale,
+                            coef=cfg.scale, directions=("ce", "policy"), search=True)
+    seconds = (time.perf_counter() - start) / 2
     records: dict[str, dict[str, float | str]] = {}
-    for direction in ("ce", "policy"):
-        regime = make_regime(direction, scale=cfg.scale)
-        obj = objectives(model, batch, regime)
-        start = time.perf_counter()
-        measured = measure_step(obj.rl_objective, obj.mtp_loss, named, coef=cfg.scale, optimizer=opt)
-        seconds = time.perf_counter() - start
-        dec, updates = measured.decomposition, measured.updates
-        record: dict[str, float | str] = dict(dec.to_dict())
-        mask = batch.mask & valid[0]
-        estimates = proxy_coefficients(mtp_logp[0], logp, batch.old_logp, mask, cfg.scale)
-        estimates["jvp"] = float(
-            jvp_coefficient(obj.logprob_fn, params, updates.unit_displacement, updates.update_rl, mask, cfg.scale)
-        )
-        for name, lam in estimates.items():
-            record[f"coef_{name}"] = lam
-            record[f"efficiency_{name}"] = efficiency(lam, dec)
-        record["seconds"] = seconds
-        record["step_seconds"] = step_seconds
-        records[direction] = record
+    for record in out.decompositions:
+        records[str(record["direction"])] = {**record, "seconds": seconds, "step_seconds": step_seconds}
     return records
 
 
@@ -106,13 +95,16 @@ ROWS = [
     ("realized", "ΔJ_MTP realized"),
     ("residual", "realized − predicted"),
     ("cosine", "cos(∇J, −∇L_MTP)"),
-    ("lambda_star", "λ* (exact)"),
-    ("coef_jvp", "λ jvp"),
-    ("coef_reference", "λ proxy reference"),
-    ("coef_masked", "λ proxy masked"),
-    ("coef_pooled", "λ proxy pooled"),
+    ("lambda_star", "λ* (quadratic model)"),
+    ("lambda_hat", "λ̂ (realized optimum)"),
+    ("gain_hat", "ΔJ(λ̂)"),
+    ("coef_trust_region", "λ trust region"),
+    ("coef_jvp_pooled", "λ jvp pooled (× c)"),
+    ("coef_reference", "λ proxy reference (× c)"),
+    ("coef_masked", "λ proxy masked (× c)"),
+    ("efficiency_trust_region", "efficiency trust region"),
+    ("efficiency_jvp_pooled", "efficiency jvp pooled"),
     ("efficiency_masked", "efficiency masked"),
-    ("efficiency_pooled", "efficiency pooled"),
 ]
 
 
@@ -131,7 +123,7 @@ def format_probe(records: dict[str, dict[str, float | str]]) -> str:
             lines.append(f"λ* for {d}: nan ({reason})")
     r = records[directions[0]]
     lines.append(
-        f"one training step {r['step_seconds']:.3f} s; one exact decomposition "
+        f"one training step {r['step_seconds']:.3f} s; one exact decomposition with its search "
         + ", ".join(f"{d} {records[d]['seconds']:.3f} s" for d in directions)
     )
     return "\n".join(lines)

@@ -79,6 +79,28 @@ def training_update(model, batch: RolloutBatch, regime, opt: torch.optim.Optimiz
     opt.step()
 
 
+def instrumented_update(model, batch: RolloutBatch, eval_batch: RolloutBatch, regime,
+                        opt: torch.optim.Optimizer, clip: float = 0.2, directions=None) -> None:
+    """An instrumented update as ``decomp.training.loop`` runs it: the update's forward and
+    backward, :func:`decomp.instrument.instrument_update` with the held-out split and the search
+    (before the step it measures), then the AdamW step."""
+    from decomp.config import DIRECTIONS
+    from decomp.instrument import instrument_update
+    from decomp.objectives import aligned_logprobs
+    from decomp.rl import clipped_policy_loss
+
+    main, mtp = model(batch.tokens, detach=regime.detach)
+    logp, mtp_logp, valid = aligned_logprobs(main, mtp, batch.tokens)
+    r = batch.response
+    pg = clipped_policy_loss(logp, batch.old_logp, batch.advantages, batch.mask, clip, clip)
+    term = regime(r(mtp_logp[0]), r(logp), r(batch.old_logp), r(batch.advantages), r(batch.mask & valid[0]))
+    opt.zero_grad()
+    (pg + term.loss).backward()
+    instrument_update(model, batch, opt, regime, scale=regime.scale, coef=term.coef, clip=(clip, clip),
+                      directions=DIRECTIONS if directions is None else directions, eval_batch=eval_batch, search=True)
+    opt.step()
+
+
 def decomposition_rows(
     update: Callable[[], object], obj, named: dict, opt: torch.optim.Optimizer, *, sgd_lr: float | None = None
 ) -> dict[str, Callable[[], object]]:

@@ -1,7 +1,11 @@
-"""Peak resident memory of one exact decomposition against one training update, same batch.
+"""Peak resident memory of one exact decomposition, and of an instrumented update as the
+reference loop runs it, against one training update on the same batch.
 
     python benchmarks/memory.py                 # runs each measurement in its own process
-    python benchmarks/memory.py --one WHAT      # (internal) one measurement: update | decompose
+    python benchmarks/memory.py --one WHAT      # (internal) one measurement: update | decompose | instrumented
+
+The instrumented update is what the loop's peak really is: the update's forward graph is alive
+while every direction is decomposed on the train and held-out splits with the search for λ̂.
 
 The default reference-run model at width 128 (3 layers) on a batch of 64×24, float32, AdamW.
 Each measurement runs in a fresh process with ``MALLOC_MMAP_THRESHOLD_`` fixed (large tensors
@@ -18,7 +22,7 @@ import subprocess
 import sys
 
 import torch
-from common import synthetic_rollout, training_update
+from common import instrumented_update, synthetic_rollout, training_update
 
 from decomp.decomposition import decompose
 from decomp.models.tiny import ModelConfig
@@ -46,6 +50,7 @@ def one(what: str) -> int:
     training_update(small[0], small[1], small[2], small[4])
     decompose(small[3].rl_objective, small[3].mtp_loss, dict(small[0].named_parameters()), coef=0.1, optimizer=small[4])
     model, batch, regime, obj, opt = build(128, 24, 64)
+    _, eval_batch = synthetic_rollout(model.cfg, batch=64, seq_len=24, prompt_len=8, seed=1)
     named = dict(model.named_parameters())
     training_update(model, batch, regime, opt)  # AdamW state exists before either measurement
     with open("/proc/self/clear_refs", "w") as f:
@@ -53,26 +58,30 @@ def one(what: str) -> int:
     before = _rss("VmRSS:")
     if what == "update":
         training_update(model, batch, regime, opt)
+    elif what == "instrumented":
+        instrumented_update(model, batch, eval_batch, regime, opt)
     else:
-        decompose(obj.rl_objective, obj.mtp_loss, named, coef=0.1, optimizer=opt)
+        decompose(obj.rl_objective, obj.mtp_loss, named, coef=0.1, optimizer=opt, rl_loss=obj.rl_loss)
     return _rss("VmHWM:") - before
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--one", choices=("update", "decompose"))
+    ap.add_argument("--one", choices=("update", "decompose", "instrumented"))
     args = ap.parse_args()
     if args.one:
         print(json.dumps({"what": args.one, "peak_bytes": one(args.one)}))
         return
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     peaks = {}
-    for what in ("update", "decompose"):
+    for what in ("update", "decompose", "instrumented"):
         out = subprocess.run([sys.executable, __file__, "--one", what], capture_output=True, text=True, env=env, check=True)
         peaks[what] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
     print("# Peak memory of one decomposition vs one training update (0.83M parameters, batch 64×24)\n")
     print(f"| training update | {peaks['update'] / 1e6:.1f} MB |")
     print(f"| decompose (AdamW) | {peaks['decompose'] / 1e6:.1f} MB = {peaks['decompose'] / peaks['update']:.2f}× |")
+    print(f"| instrumented update as the loop runs it (4 directions × 2 splits, search) | "
+          f"{peaks['instrumented'] / 1e6:.1f} MB = {peaks['instrumented'] / peaks['update']:.2f}× |")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ device in use, and seeds exactly those.
 
 from __future__ import annotations
 
+# The reference run and the TRL integration draw each step's randomness from a generator seeded by
+# (seed, step), and the held-out batch of that step from another stream offset by this constant.
+HELDOUT_STREAM = 0x5DEECE66D
+
 import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,3 +49,10 @@ def seeded_fork(seed: int | None, device: torch.device | str | None = None) -> I
                 with torch.cuda.device(index):
                     torch.cuda.manual_seed(int(seed))
         yield
+
+
+def stream_seed(seed: int, step: int, offset: int = 0) -> int:
+    """The seed of step ``step``'s generator: one independent, reproducible stream per
+    ``(seed, step)`` (so resuming needs no RNG state); ``offset`` selects another stream of the
+    same step (e.g. ``HELDOUT_STREAM``)."""
+    return (seed * 1_000_003 + step * 7_919 + 17 + offset) % (2**63 - 1)

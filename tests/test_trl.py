@@ -33,6 +33,7 @@ from decomp.integrations.trl import (  # noqa: E402
     rollout_batch,
     trl_rl_loss,
 )
+from decomp.integrations.trl.heldout import heldout_batch, heldout_inputs  # noqa: E402
 from decomp.objectives import (  # noqa: E402
     aligned_logprobs,  # noqa: E402
     model_logprobs,
@@ -56,9 +57,16 @@ def dataset() -> Dataset:
     return Dataset.from_list([{"prompt": p.question, "answer": p.answer} for p in task.train])
 
 
-def make_trainer(tiny_checkpoint: Path, out: Path, mtp: MTPConfig, decomp_every: int = 0, **overrides) -> MTPGRPOTrainer:
+def heldout_rows() -> list[dict]:
+    """The add1 task's held-out problems, in the training dataset's format."""
+    return [{"prompt": p.question, "answer": p.answer} for p in make_text_task("add1").held_out]
+
+
+def make_trainer(tiny_checkpoint: Path, out: Path, mtp: MTPConfig, decomp_every: int = 0,
+                 instrument: InstrumentConfig | None = None, heldout_prompts=None, **overrides) -> MTPGRPOTrainer:
     from transformers import AutoTokenizer
 
+    instrument = InstrumentConfig(decomp_every=decomp_every) if instrument is None else instrument
     options = dict(output_dir=str(out), use_cpu=True, report_to=[], per_device_train_batch_size=8, num_generations=4,
                    max_completion_length=6, max_steps=3, logging_steps=1, num_iterations=2, learning_rate=1e-3,
                    save_strategy="no", seed=0, bf16=False, max_grad_norm=0.0, disable_tqdm=True)
@@ -68,7 +76,7 @@ def make_trainer(tiny_checkpoint: Path, out: Path, mtp: MTPConfig, decomp_every:
         warnings.simplefilter("ignore")
         return MTPGRPOTrainer(model=lm, reward_funcs=digit_reward, args=GRPOConfig(**options),
                               train_dataset=dataset(), processing_class=AutoTokenizer.from_pretrained(tiny_checkpoint),
-                              mtp_config=mtp, instrument_config=InstrumentConfig(decomp_every=decomp_every))
+                              mtp_config=mtp, instrument_config=instrument, heldout_prompts=heldout_prompts)
 
 
 def train_quietly(trainer: MTPGRPOTrainer) -> None:
@@ -400,7 +408,7 @@ def test_callback_logs_and_writes_records_the_analysis_reads(tiny_checkpoint, tm
     train_quietly(trainer)
     records = read_jsonl(out / "decomposition.jsonl")
     assert sorted({(r["step"], r["direction"]) for r in records}) == [
-        (s, d) for s in (1, 2) for d in ("active", "ce", "policy")
+        (s, d) for s in (1, 2) for d in ("active", "ce", "distill-joint", "policy")
     ]
     active = [r for r in records if r["direction"] == "active"]
     assert all(r["correlation"] == 0.0 and r["penalty"] == 0.0 and r["cross"] == 0.0 for r in active)
@@ -416,6 +424,116 @@ def test_callback_logs_and_writes_records_the_analysis_reads(tiny_checkpoint, tm
     assert json.loads((tmp_path / "validation.json").read_text())
 
 
+def test_heldout_prompts_add_a_heldout_split_sharing_the_updates(tiny_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    trainer = make_trainer(tiny_checkpoint, out, MTPConfig(regime="policy"), decomp_every=1, max_steps=2,
+                           heldout_prompts=Dataset.from_list(heldout_rows()))  # a Dataset; lists elsewhere
+    train_quietly(trainer)
+    records = read_jsonl(out / "decomposition.jsonl")
+    keys = [(r["step"], r["direction"], r["split"]) for r in records]
+    assert sorted(keys) == [(s, d, sp) for s in (1, 2) for d in ("active", "ce", "distill-joint", "policy") for sp in ("heldout", "train")]
+    by_key = {k: r for k, r in zip(keys, records, strict=True)}
+    for step in (1, 2):
+        for direction in ("active", "ce", "policy"):
+            train, held = by_key[(step, direction, "train")], by_key[(step, direction, "heldout")]
+            # the updates come from the training micro-batch: one displacement, two judges
+            assert held["displacement_norm"] == train["displacement_norm"] > 0
+            assert held["update_norm_rl"] == train["update_norm_rl"]
+            assert held["rl_objective"] != train["rl_objective"]  # another batch
+    assert all("lambda_hat_reason" in r and "lambda_hat" in r for r in records)
+    assert json.loads((out / "decomp_run.json").read_text())["config"]["heldout"] is True
+    logged = [h for h in trainer.state.log_history if "decomp/realized" in h]
+    assert len(logged) == 2 and all("decomp/heldout/realized" in h and "decomp/ce/heldout/penalty" in h for h in logged)
+
+
+def test_without_heldout_prompts_there_is_only_the_train_split_with_its_optimum(tiny_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    trainer = make_trainer(tiny_checkpoint, out, MTPConfig(regime="ce"), max_steps=1,
+                           instrument=InstrumentConfig(decomp_every=1, decomp_directions="active"))
+    train_quietly(trainer)
+    records = read_jsonl(out / "decomposition.jsonl")
+    assert [(r["direction"], r["split"]) for r in records] == [("active", "train")]
+    assert "lambda_hat_reason" in records[0] and "lambda_hat" in records[0]
+    assert json.loads((out / "decomp_run.json").read_text())["config"]["heldout"] is False
+
+
+# what a run logs that is not decomp's nor a wall-clock time
+TIMINGS = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
+
+
+def _training_trace(trainer: MTPGRPOTrainer, out: Path) -> tuple[list[dict], list[dict], dict[str, torch.Tensor]]:
+    logs = [{k: v for k, v in h.items() if not k.startswith("decomp/") and k not in TIMINGS}
+            for h in trainer.state.log_history]
+    metrics = [{k: v for k, v in m.items() if k != "decomp_seconds"} for m in read_jsonl(out / "metrics.jsonl")]
+    return logs, metrics, {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+
+
+def test_the_heldout_split_leaves_training_bit_identical(tiny_checkpoint, tmp_path):
+    """Same seed, decomposition at every step in both: with and without the held-out batch,
+    every training log, metric and final parameter is the same bit for bit (3 steps: the third
+    generates after two held-out batches were sampled)."""
+    traces = []
+    for name, heldout in (("with", heldout_rows()), ("without", None)):
+        trainer = make_trainer(tiny_checkpoint, tmp_path / name, MTPConfig(regime="occ"), decomp_every=1,
+                               heldout_prompts=heldout,
+                               instrument=InstrumentConfig(decomp_every=1, decomp_directions="active"))
+        train_quietly(trainer)
+        traces.append(_training_trace(trainer, tmp_path / name))
+    (logs_a, metrics_a, params_a), (logs_b, metrics_b, params_b) = traces
+    assert len(logs_a) == 4 and "mtp/coef" in logs_a[0] and "reward" in logs_a[0] and "loss" in logs_a[0]
+    assert logs_a == logs_b and metrics_a == metrics_b
+    assert params_a.keys() == params_b.keys() and all(torch.equal(params_a[k], params_b[k]) for k in params_a)
+    splits = {r["split"] for r in read_jsonl(tmp_path / "with" / "decomposition.jsonl")}
+    assert splits == {"train", "heldout"}
+
+
+def test_heldout_batch_is_reproducible_and_leaves_the_rng_and_logs_alone(tiny_checkpoint, tmp_path):
+    trainer = make_trainer(tiny_checkpoint, tmp_path, MTPConfig(regime="ce"), heldout_prompts=heldout_rows())
+    lm, G = trainer.model, trainer.num_generations
+    view = MTPModelView(lm, trainer.temperature)
+    torch.manual_seed(123)
+    state, tokens_seen = torch.get_rng_state(), trainer.state.num_input_tokens_seen
+    with plain_forward(lm):
+        batch = heldout_batch(trainer, view, step=1, size=6)  # not a multiple of G: 2 groups, cut to 6
+        again = heldout_batch(trainer, view, step=1, size=6)
+        other = heldout_inputs(trainer, lm, step=2, size=8)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert trainer.state.num_input_tokens_seen == tokens_seen and not any(trainer._metrics["train"].values())
+    assert batch.tokens.shape[0] == 6 and torch.equal(batch.tokens, again.tokens)
+    assert not torch.equal(other["prompt_ids"][:6], batch.tokens[:, : other["prompt_ids"].shape[1]])
+    # the current policy's log-probs: J at the current θ is at ratio 1
+    params = {k: v.detach() for k, v in view.named_parameters()}
+    with torch.no_grad(), plain_forward(lm):
+        logp, _, _ = model_logprobs(view, params, batch.tokens, attention_mask=batch.attention_mask, with_mtp=False)
+    assert torch.equal(logp[batch.mask], batch.old_logp[batch.mask])
+    # TRL's group-normalised advantages: zero mean per whole group (here the first)
+    adv = other["advantages"]
+    assert adv.shape == (8,) and abs(float(adv[:G].mean())) < 1e-5 and bool(adv.abs().sum() > 0)
+    # TRL's completion mask: ones up to and including the first EOS
+    eos = trainer.eos_token_ids[0]
+    for ids, mask in zip(other["completion_ids"], other["completion_mask"], strict=True):
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any() and (n == len(ids) or int(ids[n - 1]) == eos)
+
+
+def test_bad_heldout_prompts_are_refused(tiny_checkpoint, tmp_path):
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    for bad, message in (([], "heldout_prompts is empty"), ([{"question": "1+1?"}], "heldout_prompts: rows"),
+                         (Dataset.from_list([{"question": "1+1?"}]), "heldout_prompts has no 'prompt' column"),
+                         (Dataset.from_list([{"prompt": "x"}]).select([]), "heldout_prompts is empty")):
+        with pytest.raises(ValueError, match=message):
+            make_trainer(tiny_checkpoint, tmp_path, MTPConfig(), heldout_prompts=bad)
+    reward_model = LlamaForSequenceClassification.from_pretrained(tiny_checkpoint, num_labels=1)
+    with pytest.raises(ValueError, match="heldout_prompts: .*reward model"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        MTPGRPOTrainer(model=LlamaForCausalLM.from_pretrained(tiny_checkpoint), reward_funcs=[digit_reward, reward_model],
+                       args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], num_generations=4,
+                                       per_device_train_batch_size=4),
+                       train_dataset=dataset(), processing_class=AutoTokenizer.from_pretrained(tiny_checkpoint),
+                       heldout_prompts=heldout_rows())
+
+
 def test_decomposition_refuses_a_loss_it_cannot_reproduce(tiny_checkpoint, tmp_path):
     trainer = make_trainer(tiny_checkpoint, tmp_path, MTPConfig(regime="ce"), decomp_every=1, loss_type="sapo")
     with pytest.raises(ValueError, match="loss_type='sapo'"):
@@ -427,12 +545,15 @@ def test_example_script_trains_a_local_checkpoint(tiny_checkpoint, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "trl_grpo.py"), "--model", str(tiny_checkpoint), "--regime", "occ",
          "--steps", "2", "--decomp-every", "2", "--batch-size", "8", "--num-generations", "4",
-         "--max-completion-length", "6", "--output-dir", str(out)],
+         "--max-completion-length", "6", "--output-dir", str(out), "--heldout"],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(read_jsonl(out / "metrics.jsonl")) == 2
-    assert {r["direction"] for r in read_jsonl(out / "decomposition.jsonl")} == {"active", "ce", "policy"}
+    records = read_jsonl(out / "decomposition.jsonl")
+    # conversational prompts (the example's chat format) on both splits
+    assert {(r["direction"], r["split"]) for r in records} == {
+        (d, s) for d in ("active", "ce", "distill-joint", "policy") for s in ("train", "heldout")}
 
 
 @pytest.mark.slow
@@ -460,4 +581,16 @@ def test_two_process_ddp_applies_the_union_occ_estimate_on_every_rank(tiny_check
               (ranks[0][1], ranks[1][1])]
     assert second[0] != pytest.approx(second[1], rel=1e-3)  # the ranks' own estimates differ: the test has power
     records = read_jsonl(tmp_path / "decomposition.jsonl")
-    assert [r["step"] for r in records] == [2, 2, 2]  # written once, by rank 0
+    # written once, by rank 0, held-out split included (sampled on rank 0 alone: no collective)
+    assert sorted((r["step"], r["direction"], r["split"]) for r in records) == [
+        (2, d, s) for d in ("active", "ce", "distill-joint", "policy") for s in ("heldout", "train")]
+
+
+@pytest.mark.parametrize("mtp,match", [
+    (MTPConfig(regime="oracle"), "not supported inside TRL"),
+    (MTPConfig(regime="cosine"), "not supported inside TRL"),
+    (MTPConfig(regime="occ", occ_estimator="trust_region"), "needs the step's updates"),
+])
+def test_regimes_the_trl_integration_does_not_run_are_refused(tiny_checkpoint, tmp_path, mtp, match):
+    with pytest.raises(ValueError, match=match):
+        make_trainer(tiny_checkpoint, tmp_path, mtp)

@@ -64,7 +64,13 @@ class Run:
 
     @property
     def regime(self) -> str:
-        return str(self.config.get("regime", "?"))
+        """The run's name in the analysis: its ``label`` (e.g. ``occ-trust_region``: one regime,
+        another estimator), else its regime."""
+        return str(self.config.get("label") or self.config.get("regime", "?"))
+
+    @property
+    def task(self) -> str:
+        return str(self.config.get("task", "?"))
 
     @property
     def seed(self) -> int:

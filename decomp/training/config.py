@@ -33,6 +33,7 @@ class TrainConfig(InstrumentConfig, MTPConfig):
     """Everything that determines a run. Defaults: the reference run on ``add``."""
 
     # what to run
+    label: str = option("", "the run's name in the analysis, e.g. occ-trust_region (default: the regime)")
     task: str = option("add", "builtin model: add | chain; Hugging Face model: add1 | add")
     seed: int = option(0, "seeds the warm start, rollouts and mini-batch order")
     steps: int = option(200, "RL steps (rollout batches)")

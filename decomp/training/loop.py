@@ -8,7 +8,8 @@ on-policy batch and carries signal from the second on). Every ``decomp_every`` s
 update of the step is instrumented (:mod:`decomp.instrument`) before it is applied.
 
 Read top to bottom, :func:`train` is: open the run (:func:`open_run`), then per step
-:func:`rollout` → :func:`minibatch_partition` → for each update :func:`update_loss` →
+:func:`rollout` → :func:`minibatch_partition` → for each update :func:`computed_coefficient`
+(oracle, step estimators) → :func:`update_loss` → (:func:`gate_by_cosine`) → :func:`backward` →
 (:func:`instrument`) → :func:`apply_update`, then :func:`evaluate_and_log` and
 :func:`save_checkpoint`; finally :func:`finish_run`.
 
@@ -38,6 +39,7 @@ from decomp.instrument import instrument_update, oracle_estimate, step_estimate
 from decomp.objectives import RolloutBatch, aligned_logprobs, mtp_inputs
 from decomp.regimes import MTPTerm, Regime
 from decomp.rl import clipped_policy_loss, kl_k3, masked_mean
+from decomp.rng import HELDOUT_STREAM, stream_seed
 from decomp.runlog import (
     SCHEMA_VERSION,
     JsonlWriter,
@@ -80,12 +82,6 @@ class RunState:
     @property
     def model(self) -> torch.nn.Module:
         return self.policy.model
-
-
-def stream_seed(seed: int, step: int) -> int:
-    """The seed of step ``step``'s generator: one independent, reproducible stream per
-    ``(seed, step)``, so resuming needs no RNG state."""
-    return (seed * 1_000_003 + step * 7_919 + 17) % (2**63 - 1)
 
 
 def open_run(cfg: TrainConfig, out: Path, *, resume: bool, overwrite: bool, cache_dir: Path | None,
@@ -231,16 +227,13 @@ def gate_by_cosine(state: RunState, out: UpdateLoss) -> None:
         out.grads[n] = g if b is None else g.add_(b, alpha=out.gated_coef)
 
 
-HELDOUT_STREAM = 0x5DEECE66D  # offsets the held-out batch's seed from the step's training stream
-
-
 def heldout_batch(state: RunState, step: int, size: int, salt: int = 0) -> RolloutBatch:
     """An independent batch of ``size`` sequences sampled from the current policy: fresh prompts
     from the training pool, group-normalised advantages, ``ℓ^old`` the current log-probs. Its own
     generator, so the training stream (and so every training record) is the same with or without
     instrumentation."""
     cfg = state.cfg
-    gen = torch.Generator().manual_seed((stream_seed(cfg.seed, step) + HELDOUT_STREAM * (salt + 1)) % (2**63 - 1))
+    gen = torch.Generator().manual_seed(stream_seed(cfg.seed, step, HELDOUT_STREAM * (salt + 1)))
     batch, _, _ = rollout(state.policy, cfg, gen, None, prompts=-(-size // cfg.group_size))
     return batch.subset(torch.arange(size))
 
@@ -264,9 +257,9 @@ def instrument(state: RunState, step: int, update: int, mb: RolloutBatch, ref_lo
         state.logs["curvature"].write({**where, **result.curvature})
 
 
-def apply_update(state: RunState, mb: RolloutBatch, out: UpdateLoss, sums: dict[str, float]) -> None:
-    """Backward and AdamW step; accumulate the step's training statistics in ``sums``."""
-    cfg = state.cfg
+def backward(state: RunState, out: UpdateLoss) -> None:
+    """The update's gradient into ``.grad`` (freeing the forward graph): by backward, or the
+    gradient already computed by parts (cosine)."""
     state.optimizer.zero_grad(set_to_none=True)
     if out.grads is None:
         out.loss.backward()
@@ -274,6 +267,12 @@ def apply_update(state: RunState, mb: RolloutBatch, out: UpdateLoss, sums: dict[
         for n, p in state.model.named_parameters():
             if n in out.grads:
                 p.grad = out.grads[n]
+    out.grads = None
+
+
+def apply_update(state: RunState, mb: RolloutBatch, out: UpdateLoss, sums: dict[str, float]) -> None:
+    """The AdamW step; accumulate the step's training statistics in ``sums``."""
+    cfg = state.cfg
     state.optimizer.step()
     with torch.no_grad():
         ratio = torch.exp(out.logp.detach() - mb.old_logp)
@@ -304,6 +303,9 @@ def train_step(state: RunState, step: int) -> dict[str, Any]:
         out = update_loss(state, mb, mb_ref, computed_coefficient(state, step, update, mb, mb_ref))
         if state.regime.needs_gradients:
             gate_by_cosine(state, out)
+        # backward before the measurements: the forward graph is freed, so the measurement's
+        # peak memory does not sit on top of it (nothing measured reads .grad)
+        backward(state, out)
         if cfg.instruments(step) and update == len(partition) - 1:
             t_dec = time.perf_counter()
             instrument(state, step, update, mb, mb_ref, out.coef)

@@ -35,7 +35,7 @@ VOCAB = SPECIALS + list(CHARS)
 VOCAB_SIZE = len(VOCAB)
 _CHAR_ID = {c: i + len(SPECIALS) for i, c in enumerate(CHARS)}
 SPLIT_SEED = 20260526  # fixes the held-out split of every task, character and text alike
-HELD_OUT = 500
+HELD_OUT = 2000  # greedy accuracy on 2000 problems has a sampling sd ≤ 1.1 points
 
 P = TypeVar("P")
 

@@ -23,7 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from decomp.training.tasks import HELD_OUT, held_out_split
+from decomp.training.tasks import held_out_split
+
+TEXT_HELD_OUT = 500  # at most this many held out: generation with a real LM is the cost
 
 ARITHMETIC_SYSTEM_PROMPT = "Answer with the number only."
 MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -78,8 +80,8 @@ class TextTask:
 
 
 def split(problems: list[TextProblem]) -> tuple[list[TextProblem], list[TextProblem]]:
-    """``(train, held_out)`` with ``min(HELD_OUT, max(1, ⌊0.3 n⌋))`` held out (module docstring)."""
-    return held_out_split(problems, min(HELD_OUT, max(1, int(0.3 * len(problems)))))
+    """``(train, held_out)`` with ``min(TEXT_HELD_OUT, max(1, ⌊0.3 n⌋))`` held out (module docstring)."""
+    return held_out_split(problems, min(TEXT_HELD_OUT, max(1, int(0.3 * len(problems)))))
 
 
 def read_dataset(path: Path | str) -> list[TextProblem]:

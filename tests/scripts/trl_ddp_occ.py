@@ -1,6 +1,7 @@
 """Run by tests/test_trl.py under ``torchrun --nproc_per_node 2`` (CPU, gloo): an OCC run whose
 ranks save, before every optimizer step, the λ they applied and the proxy inputs of their own
-micro-batch, so the test can check that every rank applied the estimate of the union. Arguments: checkpoint folder, output folder, ``checkpointing`` or ``plain`` (activation
+micro-batch, so the test can check that every rank applied the estimate of the union; the
+decomposition (rank 0 only) samples a held-out batch too, which must not block the other rank. Arguments: checkpoint folder, output folder, ``checkpointing`` or ``plain`` (activation
 checkpointing on or off: off, transformers would ask DDP to look for unused parameters)."""
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def main() -> None:
                                  args=config, train_dataset=data,
                                  processing_class=AutoTokenizer.from_pretrained(checkpoint),
                                  mtp_config=MTPConfig(regime="occ"),
-                                 instrument_config=InstrumentConfig(decomp_every=2))
+                                 instrument_config=InstrumentConfig(decomp_every=2),
+                                 heldout_prompts=[{"prompt": p.question, "answer": p.answer} for p in task.held_out])
         trainer.add_callback(Save(trainer, out))
         trainer.train()
     if torch.distributed.is_initialized():  # a clean shutdown: gloo's threads joined before exit

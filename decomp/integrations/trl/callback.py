@@ -18,12 +18,25 @@ from transformers import TrainerCallback
 from decomp import __version__
 from decomp.instrument import instrument_update
 from decomp.integrations.trl.align import MTPModelView, plain_forward, rollout_batch
+from decomp.integrations.trl.heldout import heldout_batch
 from decomp.integrations.trl.loss import trl_rl_loss
 from decomp.integrations.trl.support import unsupported_loss_settings
 from decomp.runlog import RUN_FILE, SCHEMA_VERSION, JsonlWriter, truncate_jsonl
 
 if TYPE_CHECKING:
     from decomp.integrations.trl.trainer import MTPGRPOTrainer
+
+
+def metric_name(record: dict[str, Any], key: str) -> str:
+    """The logger's name of a record's field: ``decomp/<key>`` for the active direction's
+    training split, with ``<direction>/`` for a shadow direction and ``heldout/`` for the
+    held-out split inserted (one list per name, so the splits are never averaged together)."""
+    parts = ["decomp"]
+    if record["direction"] != "active":
+        parts.append(record["direction"])
+    if record.get("split", "train") != "train":
+        parts.append(record["split"])
+    return "/".join([*parts, key])
 
 
 class DecompositionCallback(TrainerCallback):
@@ -81,6 +94,9 @@ class DecompositionCallback(TrainerCallback):
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "max_grad_norm": args.max_grad_norm,
             "num_processes": tr.accelerator.num_processes,
+            # the split exists only with evaluation prompts, whatever the config's default says
+            "heldout": self.heldout,
+            "heldout_prompts": 0 if tr.heldout_prompts is None else len(tr.heldout_prompts),
         }
         text = json.dumps(
             {"config": config, "decomp_version": __version__, "schema_version": SCHEMA_VERSION}, indent=2
@@ -100,21 +116,28 @@ class DecompositionCallback(TrainerCallback):
         if not self.every or step % self.every or not self._main() or self.trainer.last_micro_batch is None:
             return
         start = time.perf_counter()
-        records = self.measure()
+        records = self.measure(step)
         tr = self.trainer
         for record in records:
             self._writers["decomposition"].write({"step": step, "regime": tr.regime.name, **record})
-            prefix = "decomp/" if record["direction"] == "active" else f"decomp/{record['direction']}/"
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    tr._metrics["train"][prefix + key].append(float(value))
+                    tr._metrics["train"][metric_name(record, key)].append(float(value))
         self._decomp_seconds += time.perf_counter() - start
 
-    def measure(self) -> list[dict[str, Any]]:
-        """The decomposition records of the coming optimizer step (one per direction)."""
+    @property
+    def heldout(self) -> bool:
+        """Whether decompositions get a held-out split (prompts given and not switched off)."""
+        tr = self.trainer
+        return tr.heldout_prompts is not None and bool(tr.instrument_config.heldout)
+
+    def measure(self, step: int | None = None) -> list[dict[str, Any]]:
+        """The decomposition records of the coming optimizer step ``step`` (default: the next
+        one): one per direction and split (``train``, and ``heldout`` when :attr:`heldout`)."""
         tr = self.trainer
         micro = tr.last_micro_batch
         assert micro is not None
+        step = tr.state.global_step + 1 if step is None else step
         inputs = micro["inputs"]
         lm = tr.accelerator.unwrap_model(tr.model)
         view = MTPModelView(lm, tr.temperature)
@@ -123,10 +146,13 @@ class DecompositionCallback(TrainerCallback):
         optimizer = getattr(tr.optimizer, "optimizer", tr.optimizer)  # accelerate wraps it
         grad_clipped = self._grad_clipped(lm)
         with plain_forward(lm):
+            # sampled in eval mode (no dropout) from the very parameters the updates start at
+            eval_batch = heldout_batch(tr, view, step, batch.tokens.shape[0]) if self.heldout else None
             result = instrument_update(
                 view, batch, optimizer, tr.regime, scale=tr.mtp_config.mtp_scale, coef=float(micro["coef"]),
                 clip=(float(tr.epsilon_low), float(tr.epsilon_high)), directions=tr.instrument_config.directions,
-                rl_loss_of_logp=trl_rl_loss(tr, inputs, old),
+                rl_loss_of_logp=trl_rl_loss(tr, inputs, old), eval_batch=eval_batch,
+                search=bool(tr.instrument_config.search),
             )
         return [{**r, "grad_clipped": grad_clipped} for r in result.decompositions]
 

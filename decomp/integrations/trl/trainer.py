@@ -21,12 +21,16 @@ from decomp.integrations.trl.align import (
     completion_mtp_logprobs,
 )
 from decomp.integrations.trl.callback import DecompositionCallback
+from decomp.integrations.trl.heldout import (
+    check_heldout_prompts,
+    unsupported_heldout_settings,
+)
 from decomp.integrations.trl.support import (
     PPO_CLIPPED_LOSS_TYPES,
     check_trl_version,
     unsupported_model_settings,
 )
-from decomp.occ import coefficient_from_statistics, proxy_statistics
+from decomp.occ import PROXY_ESTIMATORS, STEP_ESTIMATORS, coefficient_from_statistics, proxy_statistics
 from decomp.regimes import OCC, MTPTerm, Regime
 
 
@@ -40,6 +44,17 @@ class MTPGRPOTrainer(GRPOTrainer):
     modules are attached at construction when the model has none, initialised from the
     ``GRPOConfig``'s seed. Per optimizer step the applied ``λ`` and ``L_MTP`` are logged as
     ``mtp/coef`` and ``mtp/loss``. The caller's ``GRPOConfig`` is never modified.
+
+    ``heldout_prompts``: evaluation prompts in the ``train_dataset``'s format (a
+    ``datasets.Dataset`` or a list of dict rows: a ``"prompt"`` column, plain or conversational,
+    plus the columns the reward functions read). Given, and with ``instrument_config.heldout``,
+    every decomposition is also evaluated on a ``heldout`` split: a fresh micro-batch of the
+    training one's size sampled from the current policy on these prompts
+    (:mod:`~decomp.integrations.trl.heldout`; training is left bit-identical). ``None``, the
+    default: no held-out split, only the in-sample ``train`` one. Either way
+    ``instrument_config.search`` adds the realized optimum ``λ̂`` to every record. Reward models
+    (``nn.Module`` reward functions), tools, environments, ``rollout_func`` and vision processors
+    are refused with ``heldout_prompts``.
     """
 
     def __init__(
@@ -48,6 +63,7 @@ class MTPGRPOTrainer(GRPOTrainer):
         mtp_config: MTPConfig | None = None,
         instrument_config: InstrumentConfig | None = None,
         decomp_dir: str = "",
+        heldout_prompts: Any = None,
         **kwargs: Any,
     ) -> None:
         check_trl_version()
@@ -56,6 +72,8 @@ class MTPGRPOTrainer(GRPOTrainer):
         self.instrument_config = InstrumentConfig(decomp_every=0) if instrument_config is None else instrument_config
         self.instrument_config.validate()
         self.decomp_dir = decomp_dir
+        # checked before the (slow) parent constructor: a bad argument fails at once
+        self.heldout_prompts = None if heldout_prompts is None else check_heldout_prompts(heldout_prompts)
         args, kwargs = _with_ddp_settings(args, kwargs)
         super().__init__(*args, **kwargs)
         self._check_supported()
@@ -86,7 +104,16 @@ class MTPGRPOTrainer(GRPOTrainer):
         problems = unsupported_model_settings(self)
         if problems:
             raise ValueError(f"MTPGRPOTrainer does not support {', '.join(problems)}")
+        heldout = [] if self.heldout_prompts is None else unsupported_heldout_settings(self)
+        if heldout:
+            raise ValueError(f"heldout_prompts: the held-out split does not support {', '.join(heldout)}")
         regime = self.mtp_config.regime
+        if regime not in TRL_REGIMES:
+            raise ValueError(f"regime {regime!r} is not supported inside TRL yet (supported: {', '.join(TRL_REGIMES)}); "
+                             "the reference loop (decomp run) runs every regime")
+        if regime == "occ" and self.mtp_config.occ_estimator in STEP_ESTIMATORS:
+            raise ValueError(f"occ_estimator {self.mtp_config.occ_estimator!r} needs the step's updates at every "
+                             f"update, which the TRL integration does not compute; use one of {', '.join(PROXY_ESTIMATORS)}")
         if regime in ("policy", "occ") and self.loss_type not in PPO_CLIPPED_LOSS_TYPES:
             raise ValueError(
                 f"regime {regime!r} applies the PPO-clipped policy loss to the MTP head with TRL's "
@@ -177,6 +204,9 @@ class MTPGRPOTrainer(GRPOTrainer):
         out = {k: (sum(v) / len(v) if v else math.nan) for k, v in self._step_mtp.items()}
         self._step_mtp = {"coef": [], "loss": []}
         return out
+
+
+TRL_REGIMES = ("detach", "detach-inputs", "ce", "policy", "occ")
 
 
 def _with_ddp_settings(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -1,0 +1,74 @@
+"""What the study runs: tasks, arms (a regime with its settings), seeds, and the pilot.
+
+Every choice is a constant here, stated and justified in ``figures/STUDY.md``; the pilot that
+fixed ``SCALE`` and ``BEST_ESTIMATOR`` is :data:`PILOT`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+TASKS = ("add", "chain")
+SEEDS = (0, 1, 2, 3, 4)
+STEPS = 200
+SCALE = 1.0  # c: chosen from the pilot (figures/STUDY.md, "Pilot")
+BEST_ESTIMATOR = "trust_region"  # the estimator that validated best in the pilot (realized efficiency)
+FINAL_EVALUATIONS = 5  # final accuracy: the mean of the last 5 held-out evaluations (steps 160–200)
+
+# instrumentation and evaluation shared by every arm: 10 instrumented updates per run (enough for
+# early/middle/late thirds), held-out split and realized optimum on each, no sweeps or Lanczos runs
+COMMON: dict[str, Any] = {
+    "steps": STEPS, "eval_every": 10, "decomp_every": 20, "sweep_every": 0, "curvature_every": 0,
+    "checkpoint_every": 20, "heldout": True, "search": True,
+}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration of the study: a label (its name in the analysis), a regime and the
+    TrainConfig fields that differ from :data:`COMMON`."""
+
+    label: str
+    regime: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    cost: float = 1.0  # relative run time (the progress bar's weights)
+
+    def config(self, task: str, seed: int, common: dict[str, Any]) -> dict[str, Any]:
+        return {**common, "mtp_scale": SCALE, **self.settings, "label": self.label, "regime": self.regime,
+                "task": task, "seed": seed}
+
+
+ARMS = (
+    Arm("detach", "detach"),
+    Arm("frozen", "frozen"),
+    Arm("distill", "distill"),
+    Arm("ce", "ce"),
+    Arm("policy", "policy"),
+    Arm("occ", "occ", {"occ_estimator": "reference"}),  # the paper's proxy, as its public code computes it
+    Arm(f"occ-{BEST_ESTIMATOR}", "occ", {"occ_estimator": BEST_ESTIMATOR}, cost=1.8),
+    Arm("cosine", "cosine", cost=1.3),
+    Arm("oracle", "oracle", cost=2.2),
+)
+TASK_COST = {"add": 1.0, "chain": 2.2}
+
+
+@dataclass(frozen=True)
+class Design:
+    tasks: tuple[str, ...]
+    seeds: tuple[int, ...]
+    arms: tuple[Arm, ...]
+    common: dict[str, Any]
+
+
+STUDY = Design(TASKS, SEEDS, ARMS, COMMON)
+
+# the pilot: where does the MTP term matter? ce and policy at three scales against detach, two
+# seeds per task, shorter runs; its held-out records also rank the estimators
+PILOT_SCALES = (0.1, 1.0, 10.0)
+PILOT = Design(
+    TASKS, (0, 1),
+    (Arm("detach", "detach"),
+     *(Arm(f"{r}-c{c:g}", r, {"mtp_scale": c}) for r in ("ce", "policy") for c in PILOT_SCALES)),
+    {**COMMON, "steps": 100, "decomp_every": 20, "checkpoint_every": 20},
+)

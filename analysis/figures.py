@@ -1,0 +1,235 @@
+"""The study's figures (``figures/study_*.png``), one function each, from run directories.
+
+Each figure stands alone: title, axis units, the number of seeds, and 95% intervals over seeds
+(t-intervals of per-run values). Colours per arm follow :mod:`decomp.analysis.plots`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from analysis.summaries import acceptance_rate, arms_of, by_seed, final_accuracy  # noqa: E402
+from decomp.analysis.plots import REGIME_COLORS  # noqa: E402
+from decomp.analysis.rundata import Run  # noqa: E402
+from decomp.analysis.stats import finite, paired_difference, t_interval  # noqa: E402
+from decomp.analysis.validate import per_run_estimator, select_records  # noqa: E402
+
+plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 130, "font.size": 9, "axes.titlesize": 10,
+                     "legend.fontsize": 8, "axes.grid": True, "grid.alpha": 0.3,
+                     "axes.spines.top": False, "axes.spines.right": False})
+EXTRA = ["#332288", "#117733", "#44AA99", "#88CCEE", "#DDCC77", "#CC6677", "#AA4499"]
+
+
+def color(arm: str) -> str:
+    if arm in REGIME_COLORS:
+        return REGIME_COLORS[arm]
+    if arm.startswith("occ-"):
+        return "#E69F00"
+    return EXTRA[sum(map(ord, arm)) % len(EXTRA)]
+
+
+def _n_seeds(runs: list[Run]) -> int:
+    return max((len({r.seed for r in runs if r.regime == a}) for a in arms_of(runs)), default=0)
+
+
+def _errorbar(ax, x, ci, c, **kw) -> None:
+    if finite(ci["low"]):
+        ax.errorbar([x], [ci["value"]], yerr=[[ci["value"] - ci["low"]], [ci["high"] - ci["value"]]], fmt="o",
+                    color=c, capsize=3, ms=5, **kw)
+    elif finite(ci["value"]):
+        ax.plot([x], [ci["value"]], "o", color=c, ms=5, **kw)
+
+
+def accuracy_figure(tasks: dict[str, list[Run]], k: int):
+    """Final held-out accuracy per arm (dots: seeds; bar: mean and 95% CI) and the paired
+    difference to detach with its 95% CI and the −2-point margin."""
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5.2 * len(tasks), 6.2), squeeze=False)
+    for col, (task, runs) in enumerate(tasks.items()):
+        arms = arms_of(runs)
+        base = by_seed(runs, "detach", lambda r: final_accuracy(r, k))
+        for i, arm in enumerate(arms):
+            acc = by_seed(runs, arm, lambda r: final_accuracy(r, k))
+            axes[0, col].plot([i] * len(acc), [100 * v for v in acc.values()], ".", color=color(arm), alpha=0.5)
+            ci = t_interval(list(acc.values()))
+            _errorbar(axes[0, col], i, {k_: 100 * v for k_, v in ci.items() if k_ in ("value", "low", "high")}, color(arm))
+            if arm != "detach":
+                d = paired_difference(acc, base)
+                _errorbar(axes[1, col], i, {k_: 100 * d[k_] for k_ in ("value", "low", "high")}, color(arm))
+        for row, label in ((0, "final held-out accuracy (%)"), (1, "paired difference to detach (points)")):
+            axes[row, col].set_xticks(range(len(arms)), arms, rotation=35, ha="right")
+            axes[row, col].set_ylabel(label)
+        axes[1, col].axhline(0, color="black", lw=0.8)
+        axes[1, col].axhline(-2, color="gray", lw=0.8, ls="--", label="−2-point margin")
+        axes[0, col].set_title(f"{task}: mean of the last {k} evaluations, n = {_n_seeds(runs)} seeds")
+        axes[1, col].legend(loc="lower left")
+    fig.suptitle("Final accuracy per arm (dots: seeds; bars: mean and 95% t-interval over seeds)", y=1.0)
+    fig.tight_layout()
+    return fig
+
+
+def _curve(runs: list[Run], get) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per step: mean over runs and the 95% t-interval (runs with a finite value there)."""
+    values: dict[int, list[float]] = defaultdict(list)
+    for run in runs:
+        for step, v in get(run):
+            if finite(v):
+                values[step].append(float(v))
+    steps = np.array(sorted(values))
+    cis = [t_interval(values[s]) for s in steps]
+    mean = np.array([c["value"] for c in cis])
+    low = np.array([c["low"] if finite(c["low"]) else c["value"] for c in cis])
+    high = np.array([c["high"] if finite(c["high"]) else c["value"] for c in cis])
+    return steps, mean, low, high
+
+
+def _band(ax, runs, arm, get, scale=1.0) -> None:
+    steps, mean, low, high = _curve([r for r in runs if r.regime == arm], get)
+    if steps.size:
+        ax.plot(steps, scale * mean, color=color(arm), lw=1.4, label=arm)
+        ax.fill_between(steps, scale * low, scale * high, color=color(arm), alpha=0.12, lw=0)
+
+
+def training_figure(tasks: dict[str, list[Run]]):
+    """Held-out greedy accuracy over training per arm: mean and 95% band over seeds."""
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.8), squeeze=False)
+    for ax, (task, runs) in zip(axes[0], tasks.items(), strict=True):
+        for arm in arms_of(runs):
+            _band(ax, runs, arm, lambda r: [(m["step"], m.get("accuracy")) for m in r.metrics], scale=100)
+        ax.set_title(f"{task} (n = {_n_seeds(runs)} seeds; band: 95% t-interval)")
+        ax.set_xlabel("RL step")
+        ax.set_ylabel("held-out greedy accuracy (%)")
+    axes[0, -1].legend(loc="lower right", ncol=2)
+    fig.suptitle("Held-out accuracy during RL", y=1.02)
+    fig.tight_layout()
+    return fig
+
+
+TERMS = (("correlation", "correlation C = ⟨∇J, δ⟩"), ("cross", "cross term X = u_RLᵀHδ"),
+         ("penalty", "penalty P = −½δᵀHδ"))
+
+
+def terms_figure(tasks: dict[str, list[Run]], direction: str = "active", split: str = "heldout"):
+    """C, X and P of each arm's own MTP direction over training (held-out J), mean and band."""
+    fig, axes = plt.subplots(len(tasks), 3, figsize=(14, 3.4 * len(tasks)), squeeze=False)
+    for row, (task, runs) in enumerate(tasks.items()):
+        for col, (term, label) in enumerate(TERMS):
+            ax = axes[row, col]
+            for arm in arms_of(runs):
+                _band(ax, runs, arm, lambda r, t=term: [(x["step"], x[t]) for x in r.records(direction, split)])
+            ax.axhline(0, color="black", lw=0.6)
+            ax.set_yscale("symlog", linthresh=1e-6)
+            ax.set_title(f"{task}: {label}")
+            ax.set_xlabel("RL step")
+            ax.set_ylabel("change of J (symlog)")
+    axes[0, -1].legend(loc="upper right", ncol=2, fontsize=7)
+    fig.suptitle(f"The decomposition along each arm's own MTP direction ({split} J; mean and 95% band over "
+                 f"seeds; detach, frozen and distill are exactly 0)", y=1.01)
+    fig.tight_layout()
+    return fig
+
+
+def estimator_figure(tasks: dict[str, list[Run]], direction: str = "policy"):
+    """Per estimator: realized efficiency ΔJ(λ_est)/ΔJ(λ̂) (per-run medians and 95% CI over runs)
+    and the within-run Spearman ρ with λ̂, on held-out records of the policy direction."""
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 6.4), squeeze=False)
+    for col, (task, runs) in enumerate(tasks.items()):
+        groups = [g for g in (select_records(r, direction)[1] for r in runs) if g]
+        names = sorted({k[5:] for g in groups for rec in g for k in rec if k.startswith("coef_") and k != "coef_"})
+        names = ["lambda_star", *[n for n in names if n != "lambda_star"]]
+        for i, name in enumerate(names):
+            per_run = [_per_run(g, name) for g in groups]
+            for row, key, clip in ((0, "median_efficiency", (-2, 1.2)), (1, "spearman", (-1, 1))):
+                vals = [min(max(p[key], clip[0]), clip[1]) for p in per_run if finite(p[key])]
+                axes[row, col].plot([i] * len(vals), vals, ".", color="gray", alpha=0.4)
+                _errorbar(axes[row, col], i, t_interval(vals), "#0072B2")
+        for row, label in ((0, "realized efficiency (median per run)"), (1, "within-run Spearman ρ with λ̂")):
+            axes[row, col].set_xticks(range(len(names)), names, rotation=35, ha="right")
+            axes[row, col].set_ylabel(label)
+            axes[row, col].axhline(0, color="black", lw=0.6)
+        axes[0, col].axhline(1, color="#009E73", lw=0.8, ls="--")
+        axes[0, col].set_title(f"{task}: {len(groups)} runs (points: runs, clipped to the axis)")
+    fig.suptitle("How well each coefficient tracks the held-out realized optimum λ̂ (policy direction)", y=1.01)
+    fig.tight_layout()
+    return fig
+
+
+def _per_run(records: list[dict], name: str) -> dict[str, float]:
+    if name == "lambda_star":  # λ* itself as an estimate: its realized gain is gain_lambda_star
+        recs = [{**r, "coef_lambda_star": r.get("lambda_star"),
+                 "efficiency_lambda_star": (r["gain_lambda_star"] / r["gain_hat"]
+                                            if finite(r.get("gain_lambda_star")) and finite(r.get("gain_hat"))
+                                            and r["gain_hat"] > 0 else math.nan)} for r in records]
+        return per_run_estimator(recs, "lambda_star")
+    return per_run_estimator(records, name)
+
+
+def tradeoff_figure(tasks: dict[str, list[Run]], k: int):
+    """The reason to keep an MTP head: its acceptance rate as a speculative draft, against the
+    policy's final accuracy, per arm (mean and 95% CI over seeds on both axes)."""
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    for ax, (task, runs) in zip(axes[0], tasks.items(), strict=True):
+        for arm in arms_of(runs):
+            x = t_interval(list(by_seed(runs, arm, acceptance_rate).values()))
+            y = t_interval(list(by_seed(runs, arm, lambda r: final_accuracy(r, k)).values()))
+            if not (finite(x["value"]) and finite(y["value"])):
+                continue
+            xerr = [[x["value"] - x["low"]], [x["high"] - x["value"]]] if finite(x["low"]) else None
+            yerr = [[100 * (y["value"] - y["low"])], [100 * (y["high"] - y["value"])]] if finite(y["low"]) else None
+            ax.errorbar([x["value"]], [100 * y["value"]], xerr=xerr, yerr=yerr, fmt="o", color=color(arm),
+                        capsize=3, label=arm)
+        ax.set_xlabel("MTP acceptance rate as a draft, Σ min(p, q) (last 50 steps)")
+        ax.set_ylabel(f"final accuracy (%, mean of last {k} evaluations)")
+        ax.set_title(f"{task} (n = {_n_seeds(runs)} seeds; 95% t-intervals)")
+    axes[0, -1].legend(loc="best", ncol=2, fontsize=7)
+    fig.suptitle("Draft quality against policy quality per arm", y=1.02)
+    fig.tight_layout()
+    return fig
+
+
+def lambda_figure(tasks: dict[str, list[Run]], direction: str = "policy"):
+    """The quadratic model's λ* against the held-out realized optimum λ̂, per record (interior λ̂
+    only), coloured by arm; the diagonal is agreement."""
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.4), squeeze=False)
+    for ax, (task, runs) in zip(axes[0], tasks.items(), strict=True):
+        n = 0
+        for arm in arms_of(runs):
+            pts = [(r["lambda_hat"], r["lambda_star"]) for run in runs if run.regime == arm
+                   for r in select_records(run, direction)[1]
+                   if finite(r.get("lambda_hat")) and finite(r.get("lambda_star")) and not r.get("lambda_hat_reason")]
+            n += len(pts)
+            if pts:
+                x, y = np.array(pts).T
+                ax.scatter(x, y, s=9, color=color(arm), alpha=0.6, label=arm, edgecolors="none")
+        lim = 1e4
+        ax.plot([-lim, lim], [-lim, lim], color="black", lw=0.6)
+        for setter in (ax.set_xscale, ax.set_yscale):
+            setter("symlog", linthresh=1e-2)
+        ax.set_xlabel("realized optimum λ̂ (held-out J, symlog)")
+        ax.set_ylabel("quadratic-model optimum λ* (symlog)")
+        ax.set_title(f"{task}: {n} records (interior λ̂)")
+    axes[0, -1].legend(loc="best", ncol=2, fontsize=7)
+    fig.suptitle("λ* against λ̂ (policy direction)", y=1.02)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, out: Path, name: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.png"
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def make_figures(tasks: dict[str, list[Run]], out: Path, k: int) -> list[Path]:
+    return [save(accuracy_figure(tasks, k), out, "study_accuracy"), save(training_figure(tasks), out, "study_training"),
+            save(terms_figure(tasks), out, "study_terms"), save(estimator_figure(tasks), out, "study_estimators"),
+            save(tradeoff_figure(tasks, k), out, "study_tradeoff"), save(lambda_figure(tasks), out, "study_lambda")]

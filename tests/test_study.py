@@ -1,0 +1,117 @@
+"""The study's code (top-level ``analysis/``) on small synthetic run directories."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from synthetic_runs import edit_records, write_run
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: analysis/ is not installed
+
+from analysis import design, study  # noqa: E402
+from analysis.pilot import chosen_scale, effect_ratio  # noqa: E402
+from analysis.summaries import (  # noqa: E402
+    FAILS,
+    HOLDS,
+    INCONCLUSIVE,
+    acceptance_rate,
+    non_inferiority,
+    superiority,
+)
+from decomp.analysis.rundata import load_runs  # noqa: E402
+
+
+def test_jobs_cover_the_design_seed_by_seed_and_split_by_seed(tmp_path):
+    every = study.jobs(design.STUDY, tmp_path)
+    assert len(every) == len(design.TASKS) * len(design.SEEDS) * len(design.ARMS)
+    assert [j.seed for j in every] == sorted(j.seed for j in every)
+    part = study.jobs(design.STUDY, tmp_path, seeds=[3], tasks=["chain"])
+    assert {(j.task, j.seed) for j in part} == {("chain", 3)} and len(part) == len(design.ARMS)
+    assert len({j.out for j in every}) == len(every)  # one folder per run
+    labels = {j.settings["label"] for j in every}
+    assert {"occ", f"occ-{design.BEST_ESTIMATOR}", "oracle", "cosine", "frozen", "distill"} <= labels
+    occ = next(j for j in every if j.settings["label"] == "occ")
+    assert occ.settings["occ_estimator"] == "reference" and occ.settings["mtp_scale"] == design.SCALE
+
+
+def test_a_killed_study_resumes_and_a_finished_run_is_kept(tmp_path):
+    job = study.jobs(design.STUDY, tmp_path, seeds=[0], tasks=["add"])[0]
+    assert "--resume" not in job.command() and not job.done()
+    job.out.mkdir(parents=True)
+    (job.out / "config.json").write_text("{}")
+    assert "--resume" in job.command()  # killed mid-run: continue from its checkpoint
+    (job.out / "summary.json").write_text("{}")
+    assert job.done()
+    cmd = job.command()
+    assert cmd[cmd.index("--threads") + 1] == "1"
+    assert f"label={job.settings['label']}" in cmd and "search=True" in cmd
+
+
+def _runs(root: Path, finals: dict[str, list[float]], heldout: bool = True):
+    for arm, values in finals.items():
+        for seed, final in enumerate(values):
+            write_run(root, arm, seed, n=20, warm=0.4, final=final, heldout=heldout)
+    return load_runs([root])
+
+
+def test_non_inferiority_and_superiority_follow_their_intervals(tmp_path):
+    # occ within 0.5 points of detach on every seed: holds; oracle clearly above: beats detach
+    runs = _runs(tmp_path / "a", {"detach": [0.60, 0.62, 0.58, 0.61], "occ": [0.602, 0.618, 0.585, 0.607],
+                                  "oracle": [0.65, 0.67, 0.64, 0.66], "ce": [0.50, 0.52, 0.49, 0.51]})
+    assert non_inferiority(runs, "occ", "detach", k=1).verdict == HOLDS
+    assert superiority(runs, "oracle", "detach", k=1).verdict == HOLDS
+    assert non_inferiority(runs, "ce", "detach", k=1).verdict == FAILS
+    assert superiority(runs, "ce", "detach", k=1).verdict == FAILS
+    # a noisy difference straddling the margin is inconclusive; one seed always is
+    noisy = _runs(tmp_path / "b", {"detach": [0.60, 0.60, 0.60], "occ": [0.66, 0.55, 0.58]})
+    assert non_inferiority(noisy, "occ", "detach", k=1).verdict == INCONCLUSIVE
+    one = _runs(tmp_path / "c", {"detach": [0.6], "occ": [0.9]})
+    assert non_inferiority(one, "occ", "detach", k=1).verdict == INCONCLUSIVE
+
+
+def test_final_accuracy_is_the_mean_of_the_last_evaluations(tmp_path):
+    runs = _runs(tmp_path, {"detach": [0.6]})
+    evals = runs[0].evaluations  # 0.4 → 0.6 linearly, every 10 of 20 steps
+    assert runs[0].final_accuracy_mean(2) == pytest.approx(sum(evals[-2:]) / 2)
+
+
+def test_acceptance_rate_reads_the_last_steps(tmp_path):
+    out = write_run(tmp_path, "distill", 0, n=60)
+    path = out / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in rows[1:]:
+        r["mtp_acceptance_rate"] = 0.2 if r["step"] <= 10 else 0.5
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert acceptance_rate(load_runs([out])[0]) == pytest.approx(0.5)
+
+
+def test_pilot_scale_rule_picks_the_smallest_scale_that_matters(tmp_path):
+    tasks = {"add": []}
+    for c, ratio in ((0.1, 0.01), (1.0, 0.3), (10.0, 2.0)):
+        for seed in (0, 1):
+            out = write_run(tmp_path, f"policy-c{c:g}", seed, n=6, heldout=True)
+            edit_records(out, lambda r, q=ratio: {**r, "realized_rl": r["realized"] / q if r["realized"] else 1.0})
+            run = load_runs([out])[0]
+            assert effect_ratio(run) == pytest.approx(ratio)
+            tasks["add"].append(run)
+    c, means = chosen_scale(tasks)
+    assert c == 1.0 and means[0.1] == pytest.approx(0.01)
+
+
+@pytest.mark.slow
+def test_report_writes_the_study_and_its_figures(tmp_path):
+    from analysis.report import build
+
+    for task in ("add", "chain"):
+        _runs(tmp_path / "study" / task, {"detach": [0.6, 0.62, 0.58], "occ": [0.61, 0.6, 0.59],
+                                          "oracle": [0.7, 0.66, 0.68]})
+    text = build(tmp_path / "study", None, tmp_path / "figures")
+    for heading in ("## Design", "### add: final accuracy", "### chain: does calibrating λ help?",
+                    "the estimators against the realized optimum", "the paper's claims"):
+        assert heading in text
+    assert "oracle beats detach" in text and "**holds**" in text
+    for name in ("accuracy", "training", "terms", "estimators", "tradeoff", "lambda"):
+        assert (tmp_path / "figures" / f"study_{name}.png").stat().st_size > 10_000

@@ -8,8 +8,9 @@ Rules (stated in the report):
   held-out objective by at least ``MATTERS`` of what the RL step moves it (per run, the median
   over instrumented updates of ``|ΔJ_MTP| / |ΔJ_RL|`` on the held-out split, then the mean over
   runs): below it, the regimes are the same experiment as ``detach``;
-- the estimator is the deployable one (not λ* or λ̂) with the highest mean over runs of its
-  per-run median realized efficiency ``ΔJ(λ_est)/ΔJ(λ̂)`` on held-out records.
+- the estimator is the deployable one (any computed from the training batch alone: the proxies,
+  the jvp level, ``trust_region``, ``exact`` — the train split's λ*) with the highest mean over
+  runs of its per-run median realized efficiency ``ΔJ(λ_est)/ΔJ(λ̂)`` on held-out records.
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ counterfactual step, and the quadratic model's ``model_efficiency_E``. Estimator
 averaged over MTP depths as training averages the depths' coefficients; the same for every
 direction), the ``jvp`` level (``jvp_masked``, ``jvp_pooled``) and ``trust_region`` (in the units
 of ``λ``, :func:`decomp.occ.trust_region_coefficient`), both along that direction's ``δ₁`` and
-``u_RL``. A shadow direction identical to the active one is written as a copy marked
+``u_RL``, and ``exact``: the train split's ``λ*`` (deployable, as it needs only the training
+batch; on the held-out record, its realized gain says how well the in-sample quadratic model
+calibrates ``λ``). A shadow direction identical to the active one is written as a copy marked
 ``same_as: "active"`` (not a second observation).
 
 Optionally, at the same update:
@@ -175,10 +177,12 @@ def measure_direction(
     estimates = {**proxies, **jvp_estimates(obj, params, step, batch, scale)}
     shared = time.perf_counter() - start
     out = []
-    for split, split_batch in splits.items():
+    for split, split_batch in splits.items():  # train first: its λ* is the "exact" estimate
         start = time.perf_counter()
         split_obj = obj if split == "train" else objectives(model, split_batch, regime)
         measured = decompose_updates(step, split_obj.rl_objective, search=search)
+        if split == "train":  # the quadratic model's optimum on the training batch: deployable
+            estimates["exact"] = measured.decomposition.lambda_star
         record: dict[str, Any] = {"split": split, "same_as": "", "regime_of_direction": regime.name,
                                   **measured.decomposition.to_dict(), **estimator_fields(estimates, measured, search)}
         record["seconds"] = time.perf_counter() - start + (shared if split == "train" else 0.0)
@@ -204,14 +208,18 @@ def curvature_record(model: nn.Module, batch: RolloutBatch, regime: Regime) -> d
 
 def step_estimate(model: nn.Module, batch: RolloutBatch, optimizer: torch.optim.Optimizer, regime: Regime,
                   estimator: str, scale: float, loss: dict[str, Any]) -> float:
-    """An estimator that needs the step's updates (``jvp_*``, ``trust_region``) for the coming
-    update, as an ``occ`` regime applies it (0 where undefined): the updates along the regime's
-    unit MTP loss, then the forward-mode passes. No Hessian."""
+    """An estimator that needs the step's updates for the coming update, as an ``occ`` regime
+    applies it (0 where undefined): the updates along the regime's unit MTP loss, then the
+    forward-mode passes (``jvp_*``, ``trust_region``: no Hessian) or the exact decomposition on the
+    training batch (``exact``: its ``λ*``, two Hessian-vector products)."""
     named = dict(model.named_parameters())
     params = {k: v.detach() for k, v in named.items()}
     obj = _objectives(model, batch, regime, scale, loss)
     step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=scale, optimizer=optimizer, rl_loss=obj.rl_loss)
-    value = jvp_estimates(obj, params, step, batch, scale)[estimator]
+    if estimator == "exact":
+        value = decompose_updates(step, obj.rl_objective).decomposition.lambda_star
+    else:
+        value = jvp_estimates(obj, params, step, batch, scale)[estimator]
     return value if math.isfinite(value) else 0.0
 
 

@@ -163,9 +163,10 @@ PROXY_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
     "masked": masked_coefficient,
     "pooled": pooled_coefficient,
 }
-# estimators that need the step's updates (u_RL, δ₁) and forward-mode passes: an OCC regime using
-# one computes them at every update (decomp.instrument.step_estimate)
-STEP_ESTIMATORS: tuple[str, ...] = ("jvp_masked", "jvp_pooled", "trust_region")
+# estimators that need the step's updates (u_RL, δ₁) and forward-mode passes, or (exact) the
+# decomposition on the training batch: an OCC regime using one computes them at every update
+# (decomp.instrument.step_estimate)
+STEP_ESTIMATORS: tuple[str, ...] = ("jvp_masked", "jvp_pooled", "trust_region", "exact")
 ESTIMATORS: tuple[str, ...] = (*PROXY_ESTIMATORS, *STEP_ESTIMATORS)
 
 

@@ -38,7 +38,7 @@ def test_registry_and_detach_modes():
     with pytest.raises(TypeError, match="bad option for regime 'ce'"):
         make_regime("ce", estimator="masked")
     with pytest.raises(ValueError, match="unknown estimator"):
-        make_regime("occ", estimator="exact")
+        make_regime("occ", estimator="oracular")
     with pytest.raises(ValueError, match="form"):
         make_regime("policy", form="ppo")
 

@@ -334,3 +334,22 @@ def test_cosine_gates_by_the_gradient_cosine(run_dir):
                   mtp_scale=0.5)
     coefs = [m["mtp_coef"] for m in read_jsonl(out / "metrics.jsonl")[1:]]
     assert all(0.0 <= c <= 0.5 for c in coefs)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "trust_region"])
+def test_occ_with_a_step_estimator_applies_its_estimate(run_dir, monkeypatch, estimator):
+    import decomp.training.loop as loop
+
+    values = []
+    real = loop.step_estimate
+
+    def spy(*args, **kwargs):
+        values.append(real(*args, **kwargs))
+        return values[-1]
+
+    monkeypatch.setattr(loop, "step_estimate", spy)
+    out = run_dir(f"occ-{estimator}", regime="occ", occ_estimator=estimator, steps=2, decomp_every=0,
+                  sweep_every=0, curvature_every=0)
+    metrics = read_jsonl(out / "metrics.jsonl")[1:]
+    assert len(values) == 4 and all(math.isfinite(v) for v in values)
+    assert [m["mtp_coef"] for m in metrics] == pytest.approx([(values[0] + values[1]) / 2, (values[2] + values[3]) / 2])

@@ -77,6 +77,8 @@ ESTIMATOR_STYLE = {
     "pooled": ("#009E73", "^"),
     "jvp_masked": ("#D55E00", "v"),
     "jvp_pooled": ("#CC79A7", "D"),
+    "trust_region": ("#882255", "P"),
+    "exact": ("#000000", "*"),
 }
 DIRECTIONS = ("active", "ce", "policy", "distill-joint")
 TERM_LABELS = {

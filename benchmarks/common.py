@@ -114,11 +114,11 @@ def decomposition_rows(
     rows: dict[str, Callable[[], object]] = {
         "training update": update,
         "decompose, AdamW": lambda: decompose(obj.rl_objective, obj.mtp_loss, named, coef=0.1, optimizer=opt,
-                                              rl_loss=obj.rl_loss),
+                                              rl_loss=obj.rl_loss, first_order=obj.first_order),
     }
     if sgd_lr is not None:
         rows["decompose, SGD"] = lambda: decompose(obj.rl_objective, obj.mtp_loss, params, coef=0.1, lr=sgd_lr,
-                                                   rl_loss=obj.rl_loss)
+                                                   rl_loss=obj.rl_loss, first_order=obj.first_order)
     rows.update({
         "  ∇J + graph for HVPs": lambda: second_order(obj.rl_objective, params),
         "  ∇J + graph + one HVP": lambda: second_order(obj.rl_objective, params).hvp(vec),
@@ -141,11 +141,13 @@ def ground_truth_rows(model, batch, eval_batch, named: dict, opt: torch.optim.Op
     for name, regime in (("ce", CrossEntropy(scale=scale)), ("policy", Policy(scale=scale))):
         obj = objectives(model, batch, regime, coef=scale, clip=(0.2, 0.2))
         held = objectives(model, eval_batch, regime)
-        step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=scale, optimizer=opt, rl_loss=obj.rl_loss)
+        step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=scale, optimizer=opt, rl_loss=obj.rl_loss,
+                            first_order=obj.first_order)
         measured = decompose_updates(step, obj.rl_objective)
 
         def in_sample(obj=obj):
-            s = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=scale, optimizer=opt, rl_loss=obj.rl_loss)
+            s = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=scale, optimizer=opt, rl_loss=obj.rl_loss,
+                             first_order=obj.first_order)
             return decompose_updates(s, obj.rl_objective)
 
         def search(m=measured):

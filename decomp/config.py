@@ -94,12 +94,16 @@ class InstrumentConfig:
                            "rollouts from the current policy (split 'heldout')")
     search: bool = option(True, "find the realized optimum λ̂, and every estimator's realized gain and "
                           "efficiency (real counterfactual steps, forward passes only)")
+    realized_dtype: str = option("auto", "dtype of the realized changes and the search: float64 | float32 | auto "
+                                 "(float64 for Hugging Face models, whose small steps sit at float32's resolution)")
     sweep_every: int = option(50, "steps between coefficient sweeps, at the first instrumented update at or "
                               "after each multiple (0: never)")
     curvature_every: int = option(50, "steps between Hessian eigenvalue runs, at the first instrumented update "
                                   "at or after each multiple (0: never)")
 
     def validate(self) -> None:
+        if self.realized_dtype not in ("auto", "float32", "float64"):
+            raise ValueError(f"realized_dtype must be auto, float32 or float64, got {self.realized_dtype!r}")
         for name in ("decomp_every", "sweep_every", "curvature_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -239,27 +239,49 @@ class StepMeasurement:
 class RealizedGain:
     """``ΔJ(λ) = J(θ + u_RL + δ(λ)) − J(θ + u_RL)`` with real counterfactual steps (no gradient).
 
-    ``evaluations`` counts the forward evaluations of ``J`` (the one at ``θ + u_RL`` included).
+    For an :class:`~decomp.objectives.ImportanceObjective` the difference is formed token by
+    token in float64 from the per-token log-probs at both points (``Σ M·A·r₀·expm1(ℓ − ℓ₀)/Σ M``),
+    so it is not limited by the rounding of two nearly equal sums ``J`` (at a real LM's learning
+    rate, ΔJ_MTP sits at float32's resolution of ``J``); any other callable gives ``J − J``.
+    ``evaluations`` counts the forward evaluations (the one at ``θ + u_RL`` included).
     """
 
-    def __init__(self, objective: Callable[[Params], Tensor], step: StepUpdates) -> None:
-        self.objective, self.step = objective, step
-        self.base_point = _add(step.theta, step.updates.update_rl)
+    def __init__(self, objective: Callable[[Params], Tensor], step: StepUpdates, dtype: torch.dtype | None = None) -> None:
+        self.objective, self.step, self.dtype = objective, step, dtype
+        self.paired = callable(getattr(objective, "difference", None))
+        self.base_point = self._cast(_add(step.theta, step.updates.update_rl))
         self._work: Params | None = None  # one buffer reused for every λ
         self.evaluations = 0
-        self.base = self._value(self.base_point)
+        self._base_logp = self._forward(self.base_point)
+        self.base = float(objective(self.base_point)) if self.paired else self._base_logp
 
-    def _value(self, point: Params) -> float:
+    def _cast(self, point: Params) -> Params:
+        """``point`` in the evaluation dtype (``dtype``: e.g. float64 for a float32 model, whose
+        forward rounding, not the sums, is what limits a tiny ΔJ)."""
+        if self.dtype is None:
+            return point
+        return {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in point.items()}
+
+    def _forward(self, point: Params) -> Tensor | float:
+        """The per-token log-probs at ``point`` (paired), else ``J(point)``."""
         # forward only, so the fused attention kernel (faster than the math backend the
-        # second-order passes need) — for every evaluation, base included, wherever it is
-        # called from: the two kernels differ in the last bit, and ΔJ is a difference
+        # second-order passes need) — for every evaluation, wherever it is called from: the two
+        # kernels differ in the last bit, and ΔJ is a difference
         with torch.random.fork_rng(devices=self.step.devices), any_attention(), torch.no_grad():
             self.evaluations += 1
-            return float(self.objective(point))
+            return self.objective.logprobs(point) if self.paired else float(self.objective(point))
+
+    def change(self, point: Params) -> float:
+        """``J(point) − J(θ + u_RL)``."""
+        value = self._forward(point)
+        if self.paired:
+            return self.objective.difference(value, self._base_logp)
+        return value - self._base_logp
 
     def at(self, delta: Params) -> float:
         """``ΔJ`` at the displacement ``delta``."""
         keys = list(self.base_point)
+        delta = self._cast(delta)
         with torch.no_grad():
             if self._work is None:
                 self._work = dict(zip(keys, torch._foreach_add([self.base_point[k] for k in keys],
@@ -268,7 +290,7 @@ class RealizedGain:
                 work = [self._work[k] for k in keys]
                 torch._foreach_copy_(work, [self.base_point[k] for k in keys])
                 torch._foreach_add_(work, [delta[k] for k in keys])
-        return self._value(self._work) - self.base
+        return self.change(self._work)
 
     def __call__(self, coef: float) -> float:
         return 0.0 if coef == 0.0 else self.at(self.step.displacement(coef))
@@ -284,7 +306,9 @@ class MeasureOptions(TypedDict, total=False):
     optimizer_state: cf_optim.State | None
     hvp_method: HVPMethod
     rl_loss: Callable[[Params], Tensor] | None
+    first_order: Callable[[Params], tuple[Tensor, Tensor]] | None
     eval_objective: Callable[[Params], Tensor] | None
+    realized_dtype: torch.dtype | None
     search: bool
     search_bound: float
     search_evaluations: int
@@ -302,6 +326,7 @@ def step_updates(
     optimizer_state: cf_optim.State | None = None,
     rl_loss: Callable[[Params], Tensor] | None = None,
     defer: bool = False,
+    first_order: Callable[[Params], tuple[Tensor, Tensor]] | None = None,
 ) -> StepUpdates:
     """The training batch's side of :func:`measure_step`: ``∇L_MTP``, the loss gradient of the
     RL update (``∇rl_loss``, or ``−∇J`` of ``rl_objective``), and the counterfactual ``u_RL``,
@@ -309,6 +334,8 @@ def step_updates(
 
     ``defer`` (only without ``rl_loss``) leaves ``−∇J`` and the updates to
     :func:`decompose_updates` on the same ``rl_objective``, whose second-order pass gives ``∇J``.
+    ``first_order(params) -> (L_MTP, rl_loss)``, the same two losses from one forward pass (e.g.
+    :attr:`decomp.objectives.Objectives.first_order`), gives both gradients from that one pass.
     """
     params = check_params(params)
     coef = check_number(coef, "coef")
@@ -316,16 +343,18 @@ def step_updates(
         lr = check_number(lr, "lr", nonnegative=True)
     opt = _resolve_optimizer(optimizer, optimizer_state, lr, params)
     devices = sorted({p.device.index or 0 for p in params.values() if p.device.type == "cuda"})
-    L = scalar_function(mtp_loss, "mtp_loss")
     with torch.random.fork_rng(devices=devices), math_attention():
         theta = {k: v.detach() for k, v in params.items()}
-        g_mtp, mtp_value = torch.func.grad_and_value(L)(theta)
+        if first_order is not None and rl_loss is not None:
+            g_mtp, mtp_value, update_grad = _shared_first_order(first_order, theta)
+        else:
+            g_mtp, mtp_value = torch.func.grad_and_value(scalar_function(mtp_loss, "mtp_loss"))(theta)
+            update_grad = None if rl_loss is None else torch.func.grad(scalar_function(rl_loss, "rl_loss"))(theta)
         if not math.isfinite(float(mtp_value)):
             raise ValueError(f"mtp_loss returned a non-finite value ({float(mtp_value)})")
         gn_mtp = _finite_norm(g_mtp, "the gradient of mtp_loss")
         step = StepUpdates(theta, None, g_mtp, None, float(mtp_value), gn_mtp, coef, opt, devices)
-        if rl_loss is not None:
-            update_grad = torch.func.grad(scalar_function(rl_loss, "rl_loss"))(theta)
+        if update_grad is not None:
             _finite_norm(update_grad, "the gradient of rl_loss")
             cf = opt.counterfactual(theta, update_grad, g_mtp, coef)
             return dataclasses.replace(step, updates=cf, update_grad=update_grad)
@@ -334,6 +363,26 @@ def step_updates(
         grad_j = torch.func.grad(scalar_function(rl_objective, "rl_objective"))(theta)
         _finite_norm(grad_j, "the gradient of rl_objective")
         return step.completed(grad_j)
+
+
+def _shared_first_order(first_order: Callable[[Params], tuple[Tensor, Tensor]], theta: Params
+                        ) -> tuple[Params, Tensor, Params]:
+    """``∇L_MTP``, ``L_MTP`` and ``∇rl_loss`` from one forward (two backward passes through its
+    graph) on leaf copies of ``θ``; parameters a loss does not use get zeros."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
+    tensors = list(leaves.values())
+    with torch.enable_grad():
+        mtp_value, rl_value = first_order(leaves)
+        for name, value in (("mtp_loss", mtp_value), ("rl_loss", rl_value)):
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                raise ValueError(f"first_order must return two scalars; its {name} is not one")
+        g_mtp = torch.autograd.grad(mtp_value, tensors, retain_graph=True, allow_unused=True)
+        g_rl = torch.autograd.grad(rl_value, tensors, allow_unused=True)
+
+    def as_dict(grads: tuple) -> Params:
+        return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(leaves.items(), grads, strict=True)}
+
+    return as_dict(g_mtp), mtp_value.detach().reshape(()), as_dict(g_rl)
 
 
 def _second_order_terms(rl: Any, step: StepUpdates) -> tuple[float, ...]:
@@ -361,9 +410,11 @@ def decompose_updates(
     search_evaluations: int = MAX_SEARCH_EVALUATIONS,
     search_rtol: float = SEARCH_RTOL,
     name: str = "eval_objective",
+    realized_dtype: torch.dtype | None = None,
 ) -> StepMeasurement:
     """``J``'s side of :func:`measure_step` on ``objective`` (called ``name`` in errors) for
-    updates built elsewhere."""
+    updates built elsewhere; ``realized_dtype`` evaluates the realized changes (and the search)
+    in that dtype (:class:`RealizedGain`)."""
     J = scalar_function(objective, name)
     with torch.random.fork_rng(devices=step.devices), math_attention():
         rl = second_order(J, step.theta, method=hvp_method, name=name)
@@ -375,9 +426,9 @@ def decompose_updates(
         c1, x1, p1, c, x, p = _second_order_terms(rl, step)
         j_value, g = float(rl.value), rl.grad
         del rl  # frees J's second-order graph before the evaluations below
-        gain = RealizedGain(J, step)
+        gain = RealizedGain(objective, step, realized_dtype)
         realized = gain.at(step.updates.displacement)
-        j_start = gain._value(step.theta)  # J(θ) by the same kernel as every realized value
+        realized_rl = -gain.change(gain._cast(step.theta))  # J(θ + u_RL) − J(θ), as every realized value
     lam, lam_nc, reason = optimal_coefficient(c1, x1, p1)
     gn_mtp = step.grad_norm_mtp
     cosine = -dot(g, step.grad_mtp) / (gn_rl * gn_mtp) + 0.0 if gn_rl > 0 and gn_mtp > 0 else math.nan
@@ -386,7 +437,7 @@ def decompose_updates(
         lambda_star=lam, lambda_star_no_cross=lam_nc, lambda_star_reason=reason, correlation_unit=c1,
         cross_unit=x1, penalty_unit=p1, grad_norm_rl=gn_rl, grad_norm_mtp=gn_mtp, cosine=cosine,
         update_norm_rl=norm(step.updates.update_rl), displacement_norm=norm(step.updates.displacement),
-        rl_objective=j_value, mtp_loss=step.mtp_value, realized_rl=gain.base - j_start, coef=step.coef,
+        rl_objective=j_value, mtp_loss=step.mtp_value, realized_rl=realized_rl, coef=step.coef,
         optimizer=step.optimizer.name, hvp_method=hvp_method,
     )
     if search:
@@ -417,7 +468,9 @@ def measure_step(
     optimizer_state: cf_optim.State | None = None,
     hvp_method: HVPMethod = DEFAULT_HVP_METHOD,
     rl_loss: Callable[[Params], Tensor] | None = None,
+    first_order: Callable[[Params], tuple[Tensor, Tensor]] | None = None,
     eval_objective: Callable[[Params], Tensor] | None = None,
+    realized_dtype: torch.dtype | None = None,
     search: bool = False,
     search_bound: float = DEFAULT_SEARCH_BOUND,
     search_evaluations: int = MAX_SEARCH_EVALUATIONS,
@@ -443,9 +496,15 @@ def measure_step(
             ``"forward"`` (``jvp∘grad``), see :mod:`decomp.curvature`.
         rl_loss: the loss whose gradient drives the RL update, when training does not step on
             ``−J`` itself (e.g. the clipped surrogate plus a KL term). Default: ``−J``.
+        first_order: optional ``params -> (L_MTP, rl_loss)`` computing both losses from one
+            forward pass (:attr:`decomp.objectives.Objectives.first_order`): the two first-order
+            gradients then share it. Only used with ``rl_loss``.
         eval_objective: the ``J`` the step is judged on (``g``, ``H``, realized values, search),
             e.g. the same objective on an independent held-out batch. Default: ``rl_objective``
             (in-sample).
+        realized_dtype: evaluate the realized changes and the search in this dtype (e.g.
+            ``torch.float64`` for a float32 model at a small learning rate, where the forward's
+            rounding is the size of ΔJ_MTP). Default: the parameters' dtype.
         search: also find the realized optimum ``λ̂`` (:func:`decomp.search.realized_optimum`),
             its gain and the realized gain at ``λ*``.
         search_bound: the largest ``|λ|`` the search tries (finite, positive).
@@ -461,11 +520,12 @@ def measure_step(
         check_search(optimizer, search_bound, search_evaluations, search_rtol)
     step = step_updates(rl_objective, mtp_loss, params, coef=coef, lr=lr, optimizer=optimizer,
                         optimizer_state=optimizer_state, rl_loss=rl_loss,
-                        defer=rl_loss is None and eval_objective is None)
+                        defer=rl_loss is None and eval_objective is None, first_order=first_order)
     return decompose_updates(step, rl_objective if eval_objective is None else eval_objective,
                              hvp_method=hvp_method, search=search, search_bound=search_bound,
                              search_evaluations=search_evaluations, search_rtol=search_rtol,
-                             name="rl_objective" if eval_objective is None else "eval_objective")
+                             name="rl_objective" if eval_objective is None else "eval_objective",
+                             realized_dtype=realized_dtype)
 
 
 def decompose(

@@ -165,6 +165,7 @@ def estimator_fields(estimates: dict[str, float], measured: StepMeasurement, sea
 def measure_direction(
     model: nn.Module, splits: dict[str, RolloutBatch], optimizer: torch.optim.Optimizer, regime: Regime,
     coef: float, proxies: dict[str, float], scale: float, loss: dict[str, Any], search: bool,
+    realized_dtype: torch.dtype | None = None,
 ) -> list[tuple[dict[str, Any], StepMeasurement, Objectives]]:
     """One record per split for one direction: the updates from the training batch, ``J``'s
     side on each split, every estimate with its realized gain."""
@@ -173,14 +174,15 @@ def measure_direction(
     params = {k: v.detach() for k, v in named.items()}
     batch = splits["train"]
     obj = _objectives(model, batch, regime, coef, loss)
-    step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=coef, optimizer=optimizer, rl_loss=obj.rl_loss)
+    step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=coef, optimizer=optimizer, rl_loss=obj.rl_loss,
+                        first_order=obj.first_order)
     estimates = {**proxies, **jvp_estimates(obj, params, step, batch, scale)}
     shared = time.perf_counter() - start
     out = []
     for split, split_batch in splits.items():  # train first: its λ* is the "exact" estimate
         start = time.perf_counter()
         split_obj = obj if split == "train" else objectives(model, split_batch, regime)
-        measured = decompose_updates(step, split_obj.rl_objective, search=search)
+        measured = decompose_updates(step, split_obj.rl_objective, search=search, realized_dtype=realized_dtype)
         if split == "train":  # the quadratic model's optimum on the training batch: deployable
             estimates["exact"] = measured.decomposition.lambda_star
         record: dict[str, Any] = {"split": split, "same_as": "", "regime_of_direction": regime.name,
@@ -215,7 +217,8 @@ def step_estimate(model: nn.Module, batch: RolloutBatch, optimizer: torch.optim.
     named = dict(model.named_parameters())
     params = {k: v.detach() for k, v in named.items()}
     obj = _objectives(model, batch, regime, scale, loss)
-    step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=scale, optimizer=optimizer, rl_loss=obj.rl_loss)
+    step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=scale, optimizer=optimizer, rl_loss=obj.rl_loss,
+                        first_order=obj.first_order)
     if estimator == "exact":
         value = decompose_updates(step, obj.rl_objective).decomposition.lambda_star
     else:
@@ -230,7 +233,8 @@ def oracle_estimate(model: nn.Module, batch: RolloutBatch, eval_batch: RolloutBa
     check_eval_batch(model, batch, eval_batch)
     named = dict(model.named_parameters())
     obj = _objectives(model, batch, regime, start, loss)
-    step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=start, optimizer=optimizer, rl_loss=obj.rl_loss)
+    step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=start, optimizer=optimizer, rl_loss=obj.rl_loss,
+                        first_order=obj.first_order)
     gain = RealizedGain(objectives(model, eval_batch, regime).rl_objective, step)
     optimum = realized_optimum(gain, start=start)  # forward passes only: no Hessian products here
     return optimum.coef, optimum.reason
@@ -250,6 +254,7 @@ def instrument_update(
     directions: tuple[str, ...] = DIRECTIONS,
     eval_batch: RolloutBatch | None = None,
     search: bool = True,
+    realized_dtype: torch.dtype | None = None,
     sweep: bool = False,
     curvature: bool = False,
     rl_loss_of_logp: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -262,7 +267,8 @@ def instrument_update(
     applies at this update (``c``, or the OCC estimate); ``clip``, ``kl_coef`` and ``ref_logp``
     define the training loss's RL part, or ``rl_loss_of_logp`` replaces it (a trainer's own loss
     as a function of the aligned main log-probs, see :func:`decomp.objectives.objectives`).
-    ``eval_batch`` adds the ``heldout`` split; ``search`` the realized optimum of each record.
+    ``eval_batch`` adds the ``heldout`` split; ``search`` the realized optimum of each record;
+    ``realized_dtype`` the dtype the realized changes are evaluated in.
     """
     splits = {"train": batch}
     if eval_batch is not None:
@@ -280,7 +286,7 @@ def instrument_update(
             out.decompositions += [{**r, "direction": direction, "same_as": "active", "seconds": 0.0} for r in active]
             continue
         for record, measured, _ in measure_direction(model, splits, optimizer, reg, coefs[direction], proxies,
-                                                     scale, loss, search):
+                                                     scale, loss, search, realized_dtype):
             out.decompositions.append({"direction": direction, **record})
             if direction == "active":
                 active.append(record)

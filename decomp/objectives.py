@@ -19,6 +19,7 @@ parameter dict (through ``torch.func.functional_call``):
 from __future__ import annotations
 
 from collections.abc import Callable
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ from torch.func import functional_call
 
 from decomp.checks import Params, check_finite, check_mask, check_same_shape
 from decomp.regimes import Regime
-from decomp.rl import clipped_policy_loss, importance_objective, kl_k3, masked_mean
+from decomp.rl import LOG_RATIO_CLAMP, clipped_policy_loss, importance_objective, kl_k3, masked_mean
 
 
 @dataclass(frozen=True)
@@ -97,12 +98,39 @@ def check_eval_batch(model: nn.Module, batch: RolloutBatch, eval_batch: RolloutB
                          f"of {vocab}")
 
 
+class ImportanceObjective:
+    """``J(θ) = Σ M·A·exp(ℓ − ℓ^old) / Σ M`` as a callable of the parameters, with its per-token
+    log-probs exposed (:meth:`logprobs`) so that a difference of ``J`` between two points can be
+    formed token by token in float64 (:meth:`difference`): ``Σ M·A·r₀·expm1(ℓ₁ − ℓ₀) / Σ M``,
+    ``r₀ = exp(ℓ₀ − ℓ^old)``. The sum of differences keeps the resolution that a difference of
+    two float32 sums loses (:class:`decomp.decomposition.RealizedGain` uses it)."""
+
+    def __init__(self, logprob_fn: Callable[[Params], Tensor], old_logp: Tensor, advantages: Tensor,
+                 mask: Tensor) -> None:
+        self.logprobs, self.old_logp, self.advantages, self.mask = logprob_fn, old_logp, advantages, mask.bool()
+
+    def __call__(self, params: Params) -> Tensor:
+        return importance_objective(self.logprobs(params), self.old_logp, self.advantages, self.mask)
+
+    def difference(self, logp: Tensor, base_logp: Tensor) -> float:
+        """``J`` at the point of ``logp`` minus ``J`` at the point of ``base_logp`` (float64)."""
+        m = self.mask.double()
+        base = base_logp.double()
+        log_ratio = (base - self.old_logp.double()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        weight = m * self.advantages.double() * torch.exp(log_ratio)
+        # ΔJ's clamp matches importance_objective's for every step a measurement takes
+        step = (logp.double() - base).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        return float((weight * torch.expm1(step)).sum() / m.sum())
+
+
 @dataclass(frozen=True)
 class Objectives:
     rl_objective: Callable[[Params], Tensor]
     mtp_loss: Callable[[Params], Tensor]
     logprob_fn: Callable[[Params], Tensor]
     rl_loss: Callable[[Params], Tensor] | None = None
+    # (L_MTP, rl_loss) from one forward pass, for decomp.decomposition.step_updates
+    first_order: Callable[[Params], tuple[Tensor, Tensor]] | None = None
 
 
 def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
@@ -184,6 +212,18 @@ def model_logprobs(
     return aligned_logprobs(main_logits, mtp_logits, tokens)
 
 
+def accepts_logits_from(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``logits_from`` (the main head from that position on)."""
+    return "logits_from" in inspect.signature(model.forward).parameters
+
+
+def aligned_main_logprobs(main_logits: Tensor, tokens: Tensor, start: int = 0) -> Tensor:
+    """The main head's aligned log-probs ``[B, T−1]`` from logits of positions ``start..T−1``
+    (index ``j`` is token ``y_{j+1}``); 0 before ``start``."""
+    lp = token_logprobs(main_logits[:, :-1], tokens[:, start + 1 :])
+    return lp if start == 0 else torch.cat([lp.new_zeros(lp.shape[0], start), lp], dim=1)
+
+
 def objectives(
     model: nn.Module,
     batch: RolloutBatch,
@@ -208,14 +248,15 @@ def objectives(
     if rl_loss_of_logp is not None and (clip is not None or kl_coef):
         raise ValueError("give either rl_loss_of_logp or clip/kl_coef, not both")
 
-    def rl_objective(params: Params) -> Tensor:
-        return importance_objective(logprob_fn(params), batch.old_logp, batch.advantages, mask)
-
-    def mtp_loss(params: Params) -> Tensor:
-        kwargs = {"detach": regime.detach}
+    def forward(params: Params, detach: str, with_mtp: bool, start: int) -> tuple[Tensor, list[Tensor]]:
+        kwargs: dict = {"detach": detach, "with_mtp": with_mtp}
         if batch.attention_mask is not None:
             kwargs["attention_mask"] = batch.attention_mask
-        main_logits, mtp_logits = functional_call(model, params, (batch.tokens,), kwargs)
+        if start:
+            kwargs["logits_from"] = start
+        return functional_call(model, params, (batch.tokens,), kwargs)
+
+    def mtp_loss_of(main_logits: Tensor, mtp_logits: list[Tensor]) -> Tensor:
         _, mtp_logp, valid = aligned_logprobs(main_logits, mtp_logits, batch.tokens)
         if not mtp_logp:
             raise ValueError("the model has no MTP module (mtp_depth = 0)")
@@ -228,9 +269,18 @@ def objectives(
         ]
         return torch.stack(losses).mean()
 
+    def mtp_loss(params: Params) -> Tensor:
+        return mtp_loss_of(*forward(params, regime.detach, True, 0))
+
+    # J and ℓ read the main head on response positions only (aligned index ≥ response_start):
+    # elsewhere the mask is 0, and the vocabulary-sized head is a large part of an LM's pass
+    start = batch.response_start if accepts_logits_from(model) else 0
+
     def logprob_fn(params: Params) -> Tensor:
-        logp, _, _ = model_logprobs(model, params, batch.tokens, attention_mask=batch.attention_mask, with_mtp=False)
-        return logp
+        main_logits, _ = forward(params, "none", False, start)
+        return aligned_main_logprobs(main_logits, batch.tokens, start)
+
+    rl_objective = ImportanceObjective(logprob_fn, batch.old_logp, batch.advantages, mask)
 
     if rl_loss_of_logp is None and clip is not None:
         # the built-in training loss: the clipped surrogate plus kl_coef·k3 KL
@@ -240,11 +290,15 @@ def objectives(
                 loss = loss + kl_coef * masked_mean(kl_k3(logp, ref_logp), mask)
             return loss
 
-    rl_loss = None
+    rl_loss = first_order = None
     if rl_loss_of_logp is not None:
         loss_of_logp = rl_loss_of_logp
 
         def rl_loss(params: Params) -> Tensor:
             return loss_of_logp(logprob_fn(params))
 
-    return Objectives(rl_objective, mtp_loss, logprob_fn, rl_loss)
+        def first_order(params: Params) -> tuple[Tensor, Tensor]:
+            main_logits, mtp_logits = forward(params, regime.detach, True, 0)
+            return mtp_loss_of(main_logits, mtp_logits), loss_of_logp(aligned_main_logprobs(main_logits, batch.tokens, 0))
+
+    return Objectives(rl_objective, mtp_loss, logprob_fn, rl_loss, first_order)

@@ -301,3 +301,62 @@ def test_rl_loss_drives_the_update_while_J_is_measured():
     assert m.decomposition.correlation == pytest.approx(base.decomposition.correlation, rel=1e-12)
     assert m.decomposition.cross == pytest.approx(2.0 * base.decomposition.cross, rel=1e-12)
     assert m.decomposition.realized == pytest.approx(m.decomposition.predicted, rel=1e-9)
+
+
+def test_first_order_losses_from_one_forward_give_the_same_step():
+    """One forward for ∇L_MTP and ∇rl_loss gives the step of two separate passes (float64)."""
+    problem = make_problem(seed=12)
+    obj = objectives(problem.model, problem.batch, Policy(), coef=0.3, clip=(0.2, 0.2))
+    opt = torch.optim.AdamW(problem.model.parameters(), lr=1e-3)
+    named = dict(problem.model.named_parameters())
+    shared = measure_step(obj.rl_objective, obj.mtp_loss, named, coef=0.3, optimizer=opt, rl_loss=obj.rl_loss,
+                          first_order=obj.first_order)
+    apart = measure_step(obj.rl_objective, obj.mtp_loss, named, coef=0.3, optimizer=opt, rl_loss=obj.rl_loss)
+    for k in named:
+        assert torch.allclose(shared.grad_mtp[k], apart.grad_mtp[k], rtol=1e-12, atol=1e-15)
+        assert torch.allclose(shared.update_grad[k], apart.update_grad[k], rtol=1e-12, atol=1e-15)
+    for key in ("correlation", "cross", "penalty", "realized", "lambda_star"):
+        assert getattr(shared.decomposition, key) == pytest.approx(getattr(apart.decomposition, key), rel=1e-10,
+                                                                   nan_ok=True)
+    assert math.isfinite(shared.decomposition.correlation) and shared.decomposition.correlation != 0
+
+
+def test_main_head_on_response_positions_only_gives_the_same_log_probs():
+    from decomp.objectives import RolloutBatch, model_logprobs
+
+    problem = make_problem(seed=13, prompt_len=5)
+    b = problem.batch
+    batch = RolloutBatch(b.tokens, b.mask, b.advantages, b.old_logp, response_start=4)
+    obj = objectives(problem.model, batch, Policy())
+    full, _, _ = model_logprobs(problem.model, problem.params, batch.tokens, with_mtp=False)
+    part = obj.logprob_fn(problem.params)
+    assert torch.allclose(part[:, 4:], full[:, 4:], rtol=1e-12) and bool((part[:, :4] == 0).all())
+    assert float(obj.rl_objective(problem.params)) == pytest.approx(
+        float((b.advantages * torch.exp(full - b.old_logp) * b.mask).sum() / b.mask.sum()), rel=1e-12)
+
+
+def test_realized_changes_are_resolved_below_float32_resolution_of_J():
+    """At a tiny step, evaluating the two points of a float32 model in float64 recovers the
+    float64 model's realized change; the float32 evaluation (even token by token) does not."""
+    import copy as copy_
+
+    from decomp.decomposition import RealizedGain, step_updates
+
+    p64 = make_problem(seed=14)
+    model32 = copy_.deepcopy(p64.model).float()
+    b = p64.batch
+    results = {}
+    for name, model, dtype in (("64", p64.model, torch.float64), ("32", model32, torch.float32)):
+        from decomp.objectives import RolloutBatch
+
+        batch = RolloutBatch(b.tokens, b.mask, b.advantages.to(dtype), b.old_logp.to(dtype))
+        obj = objectives(model, batch, Policy(), coef=0.5, clip=(0.2, 0.2))
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        step = step_updates(obj.rl_objective, obj.mtp_loss, params, coef=0.5, lr=3e-6, rl_loss=obj.rl_loss)
+        gain = RealizedGain(obj.rl_objective, step)
+        wide = RealizedGain(obj.rl_objective, step, dtype=torch.float64)
+        results[name] = (gain(0.5), wide(0.5))
+    truth = results["64"][0]
+    assert results["64"][1] == pytest.approx(truth, rel=1e-12)
+    assert results["32"][1] == pytest.approx(truth, rel=1e-3)  # float32 model, float64 evaluation: resolved
+    assert abs(results["32"][0] - truth) > 20 * abs(results["32"][1] - truth)  # float32 evaluation: not

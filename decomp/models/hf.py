@@ -93,8 +93,10 @@ class HFMTPModel(nn.Module):
         detach: str = "none",
         with_mtp: bool = True,
         attention_mask: Tensor | None = None,
+        logits_from: int = 0,
     ) -> tuple[Tensor, list[Tensor]]:
-        """Main logits ``[B, T, V]`` and MTP logits ``[B, T−k, V]`` (depth ``k`` at position ``t``
+        """Main logits ``[B, T − logits_from, V]`` (positions ``logits_from..T−1``: a 49k-token head
+        only where it is needed) and MTP logits ``[B, T−k, V]`` (depth ``k`` at position ``t``
         predicts token ``t+k+1``). ``attention_mask`` marks real tokens (left padding allowed)."""
         if detach not in DETACH_MODES:
             raise ValueError(f"detach must be one of {DETACH_MODES}, got {detach!r}")
@@ -103,7 +105,7 @@ class HFMTPModel(nn.Module):
         decoder, _, _ = _decoder_parts(self.lm)
         out = decoder(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         h = out.last_hidden_state
-        main_logits = self.lm.get_output_embeddings()(h)
+        main_logits = self.lm.get_output_embeddings()(h[:, logits_from:])
         if not with_mtp:
             return main_logits, []
         if position_ids is None:

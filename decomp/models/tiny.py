@@ -119,9 +119,11 @@ class MTPTransformer(nn.Module):
         return [n for n, _ in self.named_parameters() if not n.startswith("mtp.")]
 
     def forward(
-        self, tokens: Tensor, detach: str = "none", with_mtp: bool = True, attention_mask: Tensor | None = None
+        self, tokens: Tensor, detach: str = "none", with_mtp: bool = True, attention_mask: Tensor | None = None,
+        logits_from: int = 0,
     ) -> tuple[Tensor, list[Tensor]]:
-        """Main logits ``[B, T, V]`` and MTP logits ``[B, T−k, V]`` for ``k = 1..K``.
+        """Main logits ``[B, T − logits_from, V]`` (positions ``logits_from..T−1``: the head only
+        where it is needed) and MTP logits ``[B, T−k, V]`` for ``k = 1..K``.
 
         MTP depth ``k`` logits at position ``t`` predict token ``t+k+1``. ``with_mtp=False``
         skips the MTP module (sampling needs only the main head) and returns an empty list.
@@ -137,7 +139,7 @@ class MTPTransformer(nn.Module):
         x = self.embed(tokens) + self.pos(torch.arange(T, device=tokens.device))
         for block in self.blocks:
             x = block(x)
-        main_logits = self.head(self.final_norm(x))
+        main_logits = self.head(self.final_norm(x[:, logits_from:]))
         if not with_mtp:
             return main_logits, []
 

@@ -238,6 +238,14 @@ def heldout_batch(state: RunState, step: int, size: int, salt: int = 0) -> Rollo
     return batch.subset(torch.arange(size))
 
 
+def realized_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    """``realized_dtype``: ``auto`` is float64 for Hugging Face models (a step at lr 1e-6 moves J
+    by about float32's resolution) and the model's own dtype for the built-in one."""
+    if cfg.realized_dtype == "auto":
+        return None if cfg.model == "builtin" else torch.float64
+    return getattr(torch, cfg.realized_dtype)
+
+
 def instrument(state: RunState, step: int, update: int, mb: RolloutBatch, ref_logp: Tensor | None,
                coef: float) -> None:
     """Measure the coming update (:func:`decomp.instrument.instrument_update`) and log it."""
@@ -246,7 +254,8 @@ def instrument(state: RunState, step: int, update: int, mb: RolloutBatch, ref_lo
     result = instrument_update(
         state.model, mb, state.optimizer, state.regime, scale=cfg.mtp_scale, coef=coef, clip=cfg.clip,
         kl_coef=cfg.kl_coef, ref_logp=ref_logp, directions=cfg.directions, eval_batch=eval_batch,
-        search=cfg.search, sweep=cfg.due(cfg.sweep_every, step), curvature=cfg.due(cfg.curvature_every, step),
+        search=cfg.search, realized_dtype=realized_dtype(cfg), sweep=cfg.due(cfg.sweep_every, step),
+        curvature=cfg.due(cfg.curvature_every, step),
     )
     where = {"step": step, "update": update, "regime": cfg.regime}
     for record in result.decompositions:

@@ -57,13 +57,14 @@ class MTPModelView(nn.Module):
         self.temperature = float(temperature)
 
     def forward(
-        self, tokens: Tensor, detach: str = "none", with_mtp: bool = True, attention_mask: Tensor | None = None
+        self, tokens: Tensor, detach: str = "none", with_mtp: bool = True, attention_mask: Tensor | None = None,
+        logits_from: int = 0,
     ) -> tuple[Tensor, list[Tensor]]:
         if detach not in DETACH_MODES:
             raise ValueError(f"detach must be one of {DETACH_MODES}, got {detach!r}")
         decoder, _, _ = _decoder_parts(self.lm)
         h = decoder(input_ids=tokens, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        main = self.lm.get_output_embeddings()(h) / self.temperature
+        main = self.lm.get_output_embeddings()(h[:, logits_from:]) / self.temperature
         if not with_mtp:
             return main, []
         B, T = tokens.shape

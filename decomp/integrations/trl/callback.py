@@ -152,7 +152,7 @@ class DecompositionCallback(TrainerCallback):
                 view, batch, optimizer, tr.regime, scale=tr.mtp_config.mtp_scale, coef=float(micro["coef"]),
                 clip=(float(tr.epsilon_low), float(tr.epsilon_high)), directions=tr.instrument_config.directions,
                 rl_loss_of_logp=trl_rl_loss(tr, inputs, old), eval_batch=eval_batch,
-                search=bool(tr.instrument_config.search),
+                search=bool(tr.instrument_config.search), realized_dtype=_realized_dtype(tr.instrument_config),
             )
         return [{**r, "grad_clipped": grad_clipped} for r in result.decompositions]
 
@@ -178,3 +178,8 @@ class DecompositionCallback(TrainerCallback):
             "mtp_coef": applied["coef"], "mtp_loss": applied["loss"], "decomp_seconds": self._decomp_seconds,
         })
         self._decomp_seconds = 0.0
+
+
+def _realized_dtype(cfg) -> torch.dtype:
+    """A TRL model is a Hugging Face LM: ``auto`` evaluates the realized changes in float64."""
+    return torch.float64 if cfg.realized_dtype == "auto" else getattr(torch, cfg.realized_dtype)

@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.decomp-installed
 
-.PHONY: venv test test-fast demo demo-real figures probe bench clean
+.PHONY: venv test test-fast demo demo-real study figures probe bench clean
 
 venv: $(STAMP)
 
@@ -26,9 +26,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# the main job: compare the regimes, then figures, estimator validation and the report
+# the main job: compare the regimes on one seed (at the study's c = 1), then figures, estimator
+# validation and the report; one seed cannot decide a claim about regimes (the report says so)
 demo: $(STAMP)
-	$(BIN)/decomp compare --regimes detach,ce,policy,occ --seeds 0 --out runs/demo --overwrite
+	$(BIN)/decomp compare --regimes detach,ce,policy,occ --seeds 0 --out runs/demo --overwrite \
+		--decomp-every 20 --set mtp_scale=1 --set sweep_every=100 --set curvature_every=100
 	$(BIN)/decomp plot runs/demo --out runs/demo/figures
 	$(BIN)/decomp validate runs/demo --out runs/demo/validation.json
 	$(BIN)/decomp report runs/demo --out runs/demo/report.md --figures runs/demo/figures
@@ -44,12 +46,19 @@ demo-real: $(STAMP)
 	$(BIN)/decomp report runs/demo-real --out runs/demo-real/report.md --figures runs/demo-real/figures
 	@echo "report: runs/demo-real/report.md"
 
-# regenerate the committed figures/ from the runs of `make demo`
+# the study (figures/STUDY.md): its pilot, then every (task, arm, seed), then the report; resumable
+# (rerun after a kill), splittable across machines (make study SEEDS=0,1 on one, SEEDS=2,3,4 on
+# another; copy the run folders under one runs/study and run make figures)
+SEEDS ?=
+WORKERS ?= 2
+study: $(STAMP)
+	$(BIN)/python -m analysis.study pilot --out runs/pilot --workers $(WORKERS)
+	$(BIN)/python -m analysis.study run --out runs/study --workers $(WORKERS) $(if $(SEEDS),--seeds $(SEEDS))
+	$(MAKE) figures
+
+# regenerate figures/ (STUDY.md and study_*.png) from the study's run directories
 figures: $(STAMP)
-	test -d runs/demo || $(MAKE) demo
-	$(BIN)/decomp plot runs/demo --out figures
-	$(BIN)/decomp validate runs/demo --out figures/validation.json
-	$(BIN)/decomp report runs/demo --out figures/report.md --figures figures
+	$(BIN)/python -m analysis.report --study runs/study --pilot runs/pilot --out figures
 
 probe: $(STAMP)
 	$(BIN)/decomp probe

@@ -62,6 +62,26 @@ def synthetic_rollout(cfg: ModelConfig, batch: int, seq_len: int, prompt_len: in
     return model, RolloutBatch(tokens, mask, adv, old, response_start=prompt_len - 1)
 
 
+def smollm2_rollout(rollouts: int = 16, length: int = 56, prompt: int = 40, seed: int = 0):
+    """SmolLM2-135M-Instruct (offline, float32) with an MTP module copied from its last layer, and
+    a rollout-shaped batch of random ids (a ``prompt``-token prompt, 0/1 rewards in groups of 4)."""
+    from decomp.models.hf import attach_mtp
+    from decomp.objectives import aligned_logprobs
+    from decomp.training.policies import load_hf
+
+    lm, _ = load_hf("smollm2-135m")
+    model = attach_mtp(lm, depth=1)
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, lm.config.vocab_size, (rollouts, length), generator=gen)
+    mask = torch.zeros(rollouts, length - 1, dtype=torch.bool)
+    mask[:, prompt - 1 :] = True
+    adv = group_advantages((torch.rand(rollouts, generator=gen) < 0.5).float(), 4)[:, None] * mask
+    with torch.no_grad():
+        main, mtp = model(tokens)
+        old, _, _ = aligned_logprobs(main, mtp, tokens)
+    return model, RolloutBatch(tokens, mask, adv, old, response_start=prompt - 1)
+
+
 def training_update(model, batch: RolloutBatch, regime, opt: torch.optim.Optimizer, clip: float = 0.2) -> None:
     """One update exactly as ``decomp.training.loop`` runs it: one forward for both heads, the clipped
     surrogate plus the regime's MTP term, backward, AdamW step."""
@@ -80,7 +100,8 @@ def training_update(model, batch: RolloutBatch, regime, opt: torch.optim.Optimiz
 
 
 def instrumented_update(model, batch: RolloutBatch, eval_batch: RolloutBatch, regime,
-                        opt: torch.optim.Optimizer, clip: float = 0.2, directions=None) -> None:
+                        opt: torch.optim.Optimizer, clip: float = 0.2, directions=None,
+                        realized_dtype: torch.dtype | None = None) -> None:
     """An instrumented update as ``decomp.training.loop`` runs it: the update's forward and
     backward, :func:`decomp.instrument.instrument_update` with the held-out split and the search
     (before the step it measures), then the AdamW step."""
@@ -97,7 +118,8 @@ def instrumented_update(model, batch: RolloutBatch, eval_batch: RolloutBatch, re
     opt.zero_grad()
     (pg + term.loss).backward()
     instrument_update(model, batch, opt, regime, scale=regime.scale, coef=term.coef, clip=(clip, clip),
-                      directions=DIRECTIONS if directions is None else directions, eval_batch=eval_batch, search=True)
+                      directions=DIRECTIONS if directions is None else directions, eval_batch=eval_batch, search=True,
+                      realized_dtype=realized_dtype)
     opt.step()
 
 

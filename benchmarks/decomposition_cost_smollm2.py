@@ -13,13 +13,17 @@ import argparse
 import statistics
 
 import torch
-from common import decomposition_rows, machine, print_rows, timed, training_update
+from common import (
+    decomposition_rows,
+    machine,
+    print_rows,
+    smollm2_rollout,
+    timed,
+    training_update,
+)
 
-from decomp.models.hf import attach_mtp
-from decomp.objectives import RolloutBatch, aligned_logprobs, objectives
+from decomp.objectives import objectives
 from decomp.regimes import Policy
-from decomp.rl import group_advantages
-from decomp.training.policies import load_hf
 
 
 def main() -> None:
@@ -28,18 +32,8 @@ def main() -> None:
     ap.add_argument("--rollouts", type=int, default=16)
     ap.add_argument("--length", type=int, default=56)
     args = ap.parse_args()
-    lm, _ = load_hf("smollm2-135m")
-    model = attach_mtp(lm, depth=1)
-    gen = torch.Generator().manual_seed(0)
-    B, T, P = args.rollouts, args.length, 40
-    tokens = torch.randint(0, lm.config.vocab_size, (B, T), generator=gen)
-    mask = torch.zeros(B, T - 1, dtype=torch.bool)
-    mask[:, P - 1 :] = True
-    adv = group_advantages((torch.rand(B, generator=gen) < 0.5).float(), 4)[:, None] * mask
-    with torch.no_grad():
-        main, mtp = model(tokens)
-        old, _, _ = aligned_logprobs(main, mtp, tokens)
-    batch = RolloutBatch(tokens, mask, adv, old, response_start=P - 1)
+    B, T = args.rollouts, args.length
+    model, batch = smollm2_rollout(B, T)
     regime = Policy(scale=0.1)
     obj = objectives(model, batch, regime, clip=(0.2, 0.2))
     named = dict(model.named_parameters())

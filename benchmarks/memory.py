@@ -22,7 +22,12 @@ import subprocess
 import sys
 
 import torch
-from common import instrumented_update, synthetic_rollout, training_update
+from common import (
+    instrumented_update,
+    smollm2_rollout,
+    synthetic_rollout,
+    training_update,
+)
 
 from decomp.decomposition import decompose
 from decomp.models.tiny import ModelConfig
@@ -35,6 +40,28 @@ def _rss(field: str) -> int:
         if line.startswith(field):
             return int(line.split()[1]) * 1024
     raise RuntimeError(field)
+
+
+def one_smollm2(what: str) -> int:
+    """As :func:`one` on SmolLM2-135M (16 rollouts × 56 tokens); the warm-up is one of each."""
+    model, batch = smollm2_rollout()
+    _, eval_batch = smollm2_rollout(seed=1)
+    regime = Policy(scale=0.1)
+    obj = objectives(model, batch, regime, clip=(0.2, 0.2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    training_update(model, batch, regime, opt)
+    named = dict(model.named_parameters())
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _rss("VmRSS:")
+    if what == "update":
+        training_update(model, batch, regime, opt)
+    elif what == "instrumented":
+        instrumented_update(model, batch, eval_batch, regime, opt, realized_dtype=torch.float64)
+    else:
+        decompose(obj.rl_objective, obj.mtp_loss, named, coef=0.1, optimizer=opt, rl_loss=obj.rl_loss,
+                  first_order=obj.first_order)
+    return _rss("VmHWM:") - before
 
 
 def one(what: str) -> int:
@@ -61,23 +88,28 @@ def one(what: str) -> int:
     elif what == "instrumented":
         instrumented_update(model, batch, eval_batch, regime, opt)
     else:
-        decompose(obj.rl_objective, obj.mtp_loss, named, coef=0.1, optimizer=opt, rl_loss=obj.rl_loss)
+        decompose(obj.rl_objective, obj.mtp_loss, named, coef=0.1, optimizer=opt, rl_loss=obj.rl_loss,
+                  first_order=obj.first_order)
     return _rss("VmHWM:") - before
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--one", choices=("update", "decompose", "instrumented"))
+    ap.add_argument("--model", default="builtin", choices=("builtin", "smollm2-135m"))
     args = ap.parse_args()
     if args.one:
-        print(json.dumps({"what": args.one, "peak_bytes": one(args.one)}))
+        peak = one(args.one) if args.model == "builtin" else one_smollm2(args.one)
+        print(json.dumps({"what": args.one, "peak_bytes": peak}))
         return
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     peaks = {}
     for what in ("update", "decompose", "instrumented"):
-        out = subprocess.run([sys.executable, __file__, "--one", what], capture_output=True, text=True, env=env, check=True)
+        out = subprocess.run([sys.executable, __file__, "--one", what, "--model", args.model], capture_output=True,
+                             text=True, env=env, check=True)
         peaks[what] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
-    print("# Peak memory of one decomposition vs one training update (0.83M parameters, batch 64×24)\n")
+    size = "0.83M parameters, batch 64×24" if args.model == "builtin" else "SmolLM2-135M, batch 16×56"
+    print(f"# Peak memory of one decomposition vs one training update ({size})\n")
     print(f"| training update | {peaks['update'] / 1e6:.1f} MB |")
     print(f"| decompose (AdamW) | {peaks['decompose'] / 1e6:.1f} MB = {peaks['decompose'] / peaks['update']:.2f}× |")
     print(f"| instrumented update as the loop runs it (4 directions × 2 splits, search) | "

@@ -59,7 +59,7 @@ def _number(pattern: str, text: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--readme", action="store_true", help="also regenerate README.md's Performance section")
+    ap.add_argument("--readme", action="store_true", help="also regenerate docs/benchmarks.md's targets section")
     ap.add_argument("--skip-smollm2", action="store_true", help="leave out the SmolLM2-135M measurement")
     args = ap.parse_args()
     start = time.perf_counter()
@@ -76,6 +76,10 @@ def main() -> None:
     sections["methods"] = run(["hvp_methods.py"])
     sections["scaling"] = run(["scaling.py"])
     sections["memory"] = run(["memory.py"])
+    sections["loop"] = run(["loop_cost.py"])
+    if not args.skip_smollm2:
+        sections["memory_smol"] = run(["memory.py", "--model", "smollm2-135m"])
+        sections["loop_smol"] = run(["loop_cost.py", "--model", "smollm2-135m"])
 
     leanest = min(v for k, v in peers_memory.items() if not k.startswith("decomp"))
     mem_lines = ["| method | peak memory of one HVP | vs leanest peer |", "|---|---|---|"]
@@ -88,6 +92,11 @@ def main() -> None:
     cost_smol = _number(r"decompose, AdamW\s*\|[^=]*= ([\d.]+)×", sections.get("cost_smol", ""))
     peer_ratio = min(_number(rf"{p}\s*\|[^=]*= ([\d.]+)×", sections["peers"]) for p in ("double-backward", "curvlinops"))
     mem = _number(r"decompose \(AdamW\) \| [\d.]+ MB = ([\d.]+)×", sections["memory"])
+    mem_inst = _number(r"instrumented update[^|]*\| [\d.]+ MB = ([\d.]+)×", sections["memory"])
+    mem_inst_smol = _number(r"instrumented update[^|]*\| [\d.]+ MB = ([\d.]+)×", sections.get("memory_smol", ""))
+    search = max(_number(rf"{d}:   \+ search for λ̂\s*\|[^=]*= ([\d.]+)×", sections["cost"]) for d in ("ce", "policy"))
+    loop_train = _number(r"policy, train record \| ([\d.]+)×", sections["loop"])
+    loop_train_smol = _number(r"policy, train record \| ([\d.]+)×", sections.get("loop_smol", ""))
     slope_p = _number(r"log parameters: ([\d.]+)", sections["scaling"])
     slope_t = _number(r"log tokens: ([\d.]+)", sections["scaling"])
     ours_mem = peers_memory["decomp"] / leanest
@@ -103,7 +112,12 @@ def main() -> None:
         f"| exact decomposition ≤ 4× a training update (default model, AdamW: two HVPs) | {cost:.2f}× | {ok(cost <= 4)} |",
         f"| exact decomposition ≤ 4× a training update (SmolLM2-135M, AdamW) | {cost_smol:.2f}× | {ok(cost_smol <= 4)} |",
         f"| our HVP no slower than the fastest peer (time of the fastest peer / ours) | {peer_ratio:.2f} | {ok(peer_ratio >= 1.0)} |",
+        f"| search for the realized optimum ≤ 3× a training update (default model, worst direction) | {search:.2f}× | {ok(search <= 3)} |",
+        f"| in the loop: policy direction's in-sample record (decomposition + jvp estimators) per training update, default model | {loop_train:.2f}× | beside {cost:.2f}× above |",
+        f"| in the loop: the same, SmolLM2-135M | {loop_train_smol:.2f}× | beside {cost_smol:.2f}× above |",
         f"| decomposition peak memory ≤ 3× a training update | {mem:.2f}× | {ok(mem <= 3)} |",
+        f"| instrumented update as the loop runs it, peak memory (default model) | {mem_inst:.2f}× | {ok(mem_inst <= 3)} |",
+        f"| instrumented update as the loop runs it, peak memory ≤ 3× (SmolLM2-135M) | {mem_inst_smol:.2f}× | {ok(mem_inst_smol <= 3)} |",
         f"| our HVP memory ≤ leanest peer + 10% | {ours_mem:.2f}× | {ok(ours_mem <= 1.10)} |",
         f"| time ∝ parameters (log-log slope ≈ 1) | {slope_p:.2f} | sub-linear at these small sizes |",
         f"| time ∝ tokens (log-log slope ≈ 1) | {slope_t:.2f} | |",
@@ -130,7 +144,11 @@ def main() -> None:
         "## HVP against peers: peak memory (each in a fresh process)", "\n".join(mem_lines),
         "## HVP methods against a training step", sections["methods"],
         "## Scaling", sections["scaling"],
-        "## Memory of a decomposition", sections["memory"],
+        "## Memory of a decomposition and of an instrumented update", sections["memory"],
+        *(["## Memory, SmolLM2-135M-Instruct", sections["memory_smol"]] if "memory_smol" in sections else []),
+        "## Instrumentation inside the loop", sections["loop"],
+        *(["## Instrumentation inside the loop, SmolLM2-135M-Instruct", sections["loop_smol"]]
+          if "loop_smol" in sections else []),
     ]
     body = [_markdown(part) if not part.startswith("## ") else part for part in body]
     text = "\n".join(header) + "\n\n" + "\n\n".join(body) + "\n"
@@ -149,15 +167,16 @@ def _installed(name: str) -> bool:
 
 
 def update_readme(targets: str) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    """The targets table between docs/benchmarks.md's performance markers."""
+    page = ROOT / "docs" / "benchmarks.md"
+    text = page.read_text()
     start, end = "<!-- performance:start -->", "<!-- performance:end -->"
     if start not in text or end not in text:
-        sys.exit("README.md has no performance markers")
+        sys.exit(f"{page} has no performance markers")
     block = (f"{start}\nMeasured by `make bench` on this 2-core machine ({dt.date.today()}); details, "
-             f"repeats and min–max in [`benchmarks/results.md`](benchmarks/results.md).\n\n{targets}\n{end}")
-    readme.write_text(text[: text.index(start)] + block + text[text.index(end) + len(end):])
-    print("updated README.md", file=sys.stderr)
+             f"repeats and min–max in [`benchmarks/results.md`](../benchmarks/results.md).\n\n{targets}\n{end}")
+    page.write_text(text[: text.index(start)] + block + text[text.index(end) + len(end):])
+    print(f"updated {page}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -475,7 +475,7 @@ def measure_step(
     search_bound: float = DEFAULT_SEARCH_BOUND,
     search_evaluations: int = MAX_SEARCH_EVALUATIONS,
     search_rtol: float = SEARCH_RTOL,
-) -> StepMeasurement:
+) -> StepMeasurement:  # long only by its docstring: every option of decompose is documented here
     """Decompose the effect of one MTP-augmented optimizer step on ``J`` (docs/method.md §3).
 
     Args:

@@ -18,8 +18,8 @@ parameter dict (through ``torch.func.functional_call``):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +28,13 @@ from torch.func import functional_call
 
 from decomp.checks import Params, check_finite, check_mask, check_same_shape
 from decomp.regimes import Regime
-from decomp.rl import LOG_RATIO_CLAMP, clipped_policy_loss, importance_objective, kl_k3, masked_mean
+from decomp.rl import (
+    LOG_RATIO_CLAMP,
+    clipped_policy_loss,
+    importance_objective,
+    kl_k3,
+    masked_mean,
+)
 
 
 @dataclass(frozen=True)
@@ -224,6 +230,69 @@ def aligned_main_logprobs(main_logits: Tensor, tokens: Tensor, start: int = 0) -
     return lp if start == 0 else torch.cat([lp.new_zeros(lp.shape[0], start), lp], dim=1)
 
 
+class _BatchFunctions:
+    """The pure functions of one batch behind :func:`objectives` (each a method, so each is short)."""
+
+    def __init__(self, model: nn.Module, batch: RolloutBatch, regime: Regime, coef: float | None,
+                 loss_of_logp: Callable[[Tensor], Tensor] | None) -> None:
+        self.model, self.batch, self.regime, self.coef, self.loss_of_logp = model, batch, regime, coef, loss_of_logp
+        self.mask = batch.mask.bool()
+        # J and ℓ read the main head on response positions only (aligned index ≥ response_start):
+        # elsewhere the mask is 0, and the vocabulary-sized head is a large part of an LM's pass
+        self.start = batch.response_start if accepts_logits_from(model) else 0
+
+    def forward(self, params: Params, detach: str, with_mtp: bool, start: int) -> tuple[Tensor, list[Tensor]]:
+        kwargs: dict = {"detach": detach, "with_mtp": with_mtp}
+        if self.batch.attention_mask is not None:
+            kwargs["attention_mask"] = self.batch.attention_mask
+        if start:
+            kwargs["logits_from"] = start
+        return functional_call(self.model, params, (self.batch.tokens,), kwargs)
+
+    def mtp_loss_of(self, main_logits: Tensor, mtp_logits: list[Tensor]) -> Tensor:
+        b, regime = self.batch, self.regime
+        _, mtp_logp, valid = aligned_logprobs(main_logits, mtp_logits, b.tokens)
+        if not mtp_logp:
+            raise ValueError("the model has no MTP module (mtp_depth = 0)")
+        mtp_logp = mtp_inputs(regime.mtp_input, main_logits, mtp_logits, mtp_logp)
+        losses = [
+            regime.unit_loss(m, b.old_logp, b.advantages, self.mask & v) if self.coef is None
+            else regime.applied_unit_loss(self.coef, m, b.old_logp, b.advantages, self.mask & v)
+            for m, v in zip(mtp_logp, valid, strict=True)
+        ]
+        return torch.stack(losses).mean()
+
+    def mtp_loss(self, params: Params) -> Tensor:
+        return self.mtp_loss_of(*self.forward(params, self.regime.detach, True, 0))
+
+    def logprob_fn(self, params: Params) -> Tensor:
+        main_logits, _ = self.forward(params, "none", False, self.start)
+        return aligned_main_logprobs(main_logits, self.batch.tokens, self.start)
+
+    def rl_loss(self, params: Params) -> Tensor:
+        return self.loss_of_logp(self.logprob_fn(params))
+
+    def first_order(self, params: Params) -> tuple[Tensor, Tensor]:
+        main_logits, mtp_logits = self.forward(params, self.regime.detach, True, 0)
+        logp = aligned_main_logprobs(main_logits, self.batch.tokens, 0)
+        return self.mtp_loss_of(main_logits, mtp_logits), self.loss_of_logp(logp)
+
+
+def clipped_rl_loss(batch: RolloutBatch, clip: tuple[float, float], kl_coef: float = 0.0,
+                    ref_logp: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+    """The built-in training RL loss as a function of ``ℓ``: the clipped surrogate plus
+    ``kl_coef``·k3 KL to ``ref_logp``."""
+    mask = batch.mask.bool()
+
+    def loss(logp: Tensor) -> Tensor:
+        value = clipped_policy_loss(logp, batch.old_logp, batch.advantages, mask, *clip)
+        if kl_coef:
+            value = value + kl_coef * masked_mean(kl_k3(logp, ref_logp), mask)
+        return value
+
+    return loss
+
+
 def objectives(
     model: nn.Module,
     batch: RolloutBatch,
@@ -242,63 +311,14 @@ def objectives(
     trainer's own, as a function of the aligned main log-probs ``ℓ`` ``[B, T−1]`` (e.g. TRL's
     loss types and normalisations, :mod:`decomp.integrations.trl`).
     """
-    mask = batch.mask.bool()
     if kl_coef and ref_logp is None:
         raise ValueError("kl_coef > 0 needs ref_logp")
     if rl_loss_of_logp is not None and (clip is not None or kl_coef):
         raise ValueError("give either rl_loss_of_logp or clip/kl_coef, not both")
-
-    def forward(params: Params, detach: str, with_mtp: bool, start: int) -> tuple[Tensor, list[Tensor]]:
-        kwargs: dict = {"detach": detach, "with_mtp": with_mtp}
-        if batch.attention_mask is not None:
-            kwargs["attention_mask"] = batch.attention_mask
-        if start:
-            kwargs["logits_from"] = start
-        return functional_call(model, params, (batch.tokens,), kwargs)
-
-    def mtp_loss_of(main_logits: Tensor, mtp_logits: list[Tensor]) -> Tensor:
-        _, mtp_logp, valid = aligned_logprobs(main_logits, mtp_logits, batch.tokens)
-        if not mtp_logp:
-            raise ValueError("the model has no MTP module (mtp_depth = 0)")
-        mtp_logp = mtp_inputs(regime.mtp_input, main_logits, mtp_logits, mtp_logp)
-        losses = [
-            regime.unit_loss(m, batch.old_logp, batch.advantages, mask & v)
-            if coef is None
-            else regime.applied_unit_loss(coef, m, batch.old_logp, batch.advantages, mask & v)
-            for m, v in zip(mtp_logp, valid, strict=True)
-        ]
-        return torch.stack(losses).mean()
-
-    def mtp_loss(params: Params) -> Tensor:
-        return mtp_loss_of(*forward(params, regime.detach, True, 0))
-
-    # J and ℓ read the main head on response positions only (aligned index ≥ response_start):
-    # elsewhere the mask is 0, and the vocabulary-sized head is a large part of an LM's pass
-    start = batch.response_start if accepts_logits_from(model) else 0
-
-    def logprob_fn(params: Params) -> Tensor:
-        main_logits, _ = forward(params, "none", False, start)
-        return aligned_main_logprobs(main_logits, batch.tokens, start)
-
-    rl_objective = ImportanceObjective(logprob_fn, batch.old_logp, batch.advantages, mask)
-
     if rl_loss_of_logp is None and clip is not None:
-        # the built-in training loss: the clipped surrogate plus kl_coef·k3 KL
-        def rl_loss_of_logp(logp: Tensor) -> Tensor:
-            loss = clipped_policy_loss(logp, batch.old_logp, batch.advantages, mask, *clip)
-            if kl_coef:
-                loss = loss + kl_coef * masked_mean(kl_k3(logp, ref_logp), mask)
-            return loss
-
-    rl_loss = first_order = None
-    if rl_loss_of_logp is not None:
-        loss_of_logp = rl_loss_of_logp
-
-        def rl_loss(params: Params) -> Tensor:
-            return loss_of_logp(logprob_fn(params))
-
-        def first_order(params: Params) -> tuple[Tensor, Tensor]:
-            main_logits, mtp_logits = forward(params, regime.detach, True, 0)
-            return mtp_loss_of(main_logits, mtp_logits), loss_of_logp(aligned_main_logprobs(main_logits, batch.tokens, 0))
-
-    return Objectives(rl_objective, mtp_loss, logprob_fn, rl_loss, first_order)
+        rl_loss_of_logp = clipped_rl_loss(batch, clip, kl_coef, ref_logp)
+    f = _BatchFunctions(model, batch, regime, coef, rl_loss_of_logp)
+    rl_objective = ImportanceObjective(f.logprob_fn, batch.old_logp, batch.advantages, f.mask)
+    if rl_loss_of_logp is None:
+        return Objectives(rl_objective, f.mtp_loss, f.logprob_fn)
+    return Objectives(rl_objective, f.mtp_loss, f.logprob_fn, f.rl_loss, f.first_order)

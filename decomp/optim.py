@@ -388,6 +388,17 @@ class AdamW(_Base):
         return m
 
 
+def _group_hyper(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) -> SGDHyper | AdamHyper:
+    """The hyperparameters of one ``torch.optim`` parameter group."""
+    if isinstance(optimizer, torch.optim.SGD):
+        return SGDHyper(lr=float(group["lr"]), momentum=float(group["momentum"]), dampening=float(group["dampening"]),
+                        weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]))
+    decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
+    return AdamHyper(lr=float(group["lr"]), betas=(float(group["betas"][0]), float(group["betas"][1])),
+                     eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                     decoupled_weight_decay=bool(decoupled), amsgrad=bool(group["amsgrad"]))
+
+
 def from_torch(optimizer: torch.optim.Optimizer, named_params: Mapping[str, Tensor]) -> SGD | AdamW:
     """Build a counterfactual copy of a live ``torch.optim`` optimizer.
 
@@ -414,32 +425,13 @@ def from_torch(optimizer: torch.optim.Optimizer, named_params: Mapping[str, Tens
     for group in optimizer.param_groups:
         if group.get("maximize", False):
             raise ValueError("maximize=True is not supported: decomp models minimising −J + λ·L_MTP")
-        lr = float(group["lr"])
+        group_hyper = _group_hyper(optimizer, group)
         for p in group["params"]:
             key = names.get(id(p))
             if key is None:
                 continue
             matched += 1
-            if is_sgd:
-                hyper[key] = SGDHyper(
-                    lr=lr,
-                    momentum=float(group["momentum"]),
-                    dampening=float(group["dampening"]),
-                    weight_decay=float(group["weight_decay"]),
-                    nesterov=bool(group["nesterov"]),
-                )
-            else:
-                decoupled = group.get(
-                    "decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)
-                )
-                hyper[key] = AdamHyper(
-                    lr=lr,
-                    betas=(float(group["betas"][0]), float(group["betas"][1])),
-                    eps=float(group["eps"]),
-                    weight_decay=float(group["weight_decay"]),
-                    decoupled_weight_decay=bool(decoupled),
-                    amsgrad=bool(group["amsgrad"]),
-                )
+            hyper[key] = group_hyper
             st = optimizer.state.get(p)
             if st:
                 state[key] = st

@@ -69,7 +69,7 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # long: one declaration per option, read top to bottom
     parser = _Parser(
         prog="decomp",
         description="Exact correlation/penalty decomposition of MTP losses in RLVR, and OCC estimators.",

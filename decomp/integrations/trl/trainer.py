@@ -30,7 +30,12 @@ from decomp.integrations.trl.support import (
     check_trl_version,
     unsupported_model_settings,
 )
-from decomp.occ import PROXY_ESTIMATORS, STEP_ESTIMATORS, coefficient_from_statistics, proxy_statistics
+from decomp.occ import (
+    PROXY_ESTIMATORS,
+    STEP_ESTIMATORS,
+    coefficient_from_statistics,
+    proxy_statistics,
+)
 from decomp.regimes import OCC, MTPTerm, Regime
 
 

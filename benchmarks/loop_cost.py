@@ -1,0 +1,68 @@
+"""The cost of instrumentation inside the reference loop, beside the benchmark's own figure.
+
+    python benchmarks/loop_cost.py [--model builtin|smollm2-135m] [--steps 4]
+
+Runs the reference loop (``decomp.training.loop.train``) with every step instrumented, and
+reports, from the run's own records, each direction's measurement time as a multiple of the
+plain training update the loop timed in the same steps (``update_seconds``): the in-sample
+decomposition with the jvp estimators (``train`` records: the shared first-order passes
+included), the held-out split with the search and the estimators' realized gains (``heldout``
+records), and the whole instrumented update's extra time over a plain one (``decomp_seconds``).
+The same multiples that ``decomposition_cost.py`` measures in isolation, measured where they
+are paid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from common import machine
+
+from decomp.runlog import read_jsonl
+from decomp.training.config import TrainConfig
+from decomp.training.loop import train
+
+SETTINGS = {
+    "builtin": dict(prompts_per_step=16, group_size=8, steps=6, decomp_every=1, sweep_every=0, curvature_every=0,
+                    eval_every=100),
+    "smollm2-135m": dict(model="smollm2-135m", task="add1", prompts_per_step=8, group_size=4, steps=3,
+                         decomp_every=1, sweep_every=0, curvature_every=0, eval_every=100, mtp_warmup_steps=20),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="builtin", choices=tuple(SETTINGS))
+    ap.add_argument("--steps", type=int, default=None)
+    args = ap.parse_args()
+    settings = dict(SETTINGS[args.model])
+    if args.steps:
+        settings["steps"] = args.steps
+    cfg = TrainConfig(regime="policy", **settings)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        train(cfg, out, progress=False, log=lambda s: None)
+        metrics = [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] > 1]  # step 1 warms up
+        records = [r for r in read_jsonl(out / "decomposition.jsonl") if r["step"] > 1 and not r.get("same_as")]
+    update = statistics.median(m["update_seconds"] for m in metrics)
+    print(f"# Instrumentation inside the loop — {args.model}, {machine()}")
+    print(f"{len(metrics)} instrumented steps (after one warm-up step), {cfg.prompts_per_step * cfg.group_size} "
+          f"sequences per step, {cfg.num_minibatches} updates per step; median plain training update "
+          f"{update * 1e3:.1f} ms; ratios to it (median over steps)\n")
+    for direction in cfg.directions:
+        for split in ("train", "heldout"):
+            secs = [r["seconds"] for r in records if r["direction"] == direction and r["split"] == split]
+            if secs:
+                print(f"| {direction}, {split} record | {statistics.median(secs) / update:.2f}× |")
+    extra = statistics.median(m["decomp_seconds"] for m in metrics)
+    print(f"| whole instrumented update, extra over a plain one ({len(cfg.directions)} directions × 2 splits) | "
+          f"{extra / update:.2f}× |")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(torch.get_num_threads())
+    main()

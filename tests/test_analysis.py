@@ -371,3 +371,18 @@ def test_figures_of_sparse_runs(tmp_path):
     assert len(paths) == len(FIGURES) and all(p.stat().st_size > 2000 for p in paths)
     text = build_report(runs, tmp_path / "r.md", tmp_path / "figs")
     assert "inconclusive" in text
+
+
+def test_a_one_seed_report_says_what_it_can_conclude(tmp_path):
+    from decomp.analysis.report import build_report, scope_note
+
+    write_run(tmp_path, "detach", 0, n=6)
+    write_run(tmp_path, "occ", 0, n=6)
+    runs = load_runs([tmp_path])
+    note = scope_note(runs)
+    assert note and "cannot tell regimes apart" in note[0] and "detach: 1 seed(s)" in note[0]
+    assert "What these runs can conclude" in build_report(runs, tmp_path / "r.md")
+    for seed in (1, 2):
+        write_run(tmp_path, "detach", seed, n=6)
+        write_run(tmp_path, "occ", seed, n=6)
+    assert scope_note(load_runs([tmp_path])) == []

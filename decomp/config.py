@@ -52,7 +52,7 @@ class MTPConfig:
 
     regime: str = option("detach", f"MTP regime: {' | '.join(REGIMES)}")
     mtp_scale: float = option(0.1, "c: λ for fixed-coefficient regimes, the estimator's scale for occ")
-    occ_estimator: str = option("masked", f"occ: the estimator ({' | '.join(ESTIMATORS)}); the last three "
+    occ_estimator: str = option("masked", f"occ: the estimator ({' | '.join(ESTIMATORS)}); the last four "
                                 "need the step's updates at every update")
     policy_form: str = option("ratio", f"policy/occ MTP loss: {' | '.join(POLICY_FORMS)}")
     mtp_depth: int = option(1, "K: MTP depths (depth k predicts token t+k+1)")

@@ -400,6 +400,33 @@ def _second_order_terms(rl: Any, step: StepUpdates) -> tuple[float, ...]:
     return c1, x1, p1, dot(g, delta), dot(u_rl, h_delta), -0.5 * dot(delta, h_delta) + 0.0
 
 
+@dataclass
+class EvaluationSide:
+    """``J``'s side of one evaluation objective at ``θ``, shareable by every direction measured at
+    one update (they share ``θ`` and ``u_RL``; only ``δ`` and ``δ₁`` differ): the second-order
+    pass (value, gradient, HVP callable) and the realized change of the RL step alone.
+
+    Holding it keeps ``J``'s second-order graph alive: memory traded for one pass per direction.
+    """
+
+    objective: Callable[[Params], Tensor]
+    name: str
+    rl: Any  # decomp.curvature.SecondOrder
+    grad_norm: float
+    realized_rl: float | None = None  # J(θ + u_RL) − J(θ), set by the first direction
+
+    @classmethod
+    def at(cls, objective: Callable[[Params], Tensor], theta: Params, devices: list[int], *,
+           hvp_method: HVPMethod = DEFAULT_HVP_METHOD, name: str = "eval_objective") -> EvaluationSide:
+        J = scalar_function(objective, name)
+        with torch.random.fork_rng(devices=devices), math_attention():
+            rl = second_order(J, theta, method=hvp_method, name=name)
+            if not math.isfinite(float(rl.value)):
+                raise ValueError(f"{name} returned a non-finite value ({float(rl.value)})")
+            gn = _finite_norm(rl.grad, f"the gradient of {name}")
+        return cls(objective, name, rl, gn)
+
+
 def decompose_updates(
     step: StepUpdates,
     objective: Callable[[Params], Tensor],
@@ -411,38 +438,48 @@ def decompose_updates(
     search_rtol: float = SEARCH_RTOL,
     name: str = "eval_objective",
     realized_dtype: torch.dtype | None = None,
+    side: EvaluationSide | None = None,
 ) -> StepMeasurement:
     """``J``'s side of :func:`measure_step` on ``objective`` (called ``name`` in errors) for
     updates built elsewhere; ``realized_dtype`` evaluates the realized changes (and the search)
-    in that dtype (:class:`RealizedGain`)."""
-    J = scalar_function(objective, name)
+    in that dtype (:class:`RealizedGain`). ``side``: an :class:`EvaluationSide` of the same
+    objective at the same ``θ`` shared with other directions (else one is built and freed)."""
+    own = side is None
+    if own:
+        side = EvaluationSide.at(objective, step.theta, step.devices, hvp_method=hvp_method, name=name)
+    rl = side.rl
     with torch.random.fork_rng(devices=step.devices), math_attention():
-        rl = second_order(J, step.theta, method=hvp_method, name=name)
-        if not math.isfinite(float(rl.value)):
-            raise ValueError(f"{name} returned a non-finite value ({float(rl.value)})")
-        gn_rl = _finite_norm(rl.grad, f"the gradient of {name}")
         if step.updates is None:
             step = step.completed(rl.grad)
         c1, x1, p1, c, x, p = _second_order_terms(rl, step)
         j_value, g = float(rl.value), rl.grad
-        del rl  # frees J's second-order graph before the evaluations below
+        if own:
+            side.rl = None  # frees J's second-order graph before the evaluations below
+            del rl
         gain = RealizedGain(objective, step, realized_dtype)
         realized = gain.at(step.updates.displacement)
-        realized_rl = -gain.change(gain._cast(step.theta))  # J(θ + u_RL) − J(θ), as every realized value
+        if side.realized_rl is None:  # J(θ + u_RL) − J(θ), as every realized value: once per side
+            side.realized_rl = -gain.change(gain._cast(step.theta))
+    dec = _decomposition(step, side, g, j_value, (c1, x1, p1, c, x, p), realized, hvp_method)
+    if search:
+        dec = _with_optimum(dec, gain, search_bound, search_evaluations, search_rtol)
+    return StepMeasurement(dec, step, g, gain)
+
+
+def _decomposition(step: StepUpdates, side: EvaluationSide, g: Params, j_value: float, terms: tuple[float, ...],
+                   realized: float, hvp_method: str) -> Decomposition:
+    c1, x1, p1, c, x, p = terms
     lam, lam_nc, reason = optimal_coefficient(c1, x1, p1)
-    gn_mtp = step.grad_norm_mtp
+    gn_rl, gn_mtp = side.grad_norm, step.grad_norm_mtp
     cosine = -dot(g, step.grad_mtp) / (gn_rl * gn_mtp) + 0.0 if gn_rl > 0 and gn_mtp > 0 else math.nan
-    dec = Decomposition(
+    return Decomposition(
         correlation=c, cross=x, penalty=p, predicted=c + x - p, realized=realized, residual=realized - (c + x - p),
         lambda_star=lam, lambda_star_no_cross=lam_nc, lambda_star_reason=reason, correlation_unit=c1,
         cross_unit=x1, penalty_unit=p1, grad_norm_rl=gn_rl, grad_norm_mtp=gn_mtp, cosine=cosine,
         update_norm_rl=norm(step.updates.update_rl), displacement_norm=norm(step.updates.displacement),
-        rl_objective=j_value, mtp_loss=step.mtp_value, realized_rl=realized_rl, coef=step.coef,
+        rl_objective=j_value, mtp_loss=step.mtp_value, realized_rl=side.realized_rl, coef=step.coef,
         optimizer=step.optimizer.name, hvp_method=hvp_method,
     )
-    if search:
-        dec = _with_optimum(dec, gain, search_bound, search_evaluations, search_rtol)
-    return StepMeasurement(dec, step, g, gain)
 
 
 def _with_optimum(dec: Decomposition, gain: RealizedGain, bound: float, evaluations: int, rtol: float) -> Decomposition:

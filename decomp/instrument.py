@@ -52,6 +52,7 @@ from torch import nn
 from decomp.config import DIRECTIONS
 from decomp.curvature import jvp_logprobs, top_eigenvalues
 from decomp.decomposition import (
+    EvaluationSide,
     RealizedGain,
     StepMeasurement,
     StepUpdates,
@@ -165,10 +166,11 @@ def estimator_fields(estimates: dict[str, float], measured: StepMeasurement, sea
 def measure_direction(
     model: nn.Module, splits: dict[str, RolloutBatch], optimizer: torch.optim.Optimizer, regime: Regime,
     coef: float, proxies: dict[str, float], scale: float, loss: dict[str, Any], search: bool,
-    realized_dtype: torch.dtype | None = None,
+    realized_dtype: torch.dtype | None = None, sides: dict[str, EvaluationSide] | None = None,
 ) -> list[tuple[dict[str, Any], StepMeasurement, Objectives]]:
     """One record per split for one direction: the updates from the training batch, ``J``'s
-    side on each split, every estimate with its realized gain."""
+    side on each split (from ``sides`` when shared between directions), every estimate with its
+    realized gain."""
     start = time.perf_counter()
     named = dict(model.named_parameters())
     params = {k: v.detach() for k, v in named.items()}
@@ -182,7 +184,9 @@ def measure_direction(
     for split, split_batch in splits.items():  # train first: its λ* is the "exact" estimate
         start = time.perf_counter()
         split_obj = obj if split == "train" else objectives(model, split_batch, regime)
-        measured = decompose_updates(step, split_obj.rl_objective, search=search, realized_dtype=realized_dtype)
+        side = (sides or {}).get(split)
+        objective = side.objective if side is not None else split_obj.rl_objective
+        measured = decompose_updates(step, objective, search=search, realized_dtype=realized_dtype, side=side)
         if split == "train":  # the quadratic model's optimum on the training batch: deployable
             estimates["exact"] = measured.decomposition.lambda_star
         record: dict[str, Any] = {"split": split, "same_as": "", "regime_of_direction": regime.name,
@@ -240,6 +244,22 @@ def oracle_estimate(model: nn.Module, batch: RolloutBatch, eval_batch: RolloutBa
     return optimum.coef, optimum.reason
 
 
+def shared_sides(model: nn.Module, splits: dict[str, RolloutBatch], regime: Regime,
+                 share: bool) -> tuple[dict[str, EvaluationSide], dict[str, float]]:
+    """``J``'s second-order pass once per split (``share``), and the seconds each took."""
+    if not share:
+        return {}, {}
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    devices = sorted({p.device.index or 0 for p in params.values() if p.device.type == "cuda"})
+    sides, seconds = {}, {}
+    for split, split_batch in splits.items():
+        start = time.perf_counter()
+        J = objectives(model, split_batch, regime).rl_objective
+        sides[split] = EvaluationSide.at(J, params, devices, name=f"J on the {split} batch")
+        seconds[split] = time.perf_counter() - start
+    return sides, seconds
+
+
 def instrument_update(
     model: nn.Module,
     batch: RolloutBatch,
@@ -255,6 +275,7 @@ def instrument_update(
     eval_batch: RolloutBatch | None = None,
     search: bool = True,
     realized_dtype: torch.dtype | None = None,
+    share_second_order: bool = True,
     sweep: bool = False,
     curvature: bool = False,
     rl_loss_of_logp: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -268,7 +289,10 @@ def instrument_update(
     define the training loss's RL part, or ``rl_loss_of_logp`` replaces it (a trainer's own loss
     as a function of the aligned main log-probs, see :func:`decomp.objectives.objectives`).
     ``eval_batch`` adds the ``heldout`` split; ``search`` the realized optimum of each record;
-    ``realized_dtype`` the dtype the realized changes are evaluated in.
+    ``realized_dtype`` the dtype the realized changes are evaluated in. ``share_second_order``
+    builds ``J``'s second-order pass once per split for every direction (``J`` and ``θ`` are the
+    same for all; only ``δ``, ``δ₁`` differ), keeping both graphs alive meanwhile: a pass per
+    direction saved for that memory.
     """
     splits = {"train": batch}
     if eval_batch is not None:
@@ -276,6 +300,7 @@ def instrument_update(
         splits["heldout"] = eval_batch
     proxies = proxy_estimates(model, batch, scale)
     loss = {"clip": clip, "kl_coef": kl_coef, "ref_logp": ref_logp, "rl_loss_of_logp": rl_loss_of_logp}
+    sides, side_seconds = shared_sides(model, splits, regime, share_second_order)
     out = Instrumented([])
     coefs = {"active": coef, "ce": scale, "policy": scale, "distill-joint": scale}
     active: list[dict[str, Any]] = []
@@ -286,7 +311,8 @@ def instrument_update(
             out.decompositions += [{**r, "direction": direction, "same_as": "active", "seconds": 0.0} for r in active]
             continue
         for record, measured, _ in measure_direction(model, splits, optimizer, reg, coefs[direction], proxies,
-                                                     scale, loss, search, realized_dtype):
+                                                     scale, loss, search, realized_dtype, sides):
+            record["seconds"] += side_seconds.pop(record["split"], 0.0)  # the shared pass, on its first user
             out.decompositions.append({"direction": direction, **record})
             if direction == "active":
                 active.append(record)

@@ -21,7 +21,7 @@ from decomp.occ import (
     proxy_coefficients,
     reference_coefficient,
 )
-from decomp.regimes import OCC, CrossEntropy, Detach
+from decomp.regimes import OCC, CrossEntropy, Detach, Policy
 from decomp.rl import clipped_policy_loss
 
 
@@ -127,3 +127,25 @@ def test_depth_two_estimates_are_the_mean_over_depths_and_occ_applies_coef_maske
         assert active[f"coef_{name}"] == pytest.approx(mean, rel=1e-12), name
     assert active["coef"] == applied
     assert active["coef"] == pytest.approx(active["coef_masked"], rel=1e-12)
+
+
+def test_sharing_the_second_order_pass_between_directions_changes_no_number():
+    """J's second-order pass built once per split for every direction gives the records of one
+    pass per direction, bit for bit (apart from the time they took)."""
+    model, batch, opt = _setup(seed=4)
+    problem = make_problem(seed=5, prompt_len=4)
+    b = problem.batch
+    held = RolloutBatch(b.tokens, b.mask, b.advantages, b.old_logp, response_start=3)
+    runs = [instrument_update(model, batch, opt, Policy(scale=0.1), scale=0.1, coef=0.1, eval_batch=held,
+                              share_second_order=share).decompositions for share in (True, False)]
+    strip = [[{k: v for k, v in r.items() if k != "seconds"} for r in recs] for recs in runs]
+    assert len(strip[0]) == 8 and _nan_equal(strip[0], strip[1])
+
+
+def _nan_equal(a, b) -> bool:
+    import math as m
+
+    def norm(v):
+        return "nan" if isinstance(v, float) and m.isnan(v) else v
+
+    return [{k: norm(v) for k, v in r.items()} for r in a] == [{k: norm(v) for k, v in r.items()} for r in b]

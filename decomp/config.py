@@ -57,6 +57,8 @@ class MTPConfig:
     policy_form: str = option("ratio", f"policy/occ MTP loss: {' | '.join(POLICY_FORMS)}")
     mtp_depth: int = option(1, "K: MTP depths (depth k predicts token t+k+1)")
     mtp_init: str = option("copy_last", "Hugging Face hosts: MTP block copied from the last layer, or random")
+    oracle_bound: float = option(1e6, "oracle: the search's bound on |λ| (below the default 1e6, a trust region "
+                                 "whose constrained optimum is applied, ±bound included)")
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
@@ -68,6 +70,8 @@ class MTPConfig:
             raise ValueError(f"occ_estimator must be one of {', '.join(ESTIMATORS)}, got {self.occ_estimator!r}")
         if self.policy_form not in POLICY_FORMS:
             raise ValueError(f"policy_form must be one of {', '.join(POLICY_FORMS)}, got {self.policy_form!r}")
+        if not (math.isfinite(self.oracle_bound) and self.oracle_bound > 0):
+            raise ValueError(f"oracle_bound must be finite and positive, got {self.oracle_bound}")
         if self.mtp_depth < 1:
             raise ValueError(f"mtp_depth must be >= 1, got {self.mtp_depth}")
         if self.mtp_init not in MTP_INITS:
@@ -80,6 +84,8 @@ class MTPConfig:
             options.update(form=self.policy_form, clip_low=clip[0], clip_high=clip[1])
         if self.regime == "occ":
             options["estimator"] = self.occ_estimator
+        if self.regime == "oracle":
+            options["bound"] = self.oracle_bound
         return make_regime(self.regime, **options)
 
 

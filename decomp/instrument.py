@@ -75,7 +75,7 @@ from decomp.occ import (
     trust_region_coefficient,
 )
 from decomp.regimes import CrossEntropy, DistillJoint, Policy, Regime
-from decomp.search import realized_optimum
+from decomp.search import DEFAULT_SEARCH_BOUND, realized_optimum
 
 SWEEP_POINTS = 13
 EIGEN_TOL = 1e-3  # relative accuracy of the Ritz values: enough to place δ in the spectrum
@@ -240,7 +240,9 @@ def oracle_estimate(model: nn.Module, batch: RolloutBatch, eval_batch: RolloutBa
     step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=start, optimizer=optimizer, rl_loss=obj.rl_loss,
                         first_order=obj.first_order)
     gain = RealizedGain(objectives(model, eval_batch, regime).rl_objective, step)
-    optimum = realized_optimum(gain, start=start)  # forward passes only: no Hessian products here
+    # forward passes only: no Hessian products here
+    optimum = realized_optimum(gain, start=min(start, getattr(regime, "bound", start)),
+                               bound=getattr(regime, "bound", DEFAULT_SEARCH_BOUND))
     return optimum.coef, optimum.reason
 
 

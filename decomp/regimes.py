@@ -43,6 +43,7 @@ from torch import Tensor
 
 from decomp.checks import check_finite, check_number, check_same_shape
 from decomp.occ import ESTIMATORS, PROXY_ESTIMATORS, STEP_ESTIMATORS
+from decomp.search import DEFAULT_SEARCH_BOUND
 from decomp.rl import clipped_policy_loss, cross_entropy_loss, reinforce_loss
 
 DetachMode = Literal["all", "inputs", "none"]
@@ -275,18 +276,36 @@ class Cosine(Policy):
 class Oracle(Policy):
     """The policy MTP loss at the realized optimum ``λ̂`` of a held-out search at every update
     (:func:`decomp.search.realized_optimum`): not deployable — the upper bound of what
-    calibrating ``λ`` can buy. Where ``λ̂`` is undefined (no MTP effect, or the gain still rising
-    at the search bound) it applies ``fallback``. The term is ``λ·L_MTP`` for either sign (not the
-    reference's advantage scaling), so the searched displacement is exactly the applied one."""
+    calibrating ``λ`` in one step can buy. The search runs over ``|λ| ≤ bound``: with a finite
+    ``bound`` (a trust region) the constrained optimum is applied, ``±bound`` included; with the
+    search's default bound, a gain still rising at it leaves ``λ̂`` undefined. Where ``λ̂`` is
+    undefined (that, or no MTP effect) it applies ``fallback``. The term is ``λ·L_MTP`` for either
+    sign (not the reference's advantage scaling), so the searched displacement is exactly the
+    applied one."""
 
     fallback: float = 0.0
+    bound: float = DEFAULT_SEARCH_BOUND
     name: ClassVar[str] = "oracle"
     needs_search: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        b = check_number(self.bound, "bound")
+        if not b > 0:
+            raise ValueError(f"bound must be positive, got {self.bound}")
+        check_number(self.fallback, "fallback")
 
     def _scaled_loss(
         self, coef: float, mtp_logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, unit: Tensor
     ) -> Tensor:
         return coef * unit
+
+    def applied(self, coef: float, reason: str) -> tuple[float, bool]:
+        """``(λ to apply, whether it is the fallback)`` for a search's ``(λ̂, reason)``."""
+        at_bound = bool(reason) and self.bound < DEFAULT_SEARCH_BOUND and math.isfinite(coef) and abs(coef) == self.bound
+        if (reason and not at_bound) or not math.isfinite(coef):
+            return float(self.fallback), True
+        return coef, False
 
 
 REGIMES: dict[str, type[Regime]] = {

@@ -142,3 +142,19 @@ def test_occ_step_estimators_are_applied_by_the_caller():
     assert occ.term_at(0.25, mtp, old, adv, mask).coef == 0.25
     with pytest.raises(ValueError, match="unknown estimator"):
         OCC(estimator="telepathy")
+
+
+def test_oracle_applies_the_constrained_optimum_or_its_fallback():
+    from decomp.regimes import Oracle
+    from decomp.search import NO_EFFECT, RISING
+
+    rising = RISING.format(bound=10.0)
+    bounded = Oracle(scale=1.0, bound=10.0, fallback=0.0)
+    assert bounded.applied(3.5, "") == (3.5, False)
+    assert bounded.applied(-10.0, rising) == (-10.0, False)  # a trust region: its edge is the optimum
+    assert bounded.applied(float("nan"), NO_EFFECT) == (0.0, True)
+    free = Oracle(scale=1.0, fallback=0.25)  # the search's own bound: rising there is undefined
+    assert free.applied(1e6, RISING.format(bound=1e6)) == (0.25, True)
+    assert free.applied(-2.0, "") == (-2.0, False)
+    with pytest.raises(ValueError, match="bound"):
+        Oracle(bound=0.0)

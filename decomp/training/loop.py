@@ -198,9 +198,8 @@ def computed_coefficient(state: RunState, step: int, update: int, mb: RolloutBat
         # the search starts from c at every update: no state carried between updates, so a
         # resumed run searches exactly as an uninterrupted one
         coef, reason = oracle_estimate(state.model, mb, eval_batch, state.optimizer, regime, cfg.mtp_scale, loss)
-        if reason or not math.isfinite(coef):
-            state.oracle_fallbacks += 1
-            return float(regime.fallback)
+        coef, fell_back = regime.applied(coef, reason)
+        state.oracle_fallbacks += fell_back
         return coef
     if getattr(regime, "needs_step", False):
         return step_estimate(state.model, mb, state.optimizer, regime, regime.estimator, cfg.mtp_scale, loss)

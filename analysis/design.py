@@ -49,6 +49,8 @@ ARMS = (
     Arm(f"occ-{BEST_ESTIMATOR}", "occ", {"occ_estimator": BEST_ESTIMATOR}),
     Arm("cosine", "cosine", cost=1.3),
     Arm("oracle", "oracle", cost=2.2),
+    # added after the first oracle collapsed: the same oracle inside a trust region |λ| ≤ 10c
+    Arm("oracle-b10", "oracle", {"oracle_bound": 10.0}, cost=2.2),
 )
 TASK_COST = {"add": 1.0, "chain": 2.2}
 

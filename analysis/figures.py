@@ -40,9 +40,11 @@ def _n_seeds(runs: list[Run]) -> int:
     return max((len({r.seed for r in runs if r.regime == a}) for a in arms_of(runs)), default=0)
 
 
-def _errorbar(ax, x, ci, c, **kw) -> None:
+def _errorbar(ax, x, ci, c, clip=(-math.inf, math.inf), **kw) -> None:
+    """A mean with its interval, the interval's ends clipped to the quantity's range ``clip``."""
     if finite(ci["low"]):
-        ax.errorbar([x], [ci["value"]], yerr=[[ci["value"] - ci["low"]], [ci["high"] - ci["value"]]], fmt="o",
+        low, high = max(ci["low"], clip[0]), min(ci["high"], clip[1])
+        ax.errorbar([x], [ci["value"]], yerr=[[ci["value"] - low], [high - ci["value"]]], fmt="o",
                     color=c, capsize=3, ms=5, **kw)
     elif finite(ci["value"]):
         ax.plot([x], [ci["value"]], "o", color=c, ms=5, **kw)
@@ -59,7 +61,8 @@ def accuracy_figure(tasks: dict[str, list[Run]], k: int):
             acc = by_seed(runs, arm, lambda r: final_accuracy(r, k))
             axes[0, col].plot([i] * len(acc), [100 * v for v in acc.values()], ".", color=color(arm), alpha=0.5)
             ci = t_interval(list(acc.values()))
-            _errorbar(axes[0, col], i, {k_: 100 * v for k_, v in ci.items() if k_ in ("value", "low", "high")}, color(arm))
+            _errorbar(axes[0, col], i, {k_: 100 * v for k_, v in ci.items() if k_ in ("value", "low", "high")}, color(arm),
+                      clip=(0, 100))
             if arm != "detach":
                 d = paired_difference(acc, base)
                 _errorbar(axes[1, col], i, {k_: 100 * d[k_] for k_ in ("value", "low", "high")}, color(arm))
@@ -68,9 +71,11 @@ def accuracy_figure(tasks: dict[str, list[Run]], k: int):
             axes[row, col].set_ylabel(label)
         axes[1, col].axhline(0, color="black", lw=0.8)
         axes[1, col].axhline(-2, color="gray", lw=0.8, ls="--", label="−2-point margin")
+        axes[0, col].set_ylim(0, 100)
         axes[0, col].set_title(f"{task}: mean of the last {k} evaluations, n = {_n_seeds(runs)} seeds")
         axes[1, col].legend(loc="lower left")
-    fig.suptitle("Final accuracy per arm (dots: seeds; bars: mean and 95% t-interval over seeds)", y=1.0)
+    fig.suptitle("Final accuracy per arm (dots: seeds; bars: mean and 95% t-interval over seeds, clipped to 0–100%)",
+                 y=1.0)
     fig.tight_layout()
     return fig
 
@@ -116,22 +121,38 @@ TERMS = (("correlation", "correlation C = ⟨∇J, δ⟩"), ("cross", "cross ter
          ("penalty", "penalty P = −½δᵀHδ"))
 
 
+PHASES = ("early", "middle", "late")
+TRUNK_ARMS = ("ce", "policy", "occ", "cosine")  # arms whose MTP term reaches the policy (and their variants)
+
+
+def _phase_means(run: Run, term: str, direction: str, split: str) -> list[float]:
+    """The run's mean of ``term`` over the first, middle and last third of its instrumented steps."""
+    recs = sorted(run.records(direction, split), key=lambda r: r["step"])
+    thirds = np.array_split(np.arange(len(recs)), 3) if len(recs) >= 3 else []
+    return [float(np.mean([recs[i][term] for i in idx])) for idx in thirds] if thirds else [math.nan] * 3
+
+
 def terms_figure(tasks: dict[str, list[Run]], direction: str = "active", split: str = "heldout"):
-    """C, X and P of each arm's own MTP direction over training (held-out J), mean and band."""
-    fig, axes = plt.subplots(len(tasks), 3, figsize=(14, 3.4 * len(tasks)), squeeze=False)
+    """C, X and P of each arm's own MTP direction in the early, middle and late third of training
+    (held-out J): per run the phase mean, then the mean over seeds with its 95% t-interval."""
+    fig, axes = plt.subplots(len(tasks), 3, figsize=(14, 3.6 * len(tasks)), squeeze=False)
     for row, (task, runs) in enumerate(tasks.items()):
+        arms = [a for a in arms_of(runs) if a.split("-")[0] in TRUNK_ARMS or a.startswith("oracle")]
         for col, (term, label) in enumerate(TERMS):
             ax = axes[row, col]
-            for arm in arms_of(runs):
-                _band(ax, runs, arm, lambda r, t=term: [(x["step"], x[t]) for x in r.records(direction, split)])
+            for i, arm in enumerate(arms):
+                per_run = [_phase_means(r, term, direction, split) for r in runs if r.regime == arm]
+                for ph in range(3):
+                    ci = t_interval([p[ph] for p in per_run])
+                    _errorbar(ax, ph + (i - len(arms) / 2) * 0.08, ci, color(arm), label=arm if ph == 0 else None)
             ax.axhline(0, color="black", lw=0.6)
             ax.set_yscale("symlog", linthresh=1e-6)
+            ax.set_xticks(range(3), PHASES)
             ax.set_title(f"{task}: {label}")
-            ax.set_xlabel("RL step")
-            ax.set_ylabel("change of J (symlog)")
-    axes[0, -1].legend(loc="upper right", ncol=2, fontsize=7)
-    fig.suptitle(f"The decomposition along each arm's own MTP direction ({split} J; mean and 95% band over "
-                 f"seeds; detach, frozen and distill are exactly 0)", y=1.01)
+            ax.set_ylabel("change of J per update (symlog)")
+        axes[row, -1].legend(loc="upper right", ncol=2, fontsize=7)
+    fig.suptitle(f"The decomposition along each arm's own MTP direction by thirds of training ({split} J; mean and "
+                 f"95% t-interval over seeds of the per-run means; detach, frozen and distill are exactly 0)", y=1.01)
     fig.tight_layout()
     return fig
 
@@ -181,13 +202,16 @@ def tradeoff_figure(tasks: dict[str, list[Run]], k: int):
             y = t_interval(list(by_seed(runs, arm, lambda r: final_accuracy(r, k)).values()))
             if not (finite(x["value"]) and finite(y["value"])):
                 continue
-            xerr = [[x["value"] - x["low"]], [x["high"] - x["value"]]] if finite(x["low"]) else None
-            yerr = [[100 * (y["value"] - y["low"])], [100 * (y["high"] - y["value"])]] if finite(y["low"]) else None
+            xerr = ([[x["value"] - max(x["low"], 0)], [min(x["high"], 1) - x["value"]]] if finite(x["low"]) else None)
+            yerr = ([[100 * (y["value"] - max(y["low"], 0))], [100 * (min(y["high"], 1) - y["value"])]]
+                    if finite(y["low"]) else None)
             ax.errorbar([x["value"]], [100 * y["value"]], xerr=xerr, yerr=yerr, fmt="o", color=color(arm),
                         capsize=3, label=arm)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 100)
         ax.set_xlabel("MTP acceptance rate as a draft, Σ min(p, q) (last 50 steps)")
         ax.set_ylabel(f"final accuracy (%, mean of last {k} evaluations)")
-        ax.set_title(f"{task} (n = {_n_seeds(runs)} seeds; 95% t-intervals)")
+        ax.set_title(f"{task} (n = {_n_seeds(runs)} seeds; 95% t-intervals, clipped to the range)")
     axes[0, -1].legend(loc="best", ncol=2, fontsize=7)
     fig.suptitle("Draft quality against policy quality per arm", y=1.02)
     fig.tight_layout()

@@ -102,17 +102,39 @@ def _band(ax, runs, arm, get, scale=1.0) -> None:
         ax.fill_between(steps, scale * low, scale * high, color=color(arm), alpha=0.12, lw=0)
 
 
+def _accuracy_points(run: Run) -> list[tuple[int, float]]:
+    return [(m["step"], m.get("accuracy")) for m in run.metrics]
+
+
+def _paired_points(run: Run, base: Run | None) -> list[tuple[int, float]]:
+    """``run``'s accuracy minus its seed's detach run's, at the evaluations both have."""
+    if base is None:
+        return []
+    ref = dict(_accuracy_points(base))
+    return [(s, v - ref[s]) for s, v in _accuracy_points(run) if finite(v) and finite(ref.get(s))]
+
+
 def training_figure(tasks: dict[str, list[Run]]):
-    """Held-out greedy accuracy over training per arm: mean and 95% band over seeds."""
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.8), squeeze=False)
-    for ax, (task, runs) in zip(axes[0], tasks.items(), strict=True):
+    """Held-out greedy accuracy over training per arm: the mean over seeds (top), and the paired
+    difference to the same seed's detach run with its 95% band (bottom; warm starts differ much
+    more between seeds than arms do within one)."""
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 7.0), squeeze=False)
+    for col, (task, runs) in enumerate(tasks.items()):
+        detach = {r.seed: r for r in runs if r.regime == "detach"}
         for arm in arms_of(runs):
-            _band(ax, runs, arm, lambda r: [(m["step"], m.get("accuracy")) for m in r.metrics], scale=100)
-        ax.set_title(f"{task} (n = {_n_seeds(runs)} seeds; band: 95% t-interval)")
-        ax.set_xlabel("RL step")
-        ax.set_ylabel("held-out greedy accuracy (%)")
-    axes[0, -1].legend(loc="lower right", ncol=2)
-    fig.suptitle("Held-out accuracy during RL", y=1.02)
+            steps, mean, _, _ = _curve([r for r in runs if r.regime == arm], _accuracy_points)
+            axes[0, col].plot(steps, 100 * mean, color=color(arm), lw=1.3, label=arm,
+                              ls="--" if arm in ("frozen", "distill") else "-")
+            if arm not in ("detach", "frozen", "distill"):
+                _band(axes[1, col], runs, arm, lambda r: _paired_points(r, detach.get(r.seed)), scale=100)
+        axes[1, col].axhline(0, color="black", lw=0.8)
+        axes[0, col].set_title(f"{task}: mean over n = {_n_seeds(runs)} seeds")
+        axes[1, col].set_title(f"{task}: arm − detach, same seed (mean and 95% band)")
+        for row, label in ((0, "held-out greedy accuracy (%)"), (1, "difference to detach (points)")):
+            axes[row, col].set_xlabel("RL step")
+            axes[row, col].set_ylabel(label)
+    axes[0, -1].legend(loc="lower left", ncol=2, fontsize=7)
+    fig.suptitle("Held-out accuracy during RL (frozen and distill: the detach policy, dashed)", y=1.01)
     fig.tight_layout()
     return fig
 
@@ -150,9 +172,10 @@ def terms_figure(tasks: dict[str, list[Run]], direction: str = "active", split: 
             ax.set_xticks(range(3), PHASES)
             ax.set_title(f"{task}: {label}")
             ax.set_ylabel("change of J per update (symlog)")
-        axes[row, -1].legend(loc="upper right", ncol=2, fontsize=7)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), frameon=False, bbox_to_anchor=(0.5, 1.0))
     fig.suptitle(f"The decomposition along each arm's own MTP direction by thirds of training ({split} J; mean and "
-                 f"95% t-interval over seeds of the per-run means; detach, frozen and distill are exactly 0)", y=1.01)
+                 f"95% t-interval over seeds of the per-run means; detach, frozen and distill are exactly 0)", y=1.04)
     fig.tight_layout()
     return fig
 

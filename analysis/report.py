@@ -207,8 +207,9 @@ def readme_block(tasks: dict[str, list[Run]], k: int) -> str:
             if arm in ("detach", "frozen", "distill"):
                 continue
             c = (non_inferiority if arm.startswith("occ") else superiority)(runs, arm, "detach", k)
-            cells.append(f"{arm} {_ci(c.difference, spec='+.1f')}")
-        lines.append(f"- **{task}**: " + "; ".join(cells) + ".")
+            question = "matches or beats detach" if arm.startswith("occ") else "beats detach"
+            cells.append(f"{arm} {_ci(c.difference, spec='+.1f')} ({question}: {c.verdict})")
+        lines.append(f"- **{task}** (`frozen` and `distill` leave the policy exactly as `detach`): " + "; ".join(cells) + ".")
     for task, runs in tasks.items():
         result = validate(runs, direction="policy")
         est = result["estimators"]

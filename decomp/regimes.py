@@ -43,8 +43,8 @@ from torch import Tensor
 
 from decomp.checks import check_finite, check_number, check_same_shape
 from decomp.occ import ESTIMATORS, PROXY_ESTIMATORS, STEP_ESTIMATORS
-from decomp.search import DEFAULT_SEARCH_BOUND
 from decomp.rl import clipped_policy_loss, cross_entropy_loss, reinforce_loss
+from decomp.search import DEFAULT_SEARCH_BOUND
 
 DetachMode = Literal["all", "inputs", "none"]
 DETACH_MODES: tuple[str, ...] = ("none", "inputs", "all")

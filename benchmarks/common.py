@@ -101,7 +101,7 @@ def training_update(model, batch: RolloutBatch, regime, opt: torch.optim.Optimiz
 
 def instrumented_update(model, batch: RolloutBatch, eval_batch: RolloutBatch, regime,
                         opt: torch.optim.Optimizer, clip: float = 0.2, directions=None,
-                        realized_dtype: torch.dtype | None = None) -> None:
+                        realized_dtype: torch.dtype | None = None, share_second_order: bool = True) -> None:
     """An instrumented update as ``decomp.training.loop`` runs it: the update's forward and
     backward, :func:`decomp.instrument.instrument_update` with the held-out split and the search
     (before the step it measures), then the AdamW step."""
@@ -119,7 +119,7 @@ def instrumented_update(model, batch: RolloutBatch, eval_batch: RolloutBatch, re
     (pg + term.loss).backward()
     instrument_update(model, batch, opt, regime, scale=regime.scale, coef=term.coef, clip=(clip, clip),
                       directions=DIRECTIONS if directions is None else directions, eval_batch=eval_batch, search=True,
-                      realized_dtype=realized_dtype)
+                      realized_dtype=realized_dtype, share_second_order=share_second_order)
     opt.step()
 
 

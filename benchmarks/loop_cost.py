@@ -29,8 +29,9 @@ from decomp.training.loop import train
 SETTINGS = {
     "builtin": dict(prompts_per_step=16, group_size=8, steps=6, decomp_every=1, sweep_every=0, curvature_every=0,
                     eval_every=100),
-    "smollm2-135m": dict(model="smollm2-135m", task="add1", prompts_per_step=8, group_size=4, steps=3,
-                         decomp_every=1, sweep_every=0, curvature_every=0, eval_every=100, mtp_warmup_steps=20),
+    "smollm2-135m": dict(model="smollm2-135m", task="add1", prompts_per_step=8, group_size=4, steps=2,
+                         decomp_every=1, decomp_directions="policy", sweep_every=0, curvature_every=0,
+                         eval_every=100, mtp_warmup_steps=20),
 }
 
 

@@ -14,9 +14,14 @@ from typing import Any
 import numpy as np
 
 from decomp.analysis.rundata import Run
-from decomp.analysis.stats import early_late, finite, paired_difference, t_interval
+from decomp.analysis.stats import (
+    early_late,
+    finite,
+    interval_verdict,
+    paired_difference,
+    t_interval,
+)
 
-HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 MIN_SEEDS = 3
 MARGIN = 0.02  # non-inferiority margin: 2 points of held-out accuracy
 ACCEPTANCE_STEPS = 50  # the acceptance rate of a run: its mean over the last 50 steps
@@ -56,39 +61,26 @@ class Comparison:
     verdict: str
 
 
-def non_inferiority(runs: list[Run], arm: str, baseline: str, k: int, margin: float = MARGIN) -> Comparison:
-    """``arm`` matches or beats ``baseline``: lower 95% bound of the paired difference of final
-    accuracies ≥ −margin (holds); upper bound < −margin (does not hold); else inconclusive."""
+def compare(runs: list[Run], arm: str, baseline: str, k: int, threshold: float, strict: bool) -> Comparison:
+    """The paired difference of final accuracies ``arm − baseline`` against ``threshold``
+    (:func:`decomp.analysis.stats.interval_verdict` over ≥ ``MIN_SEEDS`` seeds)."""
     d = paired_difference(by_seed(runs, arm, lambda r: final_accuracy(r, k)),
                           by_seed(runs, baseline, lambda r: final_accuracy(r, k)))
-    rule = (f"paired by seed, ≥ {MIN_SEEDS} seeds, 95% t-interval of mean({arm} − {baseline}): holds if low ≥ "
-            f"−{100 * margin:.0f} points, does not hold if high < −{100 * margin:.0f} points")
-    if d["n"] < MIN_SEEDS:
-        verdict = INCONCLUSIVE
-    elif d["low"] >= -margin:
-        verdict = HOLDS
-    elif d["high"] < -margin:
-        verdict = FAILS
-    else:
-        verdict = INCONCLUSIVE
-    return Comparison(arm, baseline, d, rule, verdict)
+    op = ">" if strict else "≥"
+    bound = f"{100 * threshold:+.0f} points".replace("-", "−") if threshold else "0"
+    rule = (f"paired by seed, ≥ {MIN_SEEDS} seeds, 95% t-interval of mean({arm} − {baseline}): holds if low {op} "
+            f"{bound}, does not hold if high < {bound}")
+    return Comparison(arm, baseline, d, rule, interval_verdict(d, threshold, min_n=MIN_SEEDS, strict=strict))
+
+
+def non_inferiority(runs: list[Run], arm: str, baseline: str, k: int, margin: float = MARGIN) -> Comparison:
+    """``arm`` matches or beats ``baseline``: the lower 95% bound of the paired difference ≥ −margin."""
+    return compare(runs, arm, baseline, k, -margin, strict=False)
 
 
 def superiority(runs: list[Run], arm: str, baseline: str, k: int) -> Comparison:
-    """``arm`` beats ``baseline``: lower 95% bound > 0 (holds); upper bound < 0 (does not hold)."""
-    d = paired_difference(by_seed(runs, arm, lambda r: final_accuracy(r, k)),
-                          by_seed(runs, baseline, lambda r: final_accuracy(r, k)))
-    rule = (f"paired by seed, ≥ {MIN_SEEDS} seeds, 95% t-interval of mean({arm} − {baseline}): holds if low > 0, "
-            f"does not hold if high < 0")
-    if d["n"] < MIN_SEEDS:
-        verdict = INCONCLUSIVE
-    elif d["low"] > 0:
-        verdict = HOLDS
-    elif d["high"] < 0:
-        verdict = FAILS
-    else:
-        verdict = INCONCLUSIVE
-    return Comparison(arm, baseline, d, rule, verdict)
+    """``arm`` beats ``baseline``: the lower 95% bound of the paired difference > 0."""
+    return compare(runs, arm, baseline, k, 0.0, strict=True)
 
 
 def accuracy_rows(runs: list[Run], k: int, baseline: str = "detach") -> list[dict[str, Any]]:

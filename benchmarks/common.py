@@ -82,9 +82,9 @@ def smollm2_rollout(rollouts: int = 16, length: int = 56, prompt: int = 40, seed
     return model, RolloutBatch(tokens, mask, adv, old, response_start=prompt - 1)
 
 
-def training_update(model, batch: RolloutBatch, regime, opt: torch.optim.Optimizer, clip: float = 0.2) -> None:
-    """One update exactly as ``decomp.training.loop`` runs it: one forward for both heads, the clipped
-    surrogate plus the regime's MTP term, backward, AdamW step."""
+def _backward(model, batch: RolloutBatch, regime, opt: torch.optim.Optimizer, clip: float) -> float:
+    """An update's forward for both heads (the clipped surrogate plus the regime's MTP term) and its
+    backward; returns the applied ``λ``."""
     from decomp.objectives import aligned_logprobs
     from decomp.rl import clipped_policy_loss
 
@@ -96,6 +96,13 @@ def training_update(model, batch: RolloutBatch, regime, opt: torch.optim.Optimiz
     term = regime(r(mtp_logp[0]), r(logp), r(batch.old_logp), r(batch.advantages), r(batch.mask & valid[0]))
     opt.zero_grad()
     (pg + term.loss).backward()
+    return term.coef
+
+
+def training_update(model, batch: RolloutBatch, regime, opt: torch.optim.Optimizer, clip: float = 0.2) -> None:
+    """One update exactly as ``decomp.training.loop`` runs it: one forward for both heads, the clipped
+    surrogate plus the regime's MTP term, backward, AdamW step."""
+    _backward(model, batch, regime, opt, clip)
     opt.step()
 
 
@@ -107,17 +114,9 @@ def instrumented_update(model, batch: RolloutBatch, eval_batch: RolloutBatch, re
     (before the step it measures), then the AdamW step."""
     from decomp.config import DIRECTIONS
     from decomp.instrument import instrument_update
-    from decomp.objectives import aligned_logprobs
-    from decomp.rl import clipped_policy_loss
 
-    main, mtp = model(batch.tokens, detach=regime.detach)
-    logp, mtp_logp, valid = aligned_logprobs(main, mtp, batch.tokens)
-    r = batch.response
-    pg = clipped_policy_loss(logp, batch.old_logp, batch.advantages, batch.mask, clip, clip)
-    term = regime(r(mtp_logp[0]), r(logp), r(batch.old_logp), r(batch.advantages), r(batch.mask & valid[0]))
-    opt.zero_grad()
-    (pg + term.loss).backward()
-    instrument_update(model, batch, opt, regime, scale=regime.scale, coef=term.coef, clip=(clip, clip),
+    coef = _backward(model, batch, regime, opt, clip)
+    instrument_update(model, batch, opt, regime, scale=regime.scale, coef=coef, clip=(clip, clip),
                       directions=DIRECTIONS if directions is None else directions, eval_batch=eval_batch, search=True,
                       realized_dtype=realized_dtype, share_second_order=share_second_order)
     opt.step()

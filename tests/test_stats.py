@@ -127,3 +127,14 @@ def test_one_finite_helper_in_the_analysis_package():
     defs = [(p.name, n.name) for p in package.glob("*.py") for n in ast.walk(ast.parse(p.read_text()))
             if isinstance(n, ast.FunctionDef) and n.name in ("finite", "_finite")]
     assert defs == [("stats.py", "finite")]
+
+
+def test_interval_verdict_follows_the_interval_and_its_threshold():
+    from decomp.analysis.stats import FAILS, HOLDS, INCONCLUSIVE, interval_verdict
+
+    assert interval_verdict({"n": 5, "low": -0.01, "high": 0.03}, -0.02, min_n=3) == HOLDS
+    assert interval_verdict({"n": 5, "low": -0.02, "high": 0.03}, -0.02, min_n=3) == HOLDS  # ≥
+    assert interval_verdict({"n": 5, "low": 0.0, "high": 0.03}, 0.0, min_n=3, strict=True) == INCONCLUSIVE  # >
+    assert interval_verdict({"n": 5, "low": -0.09, "high": -0.03}, -0.02, min_n=3) == FAILS
+    assert interval_verdict({"n": 5, "low": -0.05, "high": 0.01}, -0.02, min_n=3) == INCONCLUSIVE
+    assert interval_verdict({"n": 2, "low": 0.5, "high": 0.9}, 0.0, min_n=3) == INCONCLUSIVE

@@ -33,9 +33,13 @@ import numpy as np
 from decomp.analysis.rundata import FINAL_EVALUATIONS, Run
 from decomp.analysis.stats import (
     CONFIDENCE,
+    FAILS,
+    HOLDS,
+    INCONCLUSIVE,
     early_late,
     finite,
     fmt,
+    interval_verdict,
     median,
     paired_difference,
     t_interval,
@@ -48,7 +52,6 @@ from decomp.analysis.validate import (
     target_of,
 )
 
-HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 MIN_RUNS = 3  # runs (or paired seeds) a claim about regimes or seeds needs
 COSINE_WEAK = 0.1
 DECAY, NO_DECAY, PERSIST, VANISH = 0.5, 0.8, 0.5, 0.25
@@ -206,14 +209,7 @@ def occ_vs_detach(runs: list[Run], k: int = FINAL_EVALUATIONS) -> Claim:
         return Claim(name, "no seed with both an occ and a detach run", "", rule, INCONCLUSIVE, 0, 0)
     text = f"mean paired difference occ − detach = {fmt(100 * d['value'], '+.1f')} points over {d['n']} seed(s)"
     interval = _ci(d, "+.1f", 100.0) + (" points" if d["n"] >= 2 else "")
-    if d["n"] < MIN_RUNS:
-        verdict = INCONCLUSIVE
-    elif d["low"] >= -ACCURACY_MARGIN:
-        verdict = HOLDS
-    elif d["high"] < -ACCURACY_MARGIN:
-        verdict = FAILS
-    else:
-        verdict = INCONCLUSIVE
+    verdict = interval_verdict(d, -ACCURACY_MARGIN, min_n=MIN_RUNS)
     return Claim(name, text, interval, rule, verdict, n_runs, n_evals, d["value"], d["low"], d["high"])
 
 

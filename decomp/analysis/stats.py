@@ -172,6 +172,23 @@ def paired_difference(
     return t_interval(diffs, confidence) | {"keys": keys, "differences": diffs}
 
 
+HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
+
+
+def interval_verdict(d: Mapping[str, Any], threshold: float, *, min_n: int, strict: bool = False) -> str:
+    """A claim that the mean exceeds ``threshold``, judged by its interval ``d`` (``n``, ``low``,
+    ``high``): holds when the low end is above it (``≥``; ``>`` when ``strict``), does not hold
+    when the high end is below it, inconclusive with fewer than ``min_n`` values or an interval
+    that straddles it."""
+    if d["n"] < min_n:
+        return INCONCLUSIVE
+    if (d["low"] > threshold) if strict else (d["low"] >= threshold):
+        return HOLDS
+    if d["high"] < threshold:
+        return FAILS
+    return INCONCLUSIVE
+
+
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's ρ of paired samples (average ranks for ties); ``nan`` for fewer than 3 pairs
     or a constant sample."""

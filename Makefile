@@ -37,15 +37,17 @@ demo: $(STAMP)
 	@echo "report: runs/demo/report.md"
 
 # a short instrumented RL run of the real SmolLM2-135M-Instruct (offline) under detach and occ:
-# 6 steps of 8 prompts × 4 samples, instrumented at steps 2, 4, 6 (the policy direction, and occ's
-# own), each update judged in-sample and on held-out rollouts with the realized optimum λ̂
+# 6 steps of 8 prompts × 4 samples, instrumented at steps 2, 4, 6 (detach: the policy direction;
+# occ: its own, the same unit direction), each update judged in-sample and on held-out rollouts,
+# the realized optimum λ̂ searched on the held-out rollouts (the ground truth)
 REAL := --model smollm2-135m --task add1 --seed 0 --steps 6 --decomp-every 2 --set prompts_per_step=8 \
-	--set group_size=4 --set eval_every=3 --set sweep_every=0 --set curvature_every=0 --set mtp_warmup_steps=20
+	--set group_size=4 --set eval_every=3 --set sweep_every=0 --set curvature_every=0 --set mtp_warmup_steps=20 \
+	--set search_splits=heldout
 demo-real: $(STAMP)
 	$(BIN)/decomp run --regime detach --out runs/demo-real/detach-seed0 --overwrite $(REAL) \
 		--set decomp_directions=policy
 	$(BIN)/decomp run --regime occ --out runs/demo-real/occ-seed0 --overwrite $(REAL) \
-		--set decomp_directions=active,policy
+		--set decomp_directions=active
 	$(BIN)/decomp plot runs/demo-real --out runs/demo-real/figures
 	$(BIN)/decomp report runs/demo-real --out runs/demo-real/report.md --figures runs/demo-real/figures
 	@echo "report: runs/demo-real/report.md"

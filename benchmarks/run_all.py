@@ -95,7 +95,7 @@ def main() -> None:
     mem_inst = _number(r"instrumented update[^|]*\| [\d.]+ MB = ([\d.]+)×", sections["memory"])
     mem_inst_smol = _number(r"instrumented update[^|]*\| [\d.]+ MB = ([\d.]+)×", sections.get("memory_smol", ""))
     search = max(_number(rf"{d}:   \+ search for λ̂\s*\|[^=]*= ([\d.]+)×", sections["cost"]) for d in ("ce", "policy"))
-    loop_train = _number(r"policy, train record \| ([\d.]+)×", sections["loop"])
+    loop_train = _number(r"(?:active|policy), train record \| ([\d.]+)×", sections["loop"])  # policy regime: active = policy
     loop_train_smol = _number(r"policy, train record \| ([\d.]+)×", sections.get("loop_smol", ""))
     slope_p = _number(r"log parameters: ([\d.]+)", sections["scaling"])
     slope_t = _number(r"log tokens: ([\d.]+)", sections["scaling"])

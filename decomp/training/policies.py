@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,25 +106,27 @@ def smollm2_path() -> Path:
 def load_hf(model: str) -> tuple[nn.Module, Any]:
     """``(causal LM in float32, tokenizer)`` for ``smollm2-135m`` or a local checkpoint folder.
 
-    Nothing is downloaded: ``HF_HUB_OFFLINE`` is set for the load.
+    Nothing is downloaded: ``HF_HUB_OFFLINE`` is set for the load. SmolLM2 is read from its
+    de-quantised float32 copy in the cache (:func:`smollm2_float32`), written on first use.
     """
     for mod in ("transformers", "accelerate"):
         _require(mod, "pip install 'decomp[hf]'")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     if model == SMOLLM2:
-        _require("gguf", "pip install 'decomp[hf]'")
-        path = smollm2_path()
-        kwargs = {"gguf_file": path.name}
-        folder = path.parent
-    else:
-        folder = Path(model)
-        if not (folder / "config.json").is_file():
-            raise ModelUnavailable(f"--model {model}: not smollm2-135m and not a local checkpoint folder with config.json")
-        kwargs = {}
+        return smollm2_float32()
+    folder = Path(model)
+    if not (folder / "config.json").is_file():
+        raise ModelUnavailable(f"--model {model}: not smollm2-135m and not a local checkpoint folder with config.json")
+    return _from_pretrained(folder)
+
+
+def _from_pretrained(folder: Path, **kwargs: Any) -> tuple[nn.Module, Any]:
+    """The LM in float32 in eval mode and its tokenizer (left padding, a pad token) from ``folder``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     previous = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"  # GGUF de-quantisation has its own tqdm bar; keep logs readable
     try:
@@ -142,6 +145,34 @@ def load_hf(model: str) -> tuple[nn.Module, Any]:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
+    return lm, tokenizer
+
+
+def smollm2_float32(cache: Path | None = None) -> tuple[nn.Module, Any]:
+    """SmolLM2-135M-Instruct from a float32 copy of its GGUF file under ``cache`` (default
+    :func:`decomp.training.warmstart.default_cache_dir`), written on first use: de-quantising the
+    GGUF file takes about 15 s per load, reading the copy about 1 s, and the weights are the same
+    bits. The copy is keyed by the GGUF file's size and time and the torch and transformers
+    versions; a cache that cannot be written only costs the speed-up."""
+    import transformers
+
+    from decomp.training.warmstart import default_cache_dir
+
+    path = smollm2_path()
+    stat = path.stat()
+    key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:{torch.__version__}:{transformers.__version__}"
+                         .encode()).hexdigest()[:12]
+    folder = (cache or default_cache_dir()) / f"smollm2-135m-float32-{key}"
+    if (folder / "config.json").is_file():
+        return _from_pretrained(folder)
+    lm, tokenizer = _from_pretrained(path.parent, gguf_file=path.name)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    try:
+        lm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(folder)  # complete or absent: a concurrent writer's copy is as good as ours
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
     return lm, tokenizer
 
 

@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers", reason="the hf extra is not i
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from decomp.curvature import flatten, hvp  # noqa: E402
-from decomp.models.hf import attach_mtp, load_mtp, save_mtp  # noqa: E402
+from decomp.models.hf import attach_mtp, load_mtp, norms_in_float64, save_mtp  # noqa: E402
 from decomp.objectives import (  # noqa: E402
     RolloutBatch,
     aligned_logprobs,  # noqa: E402
@@ -36,12 +36,46 @@ def _lm(kind: str = "llama", tie: bool = False, attn: str = "sdpa", seed: int = 
 
 
 @pytest.mark.parametrize("kind", list(HOSTS))
+def test_a_float64_evaluation_resolves_changes_below_float32_resolution(kind):
+    """A float64 forward of the MTP model moves with a parameter change of 1e-7 as its float64
+    derivative says (central differences to 1e-6), where the host's own forward, whose RMSNorms
+    cast to float32, cannot: the realized changes of a real LM's tiny steps need the former."""
+    from torch.func import functional_call
+
+    lm = _lm(kind)
+    model = attach_mtp(lm, depth=1)
+    tokens = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(1))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    gen = torch.Generator().manual_seed(2)
+    direction = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in params.items()}
+
+    def value(eps, host: bool = False):
+        point = {k: p + eps * direction[k] for k, p in params.items()}
+        if host:
+            logits = functional_call(model.lm, {k[3:]: v for k, v in point.items() if k.startswith("lm.")},
+                                     (), {"input_ids": tokens}).logits
+        else:
+            logits = functional_call(model, point, (tokens,), {"with_mtp": False})[0]
+        return logits.log_softmax(-1)[..., 5].sum()
+
+    eps0 = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    (slope,) = torch.autograd.grad(value(eps0), eps0)
+    for eps in (1e-7, 1e-8):
+        fd = (value(eps) - value(-eps)) / (2 * eps)
+        assert abs(float(fd - slope)) <= 1e-6 * abs(float(slope)), eps
+    host_fd = (value(1e-8, host=True) - value(-1e-8, host=True)) / 2e-8
+    assert abs(float(host_fd - slope)) > 1e-4 * abs(float(slope))
+
+
+@pytest.mark.parametrize("kind", list(HOSTS))
 def test_main_logits_are_the_host_lm_and_mtp_shapes(kind):
     lm = _lm(kind)
     model = attach_mtp(lm, depth=2)
     tokens = torch.randint(0, 37, (3, 9))
     main, mtp = model(tokens)
-    assert torch.equal(main, lm(input_ids=tokens).logits)
+    with norms_in_float64(lm):  # a float64 model keeps its norms in float64 (see the next test)
+        assert torch.equal(main, lm(input_ids=tokens).logits)
+    assert torch.allclose(main, lm(input_ids=tokens).logits, rtol=0, atol=1e-5)  # the host's float32 norms
     assert [t.shape for t in mtp] == [(3, 8, 37), (3, 7, 37)]
     # copy_last: each block starts as a copy of the last decoder layer, with its own parameters
     last = dict(lm.get_decoder().layers[-1].named_parameters())

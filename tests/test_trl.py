@@ -34,6 +34,7 @@ from decomp.integrations.trl import (  # noqa: E402
     trl_rl_loss,
 )
 from decomp.integrations.trl.heldout import heldout_batch, heldout_inputs  # noqa: E402
+from decomp.models.hf import norms_in_float64  # noqa: E402
 from decomp.objectives import (  # noqa: E402
     aligned_logprobs,  # noqa: E402
     model_logprobs,
@@ -266,7 +267,7 @@ def test_mtp_log_probs_align_with_decomps_aligned_axis(tiny_checkpoint, tmp_path
     inputs = fake_inputs(lm, P=P, with_old=False)
     tokens = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
-    with torch.no_grad():
+    with torch.no_grad(), norms_in_float64(lm):  # float64 throughout, as the view evaluates a float64 model
         hidden = lm.base_model(input_ids=tokens, attention_mask=mask).last_hidden_state
         got, valid = completion_mtp_logprobs(lm, hidden, inputs, "none")
         main, mtp = MTPModelView(lm)(tokens, attention_mask=mask)

@@ -20,7 +20,9 @@ layer list is the ``nn.ModuleList`` of length ``config.num_hidden_layers``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,11 @@ class HFMTPModel(nn.Module):
         predicts token ``t+k+1``). ``attention_mask`` marks real tokens (left padding allowed)."""
         if detach not in DETACH_MODES:
             raise ValueError(f"detach must be one of {DETACH_MODES}, got {detach!r}")
+        with float64_norms(self, self.lm):
+            return self._logits(tokens, detach, with_mtp, attention_mask, logits_from)
+
+    def _logits(self, tokens: Tensor, detach: str, with_mtp: bool, attention_mask: Tensor | None,
+                logits_from: int) -> tuple[Tensor, list[Tensor]]:
         B, T = tokens.shape
         position_ids = None if attention_mask is None else position_ids_from_mask(attention_mask)
         decoder, _, _ = _decoder_parts(self.lm)
@@ -112,6 +119,45 @@ class HFMTPModel(nn.Module):
             position_ids = torch.arange(T, device=tokens.device).expand(B, T)
         mtp_logits = mtp_logits_from_hidden(self.lm, self.mtp, h, tokens, detach, position_ids, attention_mask)
         return main_logits, mtp_logits
+
+
+def _rms_norm_in_float64(norm: nn.Module):
+    """``norm``'s forward, computed in float64 for a float64 input:
+    ``weight · x / sqrt(mean(x²) + variance_epsilon)``, the formula of Llama-family RMSNorms."""
+    original = type(norm).forward
+
+    def forward(x: Tensor) -> Tensor:
+        if x.dtype != torch.float64:
+            return original(norm, x)
+        return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+
+    return forward
+
+
+@contextlib.contextmanager
+def norms_in_float64(model: nn.Module) -> Iterator[None]:
+    """Within this context the Llama-family RMSNorms of ``model`` (a ``variance_epsilon``
+    attribute: Llama, Mistral, Qwen2 and kin) keep a float64 input in float64. Their own forward
+    casts every input to float32 (meant for half precision), so a float64 forward — the realized
+    changes of :class:`decomp.decomposition.RealizedGain` — would be float32-limited at each norm;
+    other dtypes go to their own forward unchanged. Norms with another formula (Gemma's ``1 + w``)
+    are left alone."""
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon")
+             and "forward" not in vars(m)]  # not already patched by an enclosing context
+    for norm in norms:
+        norm.forward = _rms_norm_in_float64(norm)
+    try:
+        yield
+    finally:
+        for norm in norms:
+            del norm.forward
+
+
+def float64_norms(model: nn.Module, lm: nn.Module) -> contextlib.AbstractContextManager:
+    """:func:`norms_in_float64` of ``model`` when the host ``lm``'s weights are float64 (under
+    ``functional_call``: the point evaluated, e.g. a float64 realized change), else nothing."""
+    float64 = lm.get_input_embeddings().weight.dtype == torch.float64
+    return norms_in_float64(model) if float64 else contextlib.nullcontext()
 
 
 def build_mtp_modules(lm: nn.Module, depth: int = 1, init: str = "copy_last", seed: int = 0) -> nn.ModuleList:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from decomp.models.hf import (
     _decoder_parts,
     build_mtp_modules,
+    float64_norms,
     mtp_head,
     mtp_logits_from_hidden,
     mtp_states_from_hidden,
@@ -62,14 +63,16 @@ class MTPModelView(nn.Module):
     ) -> tuple[Tensor, list[Tensor]]:
         if detach not in DETACH_MODES:
             raise ValueError(f"detach must be one of {DETACH_MODES}, got {detach!r}")
-        decoder, _, _ = _decoder_parts(self.lm)
-        h = decoder(input_ids=tokens, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        main = self.lm.get_output_embeddings()(h[:, logits_from:]) / self.temperature
-        if not with_mtp:
-            return main, []
-        B, T = tokens.shape
-        positions = torch.arange(T, device=tokens.device).expand(B, T)
-        mtp = mtp_logits_from_hidden(self.lm, getattr(self.lm, MTP_ATTR), h, tokens, detach, positions, attention_mask)
+        with float64_norms(self, self.lm):  # a float64 evaluation stays float64
+            decoder, _, _ = _decoder_parts(self.lm)
+            h = decoder(input_ids=tokens, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            main = self.lm.get_output_embeddings()(h[:, logits_from:]) / self.temperature
+            if not with_mtp:
+                return main, []
+            B, T = tokens.shape
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+            mtp = mtp_logits_from_hidden(self.lm, getattr(self.lm, MTP_ATTR), h, tokens, detach, positions,
+                                         attention_mask)
         return main, [x / self.temperature for x in mtp]
 
 

@@ -117,7 +117,7 @@ def instrumented_update(model, batch: RolloutBatch, eval_batch: RolloutBatch, re
 
     coef = _backward(model, batch, regime, opt, clip)
     instrument_update(model, batch, opt, regime, scale=regime.scale, coef=coef, clip=(clip, clip),
-                      directions=DIRECTIONS if directions is None else directions, eval_batch=eval_batch, search=True,
+                      directions=DIRECTIONS if directions is None else directions, eval_batch=eval_batch,
                       realized_dtype=realized_dtype, share_second_order=share_second_order)
     opt.step()
 

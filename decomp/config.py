@@ -121,12 +121,12 @@ class InstrumentConfig:
 
     @property
     def searched_splits(self) -> tuple[str, ...]:
-        """The splits whose records get the realized optimum (with ``search``)."""
+        """The splits whose records get the realized optimum: ``()`` without ``search``."""
         splits = tuple(s.strip() for s in self.search_splits.split(",") if s.strip())
         if not splits or any(s not in SPLITS for s in splits):
             raise ValueError(f"search_splits must be a comma-separated subset of {', '.join(SPLITS)}, "
                              f"got {self.search_splits!r}")
-        return splits
+        return splits if self.search else ()
 
     @property
     def directions(self) -> tuple[str, ...]:

@@ -290,7 +290,6 @@ def instrument_update(
     ref_logp: torch.Tensor | None = None,
     directions: tuple[str, ...] = DIRECTIONS,
     eval_batch: RolloutBatch | None = None,
-    search: bool = True,
     search_splits: tuple[str, ...] = SPLITS,
     realized_dtype: torch.dtype | None = None,
     share_second_order: bool = True,
@@ -304,8 +303,8 @@ def instrument_update(
     ``scale`` is the run's ``c`` (the shadow directions' ``λ``), ``coef`` the ``λ`` applied at this
     update; ``clip``, ``kl_coef`` and ``ref_logp`` define the RL loss, or ``rl_loss_of_logp``
     replaces it (a trainer's own, of the aligned main log-probs: :func:`decomp.objectives.objectives`).
-    ``eval_batch`` adds the ``heldout`` split; ``search`` the realized optimum on the
-    ``search_splits``; ``realized_dtype`` the realized changes' dtype. ``share_second_order``
+    ``eval_batch`` adds the ``heldout`` split; the realized optimum is searched on the
+    ``search_splits`` (``()``: nowhere); ``realized_dtype`` the realized changes' dtype. ``share_second_order``
     builds ``J``'s second-order pass once per split for every direction (only ``δ``, ``δ₁``
     differ between them), keeping those graphs alive meanwhile.
     """
@@ -324,8 +323,7 @@ def instrument_update(
                                     "search_seconds": 0.0} for r in active]
             continue
         for record, measured, _ in measure_direction(model, splits, optimizer, reg, coefs[direction], proxies,
-                                                     scale, loss, search_splits if search else (),
-                                                     realized_dtype, sides):
+                                                     scale, loss, search_splits, realized_dtype, sides):
             record["seconds"] += side_seconds.pop(record["split"], 0.0)  # the shared pass, on its first user
             out.decompositions.append({"direction": direction, **record})
             if direction == "active":

@@ -38,6 +38,7 @@ def test_never_when_either_period_is_zero_and_negative_periods_are_refused():
 def test_search_splits_are_parsed_and_bad_ones_refused():
     assert InstrumentConfig().searched_splits == ("train", "heldout")
     assert InstrumentConfig(search_splits=" heldout ").searched_splits == ("heldout",)
+    assert InstrumentConfig(search=False).searched_splits == ()  # search off: no split is searched
     for bad in ("", "test", "train,eval"):
         with pytest.raises(ValueError, match="search_splits must be a comma-separated subset of train, heldout"):
             InstrumentConfig(search_splits=bad).validate()

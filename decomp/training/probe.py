@@ -79,7 +79,7 @@ def run_probe(cfg: ProbeConfig = ProbeConfig()) -> dict[str, dict[str, float | s
                          response_start=cfg.prompt_len - 1)
     start = time.perf_counter()
     out = instrument_update(model, batch, opt, make_regime("detach", scale=cfg.scale), scale=cfg.scale,
-                            coef=cfg.scale, directions=("ce", "policy"), search=True)
+                            coef=cfg.scale, directions=("ce", "policy"))
     seconds = (time.perf_counter() - start) / 2
     records: dict[str, dict[str, float | str]] = {}
     for record in out.decompositions:

@@ -152,7 +152,7 @@ class DecompositionCallback(TrainerCallback):
                 view, batch, optimizer, tr.regime, scale=tr.mtp_config.mtp_scale, coef=float(micro["coef"]),
                 clip=(float(tr.epsilon_low), float(tr.epsilon_high)), directions=tr.instrument_config.directions,
                 rl_loss_of_logp=trl_rl_loss(tr, inputs, old), eval_batch=eval_batch,
-                search=bool(tr.instrument_config.search), search_splits=tr.instrument_config.searched_splits,
+                search_splits=tr.instrument_config.searched_splits,
                 realized_dtype=_realized_dtype(tr.instrument_config),
                 share_second_order=False,  # a real LM: one second-order graph alive at a time
             )

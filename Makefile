@@ -40,7 +40,7 @@ demo: $(STAMP)
 # 6 steps of 4 prompts × 4 samples (2 updates of 8 rollouts), instrumented at steps 2, 4, 6
 # (detach: the policy direction; occ: its own, the same unit direction), each update judged
 # in-sample and on held-out rollouts, the realized optimum λ̂ searched on the held-out rollouts
-# (the ground truth); about 10 minutes on 2 cores with the model cache warm
+# (the ground truth); about 8 minutes on 2 cores with the model cache warm
 REAL := --model smollm2-135m --task add1 --seed 0 --steps 6 --decomp-every 2 --set prompts_per_step=4 \
 	--set group_size=4 --set eval_every=3 --set sweep_every=0 --set curvature_every=0 --set mtp_warmup_steps=20 \
 	--set search_splits=heldout

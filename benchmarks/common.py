@@ -108,7 +108,8 @@ def training_update(model, batch: RolloutBatch, regime, opt: torch.optim.Optimiz
 
 def instrumented_update(model, batch: RolloutBatch, eval_batch: RolloutBatch, regime,
                         opt: torch.optim.Optimizer, clip: float = 0.2, directions=None,
-                        realized_dtype: torch.dtype | None = None, share_second_order: bool = True) -> None:
+                        realized_dtype: torch.dtype | None = None, share_second_order: bool = True,
+                        hvp_microbatch_rows: int | None = None) -> None:
     """An instrumented update as ``decomp.training.loop`` runs it: the update's forward and
     backward, :func:`decomp.instrument.instrument_update` with the held-out split and the search
     (before the step it measures), then the AdamW step."""
@@ -118,15 +119,19 @@ def instrumented_update(model, batch: RolloutBatch, eval_batch: RolloutBatch, re
     coef = _backward(model, batch, regime, opt, clip)
     instrument_update(model, batch, opt, regime, scale=regime.scale, coef=coef, clip=(clip, clip),
                       directions=DIRECTIONS if directions is None else directions, eval_batch=eval_batch,
-                      realized_dtype=realized_dtype, share_second_order=share_second_order)
+                      realized_dtype=realized_dtype, share_second_order=share_second_order,
+                      hvp_microbatch_rows=hvp_microbatch_rows)
     opt.step()
 
 
 def decomposition_rows(
-    update: Callable[[], object], obj, named: dict, opt: torch.optim.Optimizer, *, sgd_lr: float | None = None
+    update: Callable[[], object], obj, named: dict, opt: torch.optim.Optimizer, *, sgd_lr: float | None = None,
+    microbatches: int = 1,
 ) -> dict[str, Callable[[], object]]:
     """The decomposition-cost measurements on one batch: a training update (the unit), one full
-    ``decompose`` (AdamW; SGD too given ``sgd_lr``) and the parts it is made of, timed alone."""
+    ``decompose`` (AdamW; SGD too given ``sgd_lr``; with ``microbatches > 1`` also with ``J``'s
+    side in that many row chunks, as an instrumented real LM runs it) and the parts it is made
+    of, timed alone."""
     from decomp.curvature import second_order
     from decomp.decomposition import decompose
 
@@ -137,6 +142,10 @@ def decomposition_rows(
         "decompose, AdamW": lambda: decompose(obj.rl_objective, obj.mtp_loss, named, coef=0.1, optimizer=opt,
                                               rl_loss=obj.rl_loss, first_order=obj.first_order),
     }
+    if microbatches > 1:
+        rows[f"decompose, AdamW, J side in {microbatches} chunks"] = lambda: decompose(
+            obj.rl_objective, obj.mtp_loss, named, coef=0.1, optimizer=opt, rl_loss=obj.rl_loss,
+            first_order=obj.first_order, microbatches=microbatches)
     if sgd_lr is not None:
         rows["decompose, SGD"] = lambda: decompose(obj.rl_objective, obj.mtp_loss, params, coef=0.1, lr=sgd_lr,
                                                    rl_loss=obj.rl_loss, first_order=obj.first_order)
@@ -196,8 +205,30 @@ def ground_truth_rows(model, batch, eval_batch, named: dict, opt: torch.optim.Op
 
 
 def print_rows(t: dict[str, list[float]]) -> list[float]:
-    """One table row per measurement, as a ratio to the training update of the same repeat."""
+    """One table row per measurement, as a ratio to the training update of the same repeat; then
+    the floor (:func:`print_floor`) when the parts were timed."""
     base = t["training update"]
     for name, ts in t.items():
         print(f"| {name:<26} | {summary(ts, base)} |")
+    if FLOOR_PARTS[0] in t:
+        print_floor(t, base)
     return base
+
+
+# the passes an AdamW decomposition cannot share: the first-order gradients (one forward, two
+# backward), J's gradient with its graph and both HVPs through it, the counterfactual steps, and
+# three forward evaluations of J (at θ, θ + u_RL and θ + u_RL + δ) for the realized changes
+FLOOR_PARTS = ("  ∇L_MTP and ∇L_RL (one forward)", "  ∇J + graph + two HVPs", "  counterfactual AdamW (u_RL, δ, δ₁)",
+               "  J forward")
+FLOOR_WEIGHTS = (1, 1, 1, 3)
+
+
+def print_floor(t: dict[str, list[float]], base: list[float]) -> float:
+    """The floor (the sum of the parts' median ratios, :data:`FLOOR_PARTS`) and what the full
+    AdamW decomposition spends above it."""
+    ratio = {k: statistics.median(x / b for x, b in zip(t[k], base, strict=True)) for k in (*FLOOR_PARTS,
+                                                                                           "decompose, AdamW")}
+    floor = sum(w * ratio[k] for k, w in zip(FLOOR_PARTS, FLOOR_WEIGHTS, strict=True))
+    print(f"| floor: first order + ∇J, graph, two HVPs + counterfactual + 3 J forwards | {floor:.2f}× |")
+    print(f"| decompose, AdamW, above the floor | {ratio['decompose, AdamW'] - floor:.2f}× |")
+    return floor

@@ -28,6 +28,7 @@ from common import (
     training_update,
 )
 
+from decomp.allocator import reuse_freed_memory
 from decomp.models.tiny import ModelConfig
 from decomp.objectives import objectives
 from decomp.regimes import Policy
@@ -38,6 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
+    reuse_freed_memory()  # as `decomp run` does: freed tensors' memory is reused, not refaulted
     cfg = ModelConfig(vocab_size=VOCAB_SIZE, max_len=11)
     model, batch = synthetic_rollout(cfg, batch=64, seq_len=11, prompt_len=7)
     regime = Policy(scale=0.1)

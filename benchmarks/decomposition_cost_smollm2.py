@@ -22,6 +22,8 @@ from common import (
     training_update,
 )
 
+from decomp.allocator import reuse_freed_memory
+from decomp.config import InstrumentConfig
 from decomp.objectives import objectives
 from decomp.regimes import Policy
 
@@ -32,6 +34,7 @@ def main() -> None:
     ap.add_argument("--rollouts", type=int, default=16)
     ap.add_argument("--length", type=int, default=56)
     args = ap.parse_args()
+    reuse_freed_memory()  # as `decomp run` does: freed tensors' memory is reused, not refaulted
     B, T = args.rollouts, args.length
     model, batch = smollm2_rollout(B, T)
     regime = Policy(scale=0.1)
@@ -44,7 +47,8 @@ def main() -> None:
         training_update(model, batch, regime, opt)
 
     update()
-    fns = decomposition_rows(update, obj, named, opt)
+    chunks = -(-B // InstrumentConfig().hvp_rows(real_lm=True))  # as the loop runs a Hugging Face model
+    fns = decomposition_rows(update, obj, named, opt, microbatches=chunks)
     t = timed(fns, args.repeats)
     print(f"# Decomposition cost, SmolLM2-135M-Instruct — {machine()}")
     print(f"{sum(p.numel() for p in params.values()) / 1e6:.1f}M parameters (with the MTP module), batch {B}×{T}, "

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from common import machine
 
+from decomp.allocator import reuse_freed_memory
 from decomp.runlog import read_jsonl
 from decomp.training.config import TrainConfig
 from decomp.training.loop import train
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--model", default="builtin", choices=tuple(SETTINGS))
     ap.add_argument("--steps", type=int, default=None)
     args = ap.parse_args()
+    reuse_freed_memory()  # as `decomp run` does: freed tensors' memory is reused, not refaulted
     settings = dict(SETTINGS[args.model])
     if args.steps:
         settings["steps"] = args.steps

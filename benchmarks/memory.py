@@ -29,6 +29,7 @@ from common import (
     training_update,
 )
 
+from decomp.config import InstrumentConfig
 from decomp.decomposition import decompose
 from decomp.models.tiny import ModelConfig
 from decomp.objectives import objectives
@@ -57,9 +58,10 @@ def one_smollm2(what: str) -> int:
     if what == "update":
         training_update(model, batch, regime, opt)
     elif what == "instrumented":  # as the loop runs a Hugging Face model (make demo-real): the policy
-        # direction, one second-order graph at a time, realized changes in float64
+        # direction, one second-order graph at a time in chunks of rows, realized changes in float64
         instrumented_update(model, batch, eval_batch, regime, opt, directions=("policy",),
-                            realized_dtype=torch.float64, share_second_order=False)
+                            realized_dtype=torch.float64, share_second_order=False,
+                            hvp_microbatch_rows=InstrumentConfig().hvp_rows(real_lm=True))
     else:
         decompose(obj.rl_objective, obj.mtp_loss, named, coef=0.1, optimizer=opt, rl_loss=obj.rl_loss,
                   first_order=obj.first_order)
@@ -114,7 +116,9 @@ def main() -> None:
     print(f"# Peak memory of one decomposition vs one training update ({size})\n")
     print(f"| training update | {peaks['update'] / 1e6:.1f} MB |")
     print(f"| decompose (AdamW) | {peaks['decompose'] / 1e6:.1f} MB = {peaks['decompose'] / peaks['update']:.2f}× |")
-    what = "4 directions × 2 splits" if args.model == "builtin" else "the policy direction × 2 splits, float64 realized"
+    what = ("4 directions × 2 splits" if args.model == "builtin" else
+            f"the policy direction × 2 splits, J's side in chunks of {InstrumentConfig().hvp_rows(real_lm=True)} "
+            "sequences, float64 realized")
     print(f"| instrumented update as the loop runs it ({what}, search) | "
           f"{peaks['instrumented'] / 1e6:.1f} MB = {peaks['instrumented'] / peaks['update']:.2f}× |")
 

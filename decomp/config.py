@@ -28,6 +28,11 @@ MTP_INITS = ("copy_last", "random")
 POLICY_FORMS = ("ratio", "reinforce")
 
 
+# a real LM's J-side double-backward graph held about 3.5 GB for 16 SmolLM2 rollouts of 56 tokens;
+# chunks of 4 sequences keep an instrumented update within 3× a training update's memory
+AUTO_HVP_ROWS = 4
+
+
 def option(default: Any, help: str) -> Any:
     """A dataclass field with its help text (read by :func:`field_help`)."""
     return field(default=default, metadata={"help": help})
@@ -105,6 +110,10 @@ class InstrumentConfig:
                                 "'heldout' alone judges λ̂ on held-out rollouts only, at half the search's cost")
     realized_dtype: str = option("auto", "dtype of the realized changes and the search: float64 | float32 | auto "
                                  "(float64 for Hugging Face models, whose small steps sit at float32's resolution)")
+    hvp_microbatch_rows: int = option(0, "sequences per chunk of J's second-order pass: its gradient and both HVPs "
+                                      "are summed over chunks, one chunk's graph alive at a time (less memory, the "
+                                      "same numbers up to rounding); 0: auto (the whole batch for the built-in "
+                                      f"model, {AUTO_HVP_ROWS} for Hugging Face models)")
     sweep_every: int = option(50, "steps between coefficient sweeps, at the first instrumented update at or "
                               "after each multiple (0: never)")
     curvature_every: int = option(50, "steps between Hessian eigenvalue runs, at the first instrumented update "
@@ -113,7 +122,7 @@ class InstrumentConfig:
     def validate(self) -> None:
         if self.realized_dtype not in ("auto", "float32", "float64"):
             raise ValueError(f"realized_dtype must be auto, float32 or float64, got {self.realized_dtype!r}")
-        for name in ("decomp_every", "sweep_every", "curvature_every"):
+        for name in ("decomp_every", "sweep_every", "curvature_every", "hvp_microbatch_rows"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         parse_directions(self.decomp_directions)
@@ -127,6 +136,13 @@ class InstrumentConfig:
             raise ValueError(f"search_splits must be a comma-separated subset of {', '.join(SPLITS)}, "
                              f"got {self.search_splits!r}")
         return splits if self.search else ()
+
+    def hvp_rows(self, real_lm: bool) -> int | None:
+        """Sequences per chunk of ``J``'s second-order pass (``None``: the whole batch), where
+        ``real_lm`` says the model is a Hugging Face LM."""
+        if self.hvp_microbatch_rows:
+            return self.hvp_microbatch_rows
+        return AUTO_HVP_ROWS if real_lm else None
 
     @property
     def directions(self) -> tuple[str, ...]:

@@ -221,7 +221,8 @@ def dot(a: Params, b: Params) -> float:
             total = total + torch.dot(x.reshape(-1), y.reshape(-1))
         else:
             for xs, ys in zip(x.reshape(-1).split(DOT_BLOCK), y.reshape(-1).split(DOT_BLOCK), strict=True):
-                total = total + torch.dot(xs.to(torch.float64), ys.to(torch.float64))
+                xd = xs.to(torch.float64)
+                total = total + torch.dot(xd, xd if x is y else ys.to(torch.float64))  # a norm: one copy
     return float(total)
 
 
@@ -356,17 +357,20 @@ def jvp_logprobs(
     logprob_fn: Callable[[Params], Tensor],
     params: Params,
     v: Params,
-) -> Tensor:
+    *,
+    with_value: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Forward-mode directional derivative ``∇ℓ_t(θ) · v`` of per-token log-probs.
 
     ``logprob_fn(params)`` returns a tensor of per-token log-probs (any shape, e.g. ``[B, T]``);
     the result has the same shape. One forward pass carrying a tangent, no Hessian: this is the
-    ``jvp`` level of the estimator ladder (docs/method.md §4).
+    ``jvp`` level of the estimator ladder (docs/method.md §4). ``with_value=True`` returns
+    ``(ℓ(θ), ∇ℓ·v)``: the log-probs come with the pass, so no second forward is needed for them.
     """
     params = check_params(params)
     v = check_like(v, params, "v")
     if not callable(logprob_fn):
         raise TypeError(f"logprob_fn must be callable, got {type(logprob_fn).__name__}")
     with math_attention():
-        _, tangent = jvp(logprob_fn, (_detached(params),), (v,))
-    return tangent
+        value, tangent = jvp(logprob_fn, (_detached(params),), (v,))
+    return (value.detach(), tangent) if with_value else tangent

@@ -250,24 +250,36 @@ class RealizedGain:
     token in float64 from the per-token log-probs at both points (``Σ M·A·r₀·expm1(ℓ − ℓ₀)/Σ M``),
     so it is not limited by the rounding of two nearly equal sums ``J`` (at a real LM's learning
     rate, ΔJ_MTP sits at float32's resolution of ``J``); any other callable gives ``J − J``.
+    ``dtype`` (e.g. float64 for a float32 model) evaluates ``J`` at points summed in that dtype.
     ``evaluations`` counts the forward evaluations (the one at ``θ + u_RL`` included).
+
+    Every point is summed into one reused buffer, ``(θ + u_RL) + δ`` in that order (so without
+    ``dtype`` the point is bit-identical to the real step's ``θ + u``): no copy of ``θ + u_RL``
+    is kept, and in float64 the buffer is the only parameter-sized tensor the evaluations hold.
     """
 
     def __init__(self, objective: Callable[[Params], Tensor], step: StepUpdates, dtype: torch.dtype | None = None) -> None:
         self.objective, self.step, self.dtype = objective, step, dtype
         self.paired = callable(getattr(objective, "difference", None))
-        self.base_point = self._cast(_add(step.theta, step.updates.update_rl))
-        self._work: Params | None = None  # one buffer reused for every λ
+        self._keys = list(step.theta)
+        self._work: list[Tensor] | None = None  # one buffer reused for every point
         self.evaluations = 0
-        self._base_logp = self._forward(self.base_point)
-        self.base = float(objective(self.base_point)) if self.paired else self._base_logp
+        self._base = self._forward(self._point(step.updates.update_rl, None))
 
-    def _cast(self, point: Params) -> Params:
-        """``point`` in the evaluation dtype (``dtype``: e.g. float64 for a float32 model, whose
-        forward rounding, not the sums, is what limits a tiny ΔJ)."""
-        if self.dtype is None:
-            return point
-        return {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in point.items()}
+    def _point(self, update: Params | None, delta: Params | None) -> Params:
+        """``(θ + update) + delta`` in the buffer (``None``: left out), in ``dtype`` when given:
+        one multi-tensor pass per term (at small sizes, launches are the cost)."""
+        theta = [self.step.theta[k] for k in self._keys]
+        with torch.no_grad():
+            if self._work is None:
+                self._work = [t.to(self.dtype, copy=True) if self.dtype is not None and t.is_floating_point()
+                              else t.clone() for t in theta]
+            else:
+                torch._foreach_copy_(self._work, theta)
+            for term in (update, delta):
+                if term is not None:
+                    torch._foreach_add_(self._work, [term[k] for k in self._keys])
+        return dict(zip(self._keys, self._work, strict=True))
 
     def _forward(self, point: Params) -> Tensor | float:
         """The per-token log-probs at ``point`` (paired), else ``J(point)``."""
@@ -282,25 +294,24 @@ class RealizedGain:
         """``J(point) − J(θ + u_RL)``."""
         value = self._forward(point)
         if self.paired:
-            return self.objective.difference(value, self._base_logp)
-        return value - self._base_logp
+            return self.objective.difference(value, self._base)
+        return value - self._base
+
+    def rl_step(self) -> float:
+        """``J(θ + u_RL) − J(θ)``: what the RL step alone gains (one evaluation at ``θ``)."""
+        return -self.change(self._point(None, None))
 
     def at(self, delta: Params) -> float:
         """``ΔJ`` at the displacement ``delta``."""
-        keys = list(self.base_point)
-        delta = self._cast(delta)
-        with torch.no_grad():
-            if self._work is None:
-                self._work = dict(zip(keys, torch._foreach_add([self.base_point[k] for k in keys],
-                                                               [delta[k] for k in keys]), strict=True))
-            else:  # one multi-tensor pass per operation: at small sizes, launches are the cost
-                work = [self._work[k] for k in keys]
-                torch._foreach_copy_(work, [self.base_point[k] for k in keys])
-                torch._foreach_add_(work, [delta[k] for k in keys])
-        return self.change(self._work)
+        return self.change(self._point(self.step.updates.update_rl, delta))
 
     def __call__(self, coef: float) -> float:
         return 0.0 if coef == 0.0 else self.at(self.step.displacement(coef))
+
+    def release(self) -> None:
+        """Free the evaluation buffer (parameter-sized; in float64, twice the model's size) until
+        the next evaluation allocates it again."""
+        self._work = None
 
 
 class MeasureOptions(TypedDict, total=False):
@@ -320,6 +331,7 @@ class MeasureOptions(TypedDict, total=False):
     search_bound: float
     search_evaluations: int
     search_rtol: float
+    microbatches: int
 
 
 def step_updates(
@@ -446,11 +458,36 @@ def decompose_updates(
     name: str = "eval_objective",
     realized_dtype: torch.dtype | None = None,
     side: EvaluationSide | None = None,
+    microbatches: int = 1,
 ) -> StepMeasurement:
     """``J``'s side of :func:`measure_step` on ``objective`` (called ``name`` in errors) for
     updates built elsewhere; ``realized_dtype`` evaluates the realized changes (and the search)
     in that dtype (:class:`RealizedGain`). ``side``: an :class:`EvaluationSide` of the same
-    objective at the same ``θ`` shared with other directions (else one is built and freed)."""
+    objective at the same ``θ`` shared with other directions (else one is built and freed).
+    ``microbatches > 1``: ``J``'s gradient and both HVPs summed over that many row chunks
+    (:func:`_microbatched_side`), for the memory of one chunk's second-order graph."""
+    if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
+        raise ValueError(f"microbatches must be a positive integer, got {microbatches!r}")
+    if microbatches > 1:
+        if side is not None:
+            raise ValueError("microbatches > 1 builds J's side chunk by chunk and cannot use a shared side")
+        side, j_value, g, terms = _microbatched_side(objective, step, microbatches, hvp_method, name)
+    else:
+        step, side, j_value, g, terms = _whole_side(objective, step, side, hvp_method, name)
+    with torch.random.fork_rng(devices=step.devices), math_attention():
+        gain = RealizedGain(objective, step, realized_dtype)
+        realized = gain.at(step.updates.displacement)
+        if side.realized_rl is None:  # J(θ + u_RL) − J(θ), as every realized value: once per side
+            side.realized_rl = gain.rl_step()
+    measured = StepMeasurement(_decomposition(step, side, g, j_value, terms, realized, hvp_method),
+                               step, g, gain)
+    return measured.searched(search_bound, search_evaluations, search_rtol) if search else measured
+
+
+def _whole_side(objective: Callable[[Params], Tensor], step: StepUpdates, side: EvaluationSide | None,
+                hvp_method: HVPMethod, name: str) -> tuple[StepUpdates, EvaluationSide, float, Params, tuple[float, ...]]:
+    """``J``'s value, gradient and the six terms from one second-order pass over the whole batch
+    (``side``'s, else one built here and freed before the realized evaluations)."""
     own = side is None
     if own:
         side = EvaluationSide.at(objective, step.theta, step.devices, hvp_method=hvp_method, name=name)
@@ -458,18 +495,47 @@ def decompose_updates(
     with torch.random.fork_rng(devices=step.devices), math_attention():
         if step.updates is None:
             step = step.completed(rl.grad)
-        c1, x1, p1, c, x, p = _second_order_terms(rl, step)
-        j_value, g = float(rl.value), rl.grad
-        if own:
-            side.rl = None  # frees J's second-order graph before the evaluations below
+        terms = _second_order_terms(rl, step)
+    if own:
+        side.rl = None  # frees J's second-order graph
+    return step, side, float(rl.value), rl.grad, terms
+
+
+def _microbatched_side(objective: Callable[[Params], Tensor], step: StepUpdates, parts: int, hvp_method: HVPMethod,
+                       name: str) -> tuple[EvaluationSide, float, Params, tuple[float, ...]]:
+    """``J``'s value, gradient and the six terms summed over row chunks ``J = Σ_c J_c``
+    (``objective.split(parts)``): ``∇J = Σ_c ∇J_c`` and ``vᵀHw = Σ_c vᵀH_c w`` exactly, with
+    one chunk's second-order graph alive at a time (its memory ÷ ``parts``; more passes, each
+    smaller). ``C₁ = ⟨∇J, δ₁⟩`` and ``C`` are formed once the gradient is summed."""
+    if step.updates is None:
+        raise ValueError("microbatches > 1 needs the updates before J's side: give rl_loss, or an eval_objective")
+    if not callable(getattr(objective, "split", None)):
+        raise ValueError(f"microbatches > 1 needs an objective with split() (decomp.objectives.ImportanceObjective); "
+                         f"{name} has none")
+    u_rl, delta, delta1 = step.updates.update_rl, step.updates.displacement, step.updates.unit_displacement
+    value, g, quadratic = 0.0, None, [0.0, 0.0, 0.0, 0.0]  # u·Hδ₁, δ₁·Hδ₁, u·Hδ, δ·Hδ
+    with torch.random.fork_rng(devices=step.devices), math_attention():
+        for part in objective.split(parts):
+            rl = second_order(part, step.theta, method=hvp_method, name=name)
+            value += float(rl.value)
+            if g is None:
+                g = rl.grad
+            else:
+                torch._foreach_add_(list(g.values()), [rl.grad[k] for k in g])
+            for i, v in enumerate((delta1,) if step.optimizer.linear else (delta1, delta)):
+                h_v = rl.hvp(v)  # each product freed before the next
+                quadratic[2 * i] += dot(u_rl, h_v)
+                quadratic[2 * i + 1] += dot(v, h_v)
+                del h_v
             del rl
-        gain = RealizedGain(objective, step, realized_dtype)
-        realized = gain.at(step.updates.displacement)
-        if side.realized_rl is None:  # J(θ + u_RL) − J(θ), as every realized value: once per side
-            side.realized_rl = -gain.change(gain._cast(step.theta))
-    measured = StepMeasurement(_decomposition(step, side, g, j_value, (c1, x1, p1, c, x, p), realized, hvp_method),
-                               step, g, gain)
-    return measured.searched(search_bound, search_evaluations, search_rtol) if search else measured
+    if not math.isfinite(value):
+        raise ValueError(f"{name} returned a non-finite value ({value})")
+    side = EvaluationSide(objective, name, None, _finite_norm(g, f"the gradient of {name}"))
+    c1, x1, p1 = dot(g, delta1), quadratic[0], -0.5 * quadratic[1] + 0.0
+    if step.optimizer.linear:
+        lam = step.coef
+        return side, value, g, (c1, x1, p1, lam * c1, lam * x1, lam * lam * p1 + 0.0)
+    return side, value, g, (c1, x1, p1, dot(g, delta), quadratic[2], -0.5 * quadratic[3] + 0.0)
 
 
 def _decomposition(step: StepUpdates, side: EvaluationSide, g: Params, j_value: float, terms: tuple[float, ...],
@@ -518,6 +584,7 @@ def measure_step(
     search_bound: float = DEFAULT_SEARCH_BOUND,
     search_evaluations: int = MAX_SEARCH_EVALUATIONS,
     search_rtol: float = SEARCH_RTOL,
+    microbatches: int = 1,
 ) -> StepMeasurement:  # long only by its docstring: every option of decompose is documented here
     """Decompose the effect of one MTP-augmented optimizer step on ``J`` (docs/method.md §3).
 
@@ -553,6 +620,11 @@ def measure_step(
         search_bound: the largest ``|λ|`` the search tries (finite, positive).
         search_evaluations: at most this many forward evaluations of ``J`` for the search.
         search_rtol: the search stops when ``λ̂`` is known to this relative accuracy.
+        microbatches: build ``J``'s side (gradient and both HVPs) over this many row chunks of
+            the evaluation batch, one chunk's second-order graph alive at a time: its memory ÷
+            ``microbatches``, the same numbers up to float rounding. Needs an objective with
+            ``split`` (:class:`decomp.objectives.ImportanceObjective`) and the updates built
+            before ``J``'s side (``rl_loss`` or ``eval_objective`` given).
 
     Returns:
         A :class:`StepMeasurement` (the :class:`Decomposition`, the updates, ``∇J`` and the
@@ -568,7 +640,7 @@ def measure_step(
                              hvp_method=hvp_method, search=search, search_bound=search_bound,
                              search_evaluations=search_evaluations, search_rtol=search_rtol,
                              name="rl_objective" if eval_objective is None else "eval_objective",
-                             realized_dtype=realized_dtype)
+                             realized_dtype=realized_dtype, microbatches=microbatches)
 
 
 def decompose(

@@ -39,6 +39,7 @@ Nothing here changes the parameters, ``.grad``, the optimizer state or the RNG s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -134,11 +135,10 @@ def jvp_estimates(obj: Objectives, params: dict, step: StepUpdates, batch: Rollo
     reduction) and the trust-region estimate in the units of ``λ``."""
     updates, view = step.updates, batch.response
     a = view(jvp_logprobs(obj.logprob_fn, params, updates.unit_displacement))
-    b = view(jvp_logprobs(obj.logprob_fn, params, updates.update_rl))
-    mask = view(batch.mask.bool())
+    logp, b = jvp_logprobs(obj.logprob_fn, params, updates.update_rl, with_value=True)
+    b, mask = view(b), view(batch.mask.bool())
     out = {f"jvp_{r}": float(projection_coefficient(a, b, mask, scale, r)) for r in ("masked", "pooled")}
-    with torch.no_grad():
-        ratio = torch.exp(view(obj.logprob_fn(params)) - view(batch.old_logp))
+    ratio = torch.exp(view(logp) - view(batch.old_logp))  # ℓ(θ) from the jvp's own forward
     out["trust_region"] = trust_region_coefficient(a, b, view(batch.advantages), ratio, mask)
     return out
 
@@ -167,6 +167,7 @@ def measure_direction(
     model: nn.Module, splits: dict[str, RolloutBatch], optimizer: torch.optim.Optimizer, regime: Regime,
     coef: float, proxies: dict[str, float], scale: float, loss: dict[str, Any], searched: tuple[str, ...],
     realized_dtype: torch.dtype | None = None, sides: dict[str, EvaluationSide] | None = None,
+    microbatches: int = 1,
 ) -> list[tuple[dict[str, Any], StepMeasurement, Objectives]]:
     """One record per split for one direction: the updates from the training batch, ``J``'s
     side on each split (from ``sides`` when shared between directions), every estimate; on the
@@ -187,7 +188,8 @@ def measure_direction(
         side = (sides or {}).get(split)
         objective = side.objective if side is not None else split_obj.rl_objective
         search = split in searched
-        measured = decompose_updates(step, objective, realized_dtype=realized_dtype, side=side)
+        measured = decompose_updates(step, objective, realized_dtype=realized_dtype, side=side,
+                                     microbatches=1 if side is not None else microbatches)
         if split == "train":  # the quadratic model's optimum on the training batch: deployable
             estimates["exact"] = measured.decomposition.lambda_star
         search_start = time.perf_counter()
@@ -198,8 +200,17 @@ def measure_direction(
                                   **measured.decomposition.to_dict(), **fields,
                                   "seconds": end - start + (shared if split == "train" else 0.0),
                                   "search_seconds": end - search_start if search else 0.0}
+        measured = _light(measured)  # before the next split's pass: nothing keeps the heavy one alive
         out.append((record, measured, split_obj))
     return out
+
+
+def _light(measured: StepMeasurement) -> StepMeasurement:
+    """``measured`` without its parameter-sized buffers (``∇J``, the realized gain's evaluation
+    buffer), once its record is written: they would otherwise sit beside the next split's
+    second-order pass. The gain function and the decomposition (what a sweep needs) stay."""
+    measured.gain.release()
+    return dataclasses.replace(measured, grad_rl={})
 
 
 def sweep_record(measured: StepMeasurement, regime: Regime, scale: float, coef: float) -> dict[str, Any]:
@@ -268,6 +279,15 @@ def shared_sides(model: nn.Module, splits: dict[str, RolloutBatch], regime: Regi
     return sides, seconds
 
 
+def microbatch_count(batch: RolloutBatch, rows: int | None) -> int:
+    """Chunks of ``rows`` sequences that cover ``batch`` (1 for ``None``)."""
+    if rows is None:
+        return 1
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
+        raise ValueError(f"hvp_microbatch_rows must be a positive integer or None, got {rows!r}")
+    return -(-batch.tokens.shape[0] // rows)
+
+
 def evaluation_splits(model: nn.Module, batch: RolloutBatch,
                       eval_batch: RolloutBatch | None) -> dict[str, RolloutBatch]:
     """``train`` (the update's own mini-batch) and, given ``eval_batch``, ``heldout``."""
@@ -293,6 +313,7 @@ def instrument_update(
     search_splits: tuple[str, ...] = SPLITS,
     realized_dtype: torch.dtype | None = None,
     share_second_order: bool = True,
+    hvp_microbatch_rows: int | None = None,
     sweep: bool = False,
     curvature: bool = False,
     rl_loss_of_logp: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -306,9 +327,13 @@ def instrument_update(
     ``eval_batch`` adds the ``heldout`` split; the realized optimum is searched on the
     ``search_splits`` (``()``: nowhere); ``realized_dtype`` the realized changes' dtype. ``share_second_order``
     builds ``J``'s second-order pass once per split for every direction (only ``δ``, ``δ₁``
-    differ between them), keeping those graphs alive meanwhile.
+    differ between them), keeping those graphs alive meanwhile; else ``hvp_microbatch_rows``
+    sequences per chunk of it (:func:`decomp.decomposition.decompose_updates`' ``microbatches``;
+    ``None``: the whole batch at once).
     """
     splits = evaluation_splits(model, batch, eval_batch)
+    microbatches = microbatch_count(batch, hvp_microbatch_rows)
+    share_second_order = share_second_order and microbatches == 1
     proxies = proxy_estimates(model, batch, scale)
     loss = {"clip": clip, "kl_coef": kl_coef, "ref_logp": ref_logp, "rl_loss_of_logp": rl_loss_of_logp}
     sides, side_seconds = shared_sides(model, splits, regime, share_second_order)
@@ -323,7 +348,8 @@ def instrument_update(
                                     "search_seconds": 0.0} for r in active]
             continue
         for record, measured, _ in measure_direction(model, splits, optimizer, reg, coefs[direction], proxies,
-                                                     scale, loss, search_splits, realized_dtype, sides):
+                                                     scale, loss, search_splits, realized_dtype, sides,
+                                                     microbatches):
             record["seconds"] += side_seconds.pop(record["split"], 0.0)  # the shared pass, on its first user
             out.decompositions.append({"direction": direction, **record})
             if direction == "active":

@@ -109,14 +109,21 @@ class ImportanceObjective:
     log-probs exposed (:meth:`logprobs`) so that a difference of ``J`` between two points can be
     formed token by token in float64 (:meth:`difference`): ``Σ M·A·r₀·expm1(ℓ₁ − ℓ₀) / Σ M``,
     ``r₀ = exp(ℓ₀ − ℓ^old)``. The sum of differences keeps the resolution that a difference of
-    two float32 sums loses (:class:`decomp.decomposition.RealizedGain` uses it)."""
+    two float32 sums loses (:class:`decomp.decomposition.RealizedGain` uses it).
+
+    ``rows(idx)``, when given, is the log-prob function of the batch's rows ``idx``: it lets
+    :meth:`split` write ``J`` as a sum over row chunks. ``weight`` scales the value (a chunk's
+    share ``Σ M_c / Σ M``)."""
 
     def __init__(self, logprob_fn: Callable[[Params], Tensor], old_logp: Tensor, advantages: Tensor,
-                 mask: Tensor) -> None:
+                 mask: Tensor, *, rows: Callable[[Tensor], Callable[[Params], Tensor]] | None = None,
+                 weight: float = 1.0) -> None:
         self.logprobs, self.old_logp, self.advantages, self.mask = logprob_fn, old_logp, advantages, mask.bool()
+        self.rows, self.weight = rows, weight
 
     def __call__(self, params: Params) -> Tensor:
-        return importance_objective(self.logprobs(params), self.old_logp, self.advantages, self.mask)
+        value = importance_objective(self.logprobs(params), self.old_logp, self.advantages, self.mask)
+        return value if self.weight == 1.0 else value * self.weight
 
     def difference(self, logp: Tensor, base_logp: Tensor) -> float:
         """``J`` at the point of ``logp`` minus ``J`` at the point of ``base_logp`` (float64)."""
@@ -126,7 +133,25 @@ class ImportanceObjective:
         weight = m * self.advantages.double() * torch.exp(log_ratio)
         # ΔJ's clamp matches importance_objective's for every step a measurement takes
         step = (logp.double() - base).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        return float((weight * torch.expm1(step)).sum() / m.sum())
+        return float((weight * torch.expm1(step)).sum() / m.sum()) * self.weight
+
+    def split(self, parts: int) -> list[ImportanceObjective]:
+        """``J = Σ_c J_c`` over ``parts`` contiguous row chunks, ``J_c = (Σ M_c / Σ M)·J(rows c)``;
+        chunks without a response token are left out (their share is 0). ``∇J`` and every
+        Hessian-vector product of ``J`` are the sums of the parts' (they are linear in ``J``), so a
+        second-order pass can hold one chunk's graph at a time."""
+        if not isinstance(parts, int) or isinstance(parts, bool) or parts < 1:
+            raise ValueError(f"parts must be a positive integer, got {parts!r}")
+        if self.rows is None:
+            raise ValueError("this objective was built without a row factory (rows=) and cannot be split")
+        total = int(self.mask.sum())
+        out = []
+        for idx in torch.arange(self.mask.shape[0], device=self.mask.device).tensor_split(parts):
+            mask = self.mask[idx]
+            if bool(mask.any()):
+                out.append(ImportanceObjective(self.rows(idx), self.old_logp[idx], self.advantages[idx], mask,
+                                               weight=self.weight * (int(mask.sum()) / total)))  # in float64
+        return out
 
 
 @dataclass(frozen=True)
@@ -157,8 +182,14 @@ def aligned_logprobs(
     - ``mtp_valid[k−1][:, j]`` is False for ``j < k`` (no MTP prediction), where
       ``mtp_logp`` is 0.
     """
-    B, T = tokens.shape
     logp = token_logprobs(main_logits[:, :-1], tokens[:, 1:])
+    return (logp, *aligned_mtp_logprobs(mtp_logits, tokens))
+
+
+def aligned_mtp_logprobs(mtp_logits: list[Tensor], tokens: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """The MTP half of :func:`aligned_logprobs`: ``(mtp_logp, mtp_valid)`` per depth, without the
+    main head's log-softmax (an MTP loss needs none)."""
+    B, T = tokens.shape
     mtp_logp, mtp_valid = [], []
     for k, logits in enumerate(mtp_logits, start=1):
         lp = token_logprobs(logits[:, : T - 1 - k], tokens[:, k + 1 :])
@@ -167,7 +198,7 @@ def aligned_logprobs(
         valid = torch.ones(B, T - 1, dtype=torch.bool, device=tokens.device)
         valid[:, :k] = False
         mtp_valid.append(valid)
-    return logp, mtp_logp, mtp_valid
+    return mtp_logp, mtp_valid
 
 
 def aligned_distill(main_logits: Tensor, mtp_logits: list[Tensor]) -> list[Tensor]:
@@ -249,9 +280,15 @@ class _BatchFunctions:
             kwargs["logits_from"] = start
         return functional_call(self.model, params, (self.batch.tokens,), kwargs)
 
+    def main_start(self) -> int:
+        """Where the main head must start for an MTP loss: position 0 for a regime that reads the
+        main head's distribution (``distill``), else the response (the RL loss reads no more)."""
+        return 0 if self.regime.mtp_input == "distill" else self.start
+
     def mtp_loss_of(self, main_logits: Tensor, mtp_logits: list[Tensor]) -> Tensor:
+        """``main_logits`` from position 0 for a ``distill`` regime; unused otherwise."""
         b, regime = self.batch, self.regime
-        _, mtp_logp, valid = aligned_logprobs(main_logits, mtp_logits, b.tokens)
+        mtp_logp, valid = aligned_mtp_logprobs(mtp_logits, b.tokens)
         if not mtp_logp:
             raise ValueError("the model has no MTP module (mtp_depth = 0)")
         mtp_logp = mtp_inputs(regime.mtp_input, main_logits, mtp_logits, mtp_logp)
@@ -263,7 +300,7 @@ class _BatchFunctions:
         return torch.stack(losses).mean()
 
     def mtp_loss(self, params: Params) -> Tensor:
-        return self.mtp_loss_of(*self.forward(params, self.regime.detach, True, 0))
+        return self.mtp_loss_of(*self.forward(params, self.regime.detach, True, self.main_start()))
 
     def logprob_fn(self, params: Params) -> Tensor:
         main_logits, _ = self.forward(params, "none", False, self.start)
@@ -273,8 +310,9 @@ class _BatchFunctions:
         return self.loss_of_logp(self.logprob_fn(params))
 
     def first_order(self, params: Params) -> tuple[Tensor, Tensor]:
-        main_logits, mtp_logits = self.forward(params, self.regime.detach, True, 0)
-        logp = aligned_main_logprobs(main_logits, self.batch.tokens, 0)
+        start = self.main_start()
+        main_logits, mtp_logits = self.forward(params, self.regime.detach, True, start)
+        logp = aligned_main_logprobs(main_logits, self.batch.tokens, start)
         return self.mtp_loss_of(main_logits, mtp_logits), self.loss_of_logp(logp)
 
 
@@ -318,7 +356,9 @@ def objectives(
     if rl_loss_of_logp is None and clip is not None:
         rl_loss_of_logp = clipped_rl_loss(batch, clip, kl_coef, ref_logp)
     f = _BatchFunctions(model, batch, regime, coef, rl_loss_of_logp)
-    rl_objective = ImportanceObjective(f.logprob_fn, batch.old_logp, batch.advantages, f.mask)
+    rl_objective = ImportanceObjective(
+        f.logprob_fn, batch.old_logp, batch.advantages, f.mask,
+        rows=lambda idx: _BatchFunctions(model, batch.subset(idx), regime, coef, None).logprob_fn)
     if rl_loss_of_logp is None:
         return Objectives(rl_objective, f.mtp_loss, f.logprob_fn)
     return Objectives(rl_objective, f.mtp_loss, f.logprob_fn, f.rl_loss, f.first_order)

@@ -152,6 +152,9 @@ def test_jvp_logprobs_matches_finite_differences():
     ) / (2 * eps)
     assert tangent.shape == problem.batch.mask.shape
     assert float((tangent - fd).abs().max()) <= 1e-6 * float(fd.abs().max())
+    value, same = jvp_logprobs(obj.logprob_fn, params, v, with_value=True)  # ℓ(θ) from the same pass
+    assert torch.equal(same, tangent)
+    assert torch.allclose(value, obj.logprob_fn(params), rtol=1e-13, atol=1e-14) and not value.requires_grad
 
 
 def test_flatten_roundtrip():

@@ -360,3 +360,70 @@ def test_realized_changes_are_resolved_below_float32_resolution_of_J():
     assert results["64"][1] == pytest.approx(truth, rel=1e-12)
     assert results["32"][1] == pytest.approx(truth, rel=1e-3)  # float32 model, float64 evaluation: resolved
     assert abs(results["32"][0] - truth) > 20 * abs(results["32"][1] - truth)  # float32 evaluation: not
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_microbatched_J_side_gives_the_whole_batch_decomposition(optimizer):
+    """J's gradient and both HVPs summed over row chunks (one chunk's graph at a time) give the
+    whole-batch decomposition to float64 rounding, for chunk counts up to one row per chunk and
+    beyond (empty chunks), with a held-out objective and with a row without response tokens."""
+    from decomp.decomposition import decompose_updates, step_updates
+
+    problem = make_problem(seed=21, batch_size=6)
+    b = problem.batch
+    mask = b.mask.clone()
+    mask[2] = False  # a row whose share of J is 0: left out of the split
+    from decomp.objectives import RolloutBatch
+
+    held = RolloutBatch(b.tokens, mask, b.advantages * mask, b.old_logp)
+    obj = objectives(problem.model, b, Policy(), coef=0.4, clip=(0.2, 0.2))
+    named = dict(problem.model.named_parameters())
+    opt = torch.optim.AdamW(problem.model.parameters(), lr=1e-3) if optimizer == "adamw" else "sgd"
+    step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=0.4, optimizer=opt, lr=None if
+                        optimizer == "adamw" else 1e-3, rl_loss=obj.rl_loss)
+    for objective in (obj.rl_objective, objectives(problem.model, held, Policy()).rl_objective):
+        whole = decompose_updates(step, objective).decomposition
+        assert whole.penalty_unit != 0 and whole.correlation != 0
+        for parts in (2, 3, 6, 9):
+            split = decompose_updates(step, objective, microbatches=parts).decomposition
+            for key in ("correlation", "cross", "penalty", "correlation_unit", "cross_unit", "penalty_unit",
+                        "grad_norm_rl", "rl_objective", "cosine", "lambda_star", "realized", "realized_rl"):
+                assert getattr(split, key) == pytest.approx(getattr(whole, key), rel=1e-11, abs=1e-15,
+                                                            nan_ok=True), (parts, key)
+
+
+def test_microbatches_refuse_what_they_cannot_split():
+    from decomp.decomposition import EvaluationSide, decompose_updates, step_updates
+
+    problem = make_problem(seed=22)
+    obj = objectives(problem.model, problem.batch, Policy(), coef=0.4, clip=(0.2, 0.2))
+    named = dict(problem.model.named_parameters())
+    step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=0.4, lr=1e-3, rl_loss=obj.rl_loss)
+    with pytest.raises(ValueError, match="split"):
+        decompose_updates(step, lambda p: obj.rl_objective(p), microbatches=2)
+    with pytest.raises(ValueError, match="shared side"):
+        side = EvaluationSide.at(obj.rl_objective, step.theta, [])
+        decompose_updates(step, obj.rl_objective, side=side, microbatches=2)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="microbatches"):
+            decompose_updates(step, obj.rl_objective, microbatches=bad)
+    deferred = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=0.4, lr=1e-3, defer=True)
+    with pytest.raises(ValueError, match="updates before"):
+        decompose_updates(deferred, obj.rl_objective, microbatches=2)
+
+
+def test_an_objective_split_by_rows_sums_to_the_objective():
+    """``split``: the parts' values and gradients sum to J's (float64); an empty row is left out."""
+    problem = make_problem(seed=23, batch_size=5)
+    obj = objectives(problem.model, problem.batch, Policy())
+    params = {k: v.detach() for k, v in problem.model.named_parameters()}
+    parts = obj.rl_objective.split(3)
+    assert len(parts) == 3
+    assert float(sum(p(params) for p in parts)) == pytest.approx(float(obj.rl_objective(params)), rel=1e-13)
+    whole = torch.func.grad(obj.rl_objective)(params)
+    summed = [torch.func.grad(p)(params) for p in parts]
+    for k in params:
+        assert torch.allclose(sum(g[k] for g in summed), whole[k], rtol=1e-11, atol=1e-14)
+    assert len(obj.rl_objective.split(7)) == 5  # more parts than rows: one row each
+    with pytest.raises(ValueError, match="parts"):
+        obj.rl_objective.split(0)

@@ -173,3 +173,26 @@ def test_searching_only_the_held_out_split_leaves_every_other_number_unchanged()
     assert all(math.isnan(train[k]) for k in searched - {"lambda_hat_reason", "search_evaluations", "gain_lambda_star"})
     assert _nan_equal([{k: v for k, v in both[0].items() if k not in searched}],
                       [{k: v for k, v in train.items() if k not in searched}])
+
+
+def test_a_microbatched_second_order_pass_changes_no_number_beyond_rounding():
+    """``hvp_microbatch_rows``: records of J's side built in row chunks equal the whole-batch
+    records to float64 rounding (every field but the timings)."""
+    model, batch, opt = _setup(seed=4)
+    problem = make_problem(seed=5, prompt_len=4)
+    b = problem.batch
+    held = RolloutBatch(b.tokens, b.mask, b.advantages, b.old_logp, response_start=3)
+    runs = [instrument_update(model, batch, opt, Policy(scale=0.1), scale=0.1, coef=0.1, eval_batch=held,
+                              share_second_order=False, hvp_microbatch_rows=rows).decompositions
+            for rows in (None, 2)]
+    assert len(runs[0]) == 8
+    for whole, split in zip(*runs, strict=True):
+        for key, value in whole.items():
+            if key.endswith("seconds"):
+                continue
+            if isinstance(value, float) and math.isfinite(value):
+                assert split[key] == pytest.approx(value, rel=1e-9, abs=1e-14), key
+            else:
+                assert _nan_equal([{key: value}], [{key: split[key]}]), key
+    with pytest.raises(ValueError, match="hvp_microbatch_rows"):
+        instrument_update(model, batch, opt, Policy(scale=0.1), scale=0.1, coef=0.1, hvp_microbatch_rows=0)

@@ -240,3 +240,21 @@ def test_displacement_alone_equals_the_counterfactual_displacement(cls, kwargs, 
         alone = cf_opt.displacement(theta, rl, mtp, coef, base.update_rl)
         for k in theta:
             assert torch.allclose(alone[k], full[k], rtol=1e-10, atol=1e-15), k
+
+
+def test_displacement_in_bounded_runs_of_tensors_is_bit_identical(monkeypatch):
+    """Multi-tensor passes over runs of at most ``GROUP_ELEMENTS`` elements (bounding the
+    temporaries of a large model) give the bits of one pass over the whole group."""
+    params, opt, gen = _state_after(torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1), 5,
+                                    [(7, 5), (11,), (3,), (40,), (2, 2)], seed=3)
+    cf_opt = cf.from_torch(opt, params)
+    theta = {k: v.detach() for k, v in params.items()}
+    rl = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in theta.items()}
+    mtp = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in theta.items()}
+    base = cf_opt.counterfactual(theta, rl, mtp, 0.3)
+    whole = cf_opt.displacement(theta, rl, mtp, 0.7, base.update_rl)
+    assert cf._bounded(list(theta), theta, 12) == [["p0"], ["p1"], ["p2"], ["p3"], ["p4"]]
+    assert cf._bounded(list(theta), theta, 50) == [["p0", "p1", "p2"], ["p3", "p4"]]
+    monkeypatch.setattr(cf, "GROUP_ELEMENTS", 12)
+    runs = cf_opt.displacement(theta, rl, mtp, 0.7, base.update_rl)
+    assert all(torch.equal(runs[k], whole[k]) for k in theta)

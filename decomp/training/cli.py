@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from decomp import __version__
+from decomp.allocator import reuse_freed_memory
 from decomp.config import DIRECTIONS
 from decomp.regimes import REGIMES
 
@@ -306,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     """The ``decomp`` command: 0 on success, 2 on bad input or a refused run (message on
     stderr; ``DECOMP_DEBUG=1`` re-raises it), 130 on interrupt."""
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "compare", "probe"):  # this process trains and measures: keep freed memory
+        reuse_freed_memory()
     from decomp.analysis.rundata import AnalysisError
     from decomp.training.config import RunError
     from decomp.training.warmstart import WarmStartError

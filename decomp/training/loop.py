@@ -254,7 +254,7 @@ def instrument(state: RunState, step: int, update: int, mb: RolloutBatch, ref_lo
         state.model, mb, state.optimizer, state.regime, scale=cfg.mtp_scale, coef=coef, clip=cfg.clip,
         kl_coef=cfg.kl_coef, ref_logp=ref_logp, directions=cfg.directions, eval_batch=eval_batch,
         search_splits=cfg.searched_splits, realized_dtype=realized_dtype(cfg),
-        share_second_order=cfg.model == "builtin",
+        share_second_order=cfg.model == "builtin", hvp_microbatch_rows=cfg.hvp_rows(cfg.model != "builtin"),
         sweep=cfg.due(cfg.sweep_every, step),
         curvature=cfg.due(cfg.curvature_every, step),
     )

@@ -155,6 +155,7 @@ class DecompositionCallback(TrainerCallback):
                 search_splits=tr.instrument_config.searched_splits,
                 realized_dtype=_realized_dtype(tr.instrument_config),
                 share_second_order=False,  # a real LM: one second-order graph alive at a time
+                hvp_microbatch_rows=tr.instrument_config.hvp_rows(real_lm=True),
             )
         return [{**r, "grad_clipped": grad_clipped} for r in result.decompositions]
 

@@ -404,19 +404,33 @@ def shared_first_order(first_order: Callable[[Params], tuple[Tensor, Tensor]], t
     return as_dict(g_mtp), mtp_value.detach().reshape(()), as_dict(g_rl)
 
 
-def _second_order_terms(rl: Any, step: StepUpdates) -> tuple[float, ...]:
-    """``C₁, X₁, P₁, C, X, P`` from the HVPs along ``δ₁`` (and ``δ`` unless the optimizer is
-    linear, when ``δ = λδ₁``); each product is freed before the next."""
-    g, u_rl, delta, delta1 = rl.grad, step.updates.update_rl, step.updates.displacement, step.updates.unit_displacement
-    h_delta1 = rl.hvp(delta1)
-    c1, x1 = dot(g, delta1), dot(u_rl, h_delta1)
-    p1 = -0.5 * dot(delta1, h_delta1) + 0.0  # + 0.0: report 0, not -0
-    del h_delta1
+def _quadratic_forms(rl: Any, step: StepUpdates) -> list[float]:
+    """``[u_RL·Hδ₁, δ₁·Hδ₁, u_RL·Hδ, δ·Hδ]`` from the HVPs of ``rl`` (the last two only when the
+    optimizer is nonlinear); each product is freed before the next."""
+    u_rl, updates = step.updates.update_rl, step.updates
+    forms = []
+    for v in (updates.unit_displacement,) if step.optimizer.linear else (updates.unit_displacement,
+                                                                          updates.displacement):
+        h_v = rl.hvp(v)
+        forms += [dot(u_rl, h_v), dot(v, h_v)]
+        del h_v
+    return forms
+
+
+def _terms(g: Params, forms: list[float], step: StepUpdates) -> tuple[float, ...]:
+    """``C₁, X₁, P₁, C, X, P`` from ``∇J`` and :func:`_quadratic_forms` (for a linear optimizer
+    ``δ = λδ₁``, so ``C``, ``X``, ``P`` follow from the unit terms)."""
+    delta, delta1 = step.updates.displacement, step.updates.unit_displacement
+    c1, x1, p1 = dot(g, delta1), forms[0], -0.5 * forms[1] + 0.0  # + 0.0: report 0, not -0
     if step.optimizer.linear:
         lam = step.coef
         return c1, x1, p1, lam * c1, lam * x1, lam * lam * p1 + 0.0
-    h_delta = rl.hvp(delta)
-    return c1, x1, p1, dot(g, delta), dot(u_rl, h_delta), -0.5 * dot(delta, h_delta) + 0.0
+    return c1, x1, p1, dot(g, delta), forms[2], -0.5 * forms[3] + 0.0
+
+
+def _second_order_terms(rl: Any, step: StepUpdates) -> tuple[float, ...]:
+    """``C₁, X₁, P₁, C, X, P`` from one second-order pass (:func:`_quadratic_forms`, :func:`_terms`)."""
+    return _terms(rl.grad, _quadratic_forms(rl, step), step)
 
 
 @dataclass
@@ -512,30 +526,21 @@ def _microbatched_side(objective: Callable[[Params], Tensor], step: StepUpdates,
     if not callable(getattr(objective, "split", None)):
         raise ValueError(f"microbatches > 1 needs an objective with split() (decomp.objectives.ImportanceObjective); "
                          f"{name} has none")
-    u_rl, delta, delta1 = step.updates.update_rl, step.updates.displacement, step.updates.unit_displacement
-    value, g, quadratic = 0.0, None, [0.0, 0.0, 0.0, 0.0]  # u·Hδ₁, δ₁·Hδ₁, u·Hδ, δ·Hδ
+    value, g, forms = 0.0, None, None
     with torch.random.fork_rng(devices=step.devices), math_attention():
         for part in objective.split(parts):
             rl = second_order(part, step.theta, method=hvp_method, name=name)
             value += float(rl.value)
             if g is None:
-                g = rl.grad
+                g, forms = rl.grad, _quadratic_forms(rl, step)
             else:
                 torch._foreach_add_(list(g.values()), [rl.grad[k] for k in g])
-            for i, v in enumerate((delta1,) if step.optimizer.linear else (delta1, delta)):
-                h_v = rl.hvp(v)  # each product freed before the next
-                quadratic[2 * i] += dot(u_rl, h_v)
-                quadratic[2 * i + 1] += dot(v, h_v)
-                del h_v
+                forms = [a + b for a, b in zip(forms, _quadratic_forms(rl, step), strict=True)]
             del rl
     if not math.isfinite(value):
         raise ValueError(f"{name} returned a non-finite value ({value})")
     side = EvaluationSide(objective, name, None, _finite_norm(g, f"the gradient of {name}"))
-    c1, x1, p1 = dot(g, delta1), quadratic[0], -0.5 * quadratic[1] + 0.0
-    if step.optimizer.linear:
-        lam = step.coef
-        return side, value, g, (c1, x1, p1, lam * c1, lam * x1, lam * lam * p1 + 0.0)
-    return side, value, g, (c1, x1, p1, dot(g, delta), quadratic[2], -0.5 * quadratic[3] + 0.0)
+    return side, value, g, _terms(g, forms, step)
 
 
 def _decomposition(step: StepUpdates, side: EvaluationSide, g: Params, j_value: float, terms: tuple[float, ...],

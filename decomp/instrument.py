@@ -189,7 +189,7 @@ def measure_direction(
         objective = side.objective if side is not None else split_obj.rl_objective
         search = split in searched
         measured = decompose_updates(step, objective, realized_dtype=realized_dtype, side=side,
-                                     microbatches=1 if side is not None else microbatches)
+                                     microbatches=microbatches)
         if split == "train":  # the quadratic model's optimum on the training batch: deployable
             estimates["exact"] = measured.decomposition.lambda_star
         search_start = time.perf_counter()

@@ -109,7 +109,7 @@ def training_update(model, batch: RolloutBatch, regime, opt: torch.optim.Optimiz
 def instrumented_update(model, batch: RolloutBatch, eval_batch: RolloutBatch, regime,
                         opt: torch.optim.Optimizer, clip: float = 0.2, directions=None,
                         realized_dtype: torch.dtype | None = None, share_second_order: bool = True,
-                        hvp_microbatch_rows: int | None = None) -> None:
+                        hvp_microbatch_rows: int | None = None, batched_jvp: bool = False) -> None:
     """An instrumented update as ``decomp.training.loop`` runs it: the update's forward and
     backward, :func:`decomp.instrument.instrument_update` with the held-out split and the search
     (before the step it measures), then the AdamW step."""
@@ -120,7 +120,7 @@ def instrumented_update(model, batch: RolloutBatch, eval_batch: RolloutBatch, re
     instrument_update(model, batch, opt, regime, scale=regime.scale, coef=coef, clip=(clip, clip),
                       directions=DIRECTIONS if directions is None else directions, eval_batch=eval_batch,
                       realized_dtype=realized_dtype, share_second_order=share_second_order,
-                      hvp_microbatch_rows=hvp_microbatch_rows)
+                      hvp_microbatch_rows=hvp_microbatch_rows, batched_jvp=batched_jvp)
     opt.step()
 
 
@@ -132,7 +132,7 @@ def decomposition_rows(
     ``decompose`` (AdamW; SGD too given ``sgd_lr``; with ``microbatches > 1`` also with ``J``'s
     side in that many row chunks, as an instrumented real LM runs it) and the parts it is made
     of, timed alone."""
-    from decomp.curvature import second_order
+    from decomp.curvature import jvp_logprobs, jvp_logprobs_batched, second_order
     from decomp.decomposition import decompose
 
     params = {k: v.detach() for k, v in named.items()}
@@ -168,6 +168,10 @@ def decomposition_rows(
         "  ∇J + graph + two HVPs": two_hvps,
         "  counterfactual AdamW (u_RL, δ, δ₁)": lambda: cf.counterfactual(params, grads, vec, 0.1),
         "  J forward": lambda: obj.rl_objective(params),
+        # not part of a decomposition: the loop's jvp estimators, two ways (decomp.instrument.jvp_estimates)
+        "  jvp estimators: two passes": lambda: (jvp_logprobs(obj.logprob_fn, params, vec),
+                                                  jvp_logprobs(obj.logprob_fn, params, grads, with_value=True)),
+        "  jvp estimators: one pass, both tangents": lambda: jvp_logprobs_batched(obj.logprob_fn, params, [vec, grads]),
     })
     return rows
 

@@ -90,7 +90,7 @@ def one(what: str) -> int:
     if what == "update":
         training_update(model, batch, regime, opt)
     elif what == "instrumented":
-        instrumented_update(model, batch, eval_batch, regime, opt)
+        instrumented_update(model, batch, eval_batch, regime, opt, batched_jvp=True)  # as the loop runs it
     else:
         decompose(obj.rl_objective, obj.mtp_loss, named, coef=0.1, optimizer=opt, rl_loss=obj.rl_loss,
                   first_order=obj.first_order)

@@ -40,6 +40,7 @@ from decomp.curvature import (
     HVPMethod,
     any_attention,
     dot,
+    dots,
     math_attention,
     norm,
     second_order,
@@ -362,7 +363,9 @@ def step_updates(
         lr = check_number(lr, "lr", nonnegative=True)
     opt = _resolve_optimizer(optimizer, optimizer_state, lr, params)
     devices = sorted({p.device.index or 0 for p in params.values() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices), math_attention():
+    # first-order gradients only: the fused attention kernel (the training update's own) has a
+    # backward, and on the built-in model the math backend cost this pass 15% more
+    with torch.random.fork_rng(devices=devices), any_attention():
         theta = {k: v.detach() for k, v in params.items()}
         if first_order is not None and rl_loss is not None:
             g_mtp, mtp_value, update_grad = shared_first_order(first_order, theta)
@@ -379,7 +382,8 @@ def step_updates(
             return dataclasses.replace(step, updates=cf, update_grad=update_grad)
         if defer:
             return step
-        grad_j = torch.func.grad(scalar_function(rl_objective, "rl_objective"))(theta)
+        with math_attention():  # J's gradient as its second-order pass computes it: the same bits
+            grad_j = torch.func.grad(scalar_function(rl_objective, "rl_objective"))(theta)
         _finite_norm(grad_j, "the gradient of rl_objective")
         return step.completed(grad_j)
 
@@ -412,7 +416,7 @@ def _quadratic_forms(rl: Any, step: StepUpdates) -> list[float]:
     for v in (updates.unit_displacement,) if step.optimizer.linear else (updates.unit_displacement,
                                                                           updates.displacement):
         h_v = rl.hvp(v)
-        forms += [dot(u_rl, h_v), dot(v, h_v)]
+        forms += dots([(u_rl, h_v), (v, h_v)])
         del h_v
     return forms
 
@@ -421,11 +425,12 @@ def _terms(g: Params, forms: list[float], step: StepUpdates) -> tuple[float, ...
     """``C₁, X₁, P₁, C, X, P`` from ``∇J`` and :func:`_quadratic_forms` (for a linear optimizer
     ``δ = λδ₁``, so ``C``, ``X``, ``P`` follow from the unit terms)."""
     delta, delta1 = step.updates.displacement, step.updates.unit_displacement
-    c1, x1, p1 = dot(g, delta1), forms[0], -0.5 * forms[1] + 0.0  # + 0.0: report 0, not -0
     if step.optimizer.linear:
-        lam = step.coef
+        lam, c1 = step.coef, dot(g, delta1)
+        x1, p1 = forms[0], -0.5 * forms[1] + 0.0  # + 0.0: report 0, not -0
         return c1, x1, p1, lam * c1, lam * x1, lam * lam * p1 + 0.0
-    return c1, x1, p1, dot(g, delta), forms[2], -0.5 * forms[3] + 0.0
+    c1, c = dots([(g, delta1), (g, delta)])
+    return c1, forms[0], -0.5 * forms[1] + 0.0, c, forms[2], -0.5 * forms[3] + 0.0
 
 
 def _second_order_terms(rl: Any, step: StepUpdates) -> tuple[float, ...]:
@@ -548,12 +553,14 @@ def _decomposition(step: StepUpdates, side: EvaluationSide, g: Params, j_value: 
     c1, x1, p1, c, x, p = terms
     lam, lam_nc, reason = optimal_coefficient(c1, x1, p1)
     gn_rl, gn_mtp = side.grad_norm, step.grad_norm_mtp
-    cosine = -dot(g, step.grad_mtp) / (gn_rl * gn_mtp) + 0.0 if gn_rl > 0 and gn_mtp > 0 else math.nan
+    u_rl, delta = step.updates.update_rl, step.updates.displacement
+    g_dot_mtp, uu, dd = dots([(g, step.grad_mtp), (u_rl, u_rl), (delta, delta)])
+    cosine = -g_dot_mtp / (gn_rl * gn_mtp) + 0.0 if gn_rl > 0 and gn_mtp > 0 else math.nan
     return Decomposition(
         correlation=c, cross=x, penalty=p, predicted=c + x - p, realized=realized, residual=realized - (c + x - p),
         lambda_star=lam, lambda_star_no_cross=lam_nc, lambda_star_reason=reason, correlation_unit=c1,
         cross_unit=x1, penalty_unit=p1, grad_norm_rl=gn_rl, grad_norm_mtp=gn_mtp, cosine=cosine,
-        update_norm_rl=norm(step.updates.update_rl), displacement_norm=norm(step.updates.displacement),
+        update_norm_rl=uu**0.5, displacement_norm=dd**0.5,
         rl_objective=j_value, mtp_loss=step.mtp_value, realized_rl=side.realized_rl, coef=step.coef,
         optimizer=step.optimizer.name, hvp_method=hvp_method,
     )

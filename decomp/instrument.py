@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from decomp.config import DIRECTIONS, SPLITS
-from decomp.curvature import jvp_logprobs, top_eigenvalues
+from decomp.curvature import jvp_logprobs, jvp_logprobs_batched, top_eigenvalues
 from decomp.decomposition import (
     EvaluationSide,
     RealizedGain,
@@ -130,13 +130,18 @@ def proxy_estimates(model: nn.Module, batch: RolloutBatch, scale: float) -> dict
 
 
 def jvp_estimates(obj: Objectives, params: dict, step: StepUpdates, batch: RolloutBatch,
-                  scale: float) -> dict[str, float]:
+                  scale: float, batched_jvp: bool = False) -> dict[str, float]:
     """The jvp level (``a = ∇ℓ·δ₁``, ``b = ∇ℓ·u_RL`` by forward mode, once, for every
-    reduction) and the trust-region estimate in the units of ``λ``."""
+    reduction) and the trust-region estimate in the units of ``λ``. ``batched_jvp``: both
+    products from one pass carrying both tangents (:func:`decomp.curvature.jvp_logprobs_batched`:
+    faster on a small model, slower on a real LM on CPU)."""
     updates, view = step.updates, batch.response
-    a = view(jvp_logprobs(obj.logprob_fn, params, updates.unit_displacement))
-    logp, b = jvp_logprobs(obj.logprob_fn, params, updates.update_rl, with_value=True)
-    b, mask = view(b), view(batch.mask.bool())
+    if batched_jvp:
+        logp, (a, b) = jvp_logprobs_batched(obj.logprob_fn, params, [updates.unit_displacement, updates.update_rl])
+    else:
+        a = jvp_logprobs(obj.logprob_fn, params, updates.unit_displacement)
+        logp, b = jvp_logprobs(obj.logprob_fn, params, updates.update_rl, with_value=True)
+    a, b, mask = view(a), view(b), view(batch.mask.bool())
     out = {f"jvp_{r}": float(projection_coefficient(a, b, mask, scale, r)) for r in ("masked", "pooled")}
     ratio = torch.exp(view(logp) - view(batch.old_logp))  # ℓ(θ) from the jvp's own forward
     out["trust_region"] = trust_region_coefficient(a, b, view(batch.advantages), ratio, mask)
@@ -167,7 +172,7 @@ def measure_direction(
     model: nn.Module, splits: dict[str, RolloutBatch], optimizer: torch.optim.Optimizer, regime: Regime,
     coef: float, proxies: dict[str, float], scale: float, loss: dict[str, Any], searched: tuple[str, ...],
     realized_dtype: torch.dtype | None = None, sides: dict[str, EvaluationSide] | None = None,
-    microbatches: int = 1,
+    microbatches: int = 1, batched_jvp: bool = False,
 ) -> list[tuple[dict[str, Any], StepMeasurement, Objectives]]:
     """One record per split for one direction: the updates from the training batch, ``J``'s
     side on each split (from ``sides`` when shared between directions), every estimate; on the
@@ -179,7 +184,7 @@ def measure_direction(
     obj = _objectives(model, batch, regime, coef, loss)
     step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=coef, optimizer=optimizer, rl_loss=obj.rl_loss,
                         first_order=obj.first_order)
-    estimates = {**proxies, **jvp_estimates(obj, params, step, batch, scale)}
+    estimates = {**proxies, **jvp_estimates(obj, params, step, batch, scale, batched_jvp)}
     shared = time.perf_counter() - start
     out = []
     for split, split_batch in splits.items():  # train first: its λ* is the "exact" estimate
@@ -230,11 +235,12 @@ def curvature_record(model: nn.Module, batch: RolloutBatch, regime: Regime) -> d
 
 
 def step_estimate(model: nn.Module, batch: RolloutBatch, optimizer: torch.optim.Optimizer, regime: Regime,
-                  estimator: str, scale: float, loss: dict[str, Any]) -> float:
+                  estimator: str, scale: float, loss: dict[str, Any], batched_jvp: bool = False) -> float:
     """An estimator that needs the step's updates for the coming update, as an ``occ`` regime
     applies it (0 where undefined): the updates along the regime's unit MTP loss, then the
     forward-mode passes (``jvp_*``, ``trust_region``: no Hessian) or the exact decomposition on the
-    training batch (``exact``: its ``λ*``, two Hessian-vector products)."""
+    training batch (``exact``: its ``λ*``, two Hessian-vector products); ``batched_jvp`` as in
+    :func:`jvp_estimates`."""
     named = dict(model.named_parameters())
     params = {k: v.detach() for k, v in named.items()}
     obj = _objectives(model, batch, regime, scale, loss)
@@ -243,7 +249,7 @@ def step_estimate(model: nn.Module, batch: RolloutBatch, optimizer: torch.optim.
     if estimator == "exact":
         value = decompose_updates(step, obj.rl_objective).decomposition.lambda_star
     else:
-        value = jvp_estimates(obj, params, step, batch, scale)[estimator]
+        value = jvp_estimates(obj, params, step, batch, scale, batched_jvp)[estimator]
     return value if math.isfinite(value) else 0.0
 
 
@@ -314,6 +320,7 @@ def instrument_update(
     realized_dtype: torch.dtype | None = None,
     share_second_order: bool = True,
     hvp_microbatch_rows: int | None = None,
+    batched_jvp: bool = False,
     sweep: bool = False,
     curvature: bool = False,
     rl_loss_of_logp: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -329,7 +336,8 @@ def instrument_update(
     builds ``J``'s second-order pass once per split for every direction (only ``δ``, ``δ₁``
     differ between them), keeping those graphs alive meanwhile; else ``hvp_microbatch_rows``
     sequences per chunk of it (:func:`decomp.decomposition.decompose_updates`' ``microbatches``;
-    ``None``: the whole batch at once).
+    ``None``: the whole batch at once). ``batched_jvp`` computes the jvp estimators' two
+    directional derivatives in one pass (:func:`jvp_estimates`; for small models).
     """
     splits = evaluation_splits(model, batch, eval_batch)
     microbatches = microbatch_count(batch, hvp_microbatch_rows)
@@ -349,7 +357,7 @@ def instrument_update(
             continue
         for record, measured, _ in measure_direction(model, splits, optimizer, reg, coefs[direction], proxies,
                                                      scale, loss, search_splits, realized_dtype, sides,
-                                                     microbatches):
+                                                     microbatches, batched_jvp):
             record["seconds"] += side_seconds.pop(record["split"], 0.0)  # the shared pass, on its first user
             out.decompositions.append({"direction": direction, **record})
             if direction == "active":

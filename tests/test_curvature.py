@@ -9,11 +9,14 @@ from conftest import make_problem
 
 from decomp.curvature import (
     DOT_BLOCK,
+    DOT_SMALL,
     dot,
+    dots,
     flatten,
     hessian_operator,
     hvp,
     jvp_logprobs,
+    jvp_logprobs_batched,
     rayleigh_quotient,
     top_eigenvalues,
     unflatten,
@@ -157,6 +160,25 @@ def test_jvp_logprobs_matches_finite_differences():
     assert torch.allclose(value, obj.logprob_fn(params), rtol=1e-13, atol=1e-14) and not value.requires_grad
 
 
+def test_batched_jvp_logprobs_equal_one_pass_per_direction():
+    """float64: ℓ(θ) and every directional derivative from the pass carrying all tangents equal
+    the single-tangent passes (themselves checked against finite differences above)."""
+    problem = make_problem(seed=3)
+    obj = objectives(problem.model, problem.batch, CrossEntropy())
+    params = problem.params
+    directions = [_rand_like(params, seed) for seed in (7, 8, 9)]
+    value, products = jvp_logprobs_batched(obj.logprob_fn, params, directions)
+    assert len(products) == 3 and not value.requires_grad
+    for v, product in zip(directions, products, strict=True):
+        single_value, single = jvp_logprobs(obj.logprob_fn, params, v, with_value=True)
+        assert torch.allclose(product, single, rtol=1e-12, atol=1e-15)
+        assert torch.allclose(value, single_value, rtol=1e-13, atol=1e-14)
+    with pytest.raises(ValueError, match="directions is empty"):
+        jvp_logprobs_batched(obj.logprob_fn, params, [])
+    with pytest.raises(ValueError, match=r"directions\[1\]"):
+        jvp_logprobs_batched(obj.logprob_fn, params, [directions[0], {"nope": torch.ones(1)}])
+
+
 def test_flatten_roundtrip():
     _, params, _ = _quartic()
     back = unflatten(flatten(params), params)
@@ -170,9 +192,9 @@ def test_eigenvalues_of_a_zero_hessian_are_zero():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_dot_accumulates_in_float64_with_exact_products_for_large_tensors(dtype):
-    """Against NumPy float64 on the same values: large tensors (blocked) exactly, small tensors
-    with products rounded in their own dtype (float64 for float64 tensors)."""
+def test_dot_has_exact_products_accumulated_in_float64(dtype):
+    """Against NumPy float64 on the same values, for large tensors (blocked), small ones (in
+    concatenated runs) and both."""
     gen = torch.Generator().manual_seed(0)
     big = {"big": torch.randn(DOT_BLOCK * 2 + 17, generator=gen).to(dtype)}
     big_b = {"big": (torch.randn(DOT_BLOCK * 2 + 17, generator=gen) + 0.5).to(dtype)}
@@ -183,11 +205,32 @@ def test_dot_accumulates_in_float64_with_exact_products_for_large_tensors(dtype)
     assert dot(big, big_b) == pytest.approx(exact(big, big_b), rel=1e-12, abs=1e-9)
     small = {"matrix": torch.randn(33, 7, generator=gen).to(dtype), "scalar": torch.tensor(1.5).to(dtype)}
     small_b = {"matrix": torch.randn(33, 7, generator=gen).to(dtype), "scalar": torch.tensor(-2.0).to(dtype)}
-    # each small product rounded once in its dtype: |error| ≤ unit roundoff · Σ|a·b|
-    roundoff = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}[dtype]
-    bound = roundoff * sum(float((small[k].double() * small_b[k].double()).abs().sum()) for k in small) + 1e-12
-    assert abs(dot(small, small_b) - exact(small, small_b)) <= bound
+    assert dot(small, small_b) == pytest.approx(exact(small, small_b), rel=1e-12, abs=1e-12)
     both, both_b = {**big, **small}, {**big_b, **small_b}
-    assert abs(dot(both, both_b) - exact(both, both_b)) <= bound + 1e-9
-    # cancellation across tensors: exact for the blocked ones
+    assert dot(both, both_b) == pytest.approx(exact(both, both_b), rel=1e-12, abs=1e-9)
+    # cancellation across tensors: exact
     assert dot({"p": big["big"], "m": -big["big"]}, {"p": big["big"], "m": big["big"]}) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_dots_convert_shared_operands_once_and_match_each_dot():
+    """Several pairs sharing operands, over many small tensors in more than one concatenated run
+    (more than DOT_BLOCK elements under DOT_SMALL each), large ones and a float64 tensor: every
+    product equals NumPy's float64 dot of that pair alone."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = {f"small{i}": (DOT_SMALL - 1 - i,) for i in range(2 * DOT_BLOCK // DOT_SMALL + 3)}
+    shapes |= {"large": (DOT_BLOCK + 5,), "matrix": (300, 300), "scalar": ()}
+
+    def vector(scale):
+        return {k: (scale * torch.randn(shape, generator=gen)).float() for k, shape in shapes.items()}
+
+    g, delta, delta1 = vector(1.0), vector(1e-3), vector(10.0)
+    delta["matrix"] = delta["matrix"].double()
+
+    def exact(a, b):
+        return sum(float(np.dot(a[k].double().numpy().ravel(), b[k].double().numpy().ravel())) for k in a)
+
+    pairs = [(g, delta1), (g, delta), (delta, delta), (delta1, g), (g, g)]
+    got = dots(pairs)
+    assert got == pytest.approx([exact(a, b) for a, b in pairs], rel=1e-12)
+    assert got[0] == got[3]  # the same products in the same order
+    assert dots([]) == []

@@ -196,3 +196,21 @@ def test_a_microbatched_second_order_pass_changes_no_number_beyond_rounding():
                 assert _nan_equal([{key: value}], [{key: split[key]}]), key
     with pytest.raises(ValueError, match="hvp_microbatch_rows"):
         instrument_update(model, batch, opt, Policy(scale=0.1), scale=0.1, coef=0.1, hvp_microbatch_rows=0)
+
+
+def test_batched_jvp_estimators_change_no_number_beyond_rounding():
+    """``batched_jvp``: the jvp estimators from one pass carrying both tangents equal the two
+    single-tangent passes to float64 rounding, and so does every realized gain at them."""
+    model, batch, opt = _setup(seed=6)
+    runs = [instrument_update(model, batch, opt, Policy(scale=0.1), scale=0.1, coef=0.1, directions=("active", "ce"),
+                              batched_jvp=batched).decompositions for batched in (False, True)]
+    assert len(runs[0]) == 2
+    for single, batched in zip(*runs, strict=True):
+        assert math.isfinite(single["coef_jvp_masked"]) and single["coef_jvp_masked"] != 0
+        for key, value in single.items():
+            if key.endswith("seconds"):
+                continue
+            if isinstance(value, float) and math.isfinite(value):
+                assert batched[key] == pytest.approx(value, rel=1e-9, abs=1e-14), key
+            else:
+                assert _nan_equal([{key: value}], [{key: batched[key]}]), key

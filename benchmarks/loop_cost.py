@@ -7,9 +7,10 @@ reports, from the run's own records, each direction's measurement time as a mult
 plain training update the loop timed in the same steps (``update_seconds``): the in-sample
 record (``train``: the updates, the shared first-order passes and the jvp estimators included)
 and the held-out one (``heldout``: ``J``'s side alone), each split into the search for ``λ̂``
-with the estimators' realized gains (``search_seconds``) and the rest — the decomposition that
-``decomposition_cost.py`` times; then the whole instrumented update's extra time over a plain
-one (``decomp_seconds``).
+with the estimators' realized gains (``search_seconds``), the jvp estimators' forward-mode
+passes (``jvp_seconds``) and the rest: on the first direction's ``train`` record, the
+decomposition that ``decomposition_cost.py`` times (``decompose``, the same passes); then the
+whole instrumented update's extra time over a plain one (``decomp_seconds``).
 The same multiples that ``decomposition_cost.py`` measures in isolation, measured where they
 are paid.
 """
@@ -58,18 +59,19 @@ def main() -> None:
     print(f"{len(metrics)} instrumented steps (after one warm-up step), {cfg.prompts_per_step * cfg.group_size} "
           f"sequences per step, {cfg.num_minibatches} updates per step; median plain training update "
           f"{update * 1e3:.1f} ms; ratios to it (median over steps)\n")
-    print("| record | whole | of which the search and realized gains | the rest |")
-    print("|---|---|---|---|")
+    print("| record | whole | of which the search and realized gains | the jvp estimators | the rest: the decomposition |")
+    print("|---|---|---|---|---|")
     for direction in cfg.directions:
         for split in ("train", "heldout"):
             rs = [r for r in records if r["direction"] == direction and r["split"] == split]
             if rs:
-                whole, search = (statistics.median(r[k] for r in rs) / update for k in ("seconds", "search_seconds"))
-                rest = statistics.median(r["seconds"] - r["search_seconds"] for r in rs) / update
-                print(f"| {direction}, {split} record | {whole:.2f}× | {search:.2f}× | {rest:.2f}× |")
+                whole, search, jvp = (statistics.median(r[k] for r in rs) / update
+                                      for k in ("seconds", "search_seconds", "jvp_seconds"))
+                rest = statistics.median(r["seconds"] - r["search_seconds"] - r["jvp_seconds"] for r in rs) / update
+                print(f"| {direction}, {split} record | {whole:.2f}× | {search:.2f}× | {jvp:.2f}× | {rest:.2f}× |")
     extra = statistics.median(m["decomp_seconds"] for m in metrics)
     print(f"| whole instrumented update, extra over a plain one ({len(cfg.directions)} directions × 2 splits) | "
-          f"{extra / update:.2f}× | | |")
+          f"{extra / update:.2f}× | | | |")
 
 
 if __name__ == "__main__":

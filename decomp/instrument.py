@@ -184,8 +184,10 @@ def measure_direction(
     obj = _objectives(model, batch, regime, coef, loss)
     step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=coef, optimizer=optimizer, rl_loss=obj.rl_loss,
                         first_order=obj.first_order)
+    jvp_start = time.perf_counter()
     estimates = {**proxies, **jvp_estimates(obj, params, step, batch, scale, batched_jvp)}
     shared = time.perf_counter() - start
+    jvp_seconds = time.perf_counter() - jvp_start
     out = []
     for split, split_batch in splits.items():  # train first: its λ* is the "exact" estimate
         start = time.perf_counter()
@@ -204,7 +206,8 @@ def measure_direction(
         record: dict[str, Any] = {"split": split, "same_as": "", "regime_of_direction": regime.name,
                                   **measured.decomposition.to_dict(), **fields,
                                   "seconds": end - start + (shared if split == "train" else 0.0),
-                                  "search_seconds": end - search_start if search else 0.0}
+                                  "search_seconds": end - search_start if search else 0.0,
+                                  "jvp_seconds": jvp_seconds if split == "train" else 0.0}
         measured = _light(measured)  # before the next split's pass: nothing keeps the heavy one alive
         out.append((record, measured, split_obj))
     return out
@@ -353,7 +356,7 @@ def instrument_update(
             continue
         if active and _same_direction(reg, regime, coefs[direction], coef):
             out.decompositions += [{**r, "direction": direction, "same_as": "active", "seconds": 0.0,
-                                    "search_seconds": 0.0} for r in active]
+                                    "search_seconds": 0.0, "jvp_seconds": 0.0} for r in active]
             continue
         for record, measured, _ in measure_direction(model, splits, optimizer, reg, coefs[direction], proxies,
                                                      scale, loss, search_splits, realized_dtype, sides,

@@ -162,6 +162,8 @@ def test_searching_only_the_held_out_split_leaves_every_other_number_unchanged()
             for splits in (("train", "heldout"), ("heldout",))]
     assert all(0 < r["search_seconds"] < r["seconds"] for r in runs[0])
     assert runs[1][0]["search_seconds"] == 0.0 < runs[1][1]["search_seconds"]
+    train, held_rec = runs[0]  # the jvp passes: part of the train record's time, none of the held-out's
+    assert 0 < train["jvp_seconds"] < train["seconds"] - train["search_seconds"] and held_rec["jvp_seconds"] == 0.0
     both, heldout_only = [[{k: v for k, v in r.items() if not k.endswith("seconds")} for r in recs] for recs in runs]
     assert [r["split"] for r in heldout_only] == ["train", "heldout"]
     assert _nan_equal([both[1]], [heldout_only[1]])

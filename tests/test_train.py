@@ -16,7 +16,7 @@ from decomp.runlog import read_jsonl
 from decomp.training.config import RunError, TrainConfig
 from decomp.training.loop import train
 
-TIMING = {"seconds", "decomp_seconds", "update_seconds", "search_seconds"}
+TIMING = {"seconds", "decomp_seconds", "update_seconds", "search_seconds", "jvp_seconds"}
 
 # a small run: a short warm start (to 30%, so that groups often disagree; cached once for the module), 6 steps of 4×4
 # samples, instrumented at 2, 4, 6, a sweep at 4, eigenvalues at 6

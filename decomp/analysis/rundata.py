@@ -133,9 +133,10 @@ def _key(record: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def _same_numbers(copy: dict[str, Any], active: dict[str, Any]) -> bool:
-    """Every numeric field of ``copy`` but ``seconds`` equals ``active``'s (nan equals nan)."""
+    """Every numeric field of ``copy`` but the timings (``*seconds``) equals ``active``'s (nan
+    equals nan)."""
     for k, v in copy.items():
-        if k == "seconds" or isinstance(v, bool) or not isinstance(v, (int, float)):
+        if k.endswith("seconds") or isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
         w = active.get(k)
         if isinstance(w, bool) or not isinstance(w, (int, float)):

@@ -211,18 +211,26 @@ class StepUpdates:
 class StepMeasurement:
     """A :class:`Decomposition` with the updates and gradients it was computed from.
 
-    ``grad_rl`` is ``∇J`` of the evaluation objective; ``gain(λ)`` the realized
-    ``J(θ + u_RL + δ(λ)) − J(θ + u_RL)`` of a real counterfactual step at any ``λ``.
+    ``grad_rl`` is ``∇J`` of the evaluation objective (``None`` once dropped,
+    :meth:`without_buffers`); ``gain(λ)`` the realized ``J(θ + u_RL + δ(λ)) − J(θ + u_RL)`` of a
+    real counterfactual step at any ``λ``.
     """
 
     decomposition: Decomposition
     step: StepUpdates
-    grad_rl: Params
+    grad_rl: Params | None
     gain: RealizedGain
 
     @property
     def updates(self) -> cf_optim.Counterfactual:
         return self.step.updates
+
+    def without_buffers(self) -> StepMeasurement:
+        """This measurement without the parameter-sized buffers of ``J``'s side: ``∇J``
+        (``grad_rl`` becomes ``None``) and the realized gain's evaluation buffer (allocated again
+        if the gain is evaluated again). The decomposition, the updates and the gain function stay."""
+        self.gain.release()
+        return dataclasses.replace(self, grad_rl=None)
 
     def searched(self, bound: float = DEFAULT_SEARCH_BOUND, evaluations: int = MAX_SEARCH_EVALUATIONS,
                  rtol: float = SEARCH_RTOL) -> StepMeasurement:
@@ -459,10 +467,14 @@ class EvaluationSide:
         J = scalar_function(objective, name)
         with torch.random.fork_rng(devices=devices), math_attention():
             rl = second_order(J, theta, method=hvp_method, name=name)
-            if not math.isfinite(float(rl.value)):
-                raise ValueError(f"{name} returned a non-finite value ({float(rl.value)})")
-            gn = _finite_norm(rl.grad, f"the gradient of {name}")
-        return cls(objective, name, rl, gn)
+        return cls(objective, name, rl, _checked_grad_norm(name, float(rl.value), rl.grad))
+
+
+def _checked_grad_norm(name: str, value: float, grad: Params) -> float:
+    """``‖∇J‖``, once ``J``'s value and gradient are checked finite."""
+    if not math.isfinite(value):
+        raise ValueError(f"{name} returned a non-finite value ({value})")
+    return _finite_norm(grad, f"the gradient of {name}")
 
 
 def decompose_updates(
@@ -542,9 +554,7 @@ def _microbatched_side(objective: Callable[[Params], Tensor], step: StepUpdates,
                 torch._foreach_add_(list(g.values()), [rl.grad[k] for k in g])
                 forms = [a + b for a, b in zip(forms, _quadratic_forms(rl, step), strict=True)]
             del rl
-    if not math.isfinite(value):
-        raise ValueError(f"{name} returned a non-finite value ({value})")
-    side = EvaluationSide(objective, name, None, _finite_norm(g, f"the gradient of {name}"))
+    side = EvaluationSide(objective, name, None, _checked_grad_norm(name, value, g))
     return side, value, g, _terms(g, forms, step)
 
 

@@ -39,7 +39,6 @@ Nothing here changes the parameters, ``.grad``, the optimizer state or the RNG s
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -208,17 +207,10 @@ def measure_direction(
                                   "seconds": end - start + (shared if split == "train" else 0.0),
                                   "search_seconds": end - search_start if search else 0.0,
                                   "jvp_seconds": jvp_seconds if split == "train" else 0.0}
-        measured = _light(measured)  # before the next split's pass: nothing keeps the heavy one alive
+        # before the next split's pass, so that they do not sit beside its second-order graph
+        measured = measured.without_buffers()
         out.append((record, measured, split_obj))
     return out
-
-
-def _light(measured: StepMeasurement) -> StepMeasurement:
-    """``measured`` without its parameter-sized buffers (``∇J``, the realized gain's evaluation
-    buffer), once its record is written: they would otherwise sit beside the next split's
-    second-order pass. The gain function and the decomposition (what a sweep needs) stay."""
-    measured.gain.release()
-    return dataclasses.replace(measured, grad_rl={})
 
 
 def sweep_record(measured: StepMeasurement, regime: Regime, scale: float, coef: float) -> dict[str, Any]:

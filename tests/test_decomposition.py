@@ -290,6 +290,19 @@ def test_sweep_with_adamw_uses_real_nonlinear_steps():
     assert sweep.realized[1] != pytest.approx(sweep.quadratic[1], rel=1e-3)
 
 
+def test_a_measurement_without_buffers_keeps_its_gain_function():
+    """``without_buffers`` drops ∇J and the gain's evaluation buffer; the gain function still
+    gives the same realized changes (its buffer allocated again), bit for bit."""
+    problem = make_problem(seed=8)
+    obj = objectives(problem.model, problem.batch, Policy())
+    m = measure_step(obj.rl_objective, obj.mtp_loss, problem.params, coef=0.5, lr=1e-3, optimizer="adamw")
+    before = [m.gain(c) for c in (0.5, 2.0)]
+    light = m.without_buffers()
+    assert light.grad_rl is None and m.grad_rl is not None and light.gain._work is None
+    assert [light.gain(c) for c in (0.5, 2.0)] == before
+    assert light.decomposition == m.decomposition
+
+
 def test_rl_loss_drives_the_update_while_J_is_measured():
     J, L, params, q = _quadratic(seed=6)
     rl_loss = lambda p: -2.0 * J(p)  # noqa: E731  (a rescaled training loss)

@@ -126,12 +126,12 @@ def instrumented_update(model, batch: RolloutBatch, eval_batch: RolloutBatch, re
 
 def decomposition_rows(
     update: Callable[[], object], obj, named: dict, opt: torch.optim.Optimizer, *, sgd_lr: float | None = None,
-    microbatches: int = 1,
+    microbatches: int = 1, realized_dtype: torch.dtype | None = None,
 ) -> dict[str, Callable[[], object]]:
     """The decomposition-cost measurements on one batch: a training update (the unit), one full
-    ``decompose`` (AdamW; SGD too given ``sgd_lr``; with ``microbatches > 1`` also with ``J``'s
-    side in that many row chunks, as an instrumented real LM runs it) and the parts it is made
-    of, timed alone."""
+    ``decompose`` (AdamW; SGD too given ``sgd_lr``; with ``microbatches > 1`` also as the loop
+    runs a real LM: ``J``'s side in that many row chunks, the realized changes in
+    ``realized_dtype``) and the parts it is made of, timed alone."""
     from decomp.curvature import jvp_logprobs, jvp_logprobs_batched, second_order
     from decomp.decomposition import decompose
 
@@ -143,9 +143,10 @@ def decomposition_rows(
                                               rl_loss=obj.rl_loss, first_order=obj.first_order),
     }
     if microbatches > 1:
-        rows[f"decompose, AdamW, J side in {microbatches} chunks"] = lambda: decompose(
+        in_dtype = "" if realized_dtype is None else f", realized in {str(realized_dtype).removeprefix('torch.')}"
+        rows[f"decompose, AdamW, J side in {microbatches} chunks{in_dtype}"] = lambda: decompose(
             obj.rl_objective, obj.mtp_loss, named, coef=0.1, optimizer=opt, rl_loss=obj.rl_loss,
-            first_order=obj.first_order, microbatches=microbatches)
+            first_order=obj.first_order, microbatches=microbatches, realized_dtype=realized_dtype)
     if sgd_lr is not None:
         rows["decompose, SGD"] = lambda: decompose(obj.rl_objective, obj.mtp_loss, params, coef=0.1, lr=sgd_lr,
                                                    rl_loss=obj.rl_loss, first_order=obj.first_order)

@@ -47,8 +47,8 @@ def main() -> None:
         training_update(model, batch, regime, opt)
 
     update()
-    chunks = -(-B // InstrumentConfig().hvp_rows(real_lm=True))  # as the loop runs a Hugging Face model
-    fns = decomposition_rows(update, obj, named, opt, microbatches=chunks)
+    chunks = -(-B // InstrumentConfig().hvp_rows(real_lm=True))  # as the loop runs a Hugging Face model,
+    fns = decomposition_rows(update, obj, named, opt, microbatches=chunks, realized_dtype=torch.float64)  # float64 ΔJ
     t = timed(fns, args.repeats)
     print(f"# Decomposition cost, SmolLM2-135M-Instruct — {machine()}")
     print(f"{sum(p.numel() for p in params.values()) / 1e6:.1f}M parameters (with the MTP module), batch {B}×{T}, "

@@ -218,27 +218,27 @@ def dots(pairs: Sequence[tuple[Params, Params]]) -> list[float]:
         return []
     like = pairs[0][0]
     totals: list[list[Tensor]] = [[] for _ in pairs]
-    for group in _small_groups(like):
+    for group in bounded_runs([k for k, t in like.items() if t.numel() < DOT_SMALL], like, DOT_BLOCK):
         _accumulate(totals, pairs, lambda d, group=group: [torch.cat([d[k].reshape(-1) for k in group])])
     for k in (k for k, t in like.items() if t.numel() >= DOT_SMALL):
         _accumulate(totals, pairs, lambda d, k=k: d[k].reshape(-1).split(DOT_BLOCK))
     return [float(torch.stack(t).sum()) if t else 0.0 for t in totals]
 
 
-def _small_groups(like: Params) -> list[list[str]]:
-    """The keys of tensors under ``DOT_SMALL`` elements in runs of at most about ``DOT_BLOCK``
-    elements on one device (one concatenated vector each)."""
-    groups: list[list[str]] = []
-    size, device = DOT_BLOCK, None
-    for k, t in like.items():
-        if t.numel() >= DOT_SMALL:
-            continue
-        if size + t.numel() > DOT_BLOCK or t.device != device:
-            groups.append([])
+def bounded_runs(keys: list[str], params: Params, elements: int) -> list[list[str]]:
+    """``keys`` in consecutive runs of at most ``elements`` elements of ``params``, each on one
+    device (a larger tensor alone): one multi-tensor operation per run keeps its temporaries
+    bounded whatever the model's size (:func:`dots`, ``decomp.optim.AdamW.displacement``)."""
+    runs: list[list[str]] = []
+    size, device = 0, None
+    for key in keys:
+        t = params[key]
+        if not runs or size + t.numel() > elements or t.device != device:
+            runs.append([])
             size, device = 0, t.device
-        groups[-1].append(k)
+        runs[-1].append(key)
         size += t.numel()
-    return groups
+    return runs
 
 
 def _accumulate(totals: list[list[Tensor]], pairs: Sequence[tuple[Params, Params]],
@@ -399,13 +399,20 @@ def jvp_logprobs(
     ``jvp`` level of the estimator ladder (docs/method.md §4). ``with_value=True`` returns
     ``(ℓ(θ), ∇ℓ·v)``: the log-probs come with the pass, so no second forward is needed for them.
     """
+    theta, (v,) = _jvp_inputs(logprob_fn, params, [v], ["v"])
+    with math_attention():
+        value, tangent = jvp(logprob_fn, (theta,), (v,))
+    return (value.detach(), tangent) if with_value else tangent
+
+
+def _jvp_inputs(logprob_fn: Callable[[Params], Tensor], params: Params, tangents: list[Params],
+                names: list[str]) -> tuple[Params, list[Params]]:
+    """Detached ``params`` and the checked tangents of a forward-mode pass."""
     params = check_params(params)
-    v = check_like(v, params, "v")
+    tangents = [check_like(v, params, name) for v, name in zip(tangents, names, strict=True)]
     if not callable(logprob_fn):
         raise TypeError(f"logprob_fn must be callable, got {type(logprob_fn).__name__}")
-    with math_attention():
-        value, tangent = jvp(logprob_fn, (_detached(params),), (v,))
-    return (value.detach(), tangent) if with_value else tangent
+    return _detached(params), tangents
 
 
 def jvp_logprobs_batched(logprob_fn: Callable[[Params], Tensor], params: Params,
@@ -415,17 +422,15 @@ def jvp_logprobs_batched(logprob_fn: Callable[[Params], Tensor], params: Params,
     computed once).
 
     Worth it where each operation's overhead dominates, not its arithmetic: for two directions
-    on the built-in model it measured 1.14× a training update against 1.59× for two passes, on
-    SmolLM2-135M on CPU 2.3× against 1.16× (both rows of ``benchmarks/decomposition_cost*.py``).
-    It also holds the tangents stacked: ``len(directions)`` parameter-sized copies.
+    on the built-in model it measured 1.05× a training update against 1.48× for two passes, on
+    SmolLM2-135M on CPU 3.27× against 1.55× (the jvp rows of ``benchmarks/decomposition_cost*.py``,
+    ``make bench`` of 2026-11-27). It also holds the tangents stacked: ``len(directions)``
+    parameter-sized copies.
     """
-    params = check_params(params)
     if not directions:
         raise ValueError("directions is empty")
-    tangents = [check_like(v, params, f"directions[{i}]") for i, v in enumerate(directions)]
-    if not callable(logprob_fn):
-        raise TypeError(f"logprob_fn must be callable, got {type(logprob_fn).__name__}")
-    theta = _detached(params)
+    theta, tangents = _jvp_inputs(logprob_fn, params, directions,
+                                  [f"directions[{i}]" for i in range(len(directions))])
     stacked = {k: torch.stack([v[k] for v in tangents]) for k in theta}
     with math_attention():
         values, products = vmap(lambda v: jvp(logprob_fn, (theta,), (v,)))(stacked)

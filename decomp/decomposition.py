@@ -145,10 +145,6 @@ def _resolve_optimizer(
     return opt.with_lr(lr) if lr is not None else opt
 
 
-def _add(a: Params, b: Params) -> Params:
-    return {k: a[k] + b[k] for k in a}
-
-
 def _finite_norm(d: Params, what: str) -> float:
     """‖d‖ (float64 accumulation); a NaN or infinity anywhere makes it non-finite, so checking
     it replaces a separate pass over every tensor."""
@@ -433,17 +429,12 @@ def _terms(g: Params, forms: list[float], step: StepUpdates) -> tuple[float, ...
     """``C₁, X₁, P₁, C, X, P`` from ``∇J`` and :func:`_quadratic_forms` (for a linear optimizer
     ``δ = λδ₁``, so ``C``, ``X``, ``P`` follow from the unit terms)."""
     delta, delta1 = step.updates.displacement, step.updates.unit_displacement
+    x1, p1 = forms[0], -0.5 * forms[1] + 0.0  # + 0.0: report 0, not -0
     if step.optimizer.linear:
         lam, c1 = step.coef, dot(g, delta1)
-        x1, p1 = forms[0], -0.5 * forms[1] + 0.0  # + 0.0: report 0, not -0
         return c1, x1, p1, lam * c1, lam * x1, lam * lam * p1 + 0.0
     c1, c = dots([(g, delta1), (g, delta)])
-    return c1, forms[0], -0.5 * forms[1] + 0.0, c, forms[2], -0.5 * forms[3] + 0.0
-
-
-def _second_order_terms(rl: Any, step: StepUpdates) -> tuple[float, ...]:
-    """``C₁, X₁, P₁, C, X, P`` from one second-order pass (:func:`_quadratic_forms`, :func:`_terms`)."""
-    return _terms(rl.grad, _quadratic_forms(rl, step), step)
+    return c1, x1, p1, c, forms[2], -0.5 * forms[3] + 0.0
 
 
 @dataclass
@@ -526,7 +517,7 @@ def _whole_side(objective: Callable[[Params], Tensor], step: StepUpdates, side: 
     with torch.random.fork_rng(devices=step.devices), math_attention():
         if step.updates is None:
             step = step.completed(rl.grad)
-        terms = _second_order_terms(rl, step)
+        terms = _terms(rl.grad, _quadratic_forms(rl, step), step)
     if own:
         side.rl = None  # frees J's second-order graph
     return step, side, float(rl.value), rl.grad, terms

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from decomp.checks import Params, check_number
+from decomp.curvature import bounded_runs
 
 State = Mapping[str, Mapping[str, Any]]
 
@@ -350,7 +351,7 @@ class AdamW(_Base):
                 out.update({k: self._displacement_one(k, params[k].detach(), rl_grads[k], mtp_grads[k], coef,
                                                       update_rl[k]) for k in keys})
             else:
-                for part in _bounded(keys, params, GROUP_ELEMENTS):
+                for part in bounded_runs(keys, params, GROUP_ELEMENTS):
                     out.update(zip(part, self._displacement_group(h, t, part, params, rl_grads, mtp_grads, coef,
                                                                   update_rl), strict=True))
         return out
@@ -393,20 +394,6 @@ class AdamW(_Base):
 # float32 whatever the model's size (a whole 135M-parameter group had cost 1.6 GB), while a small
 # model's tensors still go through one pass
 GROUP_ELEMENTS = 1 << 25
-
-
-def _bounded(keys: list[str], params: Params, elements: int) -> list[list[str]]:
-    """``keys`` in consecutive runs of at most ``elements`` elements (a larger tensor alone)."""
-    runs: list[list[str]] = [[]]
-    size = 0
-    for key in keys:
-        n = params[key].numel()
-        if runs[-1] and size + n > elements:
-            runs.append([])
-            size = 0
-        runs[-1].append(key)
-        size += n
-    return runs
 
 
 def _group_hyper(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) -> SGDHyper | AdamHyper:

@@ -9,6 +9,7 @@ import torch
 from conftest import make_problem
 
 from decomp import optim as cf
+from decomp.curvature import bounded_runs
 from decomp.objectives import objectives
 from decomp.regimes import CrossEntropy
 
@@ -253,8 +254,8 @@ def test_displacement_in_bounded_runs_of_tensors_is_bit_identical(monkeypatch):
     mtp = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in theta.items()}
     base = cf_opt.counterfactual(theta, rl, mtp, 0.3)
     whole = cf_opt.displacement(theta, rl, mtp, 0.7, base.update_rl)
-    assert cf._bounded(list(theta), theta, 12) == [["p0"], ["p1"], ["p2"], ["p3"], ["p4"]]
-    assert cf._bounded(list(theta), theta, 50) == [["p0", "p1", "p2"], ["p3", "p4"]]
+    assert bounded_runs(list(theta), theta, 12) == [["p0"], ["p1"], ["p2"], ["p3"], ["p4"]]
+    assert bounded_runs(list(theta), theta, 50) == [["p0", "p1", "p2"], ["p3", "p4"]]
     monkeypatch.setattr(cf, "GROUP_ELEMENTS", 12)
     runs = cf_opt.displacement(theta, rl, mtp, 0.7, base.update_rl)
     assert all(torch.equal(runs[k], whole[k]) for k in theta)

@@ -60,6 +60,9 @@ def test_short_run_writes_every_record(run_dir, regime):
     assert config["config"]["regime"] == regime and config["schema_version"] == 2
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(7))
+    # the warm start landed in its band (a property of the procedure, not of this CPU's steps)
+    assert TINY.sft_target_accuracy - TINY.sft_target_tolerance <= metrics[0]["accuracy"] \
+        <= TINY.sft_target_accuracy + TINY.sft_target_tolerance
     for m in metrics[1:]:
         for key in ("regime", "reward_mean", "pg_loss", "mtp_loss", "mtp_coef", "mtp_acceptance", "seconds"):
             assert key in m, key
@@ -234,10 +237,12 @@ def test_cli_run_and_bad_input(tmp_path, cache, capsys):
 
 @pytest.mark.slow
 def test_default_warm_start_and_rl_improve_accuracy(tmp_path):
-    """The default recipe on seed 0: warm start in 20–60%, RL adds ≥ 10 points (instrumentation off)."""
+    """The default recipe on seed 0: the warm start lands in 30% ± 1 point (the procedure's band,
+    whatever steps this CPU takes), RL adds ≥ 10 points (instrumentation off)."""
     cfg = dataclasses.replace(TrainConfig(), decomp_every=0, eval_every=50)
     result = train(cfg, tmp_path / "run", cache_dir=tmp_path / "cache", progress=False, log=lambda s: None)
-    assert 0.2 <= result.warm_accuracy <= 0.6
+    target, tolerance = cfg.sft_target_accuracy, cfg.sft_target_tolerance
+    assert target - tolerance <= result.warm_accuracy <= target + tolerance
     assert result.final_accuracy >= result.warm_accuracy + 0.10
 
 
@@ -268,10 +273,21 @@ def test_every_epoch_draws_a_fresh_minibatch_partition():
     assert len(set(firsts)) == 3  # not the first epoch's mini-batches again
 
 
-def test_sweeps_need_not_be_a_multiple_of_decomp_every(run_dir):
+def test_sweeps_need_not_be_a_multiple_of_decomp_every(run_dir, monkeypatch):
+    import decomp.training.loop as loop
+
     # instrumented at 2, 4, 6; sweep period 3: at the first instrumented step at or after 3 and 6
+    asked, real = [], loop.instrument_update
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs["sweep"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "instrument_update", spy)
     out = run_dir("sweep3", sweep_every=3, curvature_every=0)
-    assert sorted({r["step"] for r in read_jsonl(out / "sweeps.jsonl")}) == [4, 6]
+    assert asked == [False, True, True]
+    # a sweep is written where a direction moves J (a batch whose groups all agree has none)
+    assert {r["step"] for r in read_jsonl(out / "sweeps.jsonl")} <= {4, 6}
 
 
 def _params(out: Path) -> dict:

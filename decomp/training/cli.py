@@ -159,8 +159,12 @@ def build_parser() -> argparse.ArgumentParser:  # long: one declaration per opti
     return parser
 
 
-def _make_config(args: argparse.Namespace, **fixed: Any):
-    from decomp.training.config import TrainConfig
+def _make_config(args: argparse.Namespace, out: Path, **fixed: Any):
+    """The run's TrainConfig: the values given on the command line over the defaults, or, with
+    ``--resume`` on a folder holding a run, over that run's saved config (so ``--resume`` alone
+    continues the run as it was, its ``steps`` included)."""
+    from decomp.training.config import TrainConfig, config_from_dict
+    from decomp.training.rundir import DamagedConfig, saved_run_config
 
     values = _parse_sets(args.set)
     for key, flag in (("task", args.task), ("steps", args.steps), ("decomp_every", args.decomp_every),
@@ -168,7 +172,15 @@ def _make_config(args: argparse.Namespace, **fixed: Any):
         if flag is not None:
             values[key] = flag
     values.update({k: v for k, v in fixed.items() if v is not None})
-    return dataclasses.replace(TrainConfig(), **values)
+    base = TrainConfig()
+    if args.resume and (out / "config.json").is_file():
+        try:
+            saved = saved_run_config(out / "config.json")
+        except DamagedConfig:
+            saved = None  # check_run_dir says what to do
+        if saved is not None:
+            base = config_from_dict(saved)
+    return dataclasses.replace(base, **values)
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -259,7 +271,7 @@ def _run(args: argparse.Namespace) -> None:
     """``decomp run``: one training run into ``--out``."""
     if args.out is None:
         raise CLIError("--out is required")
-    cfg = _make_config(args, regime=args.regime, seed=args.seed)
+    cfg = _make_config(args, Path(args.out), regime=args.regime, seed=args.seed)
     start = time.perf_counter()
     rows = _run_training(args, [(cfg, Path(args.out))])
     print(_table(rows))
@@ -273,7 +285,12 @@ def _compare(args: argparse.Namespace) -> None:
     regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
     if not regimes or not args.seeds:
         raise CLIError("--regimes and --seeds must each name at least one value")
-    configs = [(_make_config(args, regime=r, seed=s), Path(args.out) / f"{r}-seed{s}") for s in args.seeds for r in regimes]
+    for flag, values in (("--regimes", regimes), ("--seeds", args.seeds)):
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:
+            raise CLIError(f"{flag} names {', '.join(twice)} more than once")
+    jobs = [(r, s, Path(args.out) / f"{r}-seed{s}") for s in args.seeds for r in regimes]
+    configs = [(_make_config(args, out, regime=r, seed=s), out) for r, s, out in jobs]
     start = time.perf_counter()
     rows = _run_training(args, configs)
     print(_table(rows))
@@ -282,13 +299,15 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _probe(args: argparse.Namespace) -> None:
-    """``decomp probe``: one measured update on a synthetic batch, as a table or JSON."""
+    """``decomp probe``: one measured update on a synthetic batch, as a table or strict JSON
+    (an undefined value is ``null``, as in the run logs: Python's ``NaN`` is no JSON)."""
+    from decomp.runlog import json_safe
     from decomp.training.probe import ProbeConfig, format_probe, run_probe
 
     records = run_probe(
         ProbeConfig(seed=args.seed, prompts=args.prompts, group_size=args.group_size, lr=args.lr, scale=args.scale)
     )
-    print(json.dumps(records, indent=2) if args.json else format_probe(records))
+    print(json.dumps(json_safe(records), indent=2, allow_nan=False) if args.json else format_probe(records))
 
 
 def _dispatch(args: argparse.Namespace) -> None:

@@ -50,7 +50,14 @@ from decomp.runlog import (
 )
 from decomp.training.config import RunError, TrainConfig
 from decomp.training.policies import ModelUnavailable, build_policy, rollout
-from decomp.training.rundir import LOG_FILES, RUN_FILES, check_run_dir, load_checkpoint
+from decomp.training.rundir import (
+    LOG_FILES,
+    RUN_FILES,
+    RunLock,
+    check_run_dir,
+    load_checkpoint,
+    remove_temporaries,
+)
 
 
 @dataclass
@@ -77,6 +84,7 @@ class RunState:
     ref_params: dict[str, Tensor] | None  # the warm start's parameters, for the KL term
     logs: dict[str, JsonlWriter] = field(default_factory=dict)
     accuracy: float = float("nan")
+    lock: RunLock | None = None  # held while the run writes its folder
     oracle_fallbacks: int = 0  # updates of this step where λ̂ was undefined (the fallback applied)
 
     @property
@@ -86,14 +94,31 @@ class RunState:
 
 def open_run(cfg: TrainConfig, out: Path, *, resume: bool, overwrite: bool, cache_dir: Path | None,
              log: Callable[[str], None]) -> RunState:
-    """Check the folder, build the policy (warm start, cached) and optimizer, restore a
-    checkpoint when resuming, and open the logs."""
+    """Lock the folder, check it, build the policy (warm start, cached) and optimizer, restore a
+    checkpoint when resuming, and open the logs.
+
+    Nothing of an old run is deleted before the new run can start: the model is built (and a
+    resumed checkpoint loaded) first, so a bad ``--model`` or a failed warm start leaves the
+    folder as it was. On any failure the lock is released (and a folder this call created is
+    removed again).
+    """
+    lock = RunLock(out)
     mode = check_run_dir(out, cfg, resume=resume, overwrite=overwrite)
+    lock.acquire()
+    try:
+        # again, now that no other process can change it
+        mode = check_run_dir(out, cfg, resume=resume, overwrite=overwrite, check_lock=False)
+        state = _start(cfg, out, mode, cache_dir, log)
+    except BaseException:
+        lock.release(remove_new=True)
+        raise
+    state.lock = lock
+    return state
+
+
+def _start(cfg: TrainConfig, out: Path, mode: str, cache_dir: Path | None, log: Callable[[str], None]) -> RunState:
+    """:func:`open_run` once the folder is locked and its ``mode`` decided."""
     ckpt = load_checkpoint(out / "checkpoint.pt") if mode == "resume" else None
-    if mode == "overwrite":
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
     try:
         policy = build_policy(cfg, cache_dir, log)
     except ModelUnavailable as err:
@@ -107,15 +132,19 @@ def open_run(cfg: TrainConfig, out: Path, *, resume: bool, overwrite: bool, cach
     opt = torch.optim.AdamW(trained, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     state = RunState(cfg, out, policy, opt, regime, 0, policy.warm_info, ref_params)
-    if ckpt is None:
-        for name in LOG_FILES:
+    if ckpt is not None:
+        restore_checkpoint(state, ckpt, out / "checkpoint.pt")
+    # from here on the folder is written: the new run has everything it needs to start
+    removed = remove_temporaries(out)
+    if removed:
+        log(f"removed {len(removed)} temporary file(s) a killed writer left in {out}")
+    if mode == "overwrite":
+        for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
-    else:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        state.start_step = int(ckpt["step"])
-        state.warm_info = ckpt["warm_start"]
-        for name in LOG_FILES:
+    for name in LOG_FILES:
+        if ckpt is None:
+            (out / name).unlink(missing_ok=True)
+        else:
             truncate_jsonl(out / name, lambda r: isinstance(r.get("step"), int) and r["step"] <= state.start_step)
     write_json(out / "config.json", {"config": asdict(cfg), "decomp_version": __version__,
                                      "schema_version": SCHEMA_VERSION})
@@ -125,6 +154,20 @@ def open_run(cfg: TrainConfig, out: Path, *, resume: bool, overwrite: bool, cach
         state.logs["metrics"].write({"step": 0, "regime": cfg.regime, "accuracy": state.accuracy,
                                      "warm_start_steps": state.warm_info["steps"]})
     return state
+
+
+def restore_checkpoint(state: RunState, ckpt: dict[str, Any], path: Path) -> None:
+    """Model, optimizer, step and warm-start info from ``ckpt`` (:class:`RunError` if it does
+    not fit this run's model, e.g. a checkpoint copied from a run of another architecture)."""
+    try:
+        state.model.load_state_dict(ckpt["model"])
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunError(f"checkpoint {path} does not fit this run's model ({first}); "
+                       "pass --overwrite to start over") from None
+    state.start_step = int(ckpt["step"])
+    state.warm_info = ckpt["warm_start"]
 
 
 def minibatch_partition(n: int, cfg: TrainConfig, gen: torch.Generator) -> list[Tensor]:
@@ -347,10 +390,18 @@ def evaluate_and_log(state: RunState, step: int, record: dict[str, Any]) -> None
 
 
 def save_checkpoint(state: RunState, step: int) -> None:
+    """The model, optimizer and step, atomically (a failed write, e.g. a full disk, keeps the
+    previous checkpoint and ends the run with a :class:`RunError` that says how to go on)."""
     if step % state.cfg.checkpoint_every == 0 or step == state.cfg.steps:
         blob = {"step": step, "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
                 "warm_start": state.warm_info}
-        atomic_write(state.out / "checkpoint.pt", lambda tmp: torch.save(blob, tmp))
+        path = state.out / "checkpoint.pt"
+        try:
+            atomic_write(path, lambda tmp: torch.save(blob, tmp))
+        except (OSError, RuntimeError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise RunError(f"could not write {path} at step {step} ({reason}); the previous checkpoint is kept: "
+                           "free disk space and rerun with --resume") from None
 
 
 def finish_run(state: RunState, seconds: float) -> RunResult:
@@ -422,8 +473,9 @@ def train(
                 warm = float(state.warm_info["accuracy"])
                 return RunResult(state.out, cfg, warm, state.accuracy, step, time.perf_counter() - t_start)
             save_checkpoint(state, step)
+        return finish_run(state, time.perf_counter() - t_start)
     finally:
         for writer in state.logs.values():
             writer.close()
         bar.close()
-    return finish_run(state, time.perf_counter() - t_start)
+        state.lock.release()

@@ -38,7 +38,7 @@ from decomp.runlog import atomic_write
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MTP_WARMUP_VERSION = 1
+MTP_WARMUP_VERSION = 2  # 2: keyed by the weights' and the dataset's content
 
 
 class ModelUnavailable(RuntimeError):
@@ -103,11 +103,11 @@ def smollm2_path() -> Path:
     return path
 
 
-def load_hf(model: str) -> tuple[nn.Module, Any]:
+def load_hf(model: str, cache: Path | None = None) -> tuple[nn.Module, Any]:
     """``(causal LM in float32, tokenizer)`` for ``smollm2-135m`` or a local checkpoint folder.
 
     Nothing is downloaded: ``HF_HUB_OFFLINE`` is set for the load. SmolLM2 is read from its
-    de-quantised float32 copy in the cache (:func:`smollm2_float32`), written on first use.
+    de-quantised float32 copy in ``cache`` (:func:`smollm2_float32`), written on first use.
     """
     for mod in ("transformers", "accelerate"):
         _require(mod, "pip install 'decomp[hf]'")
@@ -116,7 +116,7 @@ def load_hf(model: str) -> tuple[nn.Module, Any]:
 
     hf_logging.set_verbosity_error()
     if model == SMOLLM2:
-        return smollm2_float32()
+        return smollm2_float32(cache)
     folder = Path(model)
     if not (folder / "config.json").is_file():
         raise ModelUnavailable(f"--model {model}: not smollm2-135m and not a local checkpoint folder with config.json")
@@ -165,6 +165,7 @@ def smollm2_float32(cache: Path | None = None) -> tuple[nn.Module, Any]:
     folder = (cache or default_cache_dir()) / f"smollm2-135m-float32-{key}"
     if (folder / "config.json").is_file():
         return _from_pretrained(folder)
+    _require("gguf", "pip install 'decomp[hf]'")  # reading the GGUF file needs it; the copy does not
     lm, tokenizer = _from_pretrained(path.parent, gguf_file=path.name)
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     try:
@@ -184,8 +185,10 @@ class HFPolicy:
         from decomp.training.texttasks import make_text_task
 
         self.task = make_text_task(cfg.task, cfg.dataset, cfg.reward, cfg.max_new_tokens)
+        if self.task.reward_name == "math":  # checked before the slow load, not at the first reward
+            _require("math_verify", "pip install 'decomp[hf]'")
         start = time.perf_counter()
-        lm, self.tokenizer = load_hf(cfg.model)
+        lm, self.tokenizer = load_hf(cfg.model, cache_dir)
         log(f"loaded {cfg.model} ({sum(p.numel() for p in lm.parameters()) / 1e6:.0f}M parameters) "
             f"in {time.perf_counter() - start:.0f} s")
         self.model = attach_mtp(lm, depth=cfg.mtp_depth, init=cfg.mtp_init, seed=cfg.seed)
@@ -248,18 +251,35 @@ class HFPolicy:
         from decomp.training.warmstart import default_cache_dir
 
         accuracy = self.accuracy()
-        key = hashlib.sha256(json.dumps({
-            "model": cfg.model, "task": self.task.name, "depth": cfg.mtp_depth, "init": cfg.mtp_init, "seed": cfg.seed,
-            "steps": cfg.mtp_warmup_steps, "lr": cfg.mtp_warmup_lr, "batch": cfg.prompts_per_step * cfg.group_size,
-            "v": MTP_WARMUP_VERSION,
-        }, sort_keys=True).encode()).hexdigest()[:16]
-        path = (default_cache_dir() if cache_dir is None else Path(cache_dir)) / f"mtp-warmup-{key}.safetensors"
+        path = (default_cache_dir() if cache_dir is None else Path(cache_dir)) / f"mtp-warmup-{self._warmup_key(cfg)}.safetensors"
         info: dict[str, Any] = {"steps": cfg.mtp_warmup_steps, "accuracy": accuracy, "path": str(path)}
         if path.exists():
-            load_mtp(self.model, path)
-            return {**info, "cached": True}
+            try:
+                load_mtp(self.model, path)
+                return {**info, "cached": True}
+            except Exception as err:  # a damaged file: safetensors raises its own error type
+                log(f"MTP warm-up cache {path} is unreadable ({type(err).__name__}); retraining it")
         log(f"MTP warm-up: {cfg.mtp_warmup_steps} steps of detached CE on the model's own samples")
         start = time.perf_counter()
+        losses = self._train_mtp(cfg)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: save_mtp(self.model, tmp))
+        log(f"MTP warm-up: CE {losses[0]:.3f} → {losses[-1]:.3f} ({time.perf_counter() - start:.0f} s), cached")
+        return {**info, "cached": False, "mtp_loss_first": losses[0], "mtp_loss_last": losses[-1]}
+
+    def _warmup_key(self, cfg: Any) -> str:
+        """The MTP warm-up cache key: the LM's weights, tokenizer and the task's problems by content
+        (two datasets named ``train.jsonl``, or a checkpoint retrained at one path, are different
+        warm-ups), and the warm-up's settings."""
+        return hashlib.sha256(json.dumps({
+            "lm": content_digest(self.model.lm), "tokenizer": _tokenizer_digest(self.tokenizer),
+            "task": _task_digest(self.task), "depth": cfg.mtp_depth, "init": cfg.mtp_init, "seed": cfg.seed,
+            "steps": cfg.mtp_warmup_steps, "lr": cfg.mtp_warmup_lr, "batch": cfg.prompts_per_step * cfg.group_size,
+            "group": cfg.group_size, "v": MTP_WARMUP_VERSION,
+        }, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _train_mtp(self, cfg: Any) -> list[float]:
+        """Detached CE of the MTP module on the model's own samples; the losses per step."""
         opt = torch.optim.AdamW(self.model.mtp.parameters(), lr=cfg.mtp_warmup_lr)
         gen = torch.Generator().manual_seed(cfg.seed + 7_000_003)
         losses = []
@@ -275,10 +295,30 @@ class HFPolicy:
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: save_mtp(self.model, tmp))
-        log(f"MTP warm-up: CE {losses[0]:.3f} → {losses[-1]:.3f} ({time.perf_counter() - start:.0f} s), cached")
-        return {**info, "cached": False, "mtp_loss_first": losses[0], "mtp_loss_last": losses[-1]}
+        return losses
+
+
+def content_digest(module: nn.Module) -> str:
+    """A hash of ``module``'s state (names, dtypes, shapes and bytes of every tensor): two
+    modules share it only if their weights are identical."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _tokenizer_digest(tokenizer: Any) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    blob = json.dumps([vocab, getattr(tokenizer, "chat_template", None), tokenizer.padding_side], default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _task_digest(task: Any) -> str:
+    blob = json.dumps([[(p.question, p.answer) for p in task.train], [(p.question, p.answer) for p in task.held_out],
+                       task.system_prompt, task.max_new_tokens])
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def build_policy(cfg: Any, cache_dir: Path | None, log: Any) -> BuiltinPolicy | HFPolicy:

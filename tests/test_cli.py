@@ -27,7 +27,7 @@ def test_group_advantages_match_a_direct_computation():
 
 def test_probe_json_records(capsys):
     assert main(["probe", "--prompts", "2", "--group-size", "4", "--json"]) == 0
-    records = json.loads(capsys.readouterr().out.replace("NaN", "null"))
+    records = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     assert set(records) == {"ce", "policy"}
     for rec in records.values():
         for key in ("correlation", "penalty", "coef_masked", "coef_jvp_pooled", "coef_trust_region",

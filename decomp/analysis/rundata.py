@@ -4,10 +4,15 @@ A run directory holds ``config.json`` and the JSONL logs written by :mod:`decomp
 ``decomp_run.json`` in their place, as :mod:`decomp.integrations.trl` writes beside the model's
 own ``config.json`` in a trainer's output directory). Given
 paths that are run directories or folders containing them (one level down, as ``decomp compare``
-writes), :func:`load_runs` returns :class:`Run` objects. Damaged input is skipped with a warning
-naming the file and line: a truncated or non-JSON line, a record missing a required field, a run
-whose schema version this decomp cannot read (``READABLE_SCHEMAS``: version 1, before ``split``
-and the realized optimum, and the current one). No usable run directory is an :class:`AnalysisError`.
+writes), :func:`load_runs` returns :class:`Run` objects. A run directory is untrusted input:
+damaged input is skipped with a warning naming the file and line, never a crash. A log line that
+is truncated, not JSON, not UTF-8 or nested too deeply, a record missing a required field or
+holding one of the wrong type (``FIELDS``: a ``step`` that is not a non-negative integer, a
+``correlation`` that is a string, a sweep whose lists differ in length, ...) is skipped; a run is
+skipped when its ``config.json`` cannot be read, its schema version is one this decomp cannot
+read (``READABLE_SCHEMAS``: version 1, before ``split`` and the realized optimum, and the current
+one) or a value the analysis reads from its config has the wrong type (:func:`config_problem`).
+No usable run directory is an :class:`AnalysisError`.
 
 Decomposition records are read as they are; fields added by newer runs (``split``, ``same_as``,
 ``lambda_hat``, ``gain_hat``, ``gain_<estimator>``, ...) are absent from older ones and read as
@@ -24,16 +29,15 @@ absent. Two rules make every statistic count each measurement once:
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from decomp.analysis.stats import finite
-from decomp.runlog import RUN_FILE, SCHEMA_VERSION, iter_jsonl
+from decomp.runlog import RUN_FILE, SCHEMA_VERSION, BadJSON, iter_jsonl, parse_json
 
 REQUIRED = {
     "metrics.jsonl": ("step", "regime"),
@@ -73,7 +77,10 @@ class Run:
 
     @property
     def seed(self) -> int:
-        return int(self.config.get("seed", 0))
+        """The config's ``seed``, 0 when absent or null (:func:`config_problem` checked it is an
+        integer)."""
+        seed = self.config.get("seed")
+        return 0 if seed is None else int(seed)
 
     def records(self, direction: str, split: str | None = None) -> list[dict[str, Any]]:
         """The records of ``direction`` (of one ``split`` when given); copies of the active
@@ -201,12 +208,94 @@ def model_efficiency(record: dict[str, Any], estimator: str) -> float:
     return float(value) if finite(value) else math.nan
 
 
-def _read(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
-    # strict JSON stores nan as null; iter_jsonl gives floats back
-    return list(iter_jsonl(path, required=required)) if path.exists() else []
+def is_number(value: Any) -> bool:
+    """A JSON number (``nan`` and ``±inf`` included, a boolean not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_count(value: Any) -> bool:
+    """A non-negative integer (:func:`decomp.runlog.parse_json` reads larger ones than ±2**63
+    as floats)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_grid(value: Any) -> bool:
+    """A non-empty list of finite numbers (the ``λ`` of a sweep)."""
+    return isinstance(value, list) and bool(value) and all(is_number(v) and math.isfinite(v) for v in value)
+
+
+def _is_points(value: Any) -> bool:
+    """A non-empty list of finite numbers or ``null`` (an undefined ``ΔJ``)."""
+    return isinstance(value, list) and bool(value) and all(v is None or (is_number(v) and math.isfinite(v))
+                                                          for v in value)
+
+
+Kind = tuple[Callable[[Any], bool], str]  # a test of a field's value, and what it expects
+NUMBER: Kind = (is_number, "a number")
+COUNT: Kind = (is_count, "a non-negative integer")
+TEXT: Kind = (lambda v: isinstance(v, str), "a string")
+GRID: Kind = (_is_grid, "a non-empty list of finite numbers")
+POINTS: Kind = (_is_points, "a non-empty list of finite numbers or nulls")
+_TERMS = ("correlation", "cross", "penalty", "predicted", "realized", "lambda_star")
+# per file, the type of every field the analysis reads unguarded (the other fields pass through
+# `finite`, or are never read): a record holding one of another type is skipped, as damaged
+FIELDS: dict[str, dict[str, Kind]] = {
+    "metrics.jsonl": {"step": COUNT},
+    "decomposition.jsonl": {"step": COUNT, "update": COUNT, "direction": TEXT, **dict.fromkeys(_TERMS, NUMBER)},
+    "sweeps.jsonl": {"step": COUNT, "direction": TEXT, "coefs": GRID, "realized": POINTS, "quadratic": POINTS},
+    "curvature.jsonl": {"step": COUNT, "eigenvalue_max": NUMBER, "eigenvalue_min": NUMBER},
+}
+
+
+def describe(value: Any) -> str:
+    """``value`` for a warning: a number itself, anything else by its JSON type (a string or a
+    list may be huge, or nested too deeply to print)."""
+    if is_number(value):
+        return repr(value)
+    if isinstance(value, list) and not value:
+        return "an empty list"
+    names = {str: "a string", list: "a list", dict: "an object", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def field_problem(record: dict[str, Any], kinds: dict[str, Kind]) -> str | None:
+    """The first field of ``record`` (among ``kinds``, those present) whose value has the wrong
+    type, as the rest of a warning after "skipping "; ``None`` when every one is right."""
+    for key, (ok, expected) in kinds.items():
+        if key in record and not ok(record[key]):
+            return f"a record whose {key} is {describe(record[key])}, not {expected}"
+    return None
+
+
+def sweep_problem(record: dict[str, Any]) -> str | None:
+    """:func:`field_problem` of a sweep, then whether its ``coefs``, ``realized`` and
+    ``quadratic`` have one value per coefficient (the figure pairs them)."""
+    problem = field_problem(record, FIELDS["sweeps.jsonl"])
+    if problem is None and not len(record["coefs"]) == len(record["realized"]) == len(record["quadratic"]):
+        problem = "a sweep whose coefs, realized and quadratic differ in length"
+    return problem
+
+
+def _check(name: str) -> Callable[[dict[str, Any]], str | None]:
+    if name == "sweeps.jsonl":
+        return sweep_problem
+    return lambda record: field_problem(record, FIELDS[name])
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    """The valid records of one of a run's logs (none when it is absent, or unreadable: with a
+    warning); strict JSON stores nan as null, and iter_jsonl gives floats back."""
+    if not path.exists():
+        return []
+    try:
+        return list(iter_jsonl(path, required=REQUIRED[path.name], check=_check(path.name)))
+    except OSError as err:  # a folder in the file's place, no permission, ...
+        warnings.warn(f"{path}:1: unreadable ({type(err).__name__}), skipping the file", stacklevel=3)
+        return []
 
 
 RUN_FILES = (RUN_FILE, "config.json")  # the first one present describes the run
+NAMES = ("label", "regime", "task")  # the config's names of the run: strings, in tables and figures
 
 
 def _run_file(p: Path) -> Path | None:
@@ -226,36 +315,73 @@ def _run_dirs(paths: Iterable[Path]) -> list[Path]:
     return found
 
 
+def config_problem(config: dict[str, Any]) -> str | None:
+    """Why the values the analysis reads from a run's ``config`` are unusable, or ``None``: the
+    ``seed`` pairs runs and names them, it must be an integer (absent or null: 0; ``1e400`` reads
+    as inf and ``int(inf)`` raises), and ``label``, ``regime`` and ``task`` strings (or absent)."""
+    seed = config.get("seed")
+    if seed is not None and not (is_number(seed) and float(seed).is_integer()):
+        return f"seed is {describe(seed)}, not an integer"
+    for key in NAMES:
+        value = config.get(key)
+        if value is not None and not isinstance(value, str):
+            return f"{key} is {describe(value)}, not a string"
+    return None
+
+
+def _read_config(config_path: Path) -> dict[str, Any] | str:
+    """The ``config`` of a run file, or why the run cannot be used (``FILE:LINE: ...``)."""
+    try:
+        data = parse_json(config_path.read_bytes())
+    except OSError as err:
+        return f"{config_path}:1: unreadable config ({type(err).__name__}), skipping the run"
+    except BadJSON as err:
+        return f"{config_path}:{err.lineno}: unreadable config ({err.problem}), skipping the run"
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version not in READABLE_SCHEMAS or isinstance(version, bool) or not isinstance(data.get("config"), dict):
+        return (f"{config_path}:1: schema version {describe(version)}, this decomp reads "
+                f"{', '.join(map(str, READABLE_SCHEMAS))}; skipping the run")
+    problem = config_problem(data["config"])
+    if problem is not None:
+        return f"{config_path}:1: config {problem}; skipping the run"
+    return data["config"]
+
+
+def read_run(path: Path) -> Run | str:
+    """One run directory, or why it cannot be used (a warning's text, naming the file and line)."""
+    config_path = _run_file(Path(path)) or Path(path) / "config.json"
+    config = _read_config(config_path)
+    if isinstance(config, str):
+        return config
+    run = Run(Path(path), config)
+    run.metrics = _read(run.path / "metrics.jsonl")
+    run.decompositions = _read(run.path / "decomposition.jsonl")
+    run.sweeps = _read(run.path / "sweeps.jsonl")
+    run.curvature = _read(run.path / "curvature.jsonl")
+    return run
+
+
 def load_run(path: Path) -> Run | None:
     """One run directory, or ``None`` (with a warning) when it cannot be used."""
-    config_path = _run_file(Path(path)) or Path(path) / "config.json"
-    try:
-        data = json.loads(config_path.read_text())
-    except (OSError, ValueError) as err:
-        warnings.warn(f"{config_path}:1: unreadable config ({type(err).__name__}), skipping the run", stacklevel=2)
+    run = read_run(path)
+    if isinstance(run, str):
+        warnings.warn(run, stacklevel=2)
         return None
-    version = data.get("schema_version") if isinstance(data, dict) else None
-    if version not in READABLE_SCHEMAS or not isinstance(data.get("config"), dict):
-        warnings.warn(
-            f"{config_path}:1: schema version {version!r}, this decomp reads "
-            f"{', '.join(map(str, READABLE_SCHEMAS))}; skipping the run",
-            stacklevel=2,
-        )
-        return None
-    run = Run(Path(path), data["config"])
-    run.metrics = _read(run.path / "metrics.jsonl", REQUIRED["metrics.jsonl"])
-    run.decompositions = _read(run.path / "decomposition.jsonl", REQUIRED["decomposition.jsonl"])
-    run.sweeps = _read(run.path / "sweeps.jsonl", REQUIRED["sweeps.jsonl"])
-    run.curvature = _read(run.path / "curvature.jsonl", REQUIRED["curvature.jsonl"])
     return run
 
 
 def load_runs(paths: Iterable[Path | str]) -> list[Run]:
     """Every usable run under ``paths`` (run directories or their parents), sorted by regime and seed."""
     dirs = _run_dirs(Path(p) for p in paths)
-    runs = [r for r in (load_run(d) for d in dirs) if r is not None]
-    if not runs:
+    if not dirs:
         raise AnalysisError("no run directories found (a run directory holds config.json)")
+    read = [read_run(d) for d in dirs]
+    runs = [r for r in read if isinstance(r, Run)]
+    skipped = [r for r in read if isinstance(r, str)]
+    for problem in skipped:
+        warnings.warn(problem, stacklevel=2)
+    if not runs:  # the CLI prints this one line, not the warnings: name the first reason
+        raise AnalysisError(f"no usable run directory: {len(skipped)} skipped (the first: {skipped[0]})")
     order = {name: i for i, name in enumerate(("detach", "detach-inputs", "frozen", "distill", "ce", "policy", "occ",
                                               "cosine", "oracle"))}
     return sorted(runs, key=lambda r: (order.get(r.regime, 9), r.regime, r.seed, str(r.path)))

@@ -10,12 +10,14 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 pytest.importorskip("trl", reason="the trl extra is not installed: pip install -e '.[trl]'")
 
+import trl  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import LlamaForCausalLM, TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
@@ -64,7 +66,8 @@ def heldout_rows() -> list[dict]:
 
 
 def make_trainer(tiny_checkpoint: Path, out: Path, mtp: MTPConfig, decomp_every: int = 0,
-                 instrument: InstrumentConfig | None = None, heldout_prompts=None, **overrides) -> MTPGRPOTrainer:
+                 instrument: InstrumentConfig | None = None, heldout_prompts=None, decomp_overwrite: bool = False,
+                 **overrides) -> MTPGRPOTrainer:
     from transformers import AutoTokenizer
 
     instrument = InstrumentConfig(decomp_every=decomp_every) if instrument is None else instrument
@@ -77,13 +80,14 @@ def make_trainer(tiny_checkpoint: Path, out: Path, mtp: MTPConfig, decomp_every:
         warnings.simplefilter("ignore")
         return MTPGRPOTrainer(model=lm, reward_funcs=digit_reward, args=GRPOConfig(**options),
                               train_dataset=dataset(), processing_class=AutoTokenizer.from_pretrained(tiny_checkpoint),
-                              mtp_config=mtp, instrument_config=instrument, heldout_prompts=heldout_prompts)
+                              mtp_config=mtp, instrument_config=instrument, heldout_prompts=heldout_prompts,
+                              decomp_overwrite=decomp_overwrite)
 
 
-def train_quietly(trainer: MTPGRPOTrainer) -> None:
+def train_quietly(trainer: MTPGRPOTrainer, **train_args) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.train()
+        trainer.train(**train_args)
 
 
 def fake_inputs(lm, *, B: int = 4, P: int = 5, C: int = 6, seed: int = 0, with_old: bool = True) -> dict:
@@ -600,3 +604,111 @@ def test_two_process_ddp_applies_the_union_occ_estimate_on_every_rank(tiny_check
 def test_regimes_the_trl_integration_does_not_run_are_refused(tiny_checkpoint, tmp_path, mtp, match):
     with pytest.raises(ValueError, match=match):
         make_trainer(tiny_checkpoint, tmp_path, mtp)
+
+
+# the run directory: a new run never erases records, a resume never mixes two runs' records
+
+RUN_FILES = ("decomp_run.json", "metrics.jsonl", "decomposition.jsonl")
+
+
+def _files(out: Path) -> dict[str, bytes | None]:
+    return {name: (out / name).read_bytes() if (out / name).exists() else None for name in RUN_FILES}
+
+
+def _begin(trainer: MTPGRPOTrainer, step: int) -> None:
+    """The callback's train begin and end, without training, on a state at ``step`` (> 0: a
+    resume from that checkpoint step, as TRL restores ``global_step`` before calling it)."""
+    callback, state = trainer.decomposition_callback, SimpleNamespace(global_step=step)
+    callback.on_train_begin(trainer.args, state, None)
+    callback.on_train_end(trainer.args, state, None)
+
+
+def test_a_new_run_never_erases_an_earlier_runs_records_unless_told(tiny_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    train_quietly(make_trainer(tiny_checkpoint, out, MTPConfig(regime="ce"), max_steps=2))
+    before = _files(out)
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    with pytest.raises(ValueError, match=r"already holds the decomp records of another run \(decomp_run\.json, "
+                       r"metrics\.jsonl, decomposition\.jsonl\).*another decomp_dir.*decomp_overwrite=True") as err:
+        train_quietly(make_trainer(tiny_checkpoint, out, MTPConfig(regime="detach"), max_steps=1))
+    assert "\n" not in str(err.value)
+    assert _files(out) == before  # refused before touching anything
+    train_quietly(make_trainer(tiny_checkpoint, out, MTPConfig(regime="detach"), max_steps=1, decomp_overwrite=True))
+    assert [(m["step"], m["regime"]) for m in read_jsonl(out / "metrics.jsonl")] == [(1, "detach")]
+    assert json.loads((out / "decomp_run.json").read_text())["config"]["regime"] == "detach"
+
+
+def test_a_resume_keeps_the_records_up_to_its_checkpoint(tiny_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    instrument = InstrumentConfig(decomp_every=1, decomp_directions="active", search=False)
+    options = dict(instrument=instrument, max_steps=3, save_strategy="steps", save_steps=2)
+    train_quietly(make_trainer(tiny_checkpoint, out, MTPConfig(regime="ce"), **options))
+    run = (out / "decomp_run.json").read_text()
+    first = {name: read_jsonl(out / name) for name in ("metrics.jsonl", "decomposition.jsonl")}
+    assert [r["step"] for r in first["decomposition.jsonl"]] == [1, 2, 3]
+    resumed = make_trainer(tiny_checkpoint, out, MTPConfig(regime="ce"), **options)
+    train_quietly(resumed, resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert resumed.state.global_step == 3
+    for name, records in first.items():
+        again = read_jsonl(out / name)
+        assert [r["step"] for r in again] == [1, 2, 3]  # step 3 dropped at the resume, then written anew
+        assert again[:2] == records[:2]
+    assert (out / "decomp_run.json").read_text() == run
+
+
+def test_a_resume_with_other_settings_is_refused_naming_them(tiny_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    _begin(make_trainer(tiny_checkpoint, out, MTPConfig(regime="ce")), step=0)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n{"step": 3}\n')
+    before = _files(out)
+    other = make_trainer(tiny_checkpoint, out, MTPConfig(regime="ce", mtp_scale=0.2), learning_rate=2e-3)
+    differences = r"\(saved vs this trainer: learning_rate: 0\.001 vs 0\.002; mtp_scale: 0\.1 vs 0\.2\)"
+    with pytest.raises(ValueError, match=rf"cannot resume into .*decomp_run\.json has other settings {differences}; "
+                       r".*decomp_overwrite=True") as err:
+        _begin(other, step=2)
+    assert "\n" not in str(err.value)
+    assert _files(out) == before
+    # another TRL version alone is the environment, not the run: allowed, with a warning, and recorded
+    saved = json.loads((out / "decomp_run.json").read_text())
+    saved["config"]["trl_version"] = "1.16.0.dev0"
+    (out / "decomp_run.json").write_text(json.dumps(saved))
+    with pytest.warns(UserWarning, match=r"trl_version=.*the run started with '1\.16\.0\.dev0'"):
+        _begin(make_trainer(tiny_checkpoint, out, MTPConfig(regime="ce")), step=2)
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1]  # truncated to the checkpoint
+    assert json.loads((out / "decomp_run.json").read_text())["config"]["trl_version"] == trl.__version__
+
+
+@pytest.mark.parametrize("text", ['{"config": {"regime": "ce"', "[1, 2]", '{"config": {}}', "\udcff", "[" * 100_000])
+def test_a_corrupt_decomp_run_json_is_refused_with_the_way_out(tiny_checkpoint, tmp_path, text):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "decomp_run.json").write_text(text, errors="surrogateescape")  # "\udcff": a byte that is not UTF-8
+    (out / "metrics.jsonl").write_text('{"step": 1}\n{"step": 3}\n')
+    before = _files(out)
+    trainer = make_trainer(tiny_checkpoint, out, MTPConfig())
+    with pytest.raises(ValueError, match=r"decomp_run\.json .*; delete it, or pass decomp_overwrite=True") as err:
+        _begin(trainer, step=2)
+    assert "\n" not in str(err.value)
+    assert _files(out) == before
+
+
+def test_decomp_run_json_is_replaced_atomically(tiny_checkpoint, tmp_path, monkeypatch):
+    """A run killed while rewriting decomp_run.json (at a resume) leaves the old file whole."""
+    out = tmp_path / "run"
+    trainer = make_trainer(tiny_checkpoint, out, MTPConfig())
+    _begin(trainer, step=0)
+    run = (out / "decomp_run.json").read_text()
+    write_text = Path.write_text
+
+    def killed_mid_write(self, text, *args, **kwargs):
+        if '"schema_version"' not in text:
+            return write_text(self, text, *args, **kwargs)
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(Path, "write_text", killed_mid_write)
+    with pytest.raises(OSError, match="killed mid-write"):
+        _begin(trainer, step=2)
+    monkeypatch.undo()
+    assert (out / "decomp_run.json").read_text() == run
+    assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES)  # no temporary file left behind

@@ -1,11 +1,16 @@
 """``DecompositionCallback``: the decomp run directory of a TRL run, and the exact decomposition
-of the coming optimizer step every ``decomp_every`` steps (see the package docstring)."""
+of the coming optimizer step every ``decomp_every`` steps (see the package docstring).
+
+The run directory is checked at train begin before anything is written (:func:`check_run_dir`):
+a new run never erases an earlier run's records, and a resume never appends to records of other
+settings; ``decomp_run.json`` is replaced atomically."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +26,16 @@ from decomp.integrations.trl.align import MTPModelView, plain_forward, rollout_b
 from decomp.integrations.trl.heldout import heldout_batch
 from decomp.integrations.trl.loss import trl_rl_loss
 from decomp.integrations.trl.support import unsupported_loss_settings
-from decomp.runlog import RUN_FILE, SCHEMA_VERSION, JsonlWriter, truncate_jsonl
+from decomp.runlog import (
+    RUN_FILE,
+    SCHEMA_VERSION,
+    BadJSON,
+    JsonlWriter,
+    json_safe,
+    parse_json,
+    truncate_jsonl,
+    write_json,
+)
 
 if TYPE_CHECKING:
     from decomp.integrations.trl.trainer import MTPGRPOTrainer
@@ -72,13 +86,17 @@ class DecompositionCallback(TrainerCallback):
             self._check_measurable()
         if not self._main():
             return
+        self.out = Path(self.trainer.decomp_dir or args.output_dir)
+        run = {"config": self.run_config(args), "decomp_version": __version__, "schema_version": SCHEMA_VERSION}
+        # TRL has restored global_step from the checkpoint by now: 0 is a new run, > 0 a resume
+        prepare_run_dir(self.out, run, state.global_step, overwrite=self.trainer.decomp_overwrite)
+        self._writers = {name: JsonlWriter(self.out / f"{name}.jsonl") for name in ("metrics", "decomposition")}
+
+    def run_config(self, args: Any) -> dict[str, Any]:
+        """The ``config`` of ``decomp_run.json``: the decomp configs and the trainer settings
+        the records depend on (what a resume must keep unchanged, :func:`check_run_dir`)."""
         tr = self.trainer
-        self.out = Path(tr.decomp_dir or args.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "decomposition.jsonl"):
-            # a resumed run: drop records of steps after the checkpoint
-            truncate_jsonl(self.out / name, lambda r: isinstance(r.get("step"), int) and r["step"] <= state.global_step)
-        config = {
+        return {
             **asdict(tr.mtp_config),
             **asdict(tr.instrument_config),
             "trainer": "trl.GRPOTrainer",
@@ -98,11 +116,6 @@ class DecompositionCallback(TrainerCallback):
             "heldout": self.heldout,
             "heldout_prompts": 0 if tr.heldout_prompts is None else len(tr.heldout_prompts),
         }
-        text = json.dumps(
-            {"config": config, "decomp_version": __version__, "schema_version": SCHEMA_VERSION}, indent=2
-        )
-        (self.out / RUN_FILE).write_text(text, encoding="utf-8")
-        self._writers = {name: JsonlWriter(self.out / f"{name}.jsonl") for name in ("metrics", "decomposition")}
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         for writer in self._writers.values():
@@ -186,3 +199,91 @@ class DecompositionCallback(TrainerCallback):
 def _realized_dtype(cfg) -> torch.dtype:
     """A TRL model is a Hugging Face LM: ``auto`` evaluates the realized changes in float64."""
     return torch.float64 if cfg.realized_dtype == "auto" else getattr(torch, cfg.realized_dtype)
+
+
+# the run directory ----------------------------------------------------------------------------
+
+RECORD_FILES = ("metrics.jsonl", "decomposition.jsonl")
+# config keys a resume may change: the environment, not the run's settings (a TRL patch release
+# installed between a crash and its resume must not cost the records); a change warns and the
+# rewritten decomp_run.json names the new version. Every other key, and the schema, must match.
+RESUMABLE_KEYS = ("trl_version",)
+
+
+def prepare_run_dir(out: Path, run: dict[str, Any], step: int, *, overwrite: bool = False) -> None:
+    """Make ``out`` the run directory of a training starting at ``step`` (0: a new run, else a
+    resume from that checkpoint step) and write ``run`` as its ``decomp_run.json``.
+
+    Checked first, touching nothing (:func:`check_run_dir`); then the records of steps after the
+    checkpoint are dropped (a resume) or, with ``overwrite``, all records are deleted.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    check_run_dir(out, run, step, overwrite=overwrite)
+    for name in RECORD_FILES:
+        if overwrite:
+            (out / name).unlink(missing_ok=True)
+        else:  # a resumed run: drop records of steps after the checkpoint (none exist for a new run)
+            truncate_jsonl(out / name, lambda r: isinstance(r.get("step"), int) and r["step"] <= step)
+    write_json(out / RUN_FILE, run)  # atomic: a run killed meanwhile leaves the old file or the new one
+
+
+def check_run_dir(out: Path, run: dict[str, Any], step: int, *, overwrite: bool = False) -> None:
+    """Raise a one-line ``ValueError`` saying how to proceed where writing ``run`` into ``out``
+    would lose or mix records, without touching the folder.
+
+    A new run (``step`` 0) is refused when ``out`` holds decomp files of an earlier one: starting
+    over would erase them (the trainer's ``decomp_overwrite=True`` allows it). A resume is refused
+    when the saved ``decomp_run.json`` is unreadable or its settings differ from ``run``'s (beyond
+    :data:`RESUMABLE_KEYS`): the records before and after the resume would describe two runs.
+    """
+    found = [name for name in (RUN_FILE, *RECORD_FILES) if (out / name).exists()]
+    if overwrite or not found:
+        return
+    if step == 0:
+        raise ValueError(
+            f"{out} already holds the decomp records of another run ({', '.join(found)}) and this training does not "
+            "resume from a checkpoint: choose another decomp_dir (or output_dir), resume with "
+            "trainer.train(resume_from_checkpoint=...), or pass decomp_overwrite=True to the trainer to replace them"
+        )
+    if not (out / RUN_FILE).exists():
+        return  # nothing to compare with (deleted by the user): the records are kept up to the checkpoint
+    saved = saved_run(out / RUN_FILE)
+    changed = changed_keys(saved, run)
+    refused = [k for k in changed if k not in RESUMABLE_KEYS]
+    if refused:
+        old, new = _comparable(saved), _comparable(run)
+        diff = "; ".join(f"{k}: {old.get(k)!r} vs {new.get(k)!r}" for k in refused)
+        raise ValueError(
+            f"cannot resume into {out}: its {RUN_FILE} has other settings (saved vs this trainer: {diff}); resume "
+            "with the same settings, choose another decomp_dir, or pass decomp_overwrite=True to the trainer to "
+            "replace its records"
+        )
+    for key in changed:
+        warnings.warn(f"resuming {out} with {key}={run['config'].get(key)!r} (the run started with "
+                      f"{saved['config'].get(key)!r}); {RUN_FILE} now records the new value", UserWarning, stacklevel=2)
+
+
+def saved_run(path: Path) -> dict[str, Any]:
+    """The content of a ``decomp_run.json``; a one-line ``ValueError`` with the way out when it is
+    unreadable (a resume cannot check its settings against a file it cannot read)."""
+    way_out = "delete it, or pass decomp_overwrite=True to the trainer to replace the folder's decomp records"
+    try:
+        data = parse_json(path.read_bytes())
+    except (OSError, BadJSON) as err:
+        problem = f"{type(err).__name__}: {err}"[:200].replace("\n", " ")
+        raise ValueError(f"{path} is unreadable ({problem}); {way_out}") from None
+    if not (isinstance(data, dict) and isinstance(data.get("config"), dict) and "schema_version" in data):
+        raise ValueError(f"{path} is not a decomp run description (no config and schema_version); {way_out}")
+    return data
+
+
+def changed_keys(saved: dict[str, Any], run: dict[str, Any]) -> list[str]:
+    """The config keys (and ``schema_version``) whose values differ between two run descriptions,
+    compared as JSON reads them back (tuples as lists, non-finite floats as ``null``)."""
+    old, new = _comparable(saved), _comparable(run)
+    return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _comparable(run: dict[str, Any]) -> dict[str, Any]:
+    flat = {**run.get("config", {}), "schema_version": run.get("schema_version")}
+    return json.loads(json.dumps(json_safe(flat)))

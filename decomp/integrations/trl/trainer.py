@@ -50,6 +50,14 @@ class MTPGRPOTrainer(GRPOTrainer):
     ``GRPOConfig``'s seed. Per optimizer step the applied ``λ`` and ``L_MTP`` are logged as
     ``mtp/coef`` and ``mtp/loss``. The caller's ``GRPOConfig`` is never modified.
 
+    ``decomp_overwrite``: what ``train()`` does with a ``decomp_dir`` that already holds decomp
+    records (``decomp_run.json``, ``metrics.jsonl``, ``decomposition.jsonl``). ``False``, the
+    default: a new run (not resumed from a checkpoint) refuses to start there, since it would
+    erase them, and a resume refuses a ``decomp_run.json`` that is unreadable or whose settings
+    differ from this trainer's (any but ``trl_version``, which warns): the records would describe
+    two runs. A resume that passes keeps the records up to its checkpoint's step. ``True``: the
+    old records are deleted and the run starts them over (a resume included).
+
     ``heldout_prompts``: evaluation prompts in the ``train_dataset``'s format (a
     ``datasets.Dataset`` or a list of dict rows: a ``"prompt"`` column, plain or conversational,
     plus the columns the reward functions read). Given, and with ``instrument_config.heldout``,
@@ -69,6 +77,7 @@ class MTPGRPOTrainer(GRPOTrainer):
         instrument_config: InstrumentConfig | None = None,
         decomp_dir: str = "",
         heldout_prompts: Any = None,
+        decomp_overwrite: bool = False,
         **kwargs: Any,
     ) -> None:
         check_trl_version()
@@ -77,6 +86,7 @@ class MTPGRPOTrainer(GRPOTrainer):
         self.instrument_config = InstrumentConfig(decomp_every=0) if instrument_config is None else instrument_config
         self.instrument_config.validate()
         self.decomp_dir = decomp_dir
+        self.decomp_overwrite = decomp_overwrite  # read at train begin (DecompositionCallback)
         # checked before the (slow) parent constructor: a bad argument fails at once
         self.heldout_prompts = None if heldout_prompts is None else check_heldout_prompts(heldout_prompts)
         args, kwargs = _with_ddp_settings(args, kwargs)

@@ -70,8 +70,9 @@ figures: $(STAMP)
 probe: $(STAMP)
 	$(BIN)/decomp probe
 
-# every benchmark, benchmarks/results.md and README's Performance section (about 10 min here);
-# curvlinops is a benchmark-only peer, installed without its dependencies (they pull another torch)
+# every benchmark, then benchmarks/results.md and (--readme) docs/benchmarks.md's performance table,
+# not README.md (about 10 min here); curvlinops is a benchmark-only peer, installed without its
+# dependencies (they pull another torch)
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps curvlinops-for-pytorch==3.0.1 backpack-for-pytorch einconv \
 		einops linear_operator opt_einsum unfoldNd

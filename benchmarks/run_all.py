@@ -3,7 +3,9 @@
 Each benchmark runs in its own process (so one cannot warm the other's allocator) and its
 output is copied into the results file under a heading, with the machine, the versions and the
 date at the top and a table of the targets of the benchmarks issue. With ``--readme``, the
-"Performance" section of README.md (between its markers) is regenerated from the results.
+performance table of docs/benchmarks.md (between its ``<!-- performance:start -->`` and
+``<!-- performance:end -->`` markers) is also rewritten from the results; README.md is not
+touched (the flag keeps its old name).
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def _numbers(pattern: str, text: str) -> tuple[float, ...]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--readme", action="store_true", help="also regenerate docs/benchmarks.md's targets section")
+    ap.add_argument("--readme", action="store_true", help="also rewrite docs/benchmarks.md's performance table "
+                    "(between its performance markers; README.md is not touched)")
     ap.add_argument("--skip-smollm2", action="store_true", help="leave out the SmolLM2-135M measurement")
     args = ap.parse_args()
     start = time.perf_counter()

@@ -2,7 +2,11 @@
 
 - Built-in: ``add1`` (``"What is 3+4?"`` → 7; single digits: SmolLM2-135M-Instruct gets about
   a fifth right, enough signal for RL on a CPU) and ``add`` (two-digit operands).
-- ``--dataset FILE.jsonl``: one JSON object per line with ``question`` and ``answer``.
+- ``--dataset FILE.jsonl``: one JSON object per line (UTF-8; blank lines skipped) with a
+  non-empty string ``question`` and an ``answer`` (a non-empty string or a finite number; an
+  integer with the ``last_integer`` reward), at least 2 problems. Anything else is a
+  ``ValueError`` of one line naming the file and, where one line is at fault, the line: it is
+  read before the model is loaded, so a bad file fails in seconds.
 
 A task's problems are split once by the fixed permutation of
 :func:`decomp.training.tasks.held_out_split` (independent of the run seed) into a held-out set
@@ -18,11 +22,13 @@ Rewards (1.0 or 0.0, never an exception):
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from decomp.runlog import BadJSON, parse_json
 from decomp.training.tasks import held_out_split
 
 TEXT_HELD_OUT = 500  # at most this many held out: generation with a real LM is the cost
@@ -38,6 +44,7 @@ class TextProblem:
 
 
 _INT = re.compile(r"-?\d+")
+_INTEGER_ANSWER = re.compile(r"[-+]?\d+")  # answers int() reads (last_integer_reward compares int(answer))
 
 
 def last_integer_reward(reply: str, answer: str) -> float:
@@ -84,24 +91,73 @@ def split(problems: list[TextProblem]) -> tuple[list[TextProblem], list[TextProb
     return held_out_split(problems, min(TEXT_HELD_OUT, max(1, int(0.3 * len(problems)))))
 
 
-def read_dataset(path: Path | str) -> list[TextProblem]:
-    """``question``/``answer`` records of a JSONL file; a bad line is a ``ValueError`` naming it."""
-    path = Path(path)
-    if not path.is_file():
+DATASET_FORMAT = "a JSON object with 'question' and 'answer'"
+
+
+def _json_kind(value: object) -> str:
+    """How a JSON value reads in an error message (never the value itself: it may be huge)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return "an empty string" if not value.strip() else "a string"
+    if isinstance(value, (int, float)):
+        return "a number" if isinstance(value, int) or math.isfinite(value) else str(value)
+    return {dict: "an object", list: "an array"}.get(type(value), type(value).__name__)
+
+
+def _parse_line(where: str, raw: bytes, first: bool) -> TextProblem | None:
+    """The problem on one line of a dataset (``None`` for a blank line); ``where`` is
+    ``FILE:LINE`` for the messages."""
+    if first:
+        raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark some editors write
+    if not raw.strip():
+        return None
+    try:
+        record = parse_json(raw)
+    except BadJSON as err:
+        detail = f" ({err.detail})" if err.detail else ""
+        raise ValueError(f"{where}: {err.problem}{detail}; expected {DATASET_FORMAT}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected {DATASET_FORMAT}, got {_json_kind(record)}")
+    missing = [k for k in ("question", "answer") if k not in record]
+    if missing:
+        raise ValueError(f"{where}: expected {DATASET_FORMAT} (missing {' and '.join(map(repr, missing))})")
+    question, answer = record["question"], record["answer"]
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: 'question' must be a non-empty string, got {_json_kind(question)}")
+    number = isinstance(answer, (int, float)) and not isinstance(answer, bool)
+    if not ((isinstance(answer, str) and answer.strip()) or (number and math.isfinite(answer))):
+        raise ValueError(f"{where}: 'answer' must be a non-empty string or a finite number, got {_json_kind(answer)}")
+    return TextProblem(question, str(answer))
+
+
+def _read_numbered(path: Path) -> list[tuple[int, TextProblem]]:
+    """``(line number, problem)`` of every non-blank line of the dataset at ``path``."""
+    if not path.exists():
         raise ValueError(f"dataset {path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"dataset {path} is not a file")
     problems = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                problems.append(TextProblem(str(record["question"]), str(record["answer"])))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'question' and 'answer'") from None
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                problem = _parse_line(f"{path}:{lineno}", raw, first=lineno == 1)
+                if problem is not None:
+                    problems.append((lineno, problem))
+    except OSError as err:
+        raise ValueError(f"dataset {path} cannot be read ({err.strerror or type(err).__name__})") from None
     if len(problems) < 2:
-        raise ValueError(f"dataset {path} needs at least 2 problems, has {len(problems)}")
+        raise ValueError(f"dataset {path} needs at least 2 problems ({DATASET_FORMAT} per line), "
+                         f"has {len(problems)}")
     return problems
+
+
+def read_dataset(path: Path | str) -> list[TextProblem]:
+    """The ``question``/``answer`` records of a JSONL file (module docstring). A file that cannot
+    be used is a one-line ``ValueError`` naming it, and the line where one line is at fault."""
+    return [problem for _, problem in _read_numbered(Path(path))]
 
 
 def make_text_task(name: str, dataset: str = "", reward: str = "auto", max_new_tokens: int = 0) -> TextTask:
@@ -109,8 +165,13 @@ def make_text_task(name: str, dataset: str = "", reward: str = "auto", max_new_t
     if reward not in ("auto", *REWARDS):
         raise ValueError(f"unknown reward {reward!r}; valid rewards: auto, {', '.join(REWARDS)}")
     if dataset:
-        problems = read_dataset(dataset)
+        numbered = _read_numbered(Path(dataset))
         reward_name = "math" if reward == "auto" else reward
+        for lineno, problem in numbered:  # last_integer compares integers: any other answer scores 0 forever
+            if reward_name == "last_integer" and not _INTEGER_ANSWER.fullmatch(problem.answer.strip()):
+                raise ValueError(f"{dataset}:{lineno}: the last_integer reward needs an integer answer, "
+                                 f"got {problem.answer[:40]!r}; use --set reward=math")
+        problems = [problem for _, problem in numbered]
         system = MATH_SYSTEM_PROMPT if reward_name == "math" else None
         train, held = split(problems)
         return TextTask(Path(dataset).stem, train, held, reward_name, system, max_new_tokens or 256)

@@ -16,9 +16,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from analysis.summaries import acceptance_rate, arms_of, by_seed, final_accuracy  # noqa: E402
+from analysis.summaries import acceptance_rate, by_seed, final_accuracy  # noqa: E402
 from decomp.analysis.plots import REGIME_COLORS  # noqa: E402
-from decomp.analysis.rundata import Run  # noqa: E402
+from decomp.analysis.rundata import Run, regimes_of  # noqa: E402
 from decomp.analysis.stats import finite, paired_difference, t_interval  # noqa: E402
 from decomp.analysis.validate import per_run_estimator, select_records  # noqa: E402
 
@@ -37,7 +37,7 @@ def color(arm: str) -> str:
 
 
 def _n_seeds(runs: list[Run]) -> int:
-    return max((len({r.seed for r in runs if r.regime == a}) for a in arms_of(runs)), default=0)
+    return max((len({r.seed for r in runs if r.regime == a}) for a in regimes_of(runs)), default=0)
 
 
 def _errorbar(ax, x, ci, c, clip=(-math.inf, math.inf), **kw) -> None:
@@ -55,7 +55,7 @@ def accuracy_figure(tasks: dict[str, list[Run]], k: int):
     difference to detach with its 95% CI and the −2-point margin."""
     fig, axes = plt.subplots(2, len(tasks), figsize=(5.2 * len(tasks), 6.2), squeeze=False)
     for col, (task, runs) in enumerate(tasks.items()):
-        arms = arms_of(runs)
+        arms = regimes_of(runs)
         base = by_seed(runs, "detach", lambda r: final_accuracy(r, k))
         for i, arm in enumerate(arms):
             acc = by_seed(runs, arm, lambda r: final_accuracy(r, k))
@@ -121,7 +121,7 @@ def training_figure(tasks: dict[str, list[Run]]):
     fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 7.0), squeeze=False)
     for col, (task, runs) in enumerate(tasks.items()):
         detach = {r.seed: r for r in runs if r.regime == "detach"}
-        for arm in arms_of(runs):
+        for arm in regimes_of(runs):
             steps, mean, _, _ = _curve([r for r in runs if r.regime == arm], _accuracy_points)
             axes[0, col].plot(steps, 100 * mean, color=color(arm), lw=1.3, label=arm,
                               ls="--" if arm in ("frozen", "distill") else "-")
@@ -159,7 +159,7 @@ def terms_figure(tasks: dict[str, list[Run]], direction: str = "active", split: 
     (held-out J): per run the phase mean, then the mean over seeds with its 95% t-interval."""
     fig, axes = plt.subplots(len(tasks), 3, figsize=(14, 3.6 * len(tasks)), squeeze=False)
     for row, (task, runs) in enumerate(tasks.items()):
-        arms = [a for a in arms_of(runs) if a.split("-")[0] in TRUNK_ARMS or a.startswith("oracle")]
+        arms = [a for a in regimes_of(runs) if a.split("-")[0] in TRUNK_ARMS or a.startswith("oracle")]
         for col, (term, label) in enumerate(TERMS):
             ax = axes[row, col]
             for i, arm in enumerate(arms):
@@ -220,7 +220,7 @@ def tradeoff_figure(tasks: dict[str, list[Run]], k: int):
     policy's final accuracy, per arm (mean and 95% CI over seeds on both axes)."""
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
     for ax, (task, runs) in zip(axes[0], tasks.items(), strict=True):
-        for arm in arms_of(runs):
+        for arm in regimes_of(runs):
             x = t_interval(list(by_seed(runs, arm, acceptance_rate).values()))
             y = t_interval(list(by_seed(runs, arm, lambda r: final_accuracy(r, k)).values()))
             if not (finite(x["value"]) and finite(y["value"])):
@@ -247,7 +247,7 @@ def lambda_figure(tasks: dict[str, list[Run]], direction: str = "policy"):
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.4), squeeze=False)
     for ax, (task, runs) in zip(axes[0], tasks.items(), strict=True):
         n = 0
-        for arm in arms_of(runs):
+        for arm in regimes_of(runs):
             pts = [(r["lambda_hat"], r["lambda_star"]) for run in runs if run.regime == arm
                    for r in select_records(run, direction)[1]
                    if finite(r.get("lambda_hat")) and finite(r.get("lambda_star")) and not r.get("lambda_hat_reason")]

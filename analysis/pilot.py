@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from analysis.summaries import arms_of, final_accuracy, non_inferiority
-from decomp.analysis.rundata import Run
-from decomp.analysis.stats import finite, fmt, t_interval
+from analysis.summaries import non_inferiority
+from decomp.analysis.rundata import Run, regimes_of
+from decomp.analysis.stats import finite, fmt
 from decomp.analysis.validate import validate
 
 MATTERS = 0.1
@@ -77,7 +77,7 @@ def pilot_section(tasks: dict[str, list[Run]], k: int) -> list[str]:
     lines += ["", f"Chosen by the rule: **c = {c:g}** (the study uses c = {design.SCALE:g}).", ""]
     lines += ["| task | arm | seeds | final accuracy − detach (points) |", "|---|---|---|---|"]
     for task, runs in tasks.items():
-        for arm in arms_of(runs):
+        for arm in regimes_of(runs):
             if arm != "detach":
                 d = non_inferiority(runs, arm, "detach", k).difference
                 lines.append(f"| {task} | {arm} | {d['n']} | {fmt(100 * d['value'], '+.1f')} "
@@ -87,7 +87,3 @@ def pilot_section(tasks: dict[str, list[Run]], k: int) -> list[str]:
               f"(the study uses `{design.BEST_ESTIMATOR}`).", ""]
     return lines
 
-
-def final_means(runs: list[Run], k: int) -> dict[str, dict[str, float]]:
-    """Per arm: the mean final accuracy over seeds with its 95% t-interval (for quick looks)."""
-    return {arm: t_interval([final_accuracy(r, k) for r in runs if r.regime == arm]) for arm in arms_of(runs)}

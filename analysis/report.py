@@ -22,13 +22,12 @@ from analysis.figures import make_figures
 from analysis.study import machine
 from analysis.summaries import (
     accuracy_rows,
-    arms_of,
     non_inferiority,
     superiority,
     term_rows,
 )
 from decomp.analysis.claims import evaluate_claims
-from decomp.analysis.rundata import Run, load_runs
+from decomp.analysis.rundata import Run, load_runs, regimes_of
 from decomp.analysis.stats import fmt, fmt_interval
 from decomp.analysis.validate import format_table, validate
 
@@ -73,7 +72,7 @@ def accuracy_section(task: str, runs: list[Run], k: int) -> list[str]:
 
 
 def verdict_section(task: str, runs: list[Run], k: int) -> list[str]:
-    arms = arms_of(runs)
+    arms = regimes_of(runs)
     comparisons = [non_inferiority(runs, a, "detach", k) for a in arms if a.startswith("occ")]
     comparisons += [superiority(runs, a, "detach", k) for a in arms if a.startswith("oracle")]
     comparisons += [superiority(runs, a, "detach", k) for a in arms if a in ("cosine", "ce", "policy")]
@@ -203,7 +202,7 @@ def readme_block(tasks: dict[str, list[Run]], k: int) -> str:
              "`detach` paired by seed with 95% t-intervals (points):", ""]
     for task, runs in tasks.items():
         cells = []
-        for arm in arms_of(runs):
+        for arm in regimes_of(runs):
             if arm in ("detach", "frozen", "distill"):
                 continue
             c = (non_inferiority if arm.startswith("occ") else superiority)(runs, arm, "detach", k)

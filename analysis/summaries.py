@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from decomp.analysis.rundata import Run
+from decomp.analysis.rundata import Run, regimes_of
 from decomp.analysis.stats import (
     early_late,
     finite,
@@ -25,14 +25,6 @@ from decomp.analysis.stats import (
 MIN_SEEDS = 3
 MARGIN = 0.02  # non-inferiority margin: 2 points of held-out accuracy
 ACCEPTANCE_STEPS = 50  # the acceptance rate of a run: its mean over the last 50 steps
-
-
-def arms_of(runs: list[Run]) -> list[str]:
-    out: list[str] = []
-    for r in runs:
-        if r.regime not in out:
-            out.append(r.regime)
-    return out
 
 
 def by_seed(runs: list[Run], arm: str, value) -> dict[int, float]:
@@ -87,7 +79,7 @@ def accuracy_rows(runs: list[Run], k: int, baseline: str = "detach") -> list[dic
     """Per arm: warm start and final accuracy over seeds, and the paired difference to ``baseline``."""
     rows = []
     base = by_seed(runs, baseline, lambda r: final_accuracy(r, k))
-    for arm in arms_of(runs):
+    for arm in regimes_of(runs):
         final = by_seed(runs, arm, lambda r: final_accuracy(r, k))
         rows.append({
             "arm": arm, "seeds": sorted(final), "warm": t_interval(list(by_seed(runs, arm, lambda r: r.warm_accuracy).values())),
@@ -103,7 +95,7 @@ def term_rows(runs: list[Run], direction: str = "active", split: str = "heldout"
     correlation C, cross term X and penalty P along ``direction``, each a mean over seeds with a
     95% t-interval; records counted once."""
     rows = []
-    for arm in arms_of(runs):
+    for arm in regimes_of(runs):
         per_run: dict[str, list[float]] = {f"{t}_{w}": [] for t in ("correlation", "cross", "penalty")
                                            for w in ("early", "late")}
         n_records = 0

@@ -169,7 +169,7 @@ def decomposition_rows(
         "  ∇J + graph + two HVPs": two_hvps,
         "  counterfactual AdamW (u_RL, δ, δ₁)": lambda: cf.counterfactual(params, grads, vec, 0.1),
         "  J forward": lambda: obj.rl_objective(params),
-        # not part of a decomposition: the loop's jvp estimators, two ways (decomp.instrument.jvp_estimates)
+        # not part of a decomposition: the jvp estimators, two ways (decomp.rules.UpdateContext.jvp)
         "  jvp estimators: two passes": lambda: (jvp_logprobs(obj.logprob_fn, params, vec),
                                                   jvp_logprobs(obj.logprob_fn, params, grads, with_value=True)),
         "  jvp estimators: one pass, both tangents": lambda: jvp_logprobs_batched(obj.logprob_fn, params, [vec, grads]),

@@ -19,8 +19,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from decomp.occ import ESTIMATORS
 from decomp.regimes import REGIMES, Policy, Regime, make_regime
+from decomp.rules import estimator_rules
 
 DIRECTIONS = ("active", "ce", "policy", "distill-joint")
 SPLITS = ("train", "heldout")  # the records of an instrumented update: its own batch, held-out rollouts
@@ -58,8 +58,8 @@ class MTPConfig:
 
     regime: str = option("detach", f"MTP regime: {' | '.join(REGIMES)}")
     mtp_scale: float = option(0.1, "c: λ for fixed-coefficient regimes, the estimator's scale for occ")
-    occ_estimator: str = option("masked", f"occ: the estimator ({' | '.join(ESTIMATORS)}); the last four "
-                                "need the step's updates at every update")
+    occ_estimator: str = option("masked", "occ: the coefficient rule that sets λ at every update (one of the "
+                                "estimator rules listed below; those beyond the proxies need the step's updates)")
     policy_form: str = option("ratio", f"policy/occ MTP loss: {' | '.join(POLICY_FORMS)}")
     mtp_depth: int = option(1, "K: MTP depths (depth k predicts token t+k+1)")
     mtp_init: str = option("copy_last", "Hugging Face hosts: MTP block copied from the last layer, or random")
@@ -72,8 +72,8 @@ class MTPConfig:
             raise ValueError(f"unknown regime {self.regime!r}; valid regimes: {', '.join(REGIMES)}")
         if not math.isfinite(self.mtp_scale):
             raise ValueError(f"mtp_scale must be finite, got {self.mtp_scale}")
-        if self.occ_estimator not in ESTIMATORS:
-            raise ValueError(f"occ_estimator must be one of {', '.join(ESTIMATORS)}, got {self.occ_estimator!r}")
+        if self.occ_estimator not in estimator_rules():
+            raise ValueError(f"occ_estimator must be one of {', '.join(estimator_rules())}, got {self.occ_estimator!r}")
         if self.policy_form not in POLICY_FORMS:
             raise ValueError(f"policy_form must be one of {', '.join(POLICY_FORMS)}, got {self.policy_form!r}")
         if not (math.isfinite(self.oracle_bound) and self.oracle_bound > 0):

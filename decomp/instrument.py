@@ -13,16 +13,16 @@ clipped surrogate plus the KL term), as the real update does. ``J``'s side is th
 each *split*: ``train`` (the same mini-batch, in-sample) and, given ``eval_batch``, ``heldout``
 (an independent batch of rollouts from the current policy that no update uses). Each
 (direction, split) record holds every field of :class:`~decomp.decomposition.Decomposition`,
-the realized optimum ``λ̂`` (``search``), and for every estimator its value ``coef_E``, its
-realized gain ``gain_E`` and efficiency ``efficiency_E = gain_E/gain_hat`` from a real
-counterfactual step, and the quadratic model's ``model_efficiency_E``. Estimators: the proxies
-(``reference``, ``masked``, ``pooled`` on the response-shaped view of the training mini-batch,
-averaged over MTP depths as training averages the depths' coefficients; the same for every
-direction), the ``jvp`` level (``jvp_masked``, ``jvp_pooled``) and ``trust_region`` (in the units
-of ``λ``, :func:`decomp.occ.trust_region_coefficient`), both along that direction's ``δ₁`` and
-``u_RL``, and ``exact``: the train split's ``λ*`` (deployable, as it needs only the training
-batch; on the held-out record, its realized gain says how well the in-sample quadratic model
-calibrates ``λ``). A shadow direction identical to the active one is written as a copy marked
+the realized optimum ``λ̂`` (``search``), and for every estimator rule of :mod:`decomp.rules`
+(:func:`~decomp.rules.estimator_rules`) its value ``coef_E`` on the direction's update context,
+its realized gain ``gain_E`` and efficiency ``efficiency_E = gain_E/gain_hat`` from a real
+counterfactual step, and the quadratic model's ``model_efficiency_E``. The built-in rules: the
+proxies (``reference``, ``masked``, ``pooled`` on the response-shaped view of the training
+mini-batch, averaged over MTP depths as training averages the depths' coefficients; the same
+for every direction), the ``jvp`` level (``jvp_masked``, ``jvp_pooled``) and ``trust_region``
+(in the units of ``λ``), both along that direction's ``δ₁`` and ``u_RL``, and ``exact``: the
+train split's ``λ*`` (deployable, as it needs only the training batch; on the held-out record,
+its realized gain says how well the in-sample quadratic model calibrates ``λ``). A shadow direction identical to the active one is written as a copy marked
 ``same_as: "active"`` (not a second observation).
 
 Optionally, at the same update:
@@ -50,32 +50,17 @@ import torch
 from torch import nn
 
 from decomp.config import DIRECTIONS, SPLITS
-from decomp.curvature import jvp_logprobs, jvp_logprobs_batched, top_eigenvalues
+from decomp.curvature import top_eigenvalues
 from decomp.decomposition import (
     EvaluationSide,
-    RealizedGain,
     StepMeasurement,
-    StepUpdates,
     decompose_updates,
-    step_updates,
     sweep_coefficients,
 )
-from decomp.objectives import (
-    Objectives,
-    RolloutBatch,
-    check_eval_batch,
-    model_logprobs,
-    objectives,
-)
-from decomp.occ import (
-    efficiency,
-    model_efficiency,
-    projection_coefficient,
-    proxy_coefficients,
-    trust_region_coefficient,
-)
+from decomp.objectives import Objectives, RolloutBatch, check_eval_batch, objectives
+from decomp.occ import efficiency, model_efficiency
 from decomp.regimes import CrossEntropy, DistillJoint, Policy, Regime
-from decomp.search import DEFAULT_SEARCH_BOUND, realized_optimum
+from decomp.rules import UpdateContext, estimator_rules
 
 SWEEP_POINTS = 13
 EIGEN_TOL = 1e-3  # relative accuracy of the Ritz values: enough to place δ in the spectrum
@@ -116,44 +101,6 @@ class Instrumented:
     curvature: dict[str, Any] | None = None
 
 
-def proxy_estimates(model: nn.Module, batch: RolloutBatch, scale: float) -> dict[str, float]:
-    """Every proxy estimator of this update, each the mean over MTP depths of its value on
-    that depth's log-probs (training applies the mean of the depths' coefficients)."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    with torch.no_grad():
-        logp, mtp_logps, valids = model_logprobs(model, params, batch.tokens, attention_mask=batch.attention_mask)
-    view, mask = batch.response, batch.mask.bool()
-    per_depth = [proxy_coefficients(view(m), view(logp), view(batch.old_logp), view(mask & v), scale)
-                 for m, v in zip(mtp_logps, valids, strict=True)]
-    return {name: sum(d[name] for d in per_depth) / len(per_depth) for name in per_depth[0]}
-
-
-def jvp_estimates(obj: Objectives, params: dict, step: StepUpdates, batch: RolloutBatch,
-                  scale: float, batched_jvp: bool = False) -> dict[str, float]:
-    """The jvp level (``a = ∇ℓ·δ₁``, ``b = ∇ℓ·u_RL`` by forward mode, once, for every
-    reduction) and the trust-region estimate in the units of ``λ``. ``batched_jvp``: both
-    products from one pass carrying both tangents (:func:`decomp.curvature.jvp_logprobs_batched`:
-    faster on a small model, slower on a real LM on CPU)."""
-    updates, view = step.updates, batch.response
-    if batched_jvp:
-        logp, (a, b) = jvp_logprobs_batched(obj.logprob_fn, params, [updates.unit_displacement, updates.update_rl])
-    else:
-        a = jvp_logprobs(obj.logprob_fn, params, updates.unit_displacement)
-        logp, b = jvp_logprobs(obj.logprob_fn, params, updates.update_rl, with_value=True)
-    a, b, mask = view(a), view(b), view(batch.mask.bool())
-    out = {f"jvp_{r}": float(projection_coefficient(a, b, mask, scale, r)) for r in ("masked", "pooled")}
-    ratio = torch.exp(view(logp) - view(batch.old_logp))  # ℓ(θ) from the jvp's own forward
-    out["trust_region"] = trust_region_coefficient(a, b, view(batch.advantages), ratio, mask)
-    return out
-
-
-def _objectives(model: nn.Module, batch: RolloutBatch, regime: Regime, coef: float, loss: dict[str, Any]) -> Objectives:
-    if loss.get("rl_loss_of_logp") is None:
-        return objectives(model, batch, regime, coef=coef, clip=loss["clip"], kl_coef=loss["kl_coef"],
-                          ref_logp=loss["ref_logp"])
-    return objectives(model, batch, regime, coef=coef, rl_loss_of_logp=loss["rl_loss_of_logp"])
-
-
 def estimator_fields(estimates: dict[str, float], measured: StepMeasurement, search: bool) -> dict[str, float]:
     """``coef_E``, the realized ``gain_E`` and ``efficiency_E`` (with ``search``; one forward
     evaluation each), and ``model_efficiency_E``."""
@@ -169,25 +116,21 @@ def estimator_fields(estimates: dict[str, float], measured: StepMeasurement, sea
 
 def measure_direction(
     model: nn.Module, splits: dict[str, RolloutBatch], optimizer: torch.optim.Optimizer, regime: Regime,
-    coef: float, proxies: dict[str, float], scale: float, loss: dict[str, Any], searched: tuple[str, ...],
+    coef: float, shared: dict[str, Any], scale: float, loss: dict[str, Any], searched: tuple[str, ...],
     realized_dtype: torch.dtype | None = None, sides: dict[str, EvaluationSide] | None = None,
     microbatches: int = 1, batched_jvp: bool = False,
 ) -> list[tuple[dict[str, Any], StepMeasurement, Objectives]]:
     """One record per split for one direction: the updates from the training batch, ``J``'s
-    side on each split (from ``sides`` when shared between directions), every estimate; on the
-    ``searched`` splits the realized optimum and every estimate's realized gain."""
+    side on each split (from ``sides`` when shared between directions), every estimator rule on
+    the direction's :class:`~decomp.rules.UpdateContext` (``shared``: the update's log-probs,
+    common to every direction); on the ``searched`` splits the realized optimum and every
+    estimate's realized gain."""
     start = time.perf_counter()
-    named = dict(model.named_parameters())
-    params = {k: v.detach() for k, v in named.items()}
-    batch = splits["train"]
-    obj = _objectives(model, batch, regime, coef, loss)
-    step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=coef, optimizer=optimizer, rl_loss=obj.rl_loss,
-                        first_order=obj.first_order)
-    jvp_start = time.perf_counter()
-    estimates = {**proxies, **jvp_estimates(obj, params, step, batch, scale, batched_jvp)}
-    shared = time.perf_counter() - start
-    jvp_seconds = time.perf_counter() - jvp_start
-    out = []
+    ctx = UpdateContext(model, splits["train"], optimizer, regime, coef=coef, scale=scale, loss=loss,
+                        batched_jvp=batched_jvp, shared=shared)
+    obj, step = ctx.objectives(), ctx.step()
+    shared_seconds = time.perf_counter() - start
+    out, estimates = [], {}
     for split, split_batch in splits.items():  # train first: its λ* is the "exact" estimate
         start = time.perf_counter()
         split_obj = obj if split == "train" else objectives(model, split_batch, regime)
@@ -196,17 +139,18 @@ def measure_direction(
         search = split in searched
         measured = decompose_updates(step, objective, realized_dtype=realized_dtype, side=side,
                                      microbatches=microbatches)
-        if split == "train":  # the quadratic model's optimum on the training batch: deployable
-            estimates["exact"] = measured.decomposition.lambda_star
+        if split == "train":  # every estimator on the training batch (deployable: no held-out data)
+            ctx.provide("decomposition", measured.decomposition)
+            estimates = {name: rule.value(ctx) for name, rule in estimator_rules().items()}
         search_start = time.perf_counter()
         measured = measured.searched() if search else measured
         fields = estimator_fields(estimates, measured, search)
         end = time.perf_counter()
         record: dict[str, Any] = {"split": split, "same_as": "", "regime_of_direction": regime.name,
                                   **measured.decomposition.to_dict(), **fields,
-                                  "seconds": end - start + (shared if split == "train" else 0.0),
+                                  "seconds": end - start + (shared_seconds if split == "train" else 0.0),
                                   "search_seconds": end - search_start if search else 0.0,
-                                  "jvp_seconds": jvp_seconds if split == "train" else 0.0}
+                                  "jvp_seconds": ctx.seconds.get("jvp", 0.0) if split == "train" else 0.0}
         # before the next split's pass, so that they do not sit beside its second-order graph
         measured = measured.without_buffers()
         out.append((record, measured, split_obj))
@@ -227,41 +171,6 @@ def curvature_record(model: nn.Module, batch: RolloutBatch, regime: Regime) -> d
     params = {k: v.detach() for k, v in model.named_parameters()}
     top, bottom = top_eigenvalues(objectives(model, batch, regime).rl_objective, params, k=2, which="BE", tol=EIGEN_TOL)
     return {"eigenvalue_max": float(top), "eigenvalue_min": float(bottom), "seconds": time.perf_counter() - start}
-
-
-def step_estimate(model: nn.Module, batch: RolloutBatch, optimizer: torch.optim.Optimizer, regime: Regime,
-                  estimator: str, scale: float, loss: dict[str, Any], batched_jvp: bool = False) -> float:
-    """An estimator that needs the step's updates for the coming update, as an ``occ`` regime
-    applies it (0 where undefined): the updates along the regime's unit MTP loss, then the
-    forward-mode passes (``jvp_*``, ``trust_region``: no Hessian) or the exact decomposition on the
-    training batch (``exact``: its ``λ*``, two Hessian-vector products); ``batched_jvp`` as in
-    :func:`jvp_estimates`."""
-    named = dict(model.named_parameters())
-    params = {k: v.detach() for k, v in named.items()}
-    obj = _objectives(model, batch, regime, scale, loss)
-    step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=scale, optimizer=optimizer, rl_loss=obj.rl_loss,
-                        first_order=obj.first_order)
-    if estimator == "exact":
-        value = decompose_updates(step, obj.rl_objective).decomposition.lambda_star
-    else:
-        value = jvp_estimates(obj, params, step, batch, scale, batched_jvp)[estimator]
-    return value if math.isfinite(value) else 0.0
-
-
-def oracle_estimate(model: nn.Module, batch: RolloutBatch, eval_batch: RolloutBatch, optimizer: torch.optim.Optimizer,
-                    regime: Regime, start: float, loss: dict[str, Any]) -> tuple[float, str]:
-    """``(λ̂, reason)``: the realized optimum of the coming update on ``eval_batch`` (held out),
-    with the updates built from ``batch`` — the ``oracle`` regime's coefficient."""
-    check_eval_batch(model, batch, eval_batch)
-    named = dict(model.named_parameters())
-    obj = _objectives(model, batch, regime, start, loss)
-    step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=start, optimizer=optimizer, rl_loss=obj.rl_loss,
-                        first_order=obj.first_order)
-    gain = RealizedGain(objectives(model, eval_batch, regime).rl_objective, step)
-    # forward passes only: no Hessian products here
-    optimum = realized_optimum(gain, start=min(start, getattr(regime, "bound", start)),
-                               bound=getattr(regime, "bound", DEFAULT_SEARCH_BOUND))
-    return optimum.coef, optimum.reason
 
 
 def shared_sides(model: nn.Module, splits: dict[str, RolloutBatch], regime: Regime,
@@ -332,12 +241,12 @@ def instrument_update(
     differ between them), keeping those graphs alive meanwhile; else ``hvp_microbatch_rows``
     sequences per chunk of it (:func:`decomp.decomposition.decompose_updates`' ``microbatches``;
     ``None``: the whole batch at once). ``batched_jvp`` computes the jvp estimators' two
-    directional derivatives in one pass (:func:`jvp_estimates`; for small models).
+    directional derivatives in one pass (:meth:`decomp.rules.UpdateContext.jvp`; for small models).
     """
     splits = evaluation_splits(model, batch, eval_batch)
     microbatches = microbatch_count(batch, hvp_microbatch_rows)
     share_second_order = share_second_order and microbatches == 1
-    proxies = proxy_estimates(model, batch, scale)
+    shared: dict[str, Any] = {}  # the update's log-probs, read by every direction's proxy rules
     loss = {"clip": clip, "kl_coef": kl_coef, "ref_logp": ref_logp, "rl_loss_of_logp": rl_loss_of_logp}
     sides, side_seconds = shared_sides(model, splits, regime, share_second_order)
     out = Instrumented([])
@@ -350,7 +259,7 @@ def instrument_update(
             out.decompositions += [{**r, "direction": direction, "same_as": "active", "seconds": 0.0,
                                     "search_seconds": 0.0, "jvp_seconds": 0.0} for r in active]
             continue
-        for record, measured, _ in measure_direction(model, splits, optimizer, reg, coefs[direction], proxies,
+        for record, measured, _ in measure_direction(model, splits, optimizer, reg, coefs[direction], shared,
                                                      scale, loss, search_splits, realized_dtype, sides,
                                                      microbatches, batched_jvp):
             record["seconds"] += side_seconds.pop(record["split"], 0.0)  # the shared pass, on its first user

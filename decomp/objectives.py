@@ -21,13 +21,13 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from decomp.checks import Params, check_finite, check_mask, check_same_shape
-from decomp.regimes import Regime
 from decomp.rl import (
     LOG_RATIO_CLAMP,
     clipped_policy_loss,
@@ -35,6 +35,9 @@ from decomp.rl import (
     kl_k3,
     masked_mean,
 )
+
+if TYPE_CHECKING:  # annotations only: the regimes import the coefficient rules, which import this module
+    from decomp.regimes import Regime
 
 
 @dataclass(frozen=True)

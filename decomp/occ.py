@@ -13,7 +13,8 @@ direction does to the main log-probs) and ``b_t`` (what the RL updates do):
 
 Levels: **proxy** uses log-prob differences ``a = m − ℓ^old``, ``b = ℓ − ℓ^old`` (no extra
 pass); **jvp** uses exact first-order changes ``a = ∇ℓ·δ₁``, ``b = ∇ℓ·u_RL`` (one forward-mode
-pass each); **exact** is ``λ*`` of :func:`decomp.decomposition.decompose`.
+pass each); **exact** is ``λ*`` of :func:`decomp.decomposition.decompose`. Each is registered as
+a coefficient rule in :mod:`decomp.rules`, the one list of estimators.
 
 ``scale`` is the user's coefficient ``c``; the reference implementation passes ``c / K`` per
 head for ``K`` MTP heads. Every estimator returns a 0-dim tensor (no gradient), ``nan`` when the
@@ -158,25 +159,13 @@ def pooled_coefficient(
     return projection_coefficient(a, b, mask, scale, "pooled")
 
 
-PROXY_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
-    "reference": reference_coefficient,
-    "masked": masked_coefficient,
-    "pooled": pooled_coefficient,
-}
-# estimators that need the step's updates (u_RL, δ₁) and forward-mode passes, or (exact) the
-# decomposition on the training batch: an OCC regime using one computes them at every update
-# (decomp.instrument.step_estimate)
-STEP_ESTIMATORS: tuple[str, ...] = ("jvp_masked", "jvp_pooled", "trust_region", "exact")
-ESTIMATORS: tuple[str, ...] = (*PROXY_ESTIMATORS, *STEP_ESTIMATORS)
-
-
 def proxy_coefficients(
     mtp_logp: Tensor, logp: Tensor, old_logp: Tensor, mask: Tensor, scale: float
 ) -> dict[str, float]:
     """Every proxy estimator on the same tensors (validated and reduced once), as floats."""
     a, b = _proxy_terms(mtp_logp, logp, old_logp, mask)
     out = _reductions(a, b, check_mask(mask), check_number(scale, "scale"), REDUCTIONS)
-    return {name: float(out[name]) for name in PROXY_ESTIMATORS}
+    return {name: float(out[name]) for name in REDUCTIONS}
 
 
 def jvp_coefficient(

@@ -153,11 +153,6 @@ class _Base:
             hyper = replace(self._hyper, lr=lr)
         return type(self)(hyper, self._state)
 
-    @property
-    def lrs(self) -> list[float]:
-        hs = self._hyper.values() if isinstance(self._hyper, dict) else [self._hyper]
-        return sorted({h.lr for h in hs if h is not None})
-
 
 class SGD(_Base):
     """Counterfactual ``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay).

@@ -42,8 +42,8 @@ import torch
 from torch import Tensor
 
 from decomp.checks import check_finite, check_number, check_same_shape
-from decomp.occ import ESTIMATORS, PROXY_ESTIMATORS, STEP_ESTIMATORS
 from decomp.rl import clipped_policy_loss, cross_entropy_loss, reinforce_loss
+from decomp.rules import LogprobContext, ProxyInputs, estimator_rules, get_rule
 from decomp.search import DEFAULT_SEARCH_BOUND
 
 DetachMode = Literal["all", "inputs", "none"]
@@ -65,7 +65,8 @@ class MTPTerm:
     coef: float
 
 
-def _check_inputs(mtp_logp: Tensor, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor) -> None:
+def check_term_inputs(mtp_logp: Tensor, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor) -> None:
+    """The MTP term's inputs have one shape and finite values (a ``ValueError`` names the first that does not)."""
     check_same_shape(mtp_logp=mtp_logp, logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
     for name, t in (("mtp_logp", mtp_logp), ("logp", logp), ("old_logp", old_logp), ("advantages", advantages)):
         check_finite(t.detach(), name)
@@ -80,11 +81,20 @@ class Regime:
     detach: ClassVar[DetachMode] = "none"
     mtp_input: ClassVar[str] = "logp"  # what the MTP loss reads: "logp" (m) or "distill"
     trains_mtp: ClassVar[bool] = True  # False: the MTP module is not trained during RL
-    needs_gradients: ClassVar[bool] = False  # λ from the RL and MTP gradients (cosine)
-    needs_search: ClassVar[bool] = False  # λ from the held-out realized search (oracle)
 
     def __post_init__(self) -> None:
         check_number(self.scale, "scale")
+
+    @property
+    def rule(self) -> str | None:
+        """The coefficient rule (:mod:`decomp.rules`) that sets ``λ`` at every update, or
+        ``None`` when ``λ`` is :meth:`coefficient` (a constant)."""
+        return None
+
+    @property
+    def fallback(self) -> float:
+        """``λ`` applied where the rule is undefined (``nan``)."""
+        return 0.0
 
     def unit_loss(self, mtp_logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
         """``L_MTP`` at unit coefficient."""
@@ -117,7 +127,7 @@ class Regime:
         self, mtp_logp: Tensor, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     ) -> MTPTerm:
         """The MTP term for one step (see :class:`MTPTerm`)."""
-        _check_inputs(mtp_logp, logp, old_logp, advantages, mask)
+        check_term_inputs(mtp_logp, logp, old_logp, advantages, mask)
         coef = self.coefficient(mtp_logp, logp, old_logp, mask)
         return self.term_at(coef, mtp_logp, old_logp, advantages, mask)
 
@@ -188,12 +198,12 @@ class Policy(Regime):
 
 @dataclass(frozen=True)
 class OCC(Policy):
-    """Policy loss with ``λ`` set each step by an OCC estimator (docs/method.md §4), ``scale`` = ``c``.
-
-    ``estimator`` is a proxy (``"masked"``, default; ``"reference"``; ``"pooled"``), computed here
-    from the log-probs, or one that needs the step's updates (``"jvp_masked"``, ``"jvp_pooled"``,
-    ``"trust_region"``), computed by the caller (:func:`decomp.instrument.step_estimate`) and
-    applied with :meth:`term_at`. Where the estimate is undefined ``λ = 0`` is used.
+    """Policy loss with ``λ`` set each update by a coefficient rule (docs/method.md §4),
+    ``scale`` = ``c``: ``estimator`` names any rule of :func:`decomp.rules.estimator_rules` —
+    a proxy (``"masked"``, default; ``"reference"``; ``"pooled"``), computed from the log-probs,
+    or one that needs the step's updates (``"jvp_masked"``, ``"jvp_pooled"``,
+    ``"trust_region"``, ``"exact"``), computed by the trainer from its update context and applied
+    with :meth:`term_at`. Where the estimate is undefined ``λ = 0`` is used.
     """
 
     estimator: str = "masked"
@@ -202,27 +212,24 @@ class OCC(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.estimator not in ESTIMATORS:
+        if self.estimator not in estimator_rules():
             raise ValueError(
-                f"unknown estimator {self.estimator!r}; valid estimators: {', '.join(ESTIMATORS)}"
+                f"unknown estimator {self.estimator!r}; valid estimators: {', '.join(estimator_rules())}"
             )
 
     @property
-    def needs_step(self) -> bool:
-        """Whether the estimate needs the step's updates (set by the caller with ``term_at``)."""
-        return self.estimator in STEP_ESTIMATORS
+    def rule(self) -> str:
+        return self.estimator
 
     def coefficient(self, mtp_logp: Tensor, logp: Tensor, old_logp: Tensor, mask: Tensor) -> float:
-        if self.needs_step:
-            raise ValueError(f"estimator {self.estimator!r} needs the step's updates: compute it with "
-                             "decomp.instrument.step_estimate and apply it with term_at")
+        rule = get_rule(self.estimator)
+        if not rule.needs <= {"logprobs"}:
+            raise ValueError(f"estimator {self.estimator!r} needs {rule.described_needs()}: compute it "
+                             "from a decomp.rules.UpdateContext and apply it with term_at")
         with torch.no_grad():
-            lam = float(
-                PROXY_ESTIMATORS[self.estimator](
-                    mtp_logp.detach(), logp.detach(), old_logp.detach(), mask, self.scale
-                )
-            )
-        return 0.0 if math.isnan(lam) else lam
+            inputs = ProxyInputs(mtp_logp.detach(), logp.detach(), old_logp.detach(), mask)
+            lam = rule.value(LogprobContext([inputs], self.scale))
+        return self.fallback if math.isnan(lam) else lam
 
 
 @dataclass(frozen=True)
@@ -262,14 +269,14 @@ class DistillJoint(Distill):
 class Cosine(Policy):
     """The policy MTP loss gated by gradient similarity (Du et al. 2018, arXiv 1812.02224):
     ``λ = c·max(0, cos(∇J, −∇L_MTP))`` per update on the shared parameters, from one extra
-    backward pass (:meth:`gated`); the classic first-order baseline for auxiliary losses."""
+    backward pass (the rule ``cosine`` of :mod:`decomp.rules`); the classic first-order baseline
+    for auxiliary losses."""
 
     name: ClassVar[str] = "cosine"
-    needs_gradients: ClassVar[bool] = True
 
-    def gated(self, cosine: float) -> float:
-        """``c·max(0, cosine)`` (0 for an undefined cosine)."""
-        return self.scale * max(0.0, cosine) if math.isfinite(cosine) else 0.0
+    @property
+    def rule(self) -> str:
+        return "cosine"
 
 
 @dataclass(frozen=True)
@@ -283,10 +290,9 @@ class Oracle(Policy):
     sign (not the reference's advantage scaling), so the searched displacement is exactly the
     applied one."""
 
-    fallback: float = 0.0
+    fallback: float = 0.0  # a field here: it replaces the base class's constant property
     bound: float = DEFAULT_SEARCH_BOUND
     name: ClassVar[str] = "oracle"
-    needs_search: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -295,23 +301,31 @@ class Oracle(Policy):
             raise ValueError(f"bound must be positive, got {self.bound}")
         check_number(self.fallback, "fallback")
 
+    @property
+    def rule(self) -> str:
+        return "oracle"
+
     def _scaled_loss(
         self, coef: float, mtp_logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, unit: Tensor
     ) -> Tensor:
         return coef * unit
-
-    def applied(self, coef: float, reason: str) -> tuple[float, bool]:
-        """``(λ to apply, whether it is the fallback)`` for a search's ``(λ̂, reason)``."""
-        at_bound = bool(reason) and self.bound < DEFAULT_SEARCH_BOUND and math.isfinite(coef) and abs(coef) == self.bound
-        if (reason and not at_bound) or not math.isfinite(coef):
-            return float(self.fallback), True
-        return coef, False
 
 
 REGIMES: dict[str, type[Regime]] = {
     cls.name: cls for cls in (Detach, DetachInputs, CrossEntropy, Policy, OCC, Frozen, Distill, Cosine, Oracle)
 }
 SHADOW_ONLY: dict[str, type[Regime]] = {DistillJoint.name: DistillJoint}  # measured, never trained
+
+
+def register_regime(cls: type[Regime]) -> type[Regime]:
+    """Add a regime class to :data:`REGIMES` under its ``name`` (the one place a regime is
+    declared: ``--regime``, the config and the loop then accept it); usable as a decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, Regime)):
+        raise TypeError(f"expected a Regime subclass, got {cls!r}")
+    if cls.name in REGIMES or cls.name in SHADOW_ONLY or cls.name == Regime.name:
+        raise ValueError(f"a regime named {cls.name!r} exists already")
+    REGIMES[cls.name] = cls
+    return cls
 
 
 def make_regime(name: str, **options: object) -> Regime:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -118,11 +120,14 @@ def test_new_regimes_flags_and_coefficients():
     frozen = Frozen(scale=0.3)
     assert not frozen.trains_mtp and frozen(mtp, logp, old, adv, mask).coef == 0.0
     assert Distill().mtp_input == "distill" and Distill.detach == "all" and DistillJoint.detach == "none"
+    from decomp.rules import RULES, cosine_gate
+
     cosine = Cosine(scale=0.5)
-    assert cosine.needs_gradients and cosine.gated(0.4) == pytest.approx(0.2) and cosine.gated(-0.3) == 0.0
-    assert cosine.gated(float("nan")) == 0.0
+    assert cosine.rule == "cosine" and RULES["cosine"].needs == {"gradients"}
+    assert cosine_gate(0.4, 0.5) == pytest.approx(0.2) and cosine_gate(-0.3, 0.5) == 0.0
+    assert cosine_gate(float("nan"), 0.5) == 0.0
     oracle = Oracle(scale=0.1, fallback=0.0)
-    assert oracle.needs_search
+    assert oracle.rule == "oracle" and "heldout" in RULES["oracle"].needs
     # the oracle applies λ·L_MTP for either sign, so the searched displacement is the applied one
     for coef in (0.7, -0.4):
         term = oracle.term_at(coef, mtp, old, adv, mask)
@@ -133,11 +138,12 @@ def test_new_regimes_flags_and_coefficients():
 
 def test_occ_step_estimators_are_applied_by_the_caller():
     from decomp.regimes import OCC
+    from decomp.rules import RULES
 
     mtp, logp, old, adv, mask = _inputs()
     occ = OCC(estimator="trust_region")
-    assert occ.needs_step
-    with pytest.raises(ValueError, match="needs the step's updates"):
+    assert occ.rule == "trust_region" and "updates" in RULES[occ.rule].needs
+    with pytest.raises(ValueError, match="needs the step.s updates, their forward-mode changes"):
         occ(mtp, logp, old, adv, mask)
     assert occ.term_at(0.25, mtp, old, adv, mask).coef == 0.25
     with pytest.raises(ValueError, match="unknown estimator"):
@@ -148,13 +154,15 @@ def test_oracle_applies_the_constrained_optimum_or_its_fallback():
     from decomp.regimes import Oracle
     from decomp.search import NO_EFFECT, RISING
 
+    from decomp.rules import usable_optimum
+
     rising = RISING.format(bound=10.0)
-    bounded = Oracle(scale=1.0, bound=10.0, fallback=0.0)
-    assert bounded.applied(3.5, "") == (3.5, False)
-    assert bounded.applied(-10.0, rising) == (-10.0, False)  # a trust region: its edge is the optimum
-    assert bounded.applied(float("nan"), NO_EFFECT) == (0.0, True)
-    free = Oracle(scale=1.0, fallback=0.25)  # the search's own bound: rising there is undefined
-    assert free.applied(1e6, RISING.format(bound=1e6)) == (0.25, True)
-    assert free.applied(-2.0, "") == (-2.0, False)
+    assert usable_optimum(3.5, "", 10.0) == 3.5
+    assert usable_optimum(-10.0, rising, 10.0) == -10.0  # a trust region: its edge is the optimum
+    assert math.isnan(usable_optimum(float("nan"), NO_EFFECT, 10.0))  # undefined: the regime's fallback applies
+    # the search's own bound: rising there is undefined
+    assert math.isnan(usable_optimum(1e6, RISING.format(bound=1e6), 1e6))
+    assert usable_optimum(-2.0, "", 1e6) == -2.0
+    assert Oracle(scale=1.0, fallback=0.25).fallback == 0.25 and OCC().fallback == 0.0
     with pytest.raises(ValueError, match="bound"):
         Oracle(bound=0.0)

@@ -111,8 +111,6 @@ def test_per_run_helpers():
     assert stats.abs_log10_ratio([10.0, -1.0, 1.0], [1.0, -10.0, 100.0]) == pytest.approx([1.0, 2.0])
     early, late, n = stats.early_late([1, 2, 3, 4, 5, 6], [6.0, 6.0, 4.0, 4.0, 1.0, 3.0])
     assert (early, late, n) == (6.0, 2.0, 4)
-    assert stats.late_early_ratio([1, 2, 3, 4, 5, 6], [6.0, 6.0, 4.0, 4.0, 1.0, 3.0]) == pytest.approx(1 / 3)
-    assert math.isnan(stats.late_early_ratio([1, 2, 3], [-1.0, 0.0, 1.0]))  # early ≤ 0: no ratio
     assert stats.early_late([1, 2], [1.0, 2.0])[2] == 0
 
 

@@ -42,7 +42,7 @@ from decomp.objectives import (  # noqa: E402
     model_logprobs,
     objectives,
 )
-from decomp.occ import PROXY_ESTIMATORS  # noqa: E402
+from decomp.occ import masked_coefficient  # noqa: E402
 from decomp.runlog import SCHEMA_VERSION, read_jsonl  # noqa: E402
 from decomp.training.cli import main as cli_main  # noqa: E402
 from decomp.training.texttasks import make_text_task  # noqa: E402
@@ -245,7 +245,7 @@ def test_mtp_loss_reaches_shared_parameters_only_as_design_says(tiny_checkpoint,
     hidden = lm.base_model(input_ids=tokens, attention_mask=mask).last_hidden_state
     logp = inputs["old_per_token_logps"] + 0.01  # any current log-probs
     lm.zero_grad(set_to_none=True)
-    term = trainer.mtp_term(lm, inputs, hidden, logp)
+    term, _ = trainer._mtp_term(lm, inputs, hidden, logp)
     term.unit_loss.backward()
     grads = {n: p.grad for n, p in lm.named_parameters()}
 
@@ -365,10 +365,10 @@ class _Check(TrainerCallback):
             logp, mtp_logp, valid = model_logprobs(view, params, batch.tokens, attention_mask=batch.attention_mask)
         r = batch.response
         # an independent OCC estimate: decomp.occ on log-probs from the unfused view
-        lam = float(PROXY_ESTIMATORS["masked"](r(mtp_logp[0]), r(logp), r(batch.old_logp), r(batch.mask & valid[0]),
+        lam = float(masked_coefficient(r(mtp_logp[0]), r(logp), r(batch.old_logp), r(batch.mask & valid[0]),
                                                tr.mtp_config.mtp_scale))
         t = micro["tensors"]  # the very tensors the trainer used
-        same = float(PROXY_ESTIMATORS["masked"](t["mtp_logp"][0], t["logp"], t["old_logp"], t["mask"][0],
+        same = float(masked_coefficient(t["mtp_logp"][0], t["logp"], t["old_logp"], t["mask"][0],
                                                 tr.mtp_config.mtp_scale))
         self.coefs.append((lam, same, float(micro["coef"])))
         obj = objectives(view, batch, tr.regime, coef=float(micro["coef"]),

@@ -43,7 +43,6 @@ import numpy as np
 from scipy import stats
 
 from decomp.analysis.rundata import (
-    ESTIMATORS,
     Run,
     estimator_names,
     model_efficiency,
@@ -58,6 +57,7 @@ from decomp.analysis.validate import (
     select_records,
     target_of,
 )
+from decomp.rules import RULES, estimator_rules
 
 REGIME_COLORS = {
     "detach": "#0072B2",  # blue
@@ -70,15 +70,6 @@ REGIME_COLORS = {
     "cosine": "#F0E442",  # yellow
     "frozen": "#999999",  # grey
     "distill": "#882255",  # wine
-}
-ESTIMATOR_STYLE = {
-    "reference": ("#E69F00", "o"),  # orange
-    "masked": ("#56B4E9", "s"),
-    "pooled": ("#009E73", "^"),
-    "jvp_masked": ("#D55E00", "v"),
-    "jvp_pooled": ("#CC79A7", "D"),
-    "trust_region": ("#882255", "P"),
-    "exact": ("#000000", "*"),
 }
 DIRECTIONS = ("active", "ce", "policy", "distill-joint")
 TERM_LABELS = {
@@ -106,7 +97,11 @@ def _by_regime(runs: list[Run]) -> dict[str, list[Run]]:
 
 
 def _style(estimator: str, i: int = 0) -> tuple[str, str]:
-    return ESTIMATOR_STYLE.get(estimator, (("#666666", "#999999", "#000000")[i % 3], "PXh*p"[i % 5]))
+    """The estimator rule's ``(color, marker)`` (:mod:`decomp.rules`), else a grey of the palette."""
+    rule = RULES.get(estimator)
+    if rule is not None and rule.style is not None:
+        return rule.style
+    return (("#666666", "#999999", "#000000")[i % 3], "PXh*p"[i % 5])
 
 
 def _records(run: Run, direction: str) -> list[dict[str, Any]]:
@@ -376,7 +371,7 @@ def _rank_panel(ax, runs: list[Run], groups: list[list[dict[str, Any]]], est: st
 def plot_proxy_vs_exact(runs: list[Run]):
     groups = [g for g in (_records(run, "policy") for run in runs) if g]
     target = target_of(groups)
-    names = estimator_names(r for g in groups for r in g) or list(ESTIMATORS)
+    names = estimator_names(r for g in groups for r in g) or list(estimator_rules())
     fig, axes = plt.subplots(1, len(names), figsize=(3.3 * len(names), 3.9), squeeze=False, sharey=True)
     for ax, est in zip(axes[0], names, strict=True):
         _rank_panel(ax, runs, groups, est, target)

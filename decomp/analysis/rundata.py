@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from decomp.analysis.stats import finite
+from decomp.rules import estimator_rules
 from decomp.runlog import RUN_FILE, SCHEMA_VERSION, BadJSON, iter_jsonl, parse_json
 
 REQUIRED = {
@@ -47,7 +48,6 @@ REQUIRED = {
     "curvature.jsonl": ("step", "eigenvalue_max", "eigenvalue_min"),
 }
 # the preferred display order; the estimators of a record set are every coef_<name> field present
-ESTIMATORS = ("reference", "masked", "pooled", "jvp_masked", "jvp_pooled", "trust_region", "exact")
 READABLE_SCHEMAS = tuple(range(1, SCHEMA_VERSION + 1))  # older records lack the newer fields: read as absent
 FINAL_EVALUATIONS = 5  # held-out evaluations averaged into a run's final accuracy
 
@@ -181,10 +181,11 @@ def interior_optimum(record: dict[str, Any]) -> bool:
 
 
 def estimator_names(records: Iterable[dict[str, Any]]) -> list[str]:
-    """Every estimator with a ``coef_<name>`` field in ``records``: those of ``ESTIMATORS`` in
-    its order, then the others sorted."""
+    """Every estimator with a ``coef_<name>`` field in ``records``: the registered estimator rules
+    (:func:`decomp.rules.estimator_rules`) in their order, then the others sorted."""
     found = {k[len("coef_"):] for r in records for k in r if k.startswith("coef_") and len(k) > len("coef_")}
-    return [e for e in ESTIMATORS if e in found] + sorted(found - set(ESTIMATORS))
+    known = list(estimator_rules())
+    return [e for e in known if e in found] + sorted(found - set(known))
 
 
 def realized_efficiency(record: dict[str, Any], estimator: str) -> float:

@@ -248,12 +248,6 @@ def early_late(steps: Sequence[float], values: Sequence[float]) -> tuple[float, 
     return float(np.mean(v[early])), float(np.mean(v[late])), int(early.sum() + late.sum())
 
 
-def late_early_ratio(steps: Sequence[float], values: Sequence[float]) -> float:
-    """``late / early`` of :func:`early_late`, defined only when the early mean is > 0."""
-    early, late, _ = early_late(steps, values)
-    return late / early if finite(early) and early > 0 else NAN
-
-
 def fmt(x: Any, spec: str = ".3g") -> str:
     """``x`` formatted with ``spec``, or ``nan`` when it is not a finite number."""
     return format(x, spec) if finite(x) else "nan"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from decomp.config import InstrumentConfig, MTPConfig, field_help, option
+from decomp.rules import rules_help
 from decomp.models.tiny import ModelConfig
 from decomp.training.tasks import TASKS, VOCAB_SIZE, Task
 from decomp.training.warmstart import WarmStartConfig
@@ -186,4 +187,6 @@ def config_help() -> str:
     lines = ["TrainConfig fields (set with --set KEY=VALUE):"]
     for name, default, text in field_help(TrainConfig):
         lines.append(f"  {name:<22} {default!s:<16} {text}")
+    lines += ["", "Coefficient rules (occ_estimator: the estimator rules; cosine and oracle are their regimes' rules):",
+              *rules_help()]
     return "\n".join(lines)

@@ -8,10 +8,10 @@ on-policy batch and carries signal from the second on). Every ``decomp_every`` s
 update of the step is instrumented (:mod:`decomp.instrument`) before it is applied.
 
 Read top to bottom, :func:`train` is: open the run (:func:`open_run`), then per step
-:func:`rollout` → :func:`minibatch_partition` → for each update :func:`computed_coefficient`
-(oracle, step estimators) → :func:`update_loss` → (:func:`gate_by_cosine`) → :func:`backward` →
-(:func:`instrument`) → :func:`apply_update`, then :func:`evaluate_and_log` and
-:func:`save_checkpoint`; finally :func:`finish_run`.
+:func:`rollout` → :func:`minibatch_partition` → for each update :func:`update_loss` (the
+forward and ``λ`` from the regime: its constant or its coefficient rule, :mod:`decomp.training.update`)
+→ :func:`~decomp.training.update.backward` → (:func:`instrument`) → :func:`apply_update`, then
+:func:`evaluate_and_log` and :func:`save_checkpoint`; finally :func:`finish_run`.
 
 The run directory's files are listed in :mod:`decomp.training.rundir`. Records are appended and
 flushed one line at a time. ``resume`` reloads the checkpoint, drops records written after it
@@ -23,7 +23,6 @@ records as an uninterrupted one.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -35,10 +34,10 @@ import torch
 from torch import Tensor
 
 from decomp import __version__
-from decomp.instrument import instrument_update, oracle_estimate, step_estimate
-from decomp.objectives import RolloutBatch, aligned_logprobs, mtp_inputs
-from decomp.regimes import MTPTerm, Regime
-from decomp.rl import clipped_policy_loss, kl_k3, masked_mean
+from decomp.instrument import instrument_update
+from decomp.objectives import RolloutBatch
+from decomp.regimes import Regime
+from decomp.rules import UpdateContext
 from decomp.rng import HELDOUT_STREAM, stream_seed
 from decomp.runlog import (
     SCHEMA_VERSION,
@@ -50,6 +49,14 @@ from decomp.runlog import (
 )
 from decomp.training.config import RunError, TrainConfig
 from decomp.training.policies import ModelUnavailable, build_policy, rollout
+from decomp.training.update import (
+    UpdateLoss,
+    backward,
+    coefficients,
+    forward,
+    needs_forward,
+    update_context,
+)
 from decomp.training.rundir import (
     LOG_FILES,
     RUN_FILES,
@@ -85,7 +92,6 @@ class RunState:
     logs: dict[str, JsonlWriter] = field(default_factory=dict)
     accuracy: float = float("nan")
     lock: RunLock | None = None  # held while the run writes its folder
-    oracle_fallbacks: int = 0  # updates of this step where λ̂ was undefined (the fallback applied)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -177,99 +183,6 @@ def minibatch_partition(n: int, cfg: TrainConfig, gen: torch.Generator) -> list[
             for chunk in torch.randperm(n, generator=gen).chunk(cfg.num_minibatches)]
 
 
-@dataclass
-class UpdateLoss:
-    """The training loss of one mini-batch update and its parts (graph alive in ``loss``)."""
-
-    loss: Tensor
-    rl_loss: Tensor  # the RL part: clipped surrogate (+ KL)
-    pg_loss: Tensor
-    kl: Tensor | None
-    terms: list[MTPTerm]  # one per MTP depth
-    logp: Tensor
-    grads: dict[str, Tensor] | None = None  # the update's gradient, when computed by parts (cosine)
-    gated_coef: float | None = None  # cosine: the λ the gate chose
-
-    @property
-    def coef(self) -> float:
-        """λ applied at this update: the mean over depths (each depth's term is ``λ_k·L_k``)."""
-        if self.gated_coef is not None:
-            return self.gated_coef
-        return sum(t.coef for t in self.terms) / len(self.terms)
-
-    @property
-    def unit_mtp_loss(self) -> Tensor:
-        return torch.stack([t.unit_loss for t in self.terms]).mean()
-
-
-def update_loss(state: RunState, mb: RolloutBatch, ref_logp: Tensor | None, coef: float | None = None) -> UpdateLoss:
-    """One forward for both heads: clipped surrogate (+ KL) + the regime's MTP term (at ``coef``
-    when the caller computed ``λ``, else at the regime's own coefficient)."""
-    cfg = state.cfg
-    kwargs = {} if mb.attention_mask is None else {"attention_mask": mb.attention_mask}
-    main, mtp = state.model(mb.tokens, detach=state.regime.detach, **kwargs)
-    logp, mtp_logp, valid = aligned_logprobs(main, mtp, mb.tokens)
-    mtp_x = mtp_inputs(state.regime.mtp_input, main, mtp, mtp_logp)
-    pg = clipped_policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, cfg.clip_low, cfg.clip_high)
-    rl, kl = pg, None
-    if ref_logp is not None:
-        kl = masked_mean(kl_k3(logp, ref_logp), mb.mask)
-        rl = rl + cfg.kl_coef * kl
-    # response-shaped views: the reference estimator averages over them (padding included)
-    r = mb.response
-    terms = [state.regime(r(x), r(logp), r(mb.old_logp), r(mb.advantages), r(mb.mask & v)) if coef is None
-             else state.regime.term_at(coef, r(x), r(mb.old_logp), r(mb.advantages), r(mb.mask & v))
-             for x, v in zip(mtp_x, valid, strict=True)]
-    return UpdateLoss(rl + torch.stack([t.loss for t in terms]).mean(), rl, pg, kl, terms, logp)
-
-
-def loss_parts(state: RunState, ref_logp: Tensor | None) -> dict[str, object]:
-    """The training loss's RL part as :func:`decomp.instrument.step_estimate` takes it."""
-    cfg = state.cfg
-    return {"clip": cfg.clip, "kl_coef": cfg.kl_coef, "ref_logp": ref_logp, "rl_loss_of_logp": None}
-
-
-def computed_coefficient(state: RunState, step: int, update: int, mb: RolloutBatch,
-                         ref_logp: Tensor | None) -> float | None:
-    """``λ`` for regimes whose coefficient needs more than the log-probs: ``oracle`` (held-out
-    realized optimum, ``fallback`` where undefined) and ``occ`` with a step estimator; ``None``
-    for every other regime (its coefficient comes with its term)."""
-    regime, cfg = state.regime, state.cfg
-    loss = loss_parts(state, ref_logp)
-    if regime.needs_search:
-        eval_batch = heldout_batch(state, step, mb.tokens.shape[0], salt=update + 1)
-        # the search starts from c at every update: no state carried between updates, so a
-        # resumed run searches exactly as an uninterrupted one
-        coef, reason = oracle_estimate(state.model, mb, eval_batch, state.optimizer, regime, cfg.mtp_scale, loss)
-        coef, fell_back = regime.applied(coef, reason)
-        state.oracle_fallbacks += fell_back
-        return coef
-    if getattr(regime, "needs_step", False):
-        return step_estimate(state.model, mb, state.optimizer, regime, regime.estimator, cfg.mtp_scale, loss,
-                             batched_jvp=cfg.model == "builtin")
-    return None
-
-
-def gate_by_cosine(state: RunState, out: UpdateLoss) -> None:
-    """``cosine``: the RL and the unit MTP gradients by two backward passes (one more than a
-    plain update), ``λ = c·max(0, cos)`` on the shared parameters, and the update's gradient
-    ``∇L_RL + λ∇L_MTP`` (for ``λ ≥ 0`` the applied term is exactly ``λ·L_MTP``)."""
-    named = [(n, p) for n, p in state.model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    g_rl = torch.autograd.grad(out.rl_loss, params, retain_graph=True, allow_unused=True)
-    g_mtp = torch.autograd.grad(out.unit_mtp_loss, params, retain_graph=True, allow_unused=True)
-    shared = set(state.model.shared_parameter_names())
-    pairs = [(a, b) for (n, _), a, b in zip(named, g_rl, g_mtp, strict=True) if n in shared and a is not None
-             and b is not None]
-    dot_ = sum(float((a.double() * b.double()).sum()) for a, b in pairs)
-    norms = (sum(float(a.double().pow(2).sum()) for a, _ in pairs) * sum(float(b.double().pow(2).sum()) for _, b in pairs))
-    out.gated_coef = state.regime.gated(dot_ / math.sqrt(norms) if norms > 0 else math.nan)
-    out.grads = {}
-    for (n, p), a, b in zip(named, g_rl, g_mtp, strict=True):
-        g = torch.zeros_like(p) if a is None else a.clone()
-        out.grads[n] = g if b is None else g.add_(b, alpha=out.gated_coef)
-
-
 def heldout_batch(state: RunState, step: int, size: int, salt: int = 0) -> RolloutBatch:
     """An independent batch of ``size`` sequences sampled from the current policy: fresh prompts
     from the training pool, group-normalised advantages, ``ℓ^old`` the current log-probs. Its own
@@ -312,19 +225,6 @@ def instrument(state: RunState, step: int, update: int, mb: RolloutBatch, ref_lo
         state.logs["curvature"].write({**where, **result.curvature})
 
 
-def backward(state: RunState, out: UpdateLoss) -> None:
-    """The update's gradient into ``.grad`` (freeing the forward graph): by backward, or the
-    gradient already computed by parts (cosine)."""
-    state.optimizer.zero_grad(set_to_none=True)
-    if out.grads is None:
-        out.loss.backward()
-    else:
-        for n, p in state.model.named_parameters():
-            if n in out.grads:
-                p.grad = out.grads[n]
-    out.grads = None
-
-
 def apply_update(state: RunState, mb: RolloutBatch, out: UpdateLoss, sums: dict[str, float]) -> None:
     """The AdamW step; accumulate the step's training statistics in ``sums``."""
     cfg = state.cfg
@@ -349,18 +249,17 @@ def train_step(state: RunState, step: int) -> dict[str, Any]:
     batch, ref_logp, stats = rollout(state.policy, cfg, gen, state.ref_params)
     partition = minibatch_partition(batch.tokens.shape[0], cfg, gen)
     sums = {"pg_loss": 0.0, "mtp_loss": 0.0, "mtp_coef": 0.0, "kl": 0.0, "clip_fraction": 0.0}
-    state.oracle_fallbacks = 0
+    fallbacks = 0
     decomp_seconds = update_seconds = 0.0
     for update, idx in enumerate(partition):
         t_update = time.perf_counter()
         mb = batch.subset(idx)
         mb_ref = None if ref_logp is None else ref_logp[idx]
-        out = update_loss(state, mb, mb_ref, computed_coefficient(state, step, update, mb, mb_ref))
-        if state.regime.needs_gradients:
-            gate_by_cosine(state, out)
+        out, fell_back, ctx = update_loss(state, step, update, mb, mb_ref)
+        fallbacks += fell_back
         # backward before the measurements: the forward graph is freed, so the measurement's
         # peak memory does not sit on top of it (nothing measured reads .grad)
-        backward(state, out)
+        backward(state.model, state.optimizer, out, ctx)
         if cfg.instruments(step) and update == len(partition) - 1:
             t_dec = time.perf_counter()
             instrument(state, step, update, mb, mb_ref, out.coef)
@@ -369,14 +268,30 @@ def train_step(state: RunState, step: int) -> dict[str, Any]:
         update_seconds += time.perf_counter() - t_update
     record: dict[str, Any] = {"step": step, "regime": cfg.regime, **stats}
     record.update({k: v / len(partition) for k, v in sums.items()})
-    if state.regime.needs_search:
-        record["oracle_fallbacks"] = state.oracle_fallbacks
+    if state.regime.rule is not None:
+        record["fallback_updates"] = fallbacks
     record["decomp_seconds"] = decomp_seconds
     # one training update (forward, backward, AdamW) without the measurements: the unit the
     # decomposition's cost is compared with
     record["update_seconds"] = (update_seconds - decomp_seconds) / len(partition)
     record["t0"] = t0
     return record
+
+
+def update_loss(state: RunState, step: int, update: int, mb: RolloutBatch,
+                ref_logp: Tensor | None) -> tuple[UpdateLoss, bool, UpdateContext]:
+    """The update's loss with ``λ`` from the regime (:mod:`decomp.training.update`): ``(loss,
+    whether the rule's fallback applied, the update's context)``. A rule that reads neither the
+    forward's log-probs nor its gradients runs before the forward, so that its passes do not
+    sit on top of the forward's graph."""
+    cfg, regime = state.cfg, state.regime
+    ctx = update_context(state.model, mb, state.optimizer, regime, cfg, ref_logp,
+                         heldout=lambda: heldout_batch(state, step, mb.tokens.shape[0], salt=update + 1))
+    depths = cfg.mtp_depth
+    early = None if regime.rule is None or needs_forward(regime) else coefficients(regime, ctx, None, depths)
+    fwd = forward(state.model, regime, mb, ref_logp, cfg)
+    coefs, fell_back = early if early is not None else coefficients(regime, ctx, fwd, depths)
+    return fwd.loss_at(coefs), fell_back, ctx
 
 
 def evaluate_and_log(state: RunState, step: int, record: dict[str, Any]) -> None:

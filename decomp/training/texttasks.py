@@ -21,7 +21,6 @@ Rewards (1.0 or 0.0, never an exception):
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable

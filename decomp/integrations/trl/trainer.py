@@ -30,13 +30,8 @@ from decomp.integrations.trl.support import (
     check_trl_version,
     unsupported_model_settings,
 )
-from decomp.occ import (
-    PROXY_ESTIMATORS,
-    STEP_ESTIMATORS,
-    coefficient_from_statistics,
-    proxy_statistics,
-)
-from decomp.regimes import OCC, MTPTerm, Regime
+from decomp.regimes import MTPTerm, Regime
+from decomp.rules import RULES, ProxyInputs, get_rule
 
 
 class MTPGRPOTrainer(GRPOTrainer):
@@ -95,9 +90,10 @@ class MTPGRPOTrainer(GRPOTrainer):
         cfg = self.mtp_config
         add_mtp(self.model, depth=cfg.mtp_depth, init=cfg.mtp_init, seed=self.args.seed)
         self.regime: Regime = cfg.make_regime((float(self.epsilon_low), float(self.epsilon_high)))
-        if isinstance(self.regime, OCC) and not self.off_policy_updates():
+        if self.regime.rule is not None and "logprobs" in get_rule(self.regime.rule).needs \
+                and not self.off_policy_updates():
             warnings.warn(
-                "occ: with gradient_accumulation_steps a multiple of steps_per_generation × num_iterations, every "
+                f"{self.regime.name}: with gradient_accumulation_steps a multiple of steps_per_generation × num_iterations, every "
                 "update of a generation batch happens before the optimizer step (ℓ = ℓ^old), so the OCC proxy and "
                 "λ are 0 at every step; use num_iterations or steps_per_generation so that "
                 "gradient_accumulation_steps % (steps_per_generation × num_iterations) != 0",
@@ -126,9 +122,11 @@ class MTPGRPOTrainer(GRPOTrainer):
         if regime not in TRL_REGIMES:
             raise ValueError(f"regime {regime!r} is not supported inside TRL yet (supported: {', '.join(TRL_REGIMES)}); "
                              "the reference loop (decomp run) runs every regime")
-        if regime == "occ" and self.mtp_config.occ_estimator in STEP_ESTIMATORS:
-            raise ValueError(f"occ_estimator {self.mtp_config.occ_estimator!r} needs the step's updates at every "
-                             f"update, which the TRL integration does not compute; use one of {', '.join(PROXY_ESTIMATORS)}")
+        rule = self.mtp_config.make_regime().rule
+        if rule is not None and not get_rule(rule).distributable:
+            usable = [r.name for r in RULES.values() if r.distributable]
+            raise ValueError(f"the coefficient rule {rule!r} needs {get_rule(rule).described_needs()} at every update, "
+                             f"which the TRL integration does not compute; rules it applies: {', '.join(usable)}")
         if regime in ("policy", "occ") and self.loss_type not in PPO_CLIPPED_LOSS_TYPES:
             raise ValueError(
                 f"regime {regime!r} applies the PPO-clipped policy loss to the MTP head with TRL's "
@@ -166,18 +164,13 @@ class MTPGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["mtp/loss"].append(float(term.unit_loss.detach()))
         return loss + term.loss / normalizer
 
-    def mtp_term(self, lm: nn.Module, inputs: dict[str, Any], hidden: Tensor, logp: Tensor) -> MTPTerm:
-        """The regime's MTP term on TRL's tensors, averaged over depths (``λ`` the mean of theirs).
-
-        ``hidden``: decoder output on the micro-batch; ``logp``: the main head's per-token
-        log-probs ``[B, C]`` from the same forward. OCC's ``λ`` comes from the proxy sums,
-        all-reduced across processes.
-        """
-        return self._mtp_term(lm, inputs, hidden, logp)[0]
-
     def _mtp_term(
         self, lm: nn.Module, inputs: dict[str, Any], hidden: Tensor, logp: Tensor
     ) -> tuple[MTPTerm, dict[str, Any]]:
+        """The regime's MTP term on TRL's tensors, averaged over depths (``λ`` the mean of theirs),
+        and the tensors ``λ`` was computed from. ``hidden``: decoder output on the micro-batch;
+        ``logp``: the main head's per-token log-probs ``[B, C]`` from the same forward. A rule's
+        ``λ`` (``occ``) comes from its sums, all-reduced across processes."""
         mtp_logps, valids = completion_mtp_logprobs(lm, hidden, inputs, self.regime.detach, self.temperature)
         old = inputs.get("old_per_token_logps")
         old = logp.detach() if old is None else old
@@ -185,7 +178,7 @@ class MTPGRPOTrainer(GRPOTrainer):
         adv = completion_advantages(inputs, old)
         terms = []
         for m, valid in zip(mtp_logps, valids, strict=True):
-            coef = self.occ_coefficient(m, logp, old, mask & valid) if isinstance(self.regime, OCC) else self.regime.scale
+            coef = self.regime.scale if self.regime.rule is None else self.rule_coefficient(m, logp, old, mask & valid)
             terms.append(self.regime.term_at(coef, m, old, adv, mask & valid))
         term = MTPTerm(
             torch.stack([t.loss for t in terms]).mean(),
@@ -197,13 +190,15 @@ class MTPGRPOTrainer(GRPOTrainer):
                    "mask": [mask & v for v in valids]}
         return term, tensors
 
-    def occ_coefficient(self, mtp_logp: Tensor, logp: Tensor, old_logp: Tensor, mask: Tensor) -> float:
-        """OCC's ``λ`` from the proxy sums of every process (0 where undefined)."""
-        stats = proxy_statistics(mtp_logp - old_logp, logp - old_logp, mask)
+    def rule_coefficient(self, mtp_logp: Tensor, logp: Tensor, old_logp: Tensor, mask: Tensor) -> float:
+        """``λ`` of one depth from the regime's rule, on the sums of every process (the rule's
+        ``statistics``, all-reduced); the regime's fallback where undefined."""
+        rule = get_rule(self.regime.rule)
+        stats = rule.statistics(ProxyInputs(mtp_logp, logp, old_logp, mask))
         if self.accelerator.num_processes > 1:
             stats = self.accelerator.reduce(stats, reduction="sum")
-        coef = coefficient_from_statistics(stats, self.regime.scale, self.regime.estimator)  # type: ignore[attr-defined]
-        return 0.0 if math.isnan(coef) else coef
+        coef = rule.from_statistics(stats, self.regime.scale)
+        return self.regime.fallback if math.isnan(coef) else coef
 
     def off_policy_updates(self) -> bool:
         """Whether some updates start away from the sampling policy (TRL then keeps ``ℓ^old``):

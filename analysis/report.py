@@ -28,6 +28,7 @@ from analysis.summaries import (
 )
 from decomp.analysis.claims import evaluate_claims
 from decomp.analysis.rundata import Run, load_runs, regimes_of
+from decomp.vocabulary import TERMS
 from decomp.analysis.stats import fmt, fmt_interval
 from decomp.analysis.validate import format_table, validate
 
@@ -106,7 +107,7 @@ def terms_section(task: str, runs: list[Run]) -> list[str]:
              "| arm | records | C early | C late | X early | X late | P early | P late |",
              "|---|---|---|---|---|---|---|---|"]
     for row in term_rows(runs):
-        cells = [fmt_interval(row[f"{t}_{w}"], ".2e") for t in ("correlation", "cross", "penalty")
+        cells = [fmt_interval(row[f"{t}_{w}"], ".2e") for t in TERMS
                  for w in ("early", "late")]
         lines.append(f"| {row['arm']} | {row['records']} | " + " | ".join(cells) + " |")
     return lines + [""]

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from decomp.analysis.rundata import Run, regimes_of
+from decomp.vocabulary import TERMS
 from decomp.analysis.stats import (
     early_late,
     finite,
@@ -96,13 +97,13 @@ def term_rows(runs: list[Run], direction: str = "active", split: str = "heldout"
     95% t-interval; records counted once."""
     rows = []
     for arm in regimes_of(runs):
-        per_run: dict[str, list[float]] = {f"{t}_{w}": [] for t in ("correlation", "cross", "penalty")
+        per_run: dict[str, list[float]] = {f"{t}_{w}": [] for t in TERMS
                                            for w in ("early", "late")}
         n_records = 0
         for run in (r for r in runs if r.regime == arm):
             recs = [x for x in run.records(direction, split) if not x.get("same_as")] or run.records(direction, split)
             n_records += len(recs)
-            for term in ("correlation", "cross", "penalty"):
+            for term in TERMS:
                 early, late, _ = early_late([x["step"] for x in recs], [x[term] for x in recs])
                 per_run[f"{term}_early"].append(early)
                 per_run[f"{term}_late"].append(late)

@@ -113,7 +113,7 @@ def instrumented_update(model, batch: RolloutBatch, eval_batch: RolloutBatch, re
     """An instrumented update as ``decomp.training.loop`` runs it: the update's forward and
     backward, :func:`decomp.instrument.instrument_update` with the held-out split and the search
     (before the step it measures), then the AdamW step."""
-    from decomp.config import DIRECTIONS
+    from decomp.vocabulary import DIRECTIONS
     from decomp.instrument import instrument_update
 
     coef = _backward(model, batch, regime, opt, clip)

@@ -21,9 +21,8 @@ from typing import Any
 
 from decomp.regimes import REGIMES, Policy, Regime, make_regime
 from decomp.rules import estimator_rules
+from decomp.vocabulary import DIRECTIONS, SPLITS
 
-DIRECTIONS = ("active", "ce", "policy", "distill-joint")
-SPLITS = ("train", "heldout")  # the records of an instrumented update: its own batch, held-out rollouts
 MTP_INITS = ("copy_last", "random")
 POLICY_FORMS = ("ratio", "reinforce")
 

@@ -49,7 +49,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from decomp.config import DIRECTIONS, SPLITS
 from decomp.curvature import top_eigenvalues
 from decomp.decomposition import (
     EvaluationSide,
@@ -61,6 +60,7 @@ from decomp.objectives import Objectives, RolloutBatch, check_eval_batch, object
 from decomp.occ import efficiency, model_efficiency
 from decomp.regimes import CrossEntropy, DistillJoint, Policy, Regime
 from decomp.rules import UpdateContext, estimator_rules
+from decomp.vocabulary import DIRECTIONS, SPLITS
 
 SWEEP_POINTS = 13
 EIGEN_TOL = 1e-3  # relative accuracy of the Ritz values: enough to place δ in the spectrum

@@ -58,6 +58,7 @@ from decomp.analysis.validate import (
     target_of,
 )
 from decomp.rules import RULES, estimator_rules
+from decomp.vocabulary import DIRECTIONS, TERMS
 
 REGIME_COLORS = {
     "detach": "#0072B2",  # blue
@@ -71,7 +72,6 @@ REGIME_COLORS = {
     "frozen": "#999999",  # grey
     "distill": "#882255",  # wine
 }
-DIRECTIONS = ("active", "ce", "policy", "distill-joint")
 TERM_LABELS = {
     "correlation": "correlation C = ⟨∇J, δ⟩",
     "cross": "cross term X = u_RLᵀHδ",
@@ -251,7 +251,7 @@ def plot_terms(runs: list[Run], direction: str):
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.4), sharex=True)
     groups = _by_regime(runs)
     clipped = False
-    for ax, key in zip(axes.flat[:3], ("correlation", "cross", "penalty"), strict=True):
+    for ax, key in zip(axes.flat[:3], TERMS, strict=True):
         clipped |= _term_panel(ax, groups, direction, key)
     clipped |= _delta_panel(axes.flat[3], groups, direction)
     for ax in axes[1]:

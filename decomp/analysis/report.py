@@ -22,8 +22,8 @@ from decomp.analysis.plots import FIGURES
 from decomp.analysis.rundata import FINAL_EVALUATIONS, Run, regimes_of
 from decomp.analysis.stats import early_late, finite_array, fmt
 from decomp.analysis.validate import format_table, validate
+from decomp.vocabulary import DIRECTIONS
 
-DIRECTIONS = ("active", "ce", "policy", "distill-joint")
 
 
 def _mean_sd(values: list[float]) -> str:

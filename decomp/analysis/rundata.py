@@ -38,11 +38,12 @@ from typing import Any
 
 from decomp.analysis.stats import finite
 from decomp.rules import estimator_rules
+from decomp.vocabulary import TERMS
 from decomp.runlog import RUN_FILE, SCHEMA_VERSION, BadJSON, iter_jsonl, parse_json
 
 REQUIRED = {
     "metrics.jsonl": ("step", "regime"),
-    "decomposition.jsonl": ("step", "direction", "correlation", "cross", "penalty", "predicted", "realized",
+    "decomposition.jsonl": ("step", "direction", *TERMS, "predicted", "realized",
                             "lambda_star"),
     "sweeps.jsonl": ("step", "direction", "coefs", "realized", "quadratic"),
     "curvature.jsonl": ("step", "eigenvalue_max", "eigenvalue_min"),
@@ -237,7 +238,7 @@ COUNT: Kind = (is_count, "a non-negative integer")
 TEXT: Kind = (lambda v: isinstance(v, str), "a string")
 GRID: Kind = (_is_grid, "a non-empty list of finite numbers")
 POINTS: Kind = (_is_points, "a non-empty list of finite numbers or nulls")
-_TERMS = ("correlation", "cross", "penalty", "predicted", "realized", "lambda_star")
+_TERMS = (*TERMS, "predicted", "realized", "lambda_star")
 # per file, the type of every field the analysis reads unguarded (the other fields pass through
 # `finite`, or are never read): a record holding one of another type is skipped, as damaged
 FIELDS: dict[str, dict[str, Kind]] = {

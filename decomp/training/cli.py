@@ -17,8 +17,8 @@ from typing import Any
 
 from decomp import __version__
 from decomp.allocator import reuse_freed_memory
-from decomp.config import DIRECTIONS
 from decomp.regimes import REGIMES
+from decomp.vocabulary import DIRECTIONS
 
 
 class CLIError(Exception):

@@ -2,5 +2,5 @@
 directories into the committed ``figures/`` and ``figures/STUDY.md`` (``make study``).
 
 Not installed with decomp: the library part every run directory can use is
-:mod:`decomp.analysis`; this folder is the experiment that the project reports.
+:mod:`decomp.results`; this folder is the experiment that the project reports.
 """

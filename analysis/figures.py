@@ -1,7 +1,7 @@
 """The study's figures (``figures/study_*.png``), one function each, from run directories.
 
 Each figure stands alone: title, axis units, the number of seeds, and 95% intervals over seeds
-(t-intervals of per-run values). Colours per arm follow :mod:`decomp.analysis.plots`.
+(t-intervals of per-run values). Colours per arm follow :mod:`decomp.results.plots`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from analysis.summaries import acceptance_rate, by_seed, final_accuracy  # noqa: E402
-from decomp.analysis.plots import REGIME_COLORS  # noqa: E402
-from decomp.analysis.rundata import Run, regimes_of  # noqa: E402
-from decomp.analysis.stats import finite, paired_difference, t_interval  # noqa: E402
-from decomp.analysis.validate import per_run_estimator, select_records  # noqa: E402
+from decomp.results.plots import REGIME_COLORS  # noqa: E402
+from decomp.results.rundata import Run, regimes_of  # noqa: E402
+from decomp.results.stats import finite, paired_difference, t_interval  # noqa: E402
+from decomp.results.validate import per_run_estimator, select_records  # noqa: E402
 
 plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 130, "font.size": 9, "axes.titlesize": 10,
                      "legend.fontsize": 8, "axes.grid": True, "grid.alpha": 0.3,

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from analysis.summaries import non_inferiority
-from decomp.analysis.rundata import Run, regimes_of
-from decomp.analysis.stats import finite, fmt
-from decomp.analysis.validate import validate
+from decomp.results.rundata import Run, regimes_of
+from decomp.results.stats import finite, fmt
+from decomp.results.validate import validate
 
 MATTERS = 0.1
 
@@ -62,7 +62,7 @@ def best_estimator(tasks: dict[str, list[Run]]) -> tuple[str, dict[str, Any]]:
 
 def pilot_section(tasks: dict[str, list[Run]], k: int) -> list[str]:
     from analysis import design
-    from decomp.analysis.validate import format_table
+    from decomp.results.validate import format_table
 
     c, means = chosen_scale(tasks)
     best, result = best_estimator(tasks)

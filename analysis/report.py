@@ -26,11 +26,11 @@ from analysis.summaries import (
     superiority,
     term_rows,
 )
-from decomp.analysis.claims import evaluate_claims
-from decomp.analysis.rundata import Run, load_runs, regimes_of
+from decomp.results.claims import evaluate_claims
+from decomp.results.rundata import Run, load_runs, regimes_of
 from decomp.vocabulary import TERMS
-from decomp.analysis.stats import fmt, fmt_interval
-from decomp.analysis.validate import format_table, validate
+from decomp.results.stats import fmt, fmt_interval
+from decomp.results.validate import format_table, validate
 
 
 def load_tasks(root: Path) -> dict[str, list[Run]]:

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from decomp.analysis.rundata import Run, regimes_of
+from decomp.results.rundata import Run, regimes_of
 from decomp.vocabulary import TERMS
-from decomp.analysis.stats import (
+from decomp.results.stats import (
     early_late,
     finite,
     interval_verdict,
@@ -56,7 +56,7 @@ class Comparison:
 
 def compare(runs: list[Run], arm: str, baseline: str, k: int, threshold: float, strict: bool) -> Comparison:
     """The paired difference of final accuracies ``arm − baseline`` against ``threshold``
-    (:func:`decomp.analysis.stats.interval_verdict` over ≥ ``MIN_SEEDS`` seeds)."""
+    (:func:`decomp.results.stats.interval_verdict` over ≥ ``MIN_SEEDS`` seeds)."""
     d = paired_difference(by_seed(runs, arm, lambda r: final_accuracy(r, k)),
                           by_seed(runs, baseline, lambda r: final_accuracy(r, k)))
     op = ">" if strict else "≥"

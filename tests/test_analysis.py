@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 from synthetic_runs import edit_records, write_run
 
-from decomp.analysis.claims import (
+from decomp.results.claims import (
     ACCURACY_MARGIN,
     FAILS,
     HOLDS,
@@ -20,11 +20,11 @@ from decomp.analysis.claims import (
     evaluate_claims,
     occ_vs_detach,
 )
-from decomp.analysis.plots import FIGURES, make_figures
-from decomp.analysis.report import build_report
-from decomp.analysis.rundata import AnalysisError, load_runs
-from decomp.analysis.stats import t_interval
-from decomp.analysis.validate import (
+from decomp.results.plots import FIGURES, make_figures
+from decomp.results.report import build_report
+from decomp.results.rundata import AnalysisError, load_runs
+from decomp.results.stats import t_interval
+from decomp.results.validate import (
     N_RESAMPLES,
     estimator_stats,
     format_table,
@@ -374,7 +374,7 @@ def test_figures_of_sparse_runs(tmp_path):
 
 
 def test_a_one_seed_report_says_what_it_can_conclude(tmp_path):
-    from decomp.analysis.report import build_report, scope_note
+    from decomp.results.report import build_report, scope_note
 
     write_run(tmp_path, "detach", 0, n=6)
     write_run(tmp_path, "occ", 0, n=6)

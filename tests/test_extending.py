@@ -12,9 +12,9 @@ import pytest
 from matplotlib.colors import to_hex
 from test_train import TINY
 
-from decomp.analysis.plots import FIGURES
-from decomp.analysis.rundata import load_runs
-from decomp.analysis.validate import format_table, validate
+from decomp.results.plots import FIGURES
+from decomp.results.rundata import load_runs
+from decomp.results.validate import format_table, validate
 from decomp.occ import coefficient_from_statistics
 from decomp.regimes import REGIMES, CrossEntropy, register_regime
 from decomp.rules import RULES, CoefficientRule, register_rule

@@ -1,4 +1,4 @@
-"""Run-level statistics (decomp.analysis.stats) against independent implementations."""
+"""Run-level statistics (decomp.results.stats) against independent implementations."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from decomp.analysis import stats
+from decomp.results import stats
 
 
 def _plain_cluster_bootstrap(groups, statistic, n_resamples, seed, confidence=0.95):
@@ -128,7 +128,7 @@ def test_one_finite_helper_in_the_analysis_package():
 
 
 def test_interval_verdict_follows_the_interval_and_its_threshold():
-    from decomp.analysis.stats import FAILS, HOLDS, INCONCLUSIVE, interval_verdict
+    from decomp.results.stats import FAILS, HOLDS, INCONCLUSIVE, interval_verdict
 
     assert interval_verdict({"n": 5, "low": -0.01, "high": 0.03}, -0.02, min_n=3) == HOLDS
     assert interval_verdict({"n": 5, "low": -0.02, "high": 0.03}, -0.02, min_n=3) == HOLDS  # ≥

@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from analysis import design, study  # noqa: E402
 from analysis.pilot import chosen_scale, effect_ratio  # noqa: E402
 from analysis.summaries import acceptance_rate, non_inferiority, superiority  # noqa: E402
-from decomp.analysis.rundata import load_runs  # noqa: E402
-from decomp.analysis.stats import FAILS, HOLDS, INCONCLUSIVE  # noqa: E402
+from decomp.results.rundata import load_runs  # noqa: E402
+from decomp.results.stats import FAILS, HOLDS, INCONCLUSIVE  # noqa: E402
 
 
 def test_jobs_cover_the_design_seed_by_seed_and_split_by_seed(tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from synthetic_runs import write_run
 
-from decomp.analysis.rundata import AnalysisError, load_runs
+from decomp.results.rundata import AnalysisError, load_runs
 from decomp.runlog import iter_jsonl, truncate_jsonl
 from decomp.training.cli import main
 

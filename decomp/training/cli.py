@@ -230,7 +230,7 @@ def _analysis(args: argparse.Namespace) -> None:
     stderr), then run the command."""
     import warnings
 
-    from decomp.analysis.rundata import load_runs
+    from decomp.results.rundata import load_runs
 
     if not args.runs:
         raise CLIError("no run directories given")
@@ -243,14 +243,14 @@ def _analysis(args: argparse.Namespace) -> None:
 
 
 def _plot(args: argparse.Namespace, runs: list) -> None:
-    from decomp.analysis.plots import make_figures
+    from decomp.results.plots import make_figures
 
     paths = make_figures(runs, Path(args.out), pdf=args.pdf)
     print(f"{len(paths)} figure files from {len(runs)} run(s) in {args.out}")
 
 
 def _validate(args: argparse.Namespace, runs: list) -> None:
-    from decomp.analysis.validate import format_table, validate, write_json
+    from decomp.results.validate import format_table, validate, write_json
 
     result = validate(runs, direction=args.direction)
     print(format_table(result))
@@ -260,7 +260,7 @@ def _validate(args: argparse.Namespace, runs: list) -> None:
 
 
 def _report(args: argparse.Namespace, runs: list) -> None:
-    from decomp.analysis.report import build_report
+    from decomp.results.report import build_report
 
     text = build_report(runs, Path(args.out), Path(args.figures) if args.figures else None)
     Path(args.out).write_text(text)
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("run", "compare", "probe"):  # this process trains and measures: keep freed memory
         reuse_freed_memory()
-    from decomp.analysis.rundata import AnalysisError
+    from decomp.results.rundata import AnalysisError
     from decomp.training.config import RunError
     from decomp.training.warmstart import WarmStartError
 

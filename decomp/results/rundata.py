@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from decomp.analysis.stats import finite
+from decomp.results.stats import finite
 from decomp.rules import estimator_rules
 from decomp.vocabulary import TERMS
 from decomp.runlog import RUN_FILE, SCHEMA_VERSION, BadJSON, iter_jsonl, parse_json

@@ -3,8 +3,8 @@
 Sections: held-out accuracy per regime (mean ± sd over seeds, with the seeds named); early vs
 late correlation and penalty per regime and direction (per run: means over the first and last
 third of its instrumented steps, then the mean over runs); the estimator validation table
-(:mod:`decomp.analysis.validate`, per-run statistics combined over runs); the claims table
-(:mod:`decomp.analysis.claims`: statistic, interval, rule, runs, records and verdict of each); the
+(:mod:`decomp.results.validate`, per-run statistics combined over runs); the claims table
+(:mod:`decomp.results.claims`: statistic, interval, rule, runs, records and verdict of each); the
 figures, when a figure folder is given. Nothing in it is written by hand.
 """
 
@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from decomp import __version__
-from decomp.analysis.claims import INTERVAL, MIN_RUNS, evaluate_claims
-from decomp.analysis.plots import FIGURES
-from decomp.analysis.rundata import FINAL_EVALUATIONS, Run, regimes_of
-from decomp.analysis.stats import early_late, finite_array, fmt
-from decomp.analysis.validate import format_table, validate
+from decomp.results.claims import INTERVAL, MIN_RUNS, evaluate_claims
+from decomp.results.plots import FIGURES
+from decomp.results.rundata import FINAL_EVALUATIONS, Run, regimes_of
+from decomp.results.stats import early_late, finite_array, fmt
+from decomp.results.validate import format_table, validate
 from decomp.vocabulary import DIRECTIONS
 
 

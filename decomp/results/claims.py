@@ -2,7 +2,7 @@
 
 The unit of replication is the run (a seed of a regime): each claim summarises every run by one
 number, then tests the mean over runs with a two-sided 95% Student t-interval over runs
-(:func:`decomp.analysis.stats.t_interval`). With the 3–10 seeds of a study a percentile
+(:func:`decomp.results.stats.t_interval`). With the 3–10 seeds of a study a percentile
 bootstrap's interval hugs the smallest and largest per-run values and under-covers; the t-interval
 does not. Records of one run (consecutive, autocorrelated updates) never count as independent.
 A claim about regimes or seeds needs ``MIN_RUNS`` runs (paired seeds for OCC vs detach): with
@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from decomp.analysis.rundata import FINAL_EVALUATIONS, Run
-from decomp.analysis.stats import (
+from decomp.results.rundata import FINAL_EVALUATIONS, Run
+from decomp.results.stats import (
     CONFIDENCE,
     FAILS,
     HOLDS,
@@ -44,7 +44,7 @@ from decomp.analysis.stats import (
     paired_difference,
     t_interval,
 )
-from decomp.analysis.validate import (
+from decomp.results.validate import (
     MIN_RECORDS,
     TARGET_NAMES,
     per_run_estimator,

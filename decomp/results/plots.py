@@ -42,7 +42,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from scipy import stats
 
-from decomp.analysis.rundata import (
+from decomp.results.rundata import (
     Run,
     estimator_names,
     model_efficiency,
@@ -50,8 +50,8 @@ from decomp.analysis.rundata import (
     regimes_of,
     split_of,
 )
-from decomp.analysis.stats import combine_runs, finite, fmt_interval, median
-from decomp.analysis.validate import (
+from decomp.results.stats import combine_runs, finite, fmt_interval, median
+from decomp.results.validate import (
     TARGET_NAMES,
     estimator_stats,
     select_records,

@@ -2,7 +2,7 @@
 
 The unit of replication is the run: every statistic is computed within each run, then the
 per-run values are averaged over runs (each run counts once) with a 95% percentile interval
-from a bootstrap that resamples whole runs (:func:`decomp.analysis.stats.combine_runs`, 2000
+from a bootstrap that resamples whole runs (:func:`decomp.results.stats.combine_runs`, 2000
 resamples, seeded). Each table cell states its runs and records.
 
 Records: the chosen direction (default ``policy``, the MTP loss OCC scales), on the ``heldout``
@@ -44,14 +44,14 @@ from typing import Any
 import numpy as np
 
 from decomp import runlog
-from decomp.analysis.rundata import (
+from decomp.results.rundata import (
     Run,
     estimator_names,
     interior_optimum,
     model_efficiency,
     realized_efficiency,
 )
-from decomp.analysis.stats import (
+from decomp.results.stats import (
     CONFIDENCE,
     N_RESAMPLES,
     abs_log10_ratio,

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from analysis.summaries import acceptance_rate, by_seed, final_accuracy  # noqa: E402
-from decomp.results.plots import REGIME_COLORS  # noqa: E402
+from decomp.results.figstyle import REGIME_COLORS  # noqa: E402
 from decomp.results.rundata import Run, regimes_of  # noqa: E402
 from decomp.results.stats import finite, paired_difference, t_interval  # noqa: E402
 from decomp.results.validate import per_run_estimator, select_records  # noqa: E402

@@ -4,7 +4,7 @@
 
 Reads any set of run directories laid out as ``ROOT/<task>/<arm>-seed<seed>`` (several machines'
 parts of the study copied under one root work as well). Every verdict is computed from the runs
-by a stated rule with its interval (docs/method.md §7); nothing is written by hand.
+by a stated rule with its interval (docs/estimators.md §5); nothing is written by hand.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def estimator_section(task: str, runs: list[Run]) -> list[str]:
     result = validate(runs, direction="policy")
     return [f"### {task}: the estimators against the realized optimum λ̂", "",
             "Policy direction, held-out records of every arm; each statistic per run, then the mean over runs with a "
-            "95% bootstrap interval resampling runs. Proxy estimators are not in the units of λ̂ (docs/method.md §4): "
+            "95% bootstrap interval resampling runs. Proxy estimators are not in the units of λ̂ (docs/estimators.md §4): "
             "only sign, within-run rank and realized efficiency compare them.", "",
             format_table(result, markdown=True), ""]
 

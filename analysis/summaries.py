@@ -1,6 +1,6 @@
 """Per-arm summaries of the study's run directories, with intervals over seeds.
 
-Every number here is a statistic of runs (seeds), never of pooled records (docs/method.md §7):
+Every number here is a statistic of runs (seeds), never of pooled records (docs/estimators.md §5):
 a per-run value first, then a mean over seeds with a 95% t-interval, or a paired difference by
 seed (the arms of one seed share a warm start).
 """

@@ -151,7 +151,7 @@ def decomposition_rows(
         rows["decompose, SGD"] = lambda: decompose(obj.rl_objective, obj.mtp_loss, params, coef=0.1, lr=sgd_lr,
                                                    rl_loss=obj.rl_loss, first_order=obj.first_order)
     from decomp import optim as cf_optim
-    from decomp.decomposition import shared_first_order
+    from decomp.updates import shared_first_order
 
     cf = cf_optim.from_torch(opt, named)
     grads = {k: torch.randn_like(p) for k, p in params.items()}
@@ -181,7 +181,8 @@ def ground_truth_rows(model, batch, eval_batch, named: dict, opt: torch.optim.Op
                       scale: float = 0.1) -> dict[str, Callable[[], object]]:
     """Per direction (``ce``, ``policy``): the in-sample decomposition, the held-out split's
     extra cost (``J``'s side only: the updates are shared) and the realized-optimum search."""
-    from decomp.decomposition import decompose_updates, step_updates
+    from decomp.decomposition import decompose_updates
+    from decomp.updates import step_updates
     from decomp.objectives import objectives
     from decomp.regimes import CrossEntropy, Policy
     from decomp.search import realized_optimum

@@ -4,13 +4,13 @@ With glibc (Linux), every allocation above malloc's mmap threshold (at most 32 M
 is mapped fresh from the kernel and unmapped when freed, so each large tensor pays one page
 fault per 4 KiB page the first time it is written. An exact decomposition of a real LM allocates
 many of them — parameter-sized vectors, vocabulary-sized activations, the double backward's
-buffers — and on SmolLM2-135M on 2 cores those faults were about a quarter of its time
+buffers — and on a real LM on CPU those faults are a large part of its time
 (``benchmarks/results.md``). Raising the mmap threshold and turning trimming off keeps freed
 blocks in malloc's heap for the next tensor of that size, as PyTorch's caching allocator does on a GPU. The cost is
 that memory freed by the process is not returned to the system until it exits: the process keeps
-its peak. That is deliberate. With trimming at a 1 GiB threshold, every SmolLM2 decomposition
-after the first still refaulted the part of its 9 GB peak above that gigabyte (0.25–0.6 million
-faults, 4–5 s of 27 s); with trimming off, the second and later ones fault nothing.
+its peak. That is deliberate: with any finite trim threshold, every decomposition after the
+first refaults the part of its peak above that threshold; with trimming off, the second and
+later ones fault nothing (docs/engineering.md §7).
 
 The setting belongs to the process, not to a measurement: decomp's command line applies it at
 start (``decomp run``, ``decomp compare``, the benchmarks); a program that uses decomp as a

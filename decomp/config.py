@@ -27,8 +27,8 @@ MTP_INITS = ("copy_last", "random")
 POLICY_FORMS = ("ratio", "reinforce")
 
 
-# a real LM's J-side double-backward graph held about 3.5 GB for 16 SmolLM2 rollouts of 56 tokens;
-# chunks of 4 sequences keep an instrumented update within 3× a training update's memory
+# a real LM's J-side double-backward graph grows with the batch; chunks of 4 sequences keep an
+# instrumented update of SmolLM2 within the memory target of docs/benchmarks.md
 AUTO_HVP_ROWS = 4
 
 

@@ -3,7 +3,7 @@
 All functions take a scalar function ``f(params) -> Tensor`` of a ``dict[str, Tensor]`` of
 parameters (what ``torch.func.functional_call`` takes) and never form a Hessian.
 
-Three exact HVP methods, all reverse-over-reverse or forward-over-reverse (docs/method.md §5):
+Three exact HVP methods, all reverse-over-reverse or forward-over-reverse (docs/engineering.md §7):
 
 - ``"autograd"`` (default): reverse-over-reverse with ``torch.autograd`` on leaf copies of the
   parameters, ``∇⟨∇f, v⟩`` (PyHessian's double backward, applied to the functional ``f``).
@@ -13,9 +13,9 @@ Three exact HVP methods, all reverse-over-reverse or forward-over-reverse (docs/
 - ``"forward"``: forward-over-reverse through ``torch.func``, ``jvp(grad(f), (θ,), (v,))``; each
   HVP is a fresh forward+backward pass carrying tangents.
 
-All three give the same product (tested). ``"autograd"`` is the default because it measured the
-fastest and the leanest here (``benchmarks/hvp_peers.py``; ``vjp∘grad`` through ``torch.func``
-peaked at about 1.4× the memory of a double backward on the benchmark model).
+All three give the same product (tested). ``"autograd"`` is the default because it is the fastest
+and the leanest of the three in ``benchmarks/hvp_peers.py`` (``vjp∘grad`` through ``torch.func``
+keeps more memory alive than a double backward; the figures are in ``benchmarks/results.md``).
 
 PyTorch's fused CPU attention kernel has neither forward-mode AD nor double backward, so every
 function here runs under :func:`math_attention`. Parameters ``f`` does not use get zeros.
@@ -396,7 +396,7 @@ def jvp_logprobs(
 
     ``logprob_fn(params)`` returns a tensor of per-token log-probs (any shape, e.g. ``[B, T]``);
     the result has the same shape. One forward pass carrying a tangent, no Hessian: this is the
-    ``jvp`` level of the estimator ladder (docs/method.md §4). ``with_value=True`` returns
+    ``jvp`` level of the estimator ladder (docs/estimators.md §4). ``with_value=True`` returns
     ``(ℓ(θ), ∇ℓ·v)``: the log-probs come with the pass, so no second forward is needed for them.
     """
     theta, (v,) = _jvp_inputs(logprob_fn, params, [v], ["v"])
@@ -421,11 +421,10 @@ def jvp_logprobs_batched(logprob_fn: Callable[[Params], Tensor], params: Params,
     tangent at once (``torch.func.vmap`` over the tangent of :func:`jvp_logprobs`; the primal is
     computed once).
 
-    Worth it where each operation's overhead dominates, not its arithmetic: for two directions
-    on the built-in model it measured 1.05× a training update against 1.48× for two passes, on
-    SmolLM2-135M on CPU 3.27× against 1.55× (the jvp rows of ``benchmarks/decomposition_cost*.py``,
-    ``make bench`` of 2026-11-27). It also holds the tangents stacked: ``len(directions)``
-    parameter-sized copies.
+    Worth it where each operation's overhead dominates, not its arithmetic: faster than two passes
+    on the built-in model, slower on a real LM on CPU (the jvp rows of
+    ``benchmarks/decomposition_cost*.py``; figures in ``benchmarks/results.md``). It also holds the
+    tangents stacked: ``len(directions)`` parameter-sized copies.
     """
     if not directions:
         raise ValueError("directions is empty")

@@ -50,16 +50,13 @@ import torch
 from torch import nn
 
 from decomp.curvature import top_eigenvalues
-from decomp.decomposition import (
-    EvaluationSide,
-    StepMeasurement,
-    decompose_updates,
-    sweep_coefficients,
-)
+from decomp.decomposition import StepMeasurement, decompose_updates
+from decomp.evaluation import EvaluationSide
 from decomp.objectives import Objectives, RolloutBatch, check_eval_batch, objectives
 from decomp.occ import efficiency, model_efficiency
 from decomp.regimes import CrossEntropy, DistillJoint, Policy, Regime
 from decomp.rules import UpdateContext, estimator_rules
+from decomp.sweep import sweep_coefficients
 from decomp.vocabulary import DIRECTIONS, SPLITS
 
 SWEEP_POINTS = 13

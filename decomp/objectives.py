@@ -112,7 +112,7 @@ class ImportanceObjective:
     log-probs exposed (:meth:`logprobs`) so that a difference of ``J`` between two points can be
     formed token by token in float64 (:meth:`difference`): ``Σ M·A·r₀·expm1(ℓ₁ − ℓ₀) / Σ M``,
     ``r₀ = exp(ℓ₀ − ℓ^old)``. The sum of differences keeps the resolution that a difference of
-    two float32 sums loses (:class:`decomp.decomposition.RealizedGain` uses it).
+    two float32 sums loses (:class:`decomp.realized.RealizedGain` uses it).
 
     ``rows(idx)``, when given, is the log-prob function of the batch's rows ``idx``: it lets
     :meth:`split` write ``J`` as a sum over row chunks. ``weight`` scales the value (a chunk's
@@ -163,7 +163,7 @@ class Objectives:
     mtp_loss: Callable[[Params], Tensor]
     logprob_fn: Callable[[Params], Tensor]
     rl_loss: Callable[[Params], Tensor] | None = None
-    # (L_MTP, rl_loss) from one forward pass, for decomp.decomposition.step_updates
+    # (L_MTP, rl_loss) from one forward pass, for decomp.updates.step_updates
     first_order: Callable[[Params], tuple[Tensor, Tensor]] | None = None
 
 

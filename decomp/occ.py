@@ -1,4 +1,4 @@
-"""Estimators of the optimal MTP coefficient without Hessians: the ladder of docs/method.md §4.
+"""Estimators of the optimal MTP coefficient without Hessians: the ladder of docs/estimators.md §4.
 
 All estimators share one projection formula on per-token changes ``a_t`` (what the MTP
 direction does to the main log-probs) and ``b_t`` (what the RL updates do):
@@ -221,8 +221,7 @@ def trust_region_coefficient(a: Tensor, b: Tensor, advantages: Tensor, ratio: Te
 
 def model_gain(coef: float, dec: Decomposition) -> float:
     """Quadratic model of the MTP effect at coefficient ``λ = coef``: ``λ(C₁ + X₁) − λ²P₁``."""
-    coef = check_number(coef, "coef")
-    return coef * (dec.correlation_unit + dec.cross_unit) - coef * coef * dec.penalty_unit
+    return dec.model_gain(check_number(coef, "coef"))
 
 
 def model_efficiency(coef: float, dec: Decomposition) -> float:
@@ -240,7 +239,7 @@ def model_efficiency(coef: float, dec: Decomposition) -> float:
 
 def efficiency(gain: float, dec: Decomposition) -> float:
     """Realized efficiency ``ΔJ(λ_est)/ΔJ(λ̂)`` of an estimate whose realized gain (a real
-    counterfactual step, :class:`~decomp.decomposition.RealizedGain`) is ``gain``: 1 is as good
+    counterfactual step, :class:`~decomp.realized.RealizedGain`) is ``gain``: 1 is as good
     as the realized optimum, ≤ 0 means the estimate hurt. ``nan`` when ``λ̂`` was not searched,
     is undefined, or gains nothing (``ΔJ(λ̂) = 0``)."""
     best = dec.gain_hat

@@ -385,9 +385,9 @@ class AdamW(_Base):
         return m
 
 
-# elements per multi-tensor pass of AdamW.displacement: its three temporaries stay near 400 MB in
-# float32 whatever the model's size (a whole 135M-parameter group had cost 1.6 GB), while a small
-# model's tensors still go through one pass
+# elements per multi-tensor pass of AdamW.displacement: its three temporaries stay bounded
+# (2^25 float32 elements each) whatever the model's size, instead of growing with a whole
+# parameter group, while a small model's tensors still go through one pass
 GROUP_ELEMENTS = 1 << 25
 
 

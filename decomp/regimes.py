@@ -198,7 +198,7 @@ class Policy(Regime):
 
 @dataclass(frozen=True)
 class OCC(Policy):
-    """Policy loss with ``λ`` set each update by a coefficient rule (docs/method.md §4),
+    """Policy loss with ``λ`` set each update by a coefficient rule (docs/estimators.md §4),
     ``scale`` = ``c``: ``estimator`` names any rule of :func:`decomp.rules.estimator_rules` —
     a proxy (``"masked"``, default; ``"reference"``; ``"pooled"``), computed from the log-probs,
     or one that needs the step's updates (``"jvp_masked"``, ``"jvp_pooled"``,

@@ -8,7 +8,7 @@ part hands it over (:meth:`UpdateContext.provide`). Parts, cheapest first:
 - ``logprobs``: per MTP depth, the response-shaped MTP, main and rollout log-probs and mask of
   the update's mini-batch (no extra pass where the caller provides its forward);
 - ``updates``: the step's updates ``u_RL``, ``δ₁`` through the live optimizer (one first-order
-  pass, :func:`decomp.decomposition.step_updates`);
+  pass, :func:`decomp.updates.step_updates`);
 - ``jvp``: the exact first-order per-token changes ``a = ∇ℓ·δ₁``, ``b = ∇ℓ·u_RL`` (forward mode);
 - ``decomposition``: the quadratic model on the training batch (two Hessian-vector products);
 - ``gradients``: the RL and unit MTP gradients of the update's own forward (one more backward);
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from decomp.curvature import jvp_logprobs, jvp_logprobs_batched
-from decomp.decomposition import RealizedGain, StepUpdates, decompose_updates, step_updates
+from decomp.decomposition import decompose_updates
 from decomp.objectives import Objectives, RolloutBatch, check_eval_batch, model_logprobs, objectives
 from decomp.occ import (
     REDUCTIONS,
@@ -45,7 +45,9 @@ from decomp.occ import (
     proxy_statistics,
     trust_region_coefficient,
 )
+from decomp.realized import RealizedGain
 from decomp.search import DEFAULT_SEARCH_BOUND, realized_optimum
+from decomp.updates import StepUpdates, step_updates
 
 NEEDS = ("logprobs", "updates", "jvp", "decomposition", "gradients", "heldout")
 NEED_WORDS = {"logprobs": "the mini-batch's log-probs", "updates": "the step's updates", "jvp": "their forward-mode changes",

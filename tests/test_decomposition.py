@@ -11,7 +11,8 @@ import torch
 from conftest import make_problem
 
 from decomp import optim as cf
-from decomp.decomposition import decompose, decompose_sweep, measure_step
+from decomp.decomposition import decompose, measure_step
+from decomp.sweep import decompose_sweep
 from decomp.models.tiny import MTPTransformer
 from decomp.objectives import objectives
 from decomp.occ import model_efficiency as efficiency
@@ -353,7 +354,8 @@ def test_realized_changes_are_resolved_below_float32_resolution_of_J():
     float64 model's realized change; the float32 evaluation (even token by token) does not."""
     import copy as copy_
 
-    from decomp.decomposition import RealizedGain, step_updates
+    from decomp.realized import RealizedGain
+    from decomp.updates import step_updates
 
     p64 = make_problem(seed=14)
     model32 = copy_.deepcopy(p64.model).float()
@@ -380,7 +382,8 @@ def test_microbatched_J_side_gives_the_whole_batch_decomposition(optimizer):
     """J's gradient and both HVPs summed over row chunks (one chunk's graph at a time) give the
     whole-batch decomposition to float64 rounding, for chunk counts up to one row per chunk and
     beyond (empty chunks), with a held-out objective and with a row without response tokens."""
-    from decomp.decomposition import decompose_updates, step_updates
+    from decomp.decomposition import decompose_updates
+    from decomp.updates import step_updates
 
     problem = make_problem(seed=21, batch_size=6)
     b = problem.batch
@@ -406,7 +409,9 @@ def test_microbatched_J_side_gives_the_whole_batch_decomposition(optimizer):
 
 
 def test_microbatches_refuse_what_they_cannot_split():
-    from decomp.decomposition import EvaluationSide, decompose_updates, step_updates
+    from decomp.decomposition import decompose_updates
+    from decomp.evaluation import EvaluationSide
+    from decomp.updates import step_updates
 
     problem = make_problem(seed=22)
     obj = objectives(problem.model, problem.batch, Policy(), coef=0.4, clip=(0.2, 0.2))

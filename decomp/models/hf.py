@@ -139,7 +139,7 @@ def norms_in_float64(model: nn.Module) -> Iterator[None]:
     """Within this context the Llama-family RMSNorms of ``model`` (a ``variance_epsilon``
     attribute: Llama, Mistral, Qwen2 and kin) keep a float64 input in float64. Their own forward
     casts every input to float32 (meant for half precision), so a float64 forward — the realized
-    changes of :class:`decomp.decomposition.RealizedGain` — would be float32-limited at each norm;
+    changes of :class:`decomp.realized.RealizedGain` — would be float32-limited at each norm;
     other dtypes go to their own forward unchanged. Norms with another formula (Gemma's ``1 + w``)
     are left alone."""
     norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon")

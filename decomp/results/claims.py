@@ -1,4 +1,4 @@
-"""The paper's claims (arXiv 2605.28184; docs/method.md §8) checked against run data, each by a stated rule.
+"""The paper's claims (arXiv 2605.28184; docs/estimators.md §6) checked against run data, each by a stated rule.
 
 The unit of replication is the run (a seed of a regime): each claim summarises every run by one
 number, then tests the mean over runs with a two-sided 95% Student t-interval over runs

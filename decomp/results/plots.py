@@ -30,7 +30,6 @@ Figures (``FIGURES``):
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,22 @@ from decomp.results.rundata import (
     regimes_of,
     split_of,
 )
+from decomp.results.figstyle import (
+    TERM_LABELS,
+    band,
+    by_regime,
+    direction_records,
+    estimator_style,
+    figure_legend,
+    legend_note,
+    no_data,
+    regime_color,
+    robust_ylim,
+    save_figure,
+    sci_axis,
+    series,
+    symlog,
+)
 from decomp.results.stats import combine_runs, finite, fmt_interval, median
 from decomp.results.validate import (
     TARGET_NAMES,
@@ -57,189 +72,43 @@ from decomp.results.validate import (
     select_records,
     target_of,
 )
-from decomp.rules import RULES, estimator_rules
+from decomp.rules import estimator_rules
 from decomp.vocabulary import DIRECTIONS, TERMS
-
-REGIME_COLORS = {
-    "detach": "#0072B2",  # blue
-    "detach-inputs": "#56B4E9",  # sky blue
-    "ce": "#D55E00",  # vermillion
-    "policy": "#009E73",  # bluish green
-    "occ": "#CC79A7",  # reddish purple
-    "occ-tr": "#E69F00",  # orange
-    "oracle": "#000000",  # black
-    "cosine": "#F0E442",  # yellow
-    "frozen": "#999999",  # grey
-    "distill": "#882255",  # wine
-}
-TERM_LABELS = {
-    "correlation": "correlation C = ⟨∇J, δ⟩",
-    "cross": "cross term X = u_RLᵀHδ",
-    "penalty": "penalty P = −½δᵀHδ",
-}
-
-plt.rcParams.update({
-    "figure.dpi": 110, "savefig.dpi": 130, "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,
-    "legend.fontsize": 8, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
-    "axes.spines.right": False,
-})
-
-
-def _color(regime: str) -> str:
-    return REGIME_COLORS.get(regime, "#666666")
-
-
-def _by_regime(runs: list[Run]) -> dict[str, list[Run]]:
-    out: dict[str, list[Run]] = defaultdict(list)
-    for r in runs:
-        out[r.regime].append(r)
-    return out
-
-
-def _style(estimator: str, i: int = 0) -> tuple[str, str]:
-    """The estimator rule's ``(color, marker)`` (:mod:`decomp.rules`), else a grey of the palette."""
-    rule = RULES.get(estimator)
-    if rule is not None and rule.style is not None:
-        return rule.style
-    return (("#666666", "#999999", "#000000")[i % 3], "PXh*p"[i % 5])
-
-
-def _records(run: Run, direction: str) -> list[dict[str, Any]]:
-    """The run's records of ``direction`` on its preferred split (held-out when it has one)."""
-    return select_records(run, direction)[1]
-
-
-def _series(runs: list[Run], get: Callable[[Run], list[tuple[int, float]]]):
-    """Per step: mean and sd over the runs (seeds) that have a finite value there; a run's
-    several values at one step (several updates) are averaged first, so each run counts once."""
-    values: dict[int, list[float]] = defaultdict(list)
-    for run in runs:
-        per_step: dict[int, list[float]] = defaultdict(list)
-        for step, v in get(run):
-            if finite(v):
-                per_step[step].append(float(v))
-        for step, vs in per_step.items():
-            values[step].append(float(np.mean(vs)))
-    steps = np.array(sorted(values))
-    mean = np.array([np.mean(values[s]) for s in steps])
-    sd = np.array([np.std(values[s]) if len(values[s]) > 1 else 0.0 for s in steps])
-    return steps, mean, sd, max((len(v) for v in values.values()), default=0)
-
-
-def _band(ax, steps, mean, sd, color, label, style="-", marker=None, smooth: int = 1) -> None:
-    """Mean line (± sd band across seeds). With ``smooth > 1`` the raw means are drawn faint and
-    a centred rolling median over ``smooth`` points bold: single updates are noisy and
-    heavy-tailed, and a median is not dragged by one outlier."""
-    if steps.size == 0:
-        return
-    if smooth > 1 and steps.size >= smooth:
-        ax.plot(steps, mean, style, color=color, lw=0.7, alpha=0.35)
-        windows = np.lib.stride_tricks.sliding_window_view(mean, smooth)
-        ax.plot(steps[smooth // 2 : steps.size - (smooth - 1) // 2], np.median(windows, axis=1), style,
-                color=color, label=label, lw=1.8)
-    else:
-        ax.plot(steps, mean, style, color=color, label=label, lw=1.4, marker=marker, ms=3)
-    if np.any(sd > 0):
-        ax.fill_between(steps, mean - sd, mean + sd, color=color, alpha=0.15, lw=0)
-
-
-def _symlog(ax, axis: str, linthresh: float, values, per_side: int = 3) -> None:
-    """A symlog axis with at most ``per_side`` decade ticks on each side of 0 (none inside the
-    linear region), so labels never collide."""
-    vals = np.abs(np.asarray([v for v in values if np.isfinite(v)], dtype=float))
-    top = int(np.ceil(np.log10(max(vals.max(), linthresh * 10)))) if vals.size else 1
-    low = int(np.floor(np.log10(linthresh))) + 1
-    step = max(1, int(np.ceil((top - low + 1) / per_side)))
-    decades = [10.0**k for k in range(top, low - 1, -step)]
-    ticks = sorted([-d for d in decades] + [0.0] + decades)
-    (ax.set_xscale if axis == "x" else ax.set_yscale)("symlog", linthresh=linthresh)
-    (ax.set_xticks if axis == "x" else ax.set_yticks)(ticks)
-    ax.tick_params(axis=axis, which="minor", length=0)
-
-
-def _legend_note(runs: list[Run]) -> str:
-    seeds = _by_regime(runs)
-    counts = {len(v) for v in seeds.values()}
-    if counts == {1}:
-        return "one seed per regime"
-    return "mean ± sd over seeds"
-
-
-def _save(fig, out: Path, name: str, pdf: bool) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{name}.png"]
-    fig.savefig(paths[0], bbox_inches="tight")
-    if pdf:
-        paths.append(out / f"{name}.pdf")
-        fig.savefig(paths[1], bbox_inches="tight")
-    plt.close(fig)
-    return paths
-
-
-def _figure_legend(fig, handles, labels, y: float, **kwargs) -> None:
-    """A legend above the panels; nothing when there is nothing to label."""
-    if labels:
-        fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 7), frameon=False,
-                   bbox_to_anchor=(0.5, y), **kwargs)
-
-
-def _no_data(ax, what: str) -> None:
-    ax.text(0.5, 0.5, f"no {what} in these runs", ha="center", va="center", transform=ax.transAxes, color="gray")
-
-
-def _sci(ax) -> None:
-    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3), useMathText=True)
-
-
-def _robust_ylim(ax, values: list[float], q: float = 2.0) -> bool:
-    """Limit the y-axis to the [q, 100−q] percentiles of ``values`` (plus margin) when a few
-    outliers would otherwise flatten everything; return whether it clipped."""
-    vals = np.asarray([v for v in values if np.isfinite(v)], dtype=float)
-    if vals.size < 20:
-        return False
-    lo, hi = np.percentile(vals, [q, 100 - q])
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    pad = 0.15 * (hi - lo) or 1e-12
-    if vals.min() >= lo - pad and vals.max() <= hi + pad:
-        return False
-    ax.set_ylim(lo - pad, hi + pad)
-    return True
-
 
 SMOOTH = 5  # instrumented updates in the rolling median of the term plots
 
 
 def _field(direction: str, key: str) -> Callable[[Run], list[tuple[int, float]]]:
     """A run's ``(step, record[key])`` of ``direction`` on its preferred split."""
-    return lambda run: [(r["step"], r.get(key)) for r in _records(run, direction)]
+    return lambda run: [(r["step"], r.get(key)) for r in direction_records(run, direction)]
 
 
 def _term_panel(ax, groups: dict[str, list[Run]], direction: str, key: str) -> bool:
     raw: list[float] = []
     for regime, rs in groups.items():
-        steps, mean, sd, _ = _series(rs, _field(direction, key))
-        _band(ax, steps, mean, sd, _color(regime), regime, smooth=SMOOTH)
+        steps, mean, sd, _ = series(rs, _field(direction, key))
+        band(ax, steps, mean, sd, regime_color(regime), regime, smooth=SMOOTH)
         raw += list(mean)
     ax.axhline(0, color="black", lw=0.6)
     ax.set_title(TERM_LABELS[key])
     ax.set_ylabel("ΔJ (reward units)")
-    _sci(ax)
-    return _robust_ylim(ax, raw)
+    sci_axis(ax)
+    return robust_ylim(ax, raw)
 
 
 def _delta_panel(ax, groups: dict[str, list[Run]], direction: str) -> bool:
     raw: list[float] = []
     for regime, rs in groups.items():
-        steps, mean, sd, _ = _series(rs, _field(direction, "realized"))
-        _band(ax, steps, mean, sd, _color(regime), f"{regime} realized", smooth=SMOOTH)
+        steps, mean, sd, _ = series(rs, _field(direction, "realized"))
+        band(ax, steps, mean, sd, regime_color(regime), f"{regime} realized", smooth=SMOOTH)
         raw += list(mean)
-        steps, mean, sd, _ = _series(rs, _field(direction, "predicted"))
-        _band(ax, steps, mean, 0 * sd, _color(regime), f"{regime} predicted", style=":", smooth=SMOOTH)
+        steps, mean, sd, _ = series(rs, _field(direction, "predicted"))
+        band(ax, steps, mean, 0 * sd, regime_color(regime), f"{regime} predicted", style=":", smooth=SMOOTH)
     ax.axhline(0, color="black", lw=0.6)
     ax.set_title("ΔJ_MTP: realized (solid) vs predicted C + X − P (dotted)")
     ax.set_ylabel("ΔJ (reward units)")
-    _sci(ax)
-    return _robust_ylim(ax, raw)
+    sci_axis(ax)
+    return robust_ylim(ax, raw)
 
 
 def _splits_note(runs: list[Run], direction: str) -> str:
@@ -249,7 +118,7 @@ def _splits_note(runs: list[Run], direction: str) -> str:
 
 def plot_terms(runs: list[Run], direction: str):
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.4), sharex=True)
-    groups = _by_regime(runs)
+    groups = by_regime(runs)
     clipped = False
     for ax, key in zip(axes.flat[:3], TERMS, strict=True):
         clipped |= _term_panel(ax, groups, direction, key)
@@ -257,13 +126,13 @@ def plot_terms(runs: list[Run], direction: str):
     for ax in axes[1]:
         ax.set_xlabel("RL step")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    _figure_legend(fig, handles, labels, 1.0)
+    figure_legend(fig, handles, labels, 1.0)
     if not any(run.records(direction) for run in runs):
         for ax in axes.flat:
-            _no_data(ax, f"{direction}-direction records")
+            no_data(ax, f"{direction}-direction records")
     note = "; y-range: 2–98% quantiles, outliers cut off" if clipped else ""
     fig.suptitle(f"Decomposition of the MTP effect, {direction} direction, {_splits_note(runs, direction)}\n"
-                 f"({_legend_note(runs)}; faint: each instrumented update, bold: rolling median of {SMOOTH}{note})",
+                 f"({legend_note(runs)}; faint: each instrumented update, bold: rolling median of {SMOOTH}{note})",
                  y=1.06)
     fig.tight_layout()
     return fig
@@ -274,8 +143,8 @@ def _lambda_panel(ax, rs: list[Run]) -> list[float]:
     drawn: list[float] = []
     for key, color, label, marker in (("lambda_hat", "#E69F00", "realized optimum λ̂", "s"),
                                       ("lambda_star", "black", "quadratic model's λ*", "o")):
-        steps, mean, sd, _ = _series(rs, _field("policy", key))
-        _band(ax, steps, mean, sd, color, label, marker=marker)
+        steps, mean, sd, _ = series(rs, _field("policy", key))
+        band(ax, steps, mean, sd, color, label, marker=marker)
         drawn += list(mean)
     ax.axhline(0, color="black", lw=0.6)
     return drawn
@@ -285,12 +154,12 @@ def _estimate_panel(ax, rs: list[Run], regime: str, names: list[str]) -> list[fl
     """Every estimator of the policy direction, and the λ an occ run applied (estimator units)."""
     drawn: list[float] = []
     if regime == "occ":
-        steps, mean, _, _ = _series(rs, lambda run: [(m["step"], m.get("mtp_coef")) for m in run.metrics if m["step"] > 0])
-        ax.plot(steps, mean, "-", color=_color("occ"), lw=0.8, alpha=0.8, label="λ applied by the occ run (its estimate)")
+        steps, mean, _, _ = series(rs, lambda run: [(m["step"], m.get("mtp_coef")) for m in run.metrics if m["step"] > 0])
+        ax.plot(steps, mean, "-", color=regime_color("occ"), lw=0.8, alpha=0.8, label="λ applied by the occ run (its estimate)")
         drawn += list(mean)
     for i, est in enumerate(names):
-        color, marker = _style(est, i)
-        steps, mean, _, _ = _series(rs, _field("policy", f"coef_{est}"))
+        color, marker = estimator_style(est, i)
+        steps, mean, _, _ = series(rs, _field("policy", f"coef_{est}"))
         ax.plot(steps, mean, marker, color=color, ms=3.5, alpha=0.85, ls="none", label=est)
         drawn += list(mean)
     ax.axhline(0, color="black", lw=0.6)
@@ -304,11 +173,11 @@ def _unique_legend(fig, axes, y: float) -> None:
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    _figure_legend(fig, handles, labels, y)
+    figure_legend(fig, handles, labels, y)
 
 
 def plot_coefficients(runs: list[Run]):
-    groups = _by_regime(runs)
+    groups = by_regime(runs)
     n = max(len(groups), 1)
     names = estimator_names(r for run in runs for r in run.records("policy"))
     fig, axes = plt.subplots(2, n, figsize=(3.6 * n + 0.6, 6.6), sharex="col", sharey="row", squeeze=False)
@@ -320,10 +189,10 @@ def plot_coefficients(runs: list[Run]):
         axes[0, col].set_title(f"{regime} run")
         axes[1, col].set_xlabel("RL step")
     for ax in axes[0]:
-        _symlog(ax, "y", 1e-3, lam)
+        symlog(ax, "y", 1e-3, lam)
     nonzero = [abs(v) for v in est if finite(v) and v != 0]
     for ax in axes[1]:
-        _symlog(ax, "y", float(np.percentile(nonzero, 10)) if nonzero else 1e-4, est)
+        symlog(ax, "y", float(np.percentile(nonzero, 10)) if nonzero else 1e-4, est)
     axes[0, 0].set_ylabel("λ units (symlog)")
     axes[1, 0].set_ylabel("estimate, estimator units ∝ c·lr\n(not λ units; symlog)")
     _unique_legend(fig, axes[0], 1.04)
@@ -343,7 +212,7 @@ def _rank_points(runs: list[Run], est: str, target: str) -> tuple[np.ndarray, np
     """Each run's records as (rank of the target, rank of the estimate) within the run."""
     xs, ys, regs = [], [], []
     for run in runs:
-        rows = [r for r in _records(run, "policy") if finite(r.get(target)) and finite(r.get(f"coef_{est}"))]
+        rows = [r for r in direction_records(run, "policy") if finite(r.get(target)) and finite(r.get(f"coef_{est}"))]
         tgt = np.array([r[target] for r in rows], dtype=float)
         val = np.array([r[f"coef_{est}"] for r in rows], dtype=float)
         if len(rows) < 2 or np.ptp(tgt) == 0 or np.ptp(val) == 0:
@@ -359,7 +228,7 @@ def _rank_panel(ax, runs: list[Run], groups: list[list[dict[str, Any]]], est: st
     for regime in regimes_of(runs):
         sel = np.array([g == regime for g in regs], dtype=bool)
         if sel.any():
-            ax.scatter(x[sel], y[sel], s=12, color=_color(regime), alpha=0.75, label=regime, edgecolors="none")
+            ax.scatter(x[sel], y[sel], s=12, color=regime_color(regime), alpha=0.75, label=regime, edgecolors="none")
     ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--")
     rho = estimator_stats(groups, est, target)["spearman"]
     ax.set_title(f"{est}\nρ within runs {fmt_interval(rho)}\n{rho['n_runs']} runs, {rho['n_records']} records",
@@ -369,7 +238,7 @@ def _rank_panel(ax, runs: list[Run], groups: list[list[dict[str, Any]]], est: st
 
 
 def plot_proxy_vs_exact(runs: list[Run]):
-    groups = [g for g in (_records(run, "policy") for run in runs) if g]
+    groups = [g for g in (direction_records(run, "policy") for run in runs) if g]
     target = target_of(groups)
     names = estimator_names(r for g in groups for r in g) or list(estimator_rules())
     fig, axes = plt.subplots(1, len(names), figsize=(3.3 * len(names), 3.9), squeeze=False, sharey=True)
@@ -378,7 +247,7 @@ def plot_proxy_vs_exact(runs: list[Run]):
         ax.set_xlabel(f"rank of {'λ̂' if target == 'lambda_hat' else 'λ*'} within its run")
     axes[0, 0].set_ylabel("rank of the estimate within its run")
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    _figure_legend(fig, handles, labels, 1.02, title="run regime (points: instrumented updates; dashed: same rank)",
+    figure_legend(fig, handles, labels, 1.02, title="run regime (points: instrumented updates; dashed: same rank)",
                    title_fontsize=8)
     fig.suptitle(f"Estimators against {TARGET_NAMES[target]}, policy direction: ranks within each run "
                  "(scale-free; 95% interval: run bootstrap)", y=1.16)
@@ -389,7 +258,7 @@ def plot_proxy_vs_exact(runs: list[Run]):
 def _efficiency_columns(runs: list[Run]) -> tuple[str, list[tuple[str, list[float], int]]]:
     """Per estimator (and λ*): the median efficiency of each run and the records behind them;
     realized efficiency where records carry λ̂, else the quadratic model's."""
-    groups = [g for g in (_records(run, "policy") for run in runs) if g]
+    groups = [g for g in (direction_records(run, "policy") for run in runs) if g]
     realized = any("gain_hat" in r for g in groups for r in g)
     get = realized_efficiency if realized else model_efficiency
     columns = []
@@ -413,7 +282,7 @@ def plot_efficiency(runs: list[Run]):
         labels.append(f"{est}\n({comb['n_runs']} runs,\n{n_records} rec.)")
         if vals.size:
             jitter = np.random.default_rng(i).uniform(-0.15, 0.15, vals.size)
-            ax.scatter(i + jitter, vals, s=14, alpha=0.7, color=_style(est, i)[0] if est != "λ*" else "black",
+            ax.scatter(i + jitter, vals, s=14, alpha=0.7, color=estimator_style(est, i)[0] if est != "λ*" else "black",
                        edgecolors="none")
             lo, hi = comb["low"], comb["high"]
             if finite(lo) and finite(hi):
@@ -428,7 +297,7 @@ def plot_efficiency(runs: list[Run]):
                  "95% run-bootstrap interval)", fontsize=9)
     ax.legend(loc="lower left", fontsize=7)
     if not columns:
-        _no_data(ax, "estimator efficiencies")
+        no_data(ax, "estimator efficiencies")
     fig.tight_layout()
     return fig
 
@@ -460,7 +329,7 @@ def plot_quadratic_check(runs: list[Run]):
         # the model is a parabola through 0: recover its coefficients from the recorded points
         nz = lam != 0
         a, b = np.polyfit(lam[nz], quad_pts[nz] / lam[nz], 1) if nz.sum() >= 2 else (0.0, 0.0)
-        ax.plot(dense, a * dense * dense + b * dense, color=_color(run.regime), lw=1.5, label="quadratic model")
+        ax.plot(dense, a * dense * dense + b * dense, color=regime_color(run.regime), lw=1.5, label="quadratic model")
         ax.scatter(lam, real, s=16, color="black", zorder=3, label="real AdamW step")
         if finite(sw.get("lambda_star")):
             ax.axvline(sw["lambda_star"], color="gray", ls="--", lw=0.8, label="λ*")
@@ -470,7 +339,7 @@ def plot_quadratic_check(runs: list[Run]):
         ax.set_title(f"{run.regime} s{run.seed}, step {sw['step']}")
         ax.set_xlabel("coefficient λ")
         ax.set_ylabel("ΔJ_MTP")
-        _sci(ax)
+        sci_axis(ax)
     for ax in list(axes.flat)[len(picks):]:
         ax.set_axis_off()
     axes.flat[0].legend(loc="best", fontsize=7)
@@ -481,7 +350,7 @@ def plot_quadratic_check(runs: list[Run]):
 
 def plot_training(runs: list[Run]):
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    groups = _by_regime(runs)
+    groups = by_regime(runs)
     specs = [("reward_mean", "mean reward (rollouts, 10-step mean)", 10), ("accuracy", "held-out greedy accuracy", 1),
              ("mtp_acceptance", "MTP acceptance (10-step mean)", 10)]
     for ax, (key, title, window) in zip(axes, specs, strict=True):
@@ -494,24 +363,24 @@ def plot_training(runs: list[Run]):
                     return list(zip(steps[w - 1 :], vals, strict=True))
                 return pts
 
-            steps, mean, sd, _ = _series(rs, get)
-            _band(ax, steps, mean, sd, _color(regime), regime)
+            steps, mean, sd, _ = series(rs, get)
+            band(ax, steps, mean, sd, regime_color(regime), regime)
         ax.set_title(title)
         ax.set_xlabel("RL step")
         ax.set_ylabel("fraction")
     axes[0].legend(loc="best")
-    fig.suptitle(f"Training ({_legend_note(runs)})", y=1.02)
+    fig.suptitle(f"Training ({legend_note(runs)})", y=1.02)
     fig.tight_layout()
     return fig
 
 
 def plot_curvature(runs: list[Run]):
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    groups = _by_regime(runs)
+    groups = by_regime(runs)
     for regime, rs in groups.items():
         for key, style in (("eigenvalue_max", "-"), ("eigenvalue_min", "--")):
-            steps, mean, sd, _ = _series(rs, lambda run, k=key: [(c["step"], c[k]) for c in run.curvature])
-            _band(axes[0], steps, mean, sd, _color(regime), regime if key.endswith("max") else None, style=style,
+            steps, mean, sd, _ = series(rs, lambda run, k=key: [(c["step"], c[k]) for c in run.curvature])
+            band(axes[0], steps, mean, sd, regime_color(regime), regime if key.endswith("max") else None, style=style,
                   marker="o")
     axes[0].axhline(0, color="black", lw=0.5)
     axes[0].set_yscale("symlog", linthresh=1.0)
@@ -522,23 +391,23 @@ def plot_curvature(runs: list[Run]):
         for regime, rs in groups.items():
             def rq(run, d=direction):
                 pts = []
-                for r in _records(run, d):
+                for r in direction_records(run, d):
                     n = r.get("displacement_norm")
                     if finite(n) and n > 0:
                         pts.append((r["step"], -2.0 * r["penalty"] / (n * n)))
                 return pts
 
-            steps, mean, sd, _ = _series(rs, rq)
-            _band(ax, steps, mean, sd, _color(regime), None, marker="o")
+            steps, mean, sd, _ = series(rs, rq)
+            band(ax, steps, mean, sd, regime_color(regime), None, marker="o")
         ax.axhline(0, color="black", lw=0.5)
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.set_title(f"Rayleigh quotient δᵀHδ/δᵀδ\nof the {direction} MTP displacement")
         ax.set_xlabel("RL step")
         ax.set_ylabel("curvature of J along δ (symlog)")
     handles, labels = axes[0].get_legend_handles_labels()
-    _figure_legend(fig, handles, labels, 1.02, title="run regime", title_fontsize=8)
+    figure_legend(fig, handles, labels, 1.02, title="run regime", title_fontsize=8)
     if not any(run.curvature for run in runs):
-        _no_data(axes[0], "eigenvalue records")
+        no_data(axes[0], "eigenvalue records")
     fig.suptitle("Curvature of J: the ends of the spectrum, and where the MTP displacement sits", y=1.1)
     fig.tight_layout()
     return fig
@@ -559,5 +428,5 @@ def make_figures(runs: list[Run], out: Path, pdf: bool = False) -> list[Path]:
     """Write every figure of ``FIGURES`` to ``out`` (PNG, and PDF with ``pdf``); return the paths."""
     written: list[Path] = []
     for name, fn in FIGURES.items():
-        written += _save(fn(runs), Path(out), name, pdf)
+        written += save_figure(fn(runs), Path(out), name, pdf)
     return written

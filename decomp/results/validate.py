@@ -1,4 +1,4 @@
-"""OCC estimators against the realized optimal coefficient ``λ̂``, run by run (docs/method.md §4).
+"""OCC estimators against the realized optimal coefficient ``λ̂``, run by run (docs/estimators.md §4).
 
 The unit of replication is the run: every statistic is computed within each run, then the
 per-run values are averaged over runs (each run counts once) with a 95% percentile interval

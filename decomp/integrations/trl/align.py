@@ -158,7 +158,7 @@ def rollout_batch(inputs: dict[str, Any], current_logp: Tensor | None = None) ->
 
 @contextmanager
 def plain_forward(lm: nn.Module) -> Iterator[None]:
-    """The LM in eval mode (docs/method.md §5: no dropout in measurements), without activation
+    """The LM in eval mode (docs/engineering.md §7: no dropout in measurements), without activation
     checkpointing and without the input-embedding ``requires_grad_`` hook that the Trainer adds
     for checkpointing — neither works inside ``torch.func`` transforms; all restored after."""
     was_training = lm.training

@@ -1,0 +1,139 @@
+"""``J``'s side of a step: the second-order pass on one evaluation objective and the terms it
+gives (docs/method.md §3.2): ``C₁, X₁, P₁, C, X, P`` from ``∇J`` and the Hessian's quadratic forms
+along the step's updates, over the whole batch or summed over row chunks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from decomp.checks import Params, scalar_function
+from decomp.curvature import DEFAULT_HVP_METHOD, HVPMethod, dot, dots, math_attention, second_order
+from decomp.updates import StepUpdates, finite_norm
+
+
+class QuadraticForms(NamedTuple):
+    """The Hessian's quadratic forms one evaluation side needs (``H = ∇²J``); the last two only
+    for a nonlinear optimizer (``nan`` otherwise). They add over row chunks of ``J``."""
+
+    cross_unit_form: float  # u_RL·Hδ₁
+    unit_form: float  # δ₁·Hδ₁
+    cross_form: float = math.nan  # u_RL·Hδ
+    displacement_form: float = math.nan  # δ·Hδ
+
+    def plus(self, other: QuadraticForms) -> QuadraticForms:
+        return QuadraticForms(*(a + b for a, b in zip(self, other, strict=True)))
+
+
+class Terms(NamedTuple):
+    """The decomposition's terms at unit coefficient and at the step's ``λ`` (docs/method.md §3.2)."""
+
+    correlation_unit: float  # C₁ = ⟨g, δ₁⟩
+    cross_unit: float  # X₁ = u_RLᵀHδ₁
+    penalty_unit: float  # P₁ = −½δ₁ᵀHδ₁
+    correlation: float  # C = ⟨g, δ⟩
+    cross: float  # X = u_RLᵀHδ
+    penalty: float  # P = −½δᵀHδ
+
+
+def _quadratic_forms(rl: Any, step: StepUpdates) -> QuadraticForms:
+    """The :class:`QuadraticForms` from the HVPs of ``rl``; each product is freed before the next."""
+    u_rl, updates = step.updates.update_rl, step.updates
+    forms = []
+    for v in (updates.unit_displacement,) if step.optimizer.linear else (updates.unit_displacement,
+                                                                          updates.displacement):
+        h_v = rl.hvp(v)
+        forms += dots([(u_rl, h_v), (v, h_v)])
+        del h_v
+    return QuadraticForms(*forms)
+
+
+def _terms(g: Params, forms: QuadraticForms, step: StepUpdates) -> Terms:
+    """The :class:`Terms` from ``∇J`` and the quadratic forms (for a linear optimizer ``δ = λδ₁``,
+    so ``C``, ``X``, ``P`` follow from the unit terms)."""
+    delta, delta1 = step.updates.displacement, step.updates.unit_displacement
+    x1, p1 = forms.cross_unit_form, -0.5 * forms.unit_form + 0.0  # + 0.0: report 0, not -0
+    if step.optimizer.linear:
+        lam, c1 = step.coef, dot(g, delta1)
+        return Terms(c1, x1, p1, lam * c1, lam * x1, lam * lam * p1 + 0.0)
+    c1, c = dots([(g, delta1), (g, delta)])
+    return Terms(c1, x1, p1, c, forms.cross_form, -0.5 * forms.displacement_form + 0.0)
+
+
+@dataclass
+class EvaluationSide:
+    """``J``'s side of one evaluation objective at ``θ``, shareable by every direction measured at
+    one update (they share ``θ`` and ``u_RL``; only ``δ`` and ``δ₁`` differ): the second-order
+    pass (value, gradient, HVP callable) and the realized change of the RL step alone.
+
+    Holding it keeps ``J``'s second-order graph alive: memory traded for one pass per direction.
+    """
+
+    objective: Callable[[Params], Tensor]
+    name: str
+    rl: Any  # decomp.curvature.SecondOrder
+    grad_norm: float
+    realized_rl: float | None = None  # J(θ + u_RL) − J(θ), set by the first direction
+
+    @classmethod
+    def at(cls, objective: Callable[[Params], Tensor], theta: Params, devices: list[int], *,
+           hvp_method: HVPMethod = DEFAULT_HVP_METHOD, name: str = "eval_objective") -> EvaluationSide:
+        J = scalar_function(objective, name)
+        with torch.random.fork_rng(devices=devices), math_attention():
+            rl = second_order(J, theta, method=hvp_method, name=name)
+        return cls(objective, name, rl, _checked_grad_norm(name, float(rl.value), rl.grad))
+
+
+def _checked_grad_norm(name: str, value: float, grad: Params) -> float:
+    """``‖∇J‖``, once ``J``'s value and gradient are checked finite."""
+    if not math.isfinite(value):
+        raise ValueError(f"{name} returned a non-finite value ({value})")
+    return finite_norm(grad, f"the gradient of {name}")
+
+
+def whole_side(objective: Callable[[Params], Tensor], step: StepUpdates, side: EvaluationSide | None,
+                hvp_method: HVPMethod, name: str) -> tuple[StepUpdates, EvaluationSide, float, Params, Terms]:
+    """``J``'s value, gradient and the six terms from one second-order pass over the whole batch
+    (``side``'s, else one built here and freed before the realized evaluations)."""
+    own = side is None
+    if own:
+        side = EvaluationSide.at(objective, step.theta, step.devices, hvp_method=hvp_method, name=name)
+    rl = side.rl
+    with torch.random.fork_rng(devices=step.devices), math_attention():
+        if step.updates is None:
+            step = step.completed(rl.grad)
+        terms = _terms(rl.grad, _quadratic_forms(rl, step), step)
+    if own:
+        side.rl = None  # frees J's second-order graph
+    return step, side, float(rl.value), rl.grad, terms
+
+
+def microbatched_side(objective: Callable[[Params], Tensor], step: StepUpdates, parts: int, hvp_method: HVPMethod,
+                       name: str) -> tuple[EvaluationSide, float, Params, Terms]:
+    """``J``'s value, gradient and the six terms summed over row chunks ``J = Σ_c J_c``
+    (``objective.split(parts)``): ``∇J = Σ_c ∇J_c`` and ``vᵀHw = Σ_c vᵀH_c w`` exactly, with
+    one chunk's second-order graph alive at a time (its memory ÷ ``parts``; more passes, each
+    smaller). ``C₁ = ⟨∇J, δ₁⟩`` and ``C`` are formed once the gradient is summed."""
+    if step.updates is None:
+        raise ValueError("microbatches > 1 needs the updates before J's side: give rl_loss, or an eval_objective")
+    if not callable(getattr(objective, "split", None)):
+        raise ValueError(f"microbatches > 1 needs an objective with split() (decomp.objectives.ImportanceObjective); "
+                         f"{name} has none")
+    value, g, forms = 0.0, None, None
+    with torch.random.fork_rng(devices=step.devices), math_attention():
+        for part in objective.split(parts):
+            rl = second_order(part, step.theta, method=hvp_method, name=name)
+            value += float(rl.value)
+            if g is None:
+                g, forms = rl.grad, _quadratic_forms(rl, step)
+            else:
+                torch._foreach_add_(list(g.values()), [rl.grad[k] for k in g])
+                forms = forms.plus(_quadratic_forms(rl, step))
+            del rl
+    side = EvaluationSide(objective, name, None, _checked_grad_norm(name, value, g))
+    return side, value, g, _terms(g, forms, step)

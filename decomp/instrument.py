@@ -225,7 +225,7 @@ def instrument_update(
     sweep: bool = False,
     curvature: bool = False,
     rl_loss_of_logp: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> Instrumented:
+) -> Instrumented:  # long only by its docstring and keyword arguments: every option documented here
     """One decomposition record per direction and split for the coming update; with
     ``sweep``/``curvature``, the sweeps and eigenvalues too (module docstring).
 

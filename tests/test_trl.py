@@ -712,3 +712,22 @@ def test_decomp_run_json_is_replaced_atomically(tiny_checkpoint, tmp_path, monke
     monkeypatch.undo()
     assert (out / "decomp_run.json").read_text() == run
     assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES)  # no temporary file left behind
+
+
+def test_the_callback_reads_the_trainer_through_its_interface_only(tiny_checkpoint, tmp_path):
+    """The TRL modules import in one direction: the callback, installed by the trainer, knows it
+    only as a MeasuredTrainer, and the trainer provides every member of that interface."""
+    import ast
+    import inspect as inspect_
+
+    import decomp.integrations.trl.callback as callback
+    from decomp.integrations.trl.interface import MeasuredTrainer
+
+    imported = {n.module for n in ast.walk(ast.parse(inspect_.getsource(callback))) if isinstance(n, ast.ImportFrom)}
+    assert "decomp.integrations.trl.trainer" not in imported
+    assert "._metrics" not in inspect_.getsource(callback)
+    trainer = make_trainer(tiny_checkpoint, tmp_path, MTPConfig(regime="ce"))
+    members = set(MeasuredTrainer.__annotations__) | {n for n in vars(MeasuredTrainer) if not n.startswith("_")}
+    assert members and all(hasattr(trainer, name) for name in members), sorted(m for m in members if not hasattr(trainer, m))
+    trainer.log_metric("decomp/test", 2.5)
+    assert trainer.last_logged("decomp/test") == 2.5 and trainer.last_logged("absent") is None

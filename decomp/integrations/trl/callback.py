@@ -13,7 +13,7 @@ import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import trl
@@ -24,6 +24,7 @@ from decomp import __version__
 from decomp.instrument import instrument_update
 from decomp.integrations.trl.align import MTPModelView, plain_forward, rollout_batch
 from decomp.integrations.trl.heldout import heldout_batch
+from decomp.integrations.trl.interface import MeasuredTrainer
 from decomp.integrations.trl.loss import trl_rl_loss
 from decomp.integrations.trl.support import unsupported_loss_settings
 from decomp.runlog import (
@@ -37,8 +38,6 @@ from decomp.runlog import (
     write_json,
 )
 
-if TYPE_CHECKING:
-    from decomp.integrations.trl.trainer import MTPGRPOTrainer
 
 
 def metric_name(record: dict[str, Any], key: str) -> str:
@@ -55,10 +54,11 @@ def metric_name(record: dict[str, Any], key: str) -> str:
 
 class DecompositionCallback(TrainerCallback):
     """Writes the decomp run directory and, every ``every`` optimizer steps, the exact
-    decomposition of the coming step (module docstring). Installed by :class:`MTPGRPOTrainer`.
+    decomposition of the coming step (module docstring). Installed by the MTP trainer, which it
+    reads through :class:`~decomp.integrations.trl.interface.MeasuredTrainer`.
     """
 
-    def __init__(self, trainer: MTPGRPOTrainer, every: int = 0) -> None:
+    def __init__(self, trainer: MeasuredTrainer, every: int = 0) -> None:
         if every < 0:
             raise ValueError(f"every must be >= 0, got {every}")
         self.trainer = trainer
@@ -135,7 +135,7 @@ class DecompositionCallback(TrainerCallback):
             self._writers["decomposition"].write({"step": step, "regime": tr.regime.name, **record})
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    tr._metrics["train"][metric_name(record, key)].append(float(value))
+                    tr.log_metric(metric_name(record, key), float(value))
         self._decomp_seconds += time.perf_counter() - start
 
     @property
@@ -186,9 +186,9 @@ class DecompositionCallback(TrainerCallback):
         applied = self.trainer.pop_step_mtp()
         if not self._main() or "metrics" not in self._writers:
             return
-        rewards = self.trainer._metrics["train"].get("reward")
-        if rewards:  # TRL appends one per generation batch and clears the list at each log
-            self._reward = float(rewards[-1])
+        reward = self.trainer.last_logged("reward")
+        if reward is not None:  # TRL logs one per generation batch and clears its log at each log
+            self._reward = reward
         self._writers["metrics"].write({
             "step": state.global_step, "regime": self.trainer.regime.name, "reward_mean": self._reward,
             "mtp_coef": applied["coef"], "mtp_loss": applied["loss"], "decomp_seconds": self._decomp_seconds,

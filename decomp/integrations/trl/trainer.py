@@ -209,6 +209,15 @@ class MTPGRPOTrainer(GRPOTrainer):
             getattr(self, "use_vllm", False) and getattr(self, "vllm_importance_sampling_correction", False)
         )
 
+    def log_metric(self, name: str, value: float) -> None:
+        """Append ``value`` to the training log under ``name`` (averaged by TRL at each log)."""
+        self._metrics["train"][name].append(value)
+
+    def last_logged(self, name: str) -> float | None:
+        """The last value logged under ``name`` since the last log, or ``None``."""
+        values = self._metrics["train"].get(name)
+        return float(values[-1]) if values else None
+
     def pop_step_mtp(self) -> dict[str, float]:
         """Mean applied ``λ`` and ``L_MTP`` over the micro-batches since the last call."""
         out = {k: (sum(v) / len(v) if v else math.nan) for k, v in self._step_mtp.items()}

@@ -386,3 +386,13 @@ def test_a_one_seed_report_says_what_it_can_conclude(tmp_path):
         write_run(tmp_path, "detach", seed, n=6)
         write_run(tmp_path, "occ", seed, n=6)
     assert scope_note(load_runs([tmp_path])) == []
+
+
+def test_a_run_directory_given_twice_counts_once(tmp_path):
+    for s in range(3):
+        write_run(tmp_path, "policy", s)
+    one = tmp_path / "policy-seed0"
+    assert one.is_dir()
+    (tmp_path / "link").symlink_to(one)
+    runs = load_runs([tmp_path, one, str(one) + "/", tmp_path / "link"])
+    assert sorted(r.seed for r in runs) == [0, 1, 2]

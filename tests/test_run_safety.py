@@ -253,3 +253,13 @@ def test_a_corrupt_warm_start_cache_is_retrained(tmp_path, monkeypatch):
     assert trained == [0, 0] and not info["cached"] and any("unreadable" in line for line in logs)
     state, info = warmstart.warm_start(model_cfg, task, 0, cfg, tmp_path, log=logs.append)
     assert info["cached"] and trained == [0, 0] and torch.equal(state["w"], torch.full((2,), 2.0))
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(finished, cli, cache):
+    saved = json.loads((finished / "config.json").read_text())
+    for field in ("sft_target_tolerance", "sft_max_steps"):  # settings this version added
+        del saved["config"][field]
+    (finished / "config.json").write_text(json.dumps(saved))
+    ok = cli("run", "--out", finished, "--resume", "--steps", "3", "--cache-dir", cache, "--no-progress")
+    assert ok.returncode == 0, ok.stderr
+    assert [m["step"] for m in read_jsonl(finished / "metrics.jsonl")] == [0, 1, 2, 3]

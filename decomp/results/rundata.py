@@ -314,7 +314,20 @@ def _run_dirs(paths: Iterable[Path]) -> list[Path]:
             found.extend(sorted(c for c in p.iterdir() if c.is_dir() and _run_file(c) is not None))
         else:
             warnings.warn(f"{p}: not a run directory (no config.json), skipping", stacklevel=3)
-    return found
+    return _once_each(found)
+
+
+def _once_each(dirs: list[Path]) -> list[Path]:
+    """``dirs`` without repeats of one folder (given twice, or once itself and once through its
+    parent, or through a link): a run counts once, whatever path names it."""
+    seen: set[Path] = set()
+    out = []
+    for d in dirs:
+        key = d.resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return out
 
 
 def config_problem(config: dict[str, Any]) -> str | None:

@@ -121,6 +121,8 @@ def check_not_locked(out: Path) -> None:
 
 
 def _config_diff(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    # a field the saved run does not have was added by a later decomp: the run had its default
+    a = {**asdict(TrainConfig()), **a}
     keys = sorted((set(a) | set(b)) - set(ignore))
     return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 

@@ -113,6 +113,9 @@ class InstrumentConfig:
                                       "are summed over chunks, one chunk's graph alive at a time (less memory, the "
                                       "same numbers up to rounding); 0: auto (the whole batch for the built-in "
                                       f"model, {AUTO_HVP_ROWS} for Hugging Face models)")
+    group_errors: bool = option(False, "records carry the sampling errors of their terms from the evaluation "
+                                "batch's prompt groups (J's side built group by group: more passes, each smaller; "
+                                "reference loop only)")
     sweep_every: int = option(50, "steps between coefficient sweeps, at the first instrumented update at or "
                               "after each multiple (0: never)")
     curvature_every: int = option(50, "steps between Hessian eigenvalue runs, at the first instrumented update "

@@ -37,7 +37,7 @@ from torch import Tensor
 from decomp import optim as cf_optim
 from decomp.checks import Params
 from decomp.curvature import DEFAULT_HVP_METHOD, HVPMethod, dots, math_attention
-from decomp.evaluation import EvaluationSide, Terms, microbatched_side, whole_side
+from decomp.evaluation import EvaluationSide, Terms, grouped_side, microbatched_side, whole_side
 from decomp.realized import RealizedGain
 from decomp.search import (
     DEFAULT_SEARCH_BOUND,
@@ -46,6 +46,7 @@ from decomp.search import (
     check_search,
     realized_optimum,
 )
+from decomp.uncertainty import group_errors
 from decomp.updates import OptimizerSpec, StepUpdates, step_updates
 
 
@@ -87,6 +88,19 @@ class Decomposition:
     lambda_hat_reason: str = "not searched"  # "" when λ̂ is an interior maximum
     search_evaluations: int = 0  # forward evaluations of J the search took
     gain_lambda_star: float = math.nan  # ΔJ(λ*), realized: how good the quadratic model's optimum is
+    # sampling errors from the prompt groups' contributions (``groups=``; else 0 groups and nan),
+    # docs/estimators.md §5 and :mod:`decomp.uncertainty`
+    n_groups: int = 0  # prompt groups of the evaluation batch
+    correlation_se: float = math.nan
+    cross_se: float = math.nan
+    penalty_se: float = math.nan
+    predicted_se: float = math.nan
+    realized_se: float = math.nan
+    correlation_unit_se: float = math.nan
+    cross_unit_se: float = math.nan
+    penalty_unit_se: float = math.nan
+    lambda_star_se: float = math.nan  # delete-one-group jackknife
+    noise_groups: float = math.nan  # groups at which C's signal equals its noise: G·SE(C)²/C²
 
     @property
     def moves_objective(self) -> bool:
@@ -197,15 +211,24 @@ def decompose_updates(
     realized_dtype: torch.dtype | None = None,
     side: EvaluationSide | None = None,
     microbatches: int = 1,
+    groups: list[Tensor] | None = None,
 ) -> StepMeasurement:
     """``J``'s side of :func:`measure_step` on ``objective`` (called ``name`` in errors) for
     updates built elsewhere; ``realized_dtype`` evaluates the realized changes (and the search)
     in that dtype (:class:`RealizedGain`). ``side``: an :class:`EvaluationSide` of the same
     objective at the same ``θ`` shared with other directions (else one is built and freed).
     ``microbatches > 1``: ``J``'s gradient and both HVPs summed over that many row chunks
-    (:func:`decomp.evaluation.microbatched_side`), for the memory of one chunk's second-order graph."""
+    (:func:`decomp.evaluation.microbatched_side`), for the memory of one chunk's second-order graph.
+    ``groups``: the row indices of each prompt group of the evaluation batch; ``J``'s side is then
+    built group by group (:func:`decomp.evaluation.grouped_side`, one group's graph at a time)
+    and the record carries the sampling errors of its terms (:mod:`decomp.uncertainty`)."""
     if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
         raise ValueError(f"microbatches must be a positive integer, got {microbatches!r}")
+    if groups is not None:
+        if side is not None:
+            raise ValueError("groups builds J's side group by group and cannot use a shared side")
+        measured = _grouped(step, objective, groups, hvp_method, name, realized_dtype)
+        return measured.searched(search_bound, search_evaluations, search_rtol) if search else measured
     if microbatches > 1:
         if side is not None:
             raise ValueError("microbatches > 1 builds J's side chunk by chunk and cannot use a shared side")
@@ -220,6 +243,20 @@ def decompose_updates(
     measured = StepMeasurement(_decomposition(step, side, g, j_value, terms, realized, hvp_method),
                                step, g, gain)
     return measured.searched(search_bound, search_evaluations, search_rtol) if search else measured
+
+
+def _grouped(step: StepUpdates, objective: Callable[[Params], Tensor], groups: list[Tensor], hvp_method: HVPMethod,
+             name: str, realized_dtype: torch.dtype | None) -> StepMeasurement:
+    """:func:`decompose_updates` with ``groups``: the terms and the realized change as sums of the
+    groups' contributions, and their sampling errors."""
+    grouped = grouped_side(objective, step, groups, hvp_method, name)
+    with torch.random.fork_rng(devices=step.devices), math_attention():
+        gain = RealizedGain(objective, step, realized_dtype)
+        realized, realized_parts = gain.at_with_parts(step.updates.displacement, grouped.row_sets)
+        grouped.side.realized_rl = gain.rl_step()
+    dec = _decomposition(step, grouped.side, grouped.grad, grouped.value, grouped.terms, realized, hvp_method)
+    errors = group_errors(grouped.group_terms, realized_parts, grouped.group_tokens)
+    return StepMeasurement(dataclasses.replace(dec, **errors), step, grouped.grad, gain)
 
 
 def _decomposition(step: StepUpdates, side: EvaluationSide, g: Params, j_value: float, terms: Terms,

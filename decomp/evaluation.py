@@ -137,3 +137,55 @@ def microbatched_side(objective: Callable[[Params], Tensor], step: StepUpdates, 
             del rl
     side = EvaluationSide(objective, name, None, _checked_grad_norm(name, value, g))
     return side, value, g, _terms(g, forms, step)
+
+
+@dataclass
+class GroupedSide:
+    """``J``'s side of one evaluation objective as a sum over its prompt groups: the whole-batch
+    value, gradient and terms (sums of the groups', as :func:`microbatched_side` forms them),
+    and each group's :class:`Terms` and response-token count (the groups' contributions, which
+    add to the whole; :mod:`decomp.uncertainty` turns them into standard errors)."""
+
+    side: EvaluationSide
+    value: float
+    grad: Params
+    terms: Terms
+    group_terms: list[Terms]
+    group_tokens: list[int]
+    row_sets: list[Tensor]
+
+
+def grouped_side(objective: Any, step: StepUpdates, row_sets: list[Tensor], hvp_method: HVPMethod,
+                 name: str) -> GroupedSide:
+    """One second-order pass per group (``objective.split_rows(row_sets)``), one group's graph
+    alive at a time. Group ``g``'s terms come from its own ``∇J_g`` and quadratic forms
+    (``C_g = ⟨∇J_g, δ⟩``, ``X_g = u_RLᵀH_gδ``, ...); every term is linear in ``J``, so the
+    groups' terms add to the whole batch's (up to rounding). Groups without a response token
+    contribute zeros."""
+    if step.updates is None:
+        raise ValueError("per-group terms need the updates before J's side: give rl_loss, or an eval_objective")
+    if not callable(getattr(objective, "split_rows", None)):
+        raise ValueError(f"per-group terms need an objective with split_rows() "
+                         f"(decomp.objectives.ImportanceObjective); {name} has none")
+    value, g, forms, group_terms, tokens = 0.0, None, None, [], []
+    zero = Terms(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    with torch.random.fork_rng(devices=step.devices), math_attention():
+        for idx, part in zip(row_sets, objective.split_rows(row_sets), strict=True):
+            tokens.append(int(objective.mask[idx].sum()))
+            if part is None:
+                group_terms.append(zero)
+                continue
+            rl = second_order(part, step.theta, method=hvp_method, name=name)
+            value += float(rl.value)
+            part_forms = _quadratic_forms(rl, step)
+            group_terms.append(_terms(rl.grad, part_forms, step))
+            if g is None:
+                g, forms = rl.grad, part_forms
+            else:
+                torch._foreach_add_(list(g.values()), [rl.grad[k] for k in g])
+                forms = forms.plus(part_forms)
+            del rl
+    if g is None:
+        raise ValueError(f"{name} has no response token in any group")
+    side = EvaluationSide(objective, name, None, _checked_grad_norm(name, value, g))
+    return GroupedSide(side, value, g, _terms(g, forms, step), group_terms, tokens, list(row_sets))

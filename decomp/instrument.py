@@ -115,7 +115,7 @@ def measure_direction(
     model: nn.Module, splits: dict[str, RolloutBatch], optimizer: torch.optim.Optimizer, regime: Regime,
     coef: float, shared: dict[str, Any], scale: float, loss: dict[str, Any], searched: tuple[str, ...],
     realized_dtype: torch.dtype | None = None, sides: dict[str, EvaluationSide] | None = None,
-    microbatches: int = 1, batched_jvp: bool = False,
+    microbatches: int = 1, batched_jvp: bool = False, group_errors: bool = False,
 ) -> list[tuple[dict[str, Any], StepMeasurement, Objectives]]:
     """One record per split for one direction: the updates from the training batch, ``J``'s
     side on each split (from ``sides`` when shared between directions), every estimator rule on
@@ -134,8 +134,9 @@ def measure_direction(
         side = (sides or {}).get(split)
         objective = side.objective if side is not None else split_obj.rl_objective
         search = split in searched
+        groups = split_batch.group_rows() if group_errors else None
         measured = decompose_updates(step, objective, realized_dtype=realized_dtype, side=side,
-                                     microbatches=microbatches)
+                                     microbatches=microbatches, groups=groups)
         if split == "train":  # every estimator on the training batch (deployable: no held-out data)
             ctx.provide("decomposition", measured.decomposition)
             estimates = {name: rule.value(ctx) for name, rule in estimator_rules().items()}
@@ -222,6 +223,7 @@ def instrument_update(
     share_second_order: bool = True,
     hvp_microbatch_rows: int | None = None,
     batched_jvp: bool = False,
+    group_errors: bool = False,
     sweep: bool = False,
     curvature: bool = False,
     rl_loss_of_logp: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -239,10 +241,12 @@ def instrument_update(
     sequences per chunk of it (:func:`decomp.decomposition.decompose_updates`' ``microbatches``;
     ``None``: the whole batch at once). ``batched_jvp`` computes the jvp estimators' two
     directional derivatives in one pass (:meth:`decomp.rules.UpdateContext.jvp`; for small models).
+    ``group_errors`` builds ``J``'s side group by group (the batches' ``groups``) and adds the
+    sampling errors of the terms to every record (:mod:`decomp.uncertainty`; no shared side then).
     """
     splits = evaluation_splits(model, batch, eval_batch)
     microbatches = microbatch_count(batch, hvp_microbatch_rows)
-    share_second_order = share_second_order and microbatches == 1
+    share_second_order = share_second_order and microbatches == 1 and not group_errors
     shared: dict[str, Any] = {}  # the update's log-probs, read by every direction's proxy rules
     loss = {"clip": clip, "kl_coef": kl_coef, "ref_logp": ref_logp, "rl_loss_of_logp": rl_loss_of_logp}
     sides, side_seconds = shared_sides(model, splits, regime, share_second_order)
@@ -258,7 +262,7 @@ def instrument_update(
             continue
         for record, measured, _ in measure_direction(model, splits, optimizer, reg, coefs[direction], shared,
                                                      scale, loss, search_splits, realized_dtype, sides,
-                                                     microbatches, batched_jvp):
+                                                     microbatches, batched_jvp, group_errors):
             record["seconds"] += side_seconds.pop(record["split"], 0.0)  # the shared pass, on its first user
             out.decompositions.append({"direction": direction, **record})
             if direction == "active":

@@ -54,6 +54,19 @@ class RolloutBatch:
     old_logp: Tensor  # [B, T-1]: main-head log-probs at rollout time
     response_start: int = 0  # aligned index where the response-shaped [B, T_resp] view begins
     attention_mask: Tensor | None = None  # [B, T]: real tokens (left-padded prompts), None: no padding
+    groups: Tensor | None = None  # [B] long: each row's prompt group (the independent unit), None: unknown
+
+    def group_rows(self) -> list[Tensor]:
+        """The row indices of each prompt group present (in order of first appearance); every row
+        its own group when ``groups`` is unknown."""
+        if self.groups is None:
+            return list(torch.arange(self.tokens.shape[0], device=self.tokens.device).split(1))
+        ids, order = [], {}
+        for row, g in enumerate(self.groups.tolist()):
+            order.setdefault(g, []).append(row)
+        for rows in order.values():
+            ids.append(torch.tensor(rows, dtype=torch.long, device=self.tokens.device))
+        return ids
 
     def response(self, t: Tensor) -> Tensor:
         """The response-shaped view ``t[:, response_start:]`` of an aligned ``[B, T−1]`` tensor
@@ -72,12 +85,15 @@ class RolloutBatch:
         check_finite(self.old_logp, "old_logp")
         if not 0 <= self.response_start < T - 1 or bool(self.mask[:, : self.response_start].any()):
             raise ValueError(f"response_start ({self.response_start}) must leave every response token in the view")
+        if self.groups is not None and tuple(self.groups.shape) != (B,):
+            raise ValueError(f"groups must be [B] = ({B},), got {tuple(self.groups.shape)}")
 
     def subset(self, idx: Tensor) -> RolloutBatch:
         """The rows ``idx`` of the batch."""
         return RolloutBatch(
             self.tokens[idx], self.mask[idx], self.advantages[idx], self.old_logp[idx], self.response_start,
             None if self.attention_mask is None else self.attention_mask[idx],
+            None if self.groups is None else self.groups[idx],
         )
 
 
@@ -145,16 +161,34 @@ class ImportanceObjective:
         second-order pass can hold one chunk's graph at a time."""
         if not isinstance(parts, int) or isinstance(parts, bool) or parts < 1:
             raise ValueError(f"parts must be a positive integer, got {parts!r}")
+        chunks = torch.arange(self.mask.shape[0], device=self.mask.device).tensor_split(parts)
+        return [part for part in self.split_rows(chunks) if part is not None]
+
+    def split_rows(self, row_sets: list[Tensor]) -> list[ImportanceObjective | None]:
+        """``J = Σ_s J_s`` over disjoint row sets covering the batch (e.g. its prompt groups),
+        ``J_s = (Σ M_s / Σ M)·J(rows s)``: every ``J_s`` keeps the batch's normaliser ``Σ M``, so
+        the parts add to ``J`` exactly; ``None`` for a set without a response token (its share is 0)."""
         if self.rows is None:
             raise ValueError("this objective was built without a row factory (rows=) and cannot be split")
         total = int(self.mask.sum())
-        out = []
-        for idx in torch.arange(self.mask.shape[0], device=self.mask.device).tensor_split(parts):
+        out: list[ImportanceObjective | None] = []
+        for idx in row_sets:
             mask = self.mask[idx]
-            if bool(mask.any()):
-                out.append(ImportanceObjective(self.rows(idx), self.old_logp[idx], self.advantages[idx], mask,
-                                               weight=self.weight * (int(mask.sum()) / total)))  # in float64
+            out.append(ImportanceObjective(self.rows(idx), self.old_logp[idx], self.advantages[idx], mask,
+                                           weight=self.weight * (int(mask.sum()) / total))  # in float64
+                       if bool(mask.any()) else None)
         return out
+
+    def difference_parts(self, logp: Tensor, base_logp: Tensor, row_sets: list[Tensor]) -> list[float]:
+        """:meth:`difference` as the contributions of disjoint row sets (each over the batch's
+        normaliser ``Σ M``): they add to the whole difference up to float64 rounding."""
+        m = self.mask.double()
+        base = base_logp.double()
+        log_ratio = (base - self.old_logp.double()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        step = (logp.double() - base).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        per_row = (m * self.advantages.double() * torch.exp(log_ratio) * torch.expm1(step)).sum(1)
+        total = m.sum()
+        return [float(per_row[idx].sum() / total) * self.weight for idx in row_sets]
 
 
 @dataclass(frozen=True)

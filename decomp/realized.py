@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -73,6 +74,17 @@ class RealizedGain:
     def at(self, delta: Params) -> float:
         """``ΔJ`` at the displacement ``delta``."""
         return self.change(self._point(self.step.updates.update_rl, delta))
+
+    def at_with_parts(self, delta: Params, row_sets: list[Tensor]) -> tuple[float, list[float]]:
+        """``ΔJ`` at ``delta`` and, from the same forward, its contributions of disjoint row sets
+        (:meth:`decomp.objectives.ImportanceObjective.difference_parts`; ``nan`` for an objective
+        that does not expose its per-token log-probs)."""
+        point = self._point(self.step.updates.update_rl, delta)
+        value = self._forward(point)
+        if not (self.paired and callable(getattr(self.objective, "difference_parts", None))):
+            return value - self._base, [math.nan] * len(row_sets)
+        return (self.objective.difference(value, self._base),
+                self.objective.difference_parts(value, self._base, row_sets))
 
     def __call__(self, coef: float) -> float:
         return 0.0 if coef == 0.0 else self.at(self.step.displacement(coef))

@@ -56,6 +56,13 @@ def make_problem(
     return Problem(model, RolloutBatch(tokens, mask, adv * mask, old_logp))
 
 
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory) -> Path:
+    """One warm-start cache for every test that trains the built-in model: the warm start of a
+    configuration is trained once per test session."""
+    return tmp_path_factory.mktemp("warmstart-cache")
+
+
 @pytest.fixture
 def problem() -> Problem:
     return make_problem()

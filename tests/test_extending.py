@@ -56,11 +56,6 @@ def extended():
     REGIMES.pop(HalfCE.name, None)
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("warmstart-cache")
-
-
 def test_a_new_rule_and_regime_are_measured_applied_validated_and_plotted(extended, tmp_path, cache):
     assert "half_pooled" in config_help() and "ce-half" in REGIMES
     cfg = dataclasses.replace(TINY, steps=4, decomp_every=2, sweep_every=0, curvature_every=0)

@@ -23,11 +23,6 @@ from decomp.training import warmstart
 from decomp.training.rundir import LOCK_FILE, RunLock
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("warmstart-cache")
-
-
 @pytest.fixture
 def cli(capsys):
     return lambda *args: _cli(*map(str, args), capsys=capsys)

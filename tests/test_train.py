@@ -26,11 +26,6 @@ TINY = TrainConfig(
 )
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("warmstart-cache")
-
-
 @pytest.fixture
 def run_dir(tmp_path, cache):
     def run(name: str, **changes) -> Path:

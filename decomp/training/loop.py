@@ -213,6 +213,7 @@ def instrument(state: RunState, step: int, update: int, mb: RolloutBatch, ref_lo
         search_splits=cfg.searched_splits, realized_dtype=realized_dtype(cfg),
         share_second_order=cfg.model == "builtin", hvp_microbatch_rows=cfg.hvp_rows(cfg.model != "builtin"),
         batched_jvp=cfg.model == "builtin",  # one pass for both tangents: faster only on a small model
+        group_errors=cfg.group_errors,
         sweep=cfg.due(cfg.sweep_every, step),
         curvature=cfg.due(cfg.curvature_every, step),
     )

@@ -365,8 +365,9 @@ def rollout(policy: BuiltinPolicy | HFPolicy, cfg: Any, gen: torch.Generator, re
         if ref_params is not None:
             ref_main, _ = functional_call(model, ref_params, (tokens,), {"with_mtp": False, **kwargs})
             ref_logp, _, _ = aligned_logprobs(ref_main, [], tokens)
+    groups = torch.arange(tokens.shape[0]) // cfg.group_size  # rows are sampled group by group
     batch = RolloutBatch(tokens, mask, advantages[:, None] * mask, old_logp, response_start=P - 1,
-                         attention_mask=s.attention_mask)
+                         attention_mask=s.attention_mask, groups=groups)
     stats = {
         "reward_mean": float(s.rewards.mean()),
         "mtp_acceptance": acceptance,

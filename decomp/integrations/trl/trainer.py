@@ -80,6 +80,9 @@ class MTPGRPOTrainer(GRPOTrainer):
         self.mtp_config.validate()
         self.instrument_config = InstrumentConfig(decomp_every=0) if instrument_config is None else instrument_config
         self.instrument_config.validate()
+        if self.instrument_config.group_errors:
+            raise ValueError("group_errors is not supported inside TRL yet (its micro-batches carry no prompt groups); "
+                             "the reference loop (decomp run) measures them")
         self.decomp_dir = decomp_dir
         self.decomp_overwrite = decomp_overwrite  # read at train begin (DecompositionCallback)
         # checked before the (slow) parent constructor: a bad argument fails at once

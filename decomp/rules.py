@@ -157,7 +157,9 @@ class UpdateContext:
         """Per trainable parameter, ``(∇L_RL, ∇L_MTP)`` of the update's own forward (provided by
         the caller as part ``forward``: an object with ``rl_loss`` and ``unit_mtp_loss``)."""
         def build() -> dict[str, tuple[Tensor | None, Tensor | None]]:
-            forward = self._parts["forward"]
+            forward = self._parts.get("forward")
+            if forward is None:
+                raise ValueError("this rule needs the update's own forward (its gradients), and the caller gave none")
             named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
             params = [p for _, p in named]
             g_rl = torch.autograd.grad(forward.rl_loss, params, retain_graph=True, allow_unused=True)
@@ -380,5 +382,5 @@ register_rule(CoefficientRule("oracle", frozenset({"updates", "heldout"}), _orac
 
 def rules_help() -> list[str]:
     """One line per rule for ``--help-config``: name, what it needs, its cost and meaning."""
-    return [f"  {r.name:<14} needs {', '.join(sorted(r.needs)):<22} cost: {r.cost}; {r.help}"
+    return [f"  {r.name:<14} needs {', '.join(n for n in NEEDS if n in r.needs):<24} cost: {r.cost}; {r.help}"
             + ("" if r.estimator else " (not an occ_estimator)") for r in RULES.values()]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Required, TypedDict, Unpack
 
@@ -73,7 +73,7 @@ class Decomposition:
     penalty_unit: float  # P₁ = −½ δ₁ᵀ H δ₁
     grad_norm_rl: float  # ‖∇J‖
     grad_norm_mtp: float  # ‖∇L_MTP‖ (all parameters)
-    cosine: float  # ⟨∇J, −∇L_MTP⟩ / (‖∇J‖‖∇L_MTP‖), nan if either is 0
+    cosine: float  # ⟨∇J, −∇L_MTP⟩ / (‖∇J‖‖∇L_MTP‖) over the shared parameters when given, nan if either is 0
     update_norm_rl: float  # ‖u_RL‖
     displacement_norm: float  # ‖δ‖
     rl_objective: float  # J(θ)
@@ -196,6 +196,7 @@ class MeasureOptions(TypedDict, total=False):
     search_evaluations: int
     search_rtol: float
     microbatches: int
+    shared: Collection[str] | None
 
 
 def decompose_updates(
@@ -266,7 +267,8 @@ def _decomposition(step: StepUpdates, side: EvaluationSide, g: Params, j_value: 
     gn_rl, gn_mtp = side.grad_norm, step.grad_norm_mtp
     u_rl, delta = step.updates.update_rl, step.updates.displacement
     g_dot_mtp, uu, dd = dots([(g, step.grad_mtp), (u_rl, u_rl), (delta, delta)])
-    cosine = -g_dot_mtp / (gn_rl * gn_mtp) + 0.0 if gn_rl > 0 and gn_mtp > 0 else math.nan
+    cosine = _cosine(g, step) if step.shared is not None else (
+        -g_dot_mtp / (gn_rl * gn_mtp) + 0.0 if gn_rl > 0 and gn_mtp > 0 else math.nan)
     return Decomposition(
         correlation=c, cross=x, penalty=p, predicted=c + x - p, realized=realized, residual=realized - (c + x - p),
         lambda_star=lam, lambda_star_no_cross=lam_nc, lambda_star_reason=reason,
@@ -276,6 +278,14 @@ def _decomposition(step: StepUpdates, side: EvaluationSide, g: Params, j_value: 
         rl_objective=j_value, mtp_loss=step.mtp_value, realized_rl=side.realized_rl, coef=step.coef,
         optimizer=step.optimizer.name, hvp_method=hvp_method,
     )
+
+
+def _cosine(g: Params, step: StepUpdates) -> float:
+    """``⟨∇J, −∇L_MTP⟩ / (‖∇J‖‖∇L_MTP‖)`` over the shared parameters (``nan`` if either is 0)."""
+    keys = sorted(step.shared)
+    g_s, m_s = {k: g[k] for k in keys}, {k: step.grad_mtp[k] for k in keys}
+    dot_, gg, mm = dots([(g_s, m_s), (g_s, g_s), (m_s, m_s)])
+    return -dot_ / math.sqrt(gg * mm) + 0.0 if gg > 0 and mm > 0 else math.nan
 
 
 def _with_optimum(dec: Decomposition, gain: RealizedGain, bound: float, evaluations: int, rtol: float) -> Decomposition:
@@ -309,6 +319,7 @@ def measure_step(
     search_evaluations: int = MAX_SEARCH_EVALUATIONS,
     search_rtol: float = SEARCH_RTOL,
     microbatches: int = 1,
+    shared: Collection[str] | None = None,
 ) -> StepMeasurement:  # long only by its docstring: every option of decompose is documented here
     """Decompose the effect of one MTP-augmented optimizer step on ``J`` (docs/method.md §3).
 
@@ -349,6 +360,8 @@ def measure_step(
             ``microbatches``, the same numbers up to float rounding. Needs an objective with
             ``split`` (:class:`decomp.objectives.ImportanceObjective`) and the updates built
             before ``J``'s side (``rl_loss`` or ``eval_objective`` given).
+        shared: the names of the parameters the policy and the MTP module share; the record's
+            ``cosine`` is taken over them (default: every parameter).
 
     Returns:
         A :class:`StepMeasurement` (the :class:`Decomposition`, the updates, ``∇J`` and the
@@ -359,7 +372,7 @@ def measure_step(
         check_search(optimizer, search_bound, search_evaluations, search_rtol)
     step = step_updates(rl_objective, mtp_loss, params, coef=coef, lr=lr, optimizer=optimizer,
                         optimizer_state=optimizer_state, rl_loss=rl_loss,
-                        defer=rl_loss is None and eval_objective is None, first_order=first_order)
+                        defer=rl_loss is None and eval_objective is None, first_order=first_order, shared=shared)
     return decompose_updates(step, rl_objective if eval_objective is None else eval_objective,
                              hvp_method=hvp_method, search=search, search_bound=search_bound,
                              search_evaluations=search_evaluations, search_rtol=search_rtol,

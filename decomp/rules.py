@@ -128,8 +128,10 @@ class UpdateContext:
     def step(self) -> StepUpdates:
         def build() -> StepUpdates:
             obj = self.objectives()
+            shared = getattr(self.model, "shared_parameter_names", None)
             return step_updates(obj.rl_objective, obj.mtp_loss, dict(self.model.named_parameters()), coef=self.coef,
-                                optimizer=self.optimizer, rl_loss=obj.rl_loss, first_order=obj.first_order)
+                                optimizer=self.optimizer, rl_loss=obj.rl_loss, first_order=obj.first_order,
+                                shared=None if shared is None else shared())
 
         return self._once("updates", build)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +89,7 @@ class StepUpdates:
     coef: float
     optimizer: cf_optim.SGD | cf_optim.AdamW  # the resolved counterfactual optimizer
     devices: list[int]  # CUDA devices whose RNG a measurement forks
+    shared: frozenset[str] | None = None  # the parameters the cosine is taken over (None: all)
 
     def completed(self, grad_j: Params) -> StepUpdates:
         """The updates for ``u_RL`` following ``−∇J`` (in-sample ``J`` and no ``rl_loss``), from
@@ -116,6 +117,7 @@ def step_updates(
     rl_loss: Callable[[Params], Tensor] | None = None,
     defer: bool = False,
     first_order: Callable[[Params], tuple[Tensor, Tensor]] | None = None,
+    shared: Collection[str] | None = None,
 ) -> StepUpdates:
     """The training batch's side of :func:`measure_step`: ``∇L_MTP``, the loss gradient of the
     RL update (``∇rl_loss``, or ``−∇J`` of ``rl_objective``), and the counterfactual ``u_RL``,
@@ -125,6 +127,10 @@ def step_updates(
     :func:`decompose_updates` on the same ``rl_objective``, whose second-order pass gives ``∇J``.
     ``first_order(params) -> (L_MTP, rl_loss)``, the same two losses from one forward pass (e.g.
     :attr:`decomp.objectives.Objectives.first_order`), gives both gradients from that one pass.
+    ``shared``: the names of the parameters the policy and the MTP module share (e.g.
+    ``model.shared_parameter_names()``); the decomposition's ``cosine`` is taken over them, as
+    the ``cosine`` regime's gate is (the MTP module's own parameters, where ``∇J = 0``, would
+    only dilute it). ``None``: over every parameter.
     """
     params = check_params(params)
     coef = check_number(coef, "coef")
@@ -144,7 +150,10 @@ def step_updates(
         if not math.isfinite(float(mtp_value)):
             raise ValueError(f"mtp_loss returned a non-finite value ({float(mtp_value)})")
         gn_mtp = finite_norm(g_mtp, "the gradient of mtp_loss")
-        step = StepUpdates(theta, None, g_mtp, None, float(mtp_value), gn_mtp, coef, opt, devices)
+        if shared is not None and not set(shared) <= set(theta):
+            raise ValueError(f"shared names parameters that params lacks: {sorted(set(shared) - set(theta))[:3]}")
+        step = StepUpdates(theta, None, g_mtp, None, float(mtp_value), gn_mtp, coef, opt, devices,
+                           None if shared is None else frozenset(shared))
         if update_grad is not None:
             finite_norm(update_grad, "the gradient of rl_loss")
             cf = opt.counterfactual(theta, update_grad, g_mtp, coef)

@@ -448,3 +448,23 @@ def test_an_objective_split_by_rows_sums_to_the_objective():
     assert len(obj.rl_objective.split(7)) == 5  # more parts than rows: one row each
     with pytest.raises(ValueError, match="parts"):
         obj.rl_objective.split(0)
+
+
+def test_the_cosine_is_taken_over_the_shared_parameters_when_given():
+    """The MTP module's own parameters have ∇J = 0 but ∇L_MTP ≠ 0: over every parameter they only
+    shrink the cosine; over the shared ones it is the cosine the `cosine` regime gates on."""
+    problem = make_problem(seed=3)
+    model = problem.model
+    obj = objectives(model, problem.batch, CrossEntropy())
+    params = dict(model.named_parameters())
+    shared = model.shared_parameter_names()
+    d_all = measure_step(obj.rl_objective, obj.mtp_loss, params, lr=1e-2, coef=0.1)
+    m = measure_step(obj.rl_objective, obj.mtp_loss, params, lr=1e-2, coef=0.1, shared=shared)
+    g = np.concatenate([m.grad_rl[k].reshape(-1).numpy() for k in shared])
+    h = np.concatenate([m.grad_mtp[k].reshape(-1).numpy() for k in shared])
+    expected = float(-g @ h / (np.linalg.norm(g) * np.linalg.norm(h)))
+    assert m.decomposition.cosine == pytest.approx(expected, rel=1e-10)
+    assert abs(d_all.decomposition.cosine) < abs(m.decomposition.cosine)  # diluted over every parameter
+    assert m.decomposition.correlation == d_all.decomposition.correlation  # nothing else changes
+    with pytest.raises(ValueError, match="shared names parameters"):
+        measure_step(obj.rl_objective, obj.mtp_loss, params, lr=1e-2, coef=0.1, shared=["nope"])

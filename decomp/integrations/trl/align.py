@@ -57,6 +57,10 @@ class MTPModelView(nn.Module):
         self.lm = lm
         self.temperature = float(temperature)
 
+    def shared_parameter_names(self) -> list[str]:
+        """Names of the parameters the policy depends on (everything outside the MTP modules)."""
+        return [n for n, _ in self.named_parameters() if not n.startswith(f"lm.{MTP_ATTR}.")]
+
     def forward(
         self, tokens: Tensor, detach: str = "none", with_mtp: bool = True, attention_mask: Tensor | None = None,
         logits_from: int = 0,

@@ -261,6 +261,7 @@ def train_step(state: RunState, step: int) -> dict[str, Any]:
         # backward before the measurements: the forward graph is freed, so the measurement's
         # peak memory does not sit on top of it (nothing measured reads .grad)
         backward(state.model, state.optimizer, out, ctx)
+        del ctx  # the rule's parts (updates, gradients, a held-out batch) must not sit beside the measurements
         if cfg.instruments(step) and update == len(partition) - 1:
             t_dec = time.perf_counter()
             instrument(state, step, update, mb, mb_ref, out.coef)

@@ -115,28 +115,19 @@ def whole_side(objective: Callable[[Params], Tensor], step: StepUpdates, side: E
 
 def microbatched_side(objective: Callable[[Params], Tensor], step: StepUpdates, parts: int, hvp_method: HVPMethod,
                        name: str) -> tuple[EvaluationSide, float, Params, Terms]:
-    """``J``'s value, gradient and the six terms summed over row chunks ``J = Σ_c J_c``
-    (``objective.split(parts)``): ``∇J = Σ_c ∇J_c`` and ``vᵀHw = Σ_c vᵀH_c w`` exactly, with
-    one chunk's second-order graph alive at a time (its memory ÷ ``parts``; more passes, each
-    smaller). ``C₁ = ⟨∇J, δ₁⟩`` and ``C`` are formed once the gradient is summed."""
-    if step.updates is None:
-        raise ValueError("microbatches > 1 needs the updates before J's side: give rl_loss, or an eval_objective")
-    if not callable(getattr(objective, "split", None)):
-        raise ValueError(f"microbatches > 1 needs an objective with split() (decomp.objectives.ImportanceObjective); "
-                         f"{name} has none")
-    value, g, forms = 0.0, None, None
-    with torch.random.fork_rng(devices=step.devices), math_attention():
-        for part in objective.split(parts):
-            rl = second_order(part, step.theta, method=hvp_method, name=name)
-            value += float(rl.value)
-            if g is None:
-                g, forms = rl.grad, _quadratic_forms(rl, step)
-            else:
-                torch._foreach_add_(list(g.values()), [rl.grad[k] for k in g])
-                forms = forms.plus(_quadratic_forms(rl, step))
-            del rl
-    side = EvaluationSide(objective, name, None, _checked_grad_norm(name, value, g))
-    return side, value, g, _terms(g, forms, step)
+    """``J``'s value, gradient and the six terms summed over ``parts`` contiguous row chunks
+    (:func:`grouped_side` with chunks for groups, without per-chunk terms): ``∇J = Σ_c ∇J_c`` and
+    ``vᵀHw = Σ_c vᵀH_c w`` exactly, with one chunk's second-order graph alive at a time (its memory
+    ÷ ``parts``; more passes, each smaller)."""
+    if not isinstance(parts, int) or isinstance(parts, bool) or parts < 1:
+        raise ValueError(f"parts must be a positive integer, got {parts!r}")
+    rows = getattr(objective, "mask", None)
+    if rows is None or not callable(getattr(objective, "split_rows", None)):
+        raise ValueError(f"microbatches > 1 needs an objective with split_rows() "
+                         f"(decomp.objectives.ImportanceObjective); {name} has none")
+    chunks = list(torch.arange(rows.shape[0], device=rows.device).tensor_split(parts))
+    whole = grouped_side(objective, step, chunks, hvp_method, name, per_group=False)
+    return whole.side, whole.value, whole.grad, whole.terms
 
 
 @dataclass
@@ -156,16 +147,17 @@ class GroupedSide:
 
 
 def grouped_side(objective: Any, step: StepUpdates, row_sets: list[Tensor], hvp_method: HVPMethod,
-                 name: str) -> GroupedSide:
+                 name: str, per_group: bool = True) -> GroupedSide:
     """One second-order pass per group (``objective.split_rows(row_sets)``), one group's graph
     alive at a time. Group ``g``'s terms come from its own ``∇J_g`` and quadratic forms
     (``C_g = ⟨∇J_g, δ⟩``, ``X_g = u_RLᵀH_gδ``, ...); every term is linear in ``J``, so the
     groups' terms add to the whole batch's (up to rounding). Groups without a response token
-    contribute zeros."""
+    contribute zeros. ``per_group=False`` skips the groups' own terms (``group_terms`` empty):
+    only the sums, for chunks that are not groups."""
     if step.updates is None:
-        raise ValueError("per-group terms need the updates before J's side: give rl_loss, or an eval_objective")
+        raise ValueError("J's side in row chunks or groups needs the updates before it: give rl_loss, or an eval_objective")
     if not callable(getattr(objective, "split_rows", None)):
-        raise ValueError(f"per-group terms need an objective with split_rows() "
+        raise ValueError(f"J's side in row chunks or groups needs an objective with split_rows() "
                          f"(decomp.objectives.ImportanceObjective); {name} has none")
     value, g, forms, group_terms, tokens = 0.0, None, None, [], []
     zero = Terms(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
@@ -173,12 +165,13 @@ def grouped_side(objective: Any, step: StepUpdates, row_sets: list[Tensor], hvp_
         for idx, part in zip(row_sets, objective.split_rows(row_sets), strict=True):
             tokens.append(int(objective.mask[idx].sum()))
             if part is None:
-                group_terms.append(zero)
+                group_terms += [zero] if per_group else []
                 continue
             rl = second_order(part, step.theta, method=hvp_method, name=name)
             value += float(rl.value)
             part_forms = _quadratic_forms(rl, step)
-            group_terms.append(_terms(rl.grad, part_forms, step))
+            if per_group:
+                group_terms.append(_terms(rl.grad, part_forms, step))
             if g is None:
                 g, forms = rl.grad, part_forms
             else:

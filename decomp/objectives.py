@@ -146,13 +146,16 @@ class ImportanceObjective:
 
     def difference(self, logp: Tensor, base_logp: Tensor) -> float:
         """``J`` at the point of ``logp`` minus ``J`` at the point of ``base_logp`` (float64)."""
-        m = self.mask.double()
+        return float(self._token_changes(logp, base_logp).sum() / self.mask.double().sum()) * self.weight
+
+    def _token_changes(self, logp: Tensor, base_logp: Tensor) -> Tensor:
+        """``M·A·r₀·expm1(ℓ₁ − ℓ₀)`` per token, in float64."""
         base = base_logp.double()
         log_ratio = (base - self.old_logp.double()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        weight = m * self.advantages.double() * torch.exp(log_ratio)
+        weight = self.mask.double() * self.advantages.double() * torch.exp(log_ratio)
         # ΔJ's clamp matches importance_objective's for every step a measurement takes
         step = (logp.double() - base).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        return float((weight * torch.expm1(step)).sum() / m.sum()) * self.weight
+        return weight * torch.expm1(step)
 
     def split(self, parts: int) -> list[ImportanceObjective]:
         """``J = Σ_c J_c`` over ``parts`` contiguous row chunks, ``J_c = (Σ M_c / Σ M)·J(rows c)``;
@@ -182,12 +185,8 @@ class ImportanceObjective:
     def difference_parts(self, logp: Tensor, base_logp: Tensor, row_sets: list[Tensor]) -> list[float]:
         """:meth:`difference` as the contributions of disjoint row sets (each over the batch's
         normaliser ``Σ M``): they add to the whole difference up to float64 rounding."""
-        m = self.mask.double()
-        base = base_logp.double()
-        log_ratio = (base - self.old_logp.double()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        step = (logp.double() - base).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        per_row = (m * self.advantages.double() * torch.exp(log_ratio) * torch.expm1(step)).sum(1)
-        total = m.sum()
+        per_row = self._token_changes(logp, base_logp).sum(1)
+        total = self.mask.double().sum()
         return [float(per_row[idx].sum() / total) * self.weight for idx in row_sets]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import platform
 import statistics
 import time
@@ -201,8 +200,7 @@ def ground_truth_rows(model, batch, eval_batch, named: dict, opt: torch.optim.Op
             return decompose_updates(s, obj.rl_objective)
 
         def search(m=measured):
-            d = m.decomposition
-            return realized_optimum(m.gain, start=d.lambda_star if math.isfinite(d.lambda_star) else scale)
+            return realized_optimum(m.gain)
 
         rows[f"{name}: decomposition, in-sample"] = in_sample
         rows[f"{name}:   + held-out split (J side)"] = lambda step=step, held=held: decompose_updates(step, held.rl_objective)

@@ -5,7 +5,8 @@ definitions are in docs/method.md):
 
 - :func:`decomp.decomposition.decompose` — the per-step decomposition (§3), and
   :func:`~decomp.decomposition.measure_step`, which also returns the updates and the realized
-  gain ``ΔJ(λ)``; ``search=True`` adds the realized optimum ``λ̂`` (:mod:`decomp.search`);
+  gain ``ΔJ(λ)``; ``search=True`` adds the realized optimum ``λ̂`` and its bootstrap distribution over prompt
+  groups (:mod:`decomp.search`);
 - :mod:`decomp.curvature` — ``hvp``, ``hessian_operator``, ``top_eigenvalues``,
   ``rayleigh_quotient``, ``jvp_logprobs``;
 - :mod:`decomp.optim` — counterfactual SGD/AdamW steps;
@@ -32,7 +33,7 @@ from decomp.occ import (
     trust_region_coefficient,
 )
 from decomp.regimes import make_regime
-from decomp.search import realized_optimum
+from decomp.search import bootstrap_optimum, grid_search, realized_optimum
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,8 @@ __all__ = [
     "model_efficiency",
     "model_gain",
     "realized_optimum",
+    "grid_search",
+    "bootstrap_optimum",
     "trust_region_coefficient",
     "hessian_operator",
     "hvp",

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from decomp.checks import Params
 from decomp.curvature import any_attention
 from decomp.updates import StepUpdates
+
+BATCH_MEMORY = 512 * 2**20  # bytes of stacked parameter points (and an equal allowance for their forwards)
 
 
 class RealizedGain:
@@ -26,6 +30,13 @@ class RealizedGain:
     Every point is summed into one reused buffer, ``(θ + u_RL) + δ`` in that order (so without
     ``dtype`` the point is bit-identical to the real step's ``θ + u``): no copy of ``θ + u_RL``
     is kept, and in float64 the buffer is the only parameter-sized tensor the evaluations hold.
+
+    :meth:`at_coefs` evaluates many coefficients at once: the points ``(θ + u_RL) + δ(λ_k)``
+    (the same sums, so the same bits) stacked with ``θ + u_RL`` itself, one forward over the stack
+    under :func:`torch.func.vmap` (``batch`` points per forward, at most :data:`BATCH_MEMORY` of
+    stacked points and as much again for their forwards; ``batched = False``, or a model that
+    ``vmap`` cannot run, evaluates one at a time). Each chunk's ``ΔJ`` is formed against the
+    stack's own ``θ + u_RL``, so a batched kernel's rounding cannot enter the difference.
     """
 
     def __init__(self, objective: Callable[[Params], Tensor], step: StepUpdates, dtype: torch.dtype | None = None) -> None:
@@ -34,6 +45,7 @@ class RealizedGain:
         self._keys = list(step.theta)
         self._work: list[Tensor] | None = None  # one buffer reused for every point
         self.evaluations = 0
+        self.batched = True  # at_coefs through vmap (off by itself when vmap cannot run the model)
         self._base = self._forward(self._point(step.updates.update_rl, None))
 
     def _point(self, update: Params | None, delta: Params | None) -> Params:
@@ -85,6 +97,67 @@ class RealizedGain:
             return value - self._base, [math.nan] * len(row_sets)
         return (self.objective.difference(value, self._base),
                 self.objective.difference_parts(value, self._base, row_sets))
+
+    @property
+    def batch(self) -> int:
+        """Points per batched forward: :data:`BATCH_MEMORY` over twice one point's bytes (≥ 1)."""
+        point = sum(t.numel() * (t.element_size() if self.dtype is None or not t.is_floating_point()
+                                 else torch.finfo(self.dtype).bits // 8) for t in self.step.theta.values())
+        return max(1, BATCH_MEMORY // (2 * max(point, 1)))
+
+    def at_coefs(self, coefs: Sequence[float], row_sets: Sequence[Tensor] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``ΔJ(λ_k)`` for every ``λ_k`` in ``coefs`` (float64 ``[K]``; ``ΔJ(0) = 0`` without
+        evaluation) and, with ``row_sets``, each set's contribution ``[K, G]`` (as
+        :meth:`at_with_parts`; ``nan`` for an objective without per-token log-probs)."""
+        coefs = [float(c) for c in coefs]
+        totals = np.zeros(len(coefs), dtype=np.float64)
+        parts = None if row_sets is None else np.zeros((len(coefs), len(row_sets)), dtype=np.float64)
+        todo = [i for i, c in enumerate(coefs) if c != 0.0]
+        size = self.batch
+        for first in range(0, len(todo), size):
+            idx = todo[first:first + size]
+            values = self._batched([coefs[i] for i in idx], row_sets) if self.batched and len(idx) > 1 else None
+            if values is None:
+                values = [self._one(coefs[i], row_sets) for i in idx]
+            for i, (total, part) in zip(idx, values, strict=True):
+                totals[i] = total
+                if parts is not None:
+                    parts[i] = part
+        return totals, parts
+
+    def _one(self, coef: float, row_sets: Sequence[Tensor] | None) -> tuple[float, list[float] | None]:
+        if row_sets is None:
+            return self(coef), None
+        return self.at_with_parts(self.step.displacement(coef), list(row_sets))
+
+    def _batched(self, coefs: list[float], row_sets: Sequence[Tensor] | None
+                 ) -> list[tuple[float, list[float] | None]] | None:
+        """One vmapped forward over ``[θ + u_RL, (θ + u_RL) + δ(λ_1), …]``; ``None`` (and
+        ``batched`` off) when ``vmap`` cannot run the objective."""
+        base = self._point(self.step.updates.update_rl, None)
+        deltas = [self.step.displacement(c) for c in coefs]
+        with torch.no_grad():
+            stacked = {k: torch.stack([b] + [b + d[k] for d in deltas]) for k, b in base.items()}
+        del deltas
+        fn = self.objective.logprobs if self.paired else self.objective
+        try:
+            with torch.random.fork_rng(devices=self.step.devices), any_attention(), torch.no_grad(), \
+                    warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*performance drop.*")  # a kernel without a batching rule
+                out = torch.func.vmap(fn, randomness="error")(stacked)
+        except Exception:  # noqa: BLE001  (vmap cannot batch this model: one at a time from now on)
+            self.batched = False
+            return None
+        self.evaluations += len(coefs) + 1
+        if not self.paired:
+            return [(float(out[j + 1]) - float(out[0]), None if row_sets is None else [math.nan] * len(row_sets))
+                    for j in range(len(coefs))]
+        with_parts = row_sets is not None and callable(getattr(self.objective, "difference_parts", None))
+        return [(self.objective.difference(out[j + 1], out[0]),
+                 None if row_sets is None else
+                 self.objective.difference_parts(out[j + 1], out[0], list(row_sets)) if with_parts
+                 else [math.nan] * len(row_sets)) for j in range(len(coefs))]
 
     def __call__(self, coef: float) -> float:
         return 0.0 if coef == 0.0 else self.at(self.step.displacement(coef))

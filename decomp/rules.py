@@ -366,10 +366,10 @@ def usable_optimum(coef: float, reason: str, bound: float) -> float:
 def _oracle(ctx: UpdateContext) -> float:
     """The realized optimum ``λ̂`` on the held-out batch within ``|λ| ≤`` the regime's bound; with
     a bound below the search's default the constrained optimum (``±bound`` included); ``nan``
-    where the search leaves ``λ̂`` undefined. The search starts from ``c`` at every update: no
-    state carried between updates, so a resumed run searches as an uninterrupted one."""
+    where the search leaves ``λ̂`` undefined. The search's grid is fixed by the bound: no state
+    carried between updates, so a resumed run searches as an uninterrupted one."""
     bound = getattr(ctx.regime, "bound", DEFAULT_SEARCH_BOUND)
-    optimum = realized_optimum(ctx.heldout_gain(), start=min(ctx.coef, bound), bound=bound)
+    optimum = realized_optimum(ctx.heldout_gain(), bound=bound)
     return usable_optimum(optimum.coef, optimum.reason, bound)
 
 
@@ -379,7 +379,7 @@ register_rule(CoefficientRule("cosine", frozenset({"gradients"}), _cosine,
                               estimator=False))
 register_rule(CoefficientRule("oracle", frozenset({"updates", "heldout"}), _oracle,
                               "the realized optimum λ̂ of the coming update on a held-out batch (not deployable)",
-                              "a held-out rollout batch and up to 25 forward evaluations", estimator=False))
+                              "a held-out rollout batch and 20–44 forward evaluations", estimator=False))
 
 
 def rules_help() -> list[str]:

@@ -31,12 +31,13 @@ class Sweep:
 
 def sweep_coefficients(measured: StepMeasurement, coefs: list[float]) -> Sweep:
     """The realized effect of real counterfactual steps at ``coefs``, reusing a measurement
-    (each coefficient costs one counterfactual step and one evaluation of ``J``)."""
+    (each coefficient costs one counterfactual step and one evaluation of ``J``, in batched
+    forwards: :meth:`StepMeasurement.gains`)."""
     coefs = [check_number(c, "coefs[i]") for c in coefs]
     if not coefs:
         raise ValueError("coefs is empty")
     dec = measured.decomposition
-    realized = [measured.gain(lam) for lam in coefs]
+    realized = measured.gains(coefs)
     quadratic = [dec.model_gain(lam) for lam in coefs]
     return Sweep(coefs, realized, quadratic, dec)
 

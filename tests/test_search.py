@@ -1,5 +1,5 @@
-"""The realized optimum λ̂ (bracketed search over real counterfactual steps), the held-out
-evaluation objective, and their input checks."""
+"""The realized optimum λ̂ (a grid over real counterfactual steps, refined near the best), the
+held-out evaluation objective, and their input checks."""
 
 from __future__ import annotations
 
@@ -15,18 +15,23 @@ from decomp import optim as cf
 from decomp.decomposition import decompose, measure_step
 from decomp.objectives import objectives
 from decomp.regimes import Detach, Policy
-from decomp.search import MAX_SEARCH_EVALUATIONS, NO_EFFECT, realized_optimum
+from decomp.search import BUDGET, MAX_SEARCH_EVALUATIONS, NO_EFFECT, grid_size, realized_optimum
 
 
 def test_sgd_on_a_quadratic_the_realized_optimum_is_lambda_star():
     """With SGD on a quadratic, ΔJ(λ) is exactly the model's parabola: λ̂ = λ* (to 1e-6)."""
     for seed in (0, 1, 4):
         J, L, params, _ = _quadratic(seed=seed)
-        d = decompose(J, L, params, lr=0.1, coef=0.3, search=True, search_rtol=1e-10)
+        d = decompose(J, L, params, lr=0.1, coef=0.3, search=True, search_rtol=1e-7, search_evaluations=200)
         assert math.isfinite(d.lambda_star) and d.lambda_hat_reason == ""
         assert d.lambda_hat == pytest.approx(d.lambda_star, rel=1e-6)
         assert d.gain_hat == pytest.approx(d.gain_lambda_star, rel=1e-9)
-        assert 0 < d.search_evaluations <= MAX_SEARCH_EVALUATIONS
+        assert d.lambda_hat != d.lambda_star  # found by the grid, not started from λ*
+        assert grid_size() < d.search_evaluations <= 200
+        # the default resolution: within 10% of λ* in at most the default budget
+        d = decompose(J, L, params, lr=0.1, coef=0.3, search=True)
+        assert d.lambda_hat_reason == "" and d.search_evaluations <= MAX_SEARCH_EVALUATIONS
+        assert abs(d.lambda_hat / d.lambda_star - 1) <= 0.1
 
 
 def _adamw(params, step=4, lr=0.05, seed=0):
@@ -40,12 +45,13 @@ def test_adamw_on_a_quadratic_the_search_matches_a_dense_grid():
     """Real (nonlinear) AdamW steps: λ̂ is within one spacing of the best of 10⁴ coefficients."""
     J, L, params, _ = _quadratic(seed=2)
     opt = _adamw(params)
-    m = measure_step(J, L, params, coef=0.3, optimizer=opt, search=True, search_rtol=1e-6)
+    m = measure_step(J, L, params, coef=0.3, optimizer=opt, search=True, search_rtol=1e-6,
+                     search_evaluations=200)
     d = m.decomposition
     assert d.lambda_hat_reason == "" and math.isfinite(d.lambda_hat)
     lo, hi = -4 * abs(d.lambda_hat) - 1, 4 * abs(d.lambda_hat) + 1
     grid = np.linspace(lo, hi, 10_000)
-    gains = np.array([m.gain(float(x)) for x in grid])
+    gains = np.array(m.gains([float(x) for x in grid]))
     spacing = grid[1] - grid[0]
     assert abs(d.lambda_hat - grid[np.argmax(gains)]) <= spacing
     assert d.gain_hat >= gains.max() - 1e-12
@@ -55,21 +61,28 @@ def test_adamw_on_a_quadratic_the_search_matches_a_dense_grid():
 
 def test_gain_still_rising_at_the_bound_is_reported():
     f = lambda lam: lam / (1.0 + lam) if lam > 0 else -abs(lam)  # noqa: E731  (saturates, never falls)
-    opt = realized_optimum(f, start=1.0, bound=100.0)
+    opt = realized_optimum(f, bound=100.0)
     assert opt.coef == 100.0 and "keeps rising" in opt.reason
-    assert opt.evaluations <= MAX_SEARCH_EVALUATIONS
+    assert opt.evaluations == grid_size()  # nothing to refine at the bound
+    neg = realized_optimum(lambda lam: f(-lam), bound=100.0)
+    assert neg.coef == -100.0 and "keeps rising" in neg.reason
 
 
-def test_search_respects_its_evaluation_budget():
+def test_search_respects_its_evaluation_budget_and_says_it_ran_out():
     calls = []
 
     def f(lam):
         calls.append(lam)
         return -(lam - 3.0) ** 2 + 9.0
 
-    opt = realized_optimum(f, start=0.01, max_evaluations=6, rtol=1e-12)
-    assert len(calls) <= 6 and opt.evaluations == len(calls)
-    assert opt.gain == max(-(x - 3.0) ** 2 + 9.0 for x in calls)
+    budget = grid_size() + 12  # the grid and two of the three rounds rtol = 1e-12 would need at least
+    opt = realized_optimum(f, max_evaluations=budget, rtol=1e-12)
+    assert len(calls) <= budget and opt.evaluations == len(calls)
+    assert opt.reason == BUDGET.format(evaluations=budget, rtol=1e-12)
+    assert opt.gain == max(-(x - 3.0) ** 2 + 9.0 for x in calls) and opt.coef in calls
+    assert abs(opt.coef - 3.0) < 0.7  # two rounds from the grid's 1 and 10 (spacing ×1.93, then ×1.21)
+    with pytest.raises(ValueError, match="grid"):
+        realized_optimum(f, max_evaluations=grid_size() - 1)
 
 
 def test_detach_direction_has_no_realized_optimum():
@@ -110,6 +123,7 @@ def test_held_out_objective_shares_the_updates_and_judges_the_step():
     (dict(search=True, search_bound=-1.0), "search_bound"),
     (dict(search=True, search_bound=0.0), "search_bound"),
     (dict(search=True, search_evaluations=1), "search_evaluations"),
+    (dict(search=True, search_evaluations=19), "search_evaluations"),
     (dict(search=True, search_rtol=0.0), "search_rtol"),
 ])
 def test_bad_search_arguments_name_the_argument(kwargs, match):

@@ -13,7 +13,9 @@ TASKS = ("add", "chain")
 SEEDS = (0, 1, 2, 3, 4)
 STEPS = 200
 SCALE = 1.0  # c: chosen from the pilot (figures/STUDY.md, "Pilot")
-BEST_ESTIMATOR = "masked"  # the deployable estimator that validated best in the pilot (realized efficiency)
+# the deployable estimator the pilot chose by its earlier rule (median realized efficiency, which rewards a
+# proxy's magnitude); analysis.pilot now ranks by sign agreement and within-run ρ and reports its choice
+BEST_ESTIMATOR = "masked"
 FINAL_EVALUATIONS = 5  # final accuracy: the mean of the last 5 held-out evaluations (steps 160–200)
 
 # instrumentation and evaluation shared by every arm: 10 instrumented updates per run (enough for

@@ -19,8 +19,13 @@ import numpy as np  # noqa: E402
 from analysis.summaries import acceptance_rate, by_seed, final_accuracy  # noqa: E402
 from decomp.results.figstyle import REGIME_COLORS  # noqa: E402
 from decomp.results.rundata import Run, regimes_of  # noqa: E402
-from decomp.results.stats import finite, paired_difference, t_interval  # noqa: E402
-from decomp.results.validate import per_run_estimator, select_records  # noqa: E402
+from decomp.results.stats import finite, median, paired_difference, spearman, t_interval  # noqa: E402
+from decomp.results.validate import (  # noqa: E402
+    in_lambda_units,
+    lambda_star_rows,
+    per_run_estimator,
+    select_records,
+)
 
 plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 130, "font.size": 9, "axes.titlesize": 10,
                      "legend.fontsize": 8, "axes.grid": True, "grid.alpha": 0.3,
@@ -181,20 +186,24 @@ def terms_figure(tasks: dict[str, list[Run]], direction: str = "active", split: 
 
 
 def estimator_figure(tasks: dict[str, list[Run]], direction: str = "policy"):
-    """Per estimator: realized efficiency ΔJ(λ_est)/ΔJ(λ̂) (per-run medians and 95% CI over runs)
-    and the within-run Spearman ρ with λ̂, on held-out records of the policy direction."""
+    """Per estimator: realized efficiency ΔJ(λ_est)/ΔJ(λ̂) (per-run medians and 95% CI over runs;
+    estimators in λ units only: a proxy's efficiency only restates its scale) and the within-run
+    Spearman ρ with λ̂, on held-out records of the policy direction; ``lambda_star`` is the train
+    batch's λ* against a λ̂ of another batch (:func:`decomp.results.validate.lambda_star_rows`)."""
     fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 6.4), squeeze=False)
     for col, (task, runs) in enumerate(tasks.items()):
-        groups = [g for g in (select_records(r, direction)[1] for r in runs) if g]
+        chosen = [(r, g) for r in runs if (g := select_records(r, direction)[1])]
+        groups = [g for _, g in chosen]
         names = sorted({k[5:] for g in groups for rec in g for k in rec if k.startswith("coef_") and k != "coef_"})
         names = ["lambda_star", *[n for n in names if n != "lambda_star"]]
         for i, name in enumerate(names):
-            per_run = [_per_run(g, name) for g in groups]
+            per_run = [_per_run(run, g, name, direction) for run, g in chosen]
             for row, key, clip in ((0, "median_efficiency", (-2, 1.2)), (1, "spearman", (-1, 1))):
                 vals = [min(max(p[key], clip[0]), clip[1]) for p in per_run if finite(p[key])]
                 axes[row, col].plot([i] * len(vals), vals, ".", color="gray", alpha=0.4)
                 _errorbar(axes[row, col], i, t_interval(vals), "#0072B2")
-        for row, label in ((0, "realized efficiency (median per run)"), (1, "within-run Spearman ρ with λ̂")):
+        for row, label in ((0, "realized efficiency (median per run;\nλ units only)"),
+                           (1, "within-run Spearman ρ with λ̂")):
             axes[row, col].set_xticks(range(len(names)), names, rotation=35, ha="right")
             axes[row, col].set_ylabel(label)
             axes[row, col].axhline(0, color="black", lw=0.6)
@@ -205,14 +214,16 @@ def estimator_figure(tasks: dict[str, list[Run]], direction: str = "policy"):
     return fig
 
 
-def _per_run(records: list[dict], name: str) -> dict[str, float]:
-    if name == "lambda_star":  # λ* itself as an estimate: its realized gain is gain_lambda_star
-        recs = [{**r, "coef_lambda_star": r.get("lambda_star"),
-                 "efficiency_lambda_star": (r["gain_lambda_star"] / r["gain_hat"]
-                                            if finite(r.get("gain_lambda_star")) and finite(r.get("gain_hat"))
-                                            and r["gain_hat"] > 0 else math.nan)} for r in records]
-        return per_run_estimator(recs, "lambda_star")
-    return per_run_estimator(records, name)
+def _per_run(run: Run, records: list[dict], name: str, direction: str) -> dict[str, float]:
+    """One run's median efficiency and within-run ρ of ``name``: for ``lambda_star`` the train
+    batch's λ* against a λ̂ of another batch (never a record's own λ* against its own λ̂); the
+    efficiency of an estimator not in λ units is left out (``nan``)."""
+    if name == "lambda_star":
+        rows = [r for r in lambda_star_rows(run, direction)[1] if finite(r["star"]) and finite(r["hat"])]
+        return {"median_efficiency": median([r["efficiency"] for r in rows]),
+                "spearman": spearman([r["star"] for r in rows], [r["hat"] for r in rows])}
+    stats = per_run_estimator(records, name)
+    return stats if in_lambda_units(name) else stats | {"median_efficiency": math.nan}
 
 
 def tradeoff_figure(tasks: dict[str, list[Run]], k: int):
@@ -242,15 +253,16 @@ def tradeoff_figure(tasks: dict[str, list[Run]], k: int):
 
 
 def lambda_figure(tasks: dict[str, list[Run]], direction: str = "policy"):
-    """The quadratic model's λ* against the held-out realized optimum λ̂, per record (interior λ̂
+    """The train batch's λ* (``coef_exact``) against the held-out realized optimum λ̂ — two
+    different batches (:func:`decomp.results.validate.lambda_star_rows`) — per record (interior λ̂
     only), coloured by arm; the diagonal is agreement."""
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.4), squeeze=False)
     for ax, (task, runs) in zip(axes[0], tasks.items(), strict=True):
         n = 0
         for arm in regimes_of(runs):
-            pts = [(r["lambda_hat"], r["lambda_star"]) for run in runs if run.regime == arm
-                   for r in select_records(run, direction)[1]
-                   if finite(r.get("lambda_hat")) and finite(r.get("lambda_star")) and not r.get("lambda_hat_reason")]
+            pts = [(r["hat"], r["star"]) for run in runs if run.regime == arm
+                   for r in lambda_star_rows(run, direction)[1]
+                   if finite(r["hat"]) and finite(r["star"]) and r["interior"]]
             n += len(pts)
             if pts:
                 x, y = np.array(pts).T
@@ -260,7 +272,7 @@ def lambda_figure(tasks: dict[str, list[Run]], direction: str = "policy"):
         for setter in (ax.set_xscale, ax.set_yscale):
             setter("symlog", linthresh=1e-2)
         ax.set_xlabel("realized optimum λ̂ (held-out J, symlog)")
-        ax.set_ylabel("quadratic-model optimum λ* (symlog)")
+        ax.set_ylabel("train batch's quadratic-model optimum λ* (symlog)")
         ax.set_title(f"{task}: {n} records (interior λ̂)")
     axes[0, -1].legend(loc="best", ncol=2, fontsize=7)
     fig.suptitle("λ* against λ̂ (policy direction)", y=1.02)

@@ -27,9 +27,10 @@ from analysis.summaries import (
     term_rows,
 )
 from decomp.results.claims import evaluate_claims
+from decomp.results.report import distinguishable_cell, distinguishable_rows
 from decomp.results.rundata import Run, load_runs, regimes_of
 from decomp.vocabulary import TERMS
-from decomp.results.stats import fmt, fmt_interval
+from decomp.results.stats import Z_DISTINGUISHABLE, fmt, fmt_interval
 from decomp.results.validate import format_table, validate
 
 
@@ -110,15 +111,23 @@ def terms_section(task: str, runs: list[Run]) -> list[str]:
         cells = [fmt_interval(row[f"{t}_{w}"], ".2e") for t in TERMS
                  for w in ("early", "late")]
         lines.append(f"| {row['arm']} | {row['records']} | " + " | ".join(cells) + " |")
+    lines += ["", f"Distinguishable from 0: per run, the share of the arm's own direction's records whose |z| ≥ "
+              f"{Z_DISTINGUISHABLE:g}, z = term/term_se (the record's sampling error over prompt groups, "
+              "docs/estimators.md §5.1), then the mean over runs; n/a: the records carry no sampling error.", "",
+              f"| arm | C: share with \\|z\\| ≥ {Z_DISTINGUISHABLE:g} | P: share with \\|z\\| ≥ {Z_DISTINGUISHABLE:g} |",
+              "|---|---|---|"]
+    lines += [f"| {row['regime']} | {distinguishable_cell(row['correlation'])} | {distinguishable_cell(row['penalty'])} |"
+              for row in distinguishable_rows(runs)]
     return lines + [""]
 
 
 def estimator_section(task: str, runs: list[Run]) -> list[str]:
     result = validate(runs, direction="policy")
     return [f"### {task}: the estimators against the realized optimum λ̂", "",
-            "Policy direction, held-out records of every arm; each statistic per run, then the mean over runs with a "
-            "95% bootstrap interval resampling runs. Proxy estimators are not in the units of λ̂ (docs/estimators.md §4): "
-            "only sign, within-run rank and realized efficiency compare them.", "",
+            "Policy direction, held-out records of every arm; each statistic per run, then the mean over clusters "
+            "(runs sharing one policy trajectory count once) with a 95% bootstrap interval resampling clusters. Proxy "
+            "estimators are not in the units of λ̂ (docs/estimators.md §4): only sign and within-run rank compare "
+            "them; their realized efficiency only restates their scale and is not reported.", "",
             format_table(result, markdown=True), ""]
 
 

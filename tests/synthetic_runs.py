@@ -8,7 +8,11 @@ run) is a copy of the active record with ``seconds: 0.0`` (and ``same_as: "activ
 realized ``ΔJ(λ) = λ(C₁+X₁)(1+e₁) − λ²P₁(1+e₂)`` (``e₁``, ``e₂`` small noise) gives ``lambda_hat``,
 ``gain_hat``, ``gain_lambda_star``, ``gain_<E>``, the realized ``efficiency_<E>`` and the
 quadratic model's ``model_efficiency_<E>``; without, the older schema (``efficiency_<E>`` is the
-model's). ``heldout`` adds a ``split: "heldout"`` record beside every ``train`` one.
+model's). ``heldout`` adds a ``split: "heldout"`` record beside every ``train`` one; ``heldout2``
+(with ``heldout``) a ``split: "heldout2"`` record too, a second held-out batch of the same update
+carrying ``lambda_hat_other`` (the ``heldout`` record's ``λ̂``) and ``gain_lambda_hat_other`` (its
+realized gain on this batch). ``exact`` adds the ``exact`` estimator (the train batch's ``λ*``,
+``coef_exact``, with its ``gain_exact``).
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ def _model_gain(v: float, c1x1: float, p1: float) -> float:
 
 
 def _realized_fields(c1x1: float, p1: float, lam: float, estimates: dict[str, float], e1: float,
-                     e2: float) -> dict:
-    """The new schema's realized-optimum fields for one record."""
+                     e2: float, other_hat: float | None = None) -> dict:
+    """The new schema's realized-optimum fields for one record (with ``other_hat``: the ``λ̂`` of
+    another batch and its realized gain on this one)."""
     def realized(v: float) -> float:
         return v * c1x1 * (1 + e1) - v * v * p1 * (1 + e2)
 
@@ -38,6 +43,8 @@ def _realized_fields(c1x1: float, p1: float, lam: float, estimates: dict[str, fl
     best = realized(hat) if p1 > 0 else NAN
     rec = {"lambda_hat": hat, "gain_hat": best, "lambda_hat_reason": "" if p1 > 0 else "no maximum",
            "gain_lambda_star": realized(lam) if p1 > 0 else NAN}
+    if other_hat is not None:
+        rec |= {"lambda_hat_other": other_hat, "gain_lambda_hat_other": realized(other_hat)}
     for name, value in estimates.items():
         rec[f"gain_{name}"] = realized(value)
         rec[f"efficiency_{name}"] = realized(value) / best if p1 > 0 and best != 0 else NAN
@@ -81,8 +88,10 @@ def _metrics(regime: str, n: int, warm: float, final: float) -> list[dict]:
 
 
 def _step_records(regime: str, i: int, split: str, rng: np.random.Generator, *, c1, p1, cosine, estimate,
-                  new_fields: bool, copies: bool) -> list[dict]:
-    """The three directions' records of step ``i`` on ``split``."""
+                  new_fields: bool, copies: bool, exact: bool = False,
+                  others: dict[str, float] | None = None) -> list[dict]:
+    """The three directions' records of step ``i`` on ``split`` (``others``: per direction, the
+    ``λ̂`` of the other held-out batch, for a ``heldout2`` record)."""
     out: list[dict] = []
     for d in ("active", "ce", "policy"):
         if copies and d == regime and out:
@@ -96,11 +105,14 @@ def _step_records(regime: str, i: int, split: str, rng: np.random.Generator, *, 
         est = estimate(lam, i) if estimate is not None else lam * 0.01 * (1 + 0.3 * rng.standard_normal())
         ests = {"reference": est, "masked": est * 2, "pooled": est * 0.5,
                 "jvp_masked": est + 0.1 * rng.standard_normal(), "jvp_pooled": -est}
+        if exact:
+            ests["exact"] = lam  # the train batch's λ*: the same update's on every split
         rec = {"regime": regime, **_decomposition(i, d, a, 0.0, b, 0.1, ests, cosine(i, d),
                                                   0.01 * rng.standard_normal())}
         if new_fields:
             rec |= {"split": split, "same_as": ""}
-            rec |= _realized_fields(a, b, lam, ests, 0.05 * rng.standard_normal(), 0.05 * rng.standard_normal())
+            rec |= _realized_fields(a, b, lam, ests, 0.05 * rng.standard_normal(), 0.05 * rng.standard_normal(),
+                                    None if others is None else others.get(d, NAN))
         elif split != "train":
             rec["split"] = split
         out.append(rec)
@@ -133,6 +145,8 @@ def write_run(
     new_fields: bool = True,
     heldout: bool = False,
     copies: bool = True,
+    heldout2: bool = False,
+    exact: bool = False,
 ) -> Path:
     """A run of ``n`` instrumented steps (every step), three directions, sweeps and curvature
     (module docstring)."""
@@ -146,7 +160,11 @@ def write_run(
     for i in range(1, n + 1):
         for split in ("train", "heldout") if heldout else ("train",):
             decomps += _step_records(regime, i, split, rng, c1=c1, p1=p1, cosine=cosine, estimate=estimate,
-                                     new_fields=new_fields, copies=copies)
+                                     new_fields=new_fields, copies=copies, exact=exact)
+        if heldout and heldout2:
+            others = {r["direction"]: r.get("lambda_hat", NAN) for r in decomps[-3:]}
+            decomps += _step_records(regime, i, "heldout2", rng, c1=c1, p1=p1, cosine=cosine, estimate=estimate,
+                                     new_fields=new_fields, copies=copies, exact=exact, others=others)
         if i % 10 == 0:
             sweep, eig = _sweep_and_curvature(regime, i, c1, p1)
             sweeps.append(sweep)

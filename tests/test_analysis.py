@@ -76,14 +76,19 @@ def test_estimator_statistics_are_per_run_then_combined(tmp_path):
         if est.size >= 3 and np.ptp(est) > 0:
             per_rho.append(stats.spearmanr(est, hat).statistic)
         per_sign.append(np.mean((est != 0) & (np.sign(est) == np.sign(hat))))
-        per_eff.append(np.median([r["gain_reference"] / r["gain_hat"] for r in g if math.isfinite(r["gain_hat"])]))
+        per_eff.append(np.median([r["gain_jvp_masked"] / r["gain_hat"] for r in g if math.isfinite(r["gain_hat"])]))
     assert s["n_runs"] == 12 and s["n_records"] == 12 * 30
     assert s["spearman"]["n_runs"] == len(per_rho) == 3  # the policy runs: elsewhere the proxy is constant
     assert s["spearman"]["value"] == pytest.approx(np.mean(per_rho))
     assert (s["spearman"]["low"], s["spearman"]["high"]) == pytest.approx(_bootstrap_over_runs(per_rho))
     assert s["sign_agreement"]["value"] == pytest.approx(np.mean(per_sign))
-    assert s["median_efficiency"]["value"] == pytest.approx(np.mean(per_eff))
-    assert (s["median_efficiency"]["low"], s["median_efficiency"]["high"]) == pytest.approx(_bootstrap_over_runs(per_eff))
+    # the proxy's realized efficiency only restates its scale (≈ 2·0.01 here): not reported
+    assert not s["lambda_units"] and math.isnan(s["median_efficiency"]["value"])
+    assert s["median_efficiency"]["not_reported"] == "n/a (not in λ units)"
+    jvp = estimator_stats(groups, "jvp_masked", "lambda_hat")
+    assert jvp["lambda_units"] and jvp["median_efficiency"]["value"] == pytest.approx(np.mean(per_eff))
+    assert (jvp["median_efficiency"]["low"], jvp["median_efficiency"]["high"]) == pytest.approx(
+        _bootstrap_over_runs(per_eff))
     # no magnitude of an estimate is compared with λ̂: no Pearson on raw values, no best constant
     assert not {"pearson", "best_constant", "median_efficiency_scaled"} & set(s)
     # jvp_pooled was built as −estimate: every sign disagrees
@@ -127,8 +132,8 @@ def test_older_runs_validate_against_lambda_star(tmp_path):
     runs = load_runs([tmp_path])
     result = validate(runs)
     assert result["target"] == "lambda_star" and result["efficiency"] == "model"
-    ref = result["estimators"]["reference"]
-    assert ref["median_model_efficiency"]["n_runs"] == 3 and ref["median_efficiency"]["n_runs"] == 0
+    jvp = result["estimators"]["jvp_masked"]  # the proxies' efficiencies are not reported (not in λ units)
+    assert jvp["median_model_efficiency"]["n_runs"] == 3 and jvp["median_efficiency"]["n_runs"] == 0
     assert result["lambda_star"]["n_runs"] == 0
     assert "no λ̂ in these records" in format_table(result)
     assert all(run.copies("policy") == 30 for run in runs)  # recognised by seconds == 0 and equal numbers

@@ -10,16 +10,18 @@ Figures (``FIGURES``):
 
 - ``terms_<direction>``: correlation ``C``, cross term ``X``, penalty ``P``, and predicted vs
   realized ``ΔJ_MTP`` over training, per regime, for the ``active``, ``ce`` and ``policy``
-  directions;
+  directions, each with its 95% interval (:func:`term_series`): over runs (Student t) at a step
+  where a regime has several runs, else the record's own sampling error ``±1.96·<term>_se``;
 - ``coefficients``: top row, the realized optimum ``λ̂`` and the quadratic model's ``λ*`` of the
   ``policy`` direction (λ units); bottom row, every estimator and the ``λ`` an ``occ`` run
   applied, on their own axis (the proxies scale like ``c·lr``, not like ``λ``);
 - ``proxy_vs_exact``: per estimator, the rank of each record's estimate within its run against
   the rank of its ``λ̂`` (``λ*`` when no record has ``λ̂``), with the mean within-run Spearman ρ
   and its run-bootstrap interval: scale-free, no magnitude is compared;
-- ``efficiency``: per estimator (and ``λ*``), the median realized efficiency
-  ``gain(λ_est)/gain(λ̂)`` of each run (points) and their mean over runs with its interval (the
-  quadratic model's efficiency for records without ``λ̂``);
+- ``efficiency``: per estimator in the units of ``λ`` (not the proxies: their efficiency only
+  restates their scale) and the train batch's ``λ*`` against a ``λ̂`` of another batch, the
+  median realized efficiency ``gain(λ_est)/gain(λ̂)`` of each run (points) and their mean over
+  runs with its interval (the quadratic model's efficiency for records without ``λ̂``);
 - ``quadratic_check``: realized ``ΔJ_MTP`` of real counterfactual steps over a grid of ``λ``
   (points) with the quadratic model ``λ(C₁+X₁) − λ²P₁`` (line), at the first and last sweep;
 - ``training``: reward, held-out accuracy and MTP acceptance per regime;
@@ -65,10 +67,12 @@ from decomp.results.figstyle import (
     series,
     symlog,
 )
-from decomp.results.stats import combine_runs, finite, fmt_interval, median
+from decomp.results.stats import CONFIDENCE, combine_runs, finite, fmt_interval, median
 from decomp.results.validate import (
     TARGET_NAMES,
     estimator_stats,
+    in_lambda_units,
+    lambda_star_rows,
     select_records,
     target_of,
 )
@@ -83,11 +87,49 @@ def _field(direction: str, key: str) -> Callable[[Run], list[tuple[int, float]]]
     return lambda run: [(r["step"], r.get(key)) for r in direction_records(run, direction)]
 
 
+Z_95 = float(stats.norm.ppf(0.5 + CONFIDENCE / 2))  # 1.96: a record's interval, ± Z_95·SE
+
+
+def _run_steps(run: Run, direction: str, key: str) -> dict[int, tuple[float, float]]:
+    """Per step, the run's mean of ``key`` over its records there and that mean's sampling error
+    ``√(Σ se²)/m`` from the records' ``<key>_se`` (``nan`` where one is missing)."""
+    values: dict[int, list[tuple[float, float]]] = {}
+    for r in direction_records(run, direction):
+        if finite(r.get(key)):
+            se = r.get(f"{key}_se")
+            values.setdefault(r["step"], []).append((float(r[key]), float(se) if finite(se) else math.nan))
+    return {s: (float(np.mean([v for v, _ in vs])), math.sqrt(sum(e * e for _, e in vs)) / len(vs))
+            for s, vs in values.items()}
+
+
+def term_series(runs: list[Run], direction: str, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """Per step: the mean of ``key`` over runs (each run's records at the step averaged first) and
+    the half-width of its 95% interval: ``t_{0.975, n−1}·sd/√n`` over the ``n ≥ 2`` runs there,
+    else (one run) ``Z_95·SE`` of the run's value from its records' ``<key>_se`` (0 where they
+    carry none). The last item says which intervals were drawn."""
+    per_run = [_run_steps(run, direction, key) for run in runs]
+    steps = np.array(sorted({s for p in per_run for s in p}))
+    mean, half, kinds = [], [], set()
+    for s in steps:
+        here = [p[s] for p in per_run if s in p]
+        vals = np.array([v for v, _ in here])
+        mean.append(float(vals.mean()))
+        if vals.size >= 2:
+            half.append(float(stats.t.ppf(0.5 + CONFIDENCE / 2, vals.size - 1) * vals.std(ddof=1) / math.sqrt(vals.size)))
+            kinds.add("over runs")
+        elif finite(here[0][1]):
+            half.append(Z_95 * here[0][1])
+            kinds.add("sampling error")
+        else:
+            half.append(0.0)
+    return steps, np.array(mean), np.array(half), " and ".join(sorted(kinds)) or "none"
+
+
 def _term_panel(ax, groups: dict[str, list[Run]], direction: str, key: str) -> bool:
     raw: list[float] = []
     for regime, rs in groups.items():
-        steps, mean, sd, _ = series(rs, _field(direction, key))
-        band(ax, steps, mean, sd, regime_color(regime), regime, smooth=SMOOTH)
+        steps, mean, half, _ = term_series(rs, direction, key)
+        band(ax, steps, mean, half, regime_color(regime), regime, smooth=SMOOTH)
         raw += list(mean)
     ax.axhline(0, color="black", lw=0.6)
     ax.set_title(TERM_LABELS[key])
@@ -99,8 +141,8 @@ def _term_panel(ax, groups: dict[str, list[Run]], direction: str, key: str) -> b
 def _delta_panel(ax, groups: dict[str, list[Run]], direction: str) -> bool:
     raw: list[float] = []
     for regime, rs in groups.items():
-        steps, mean, sd, _ = series(rs, _field(direction, "realized"))
-        band(ax, steps, mean, sd, regime_color(regime), f"{regime} realized", smooth=SMOOTH)
+        steps, mean, half, _ = term_series(rs, direction, "realized")
+        band(ax, steps, mean, half, regime_color(regime), f"{regime} realized", smooth=SMOOTH)
         raw += list(mean)
         steps, mean, sd, _ = series(rs, _field(direction, "predicted"))
         band(ax, steps, mean, 0 * sd, regime_color(regime), f"{regime} predicted", style=":", smooth=SMOOTH)
@@ -131,9 +173,12 @@ def plot_terms(runs: list[Run], direction: str):
         for ax in axes.flat:
             no_data(ax, f"{direction}-direction records")
     note = "; y-range: 2–98% quantiles, outliers cut off" if clipped else ""
+    kinds = {term_series(rs, direction, "correlation")[3] for rs in groups.values()}
+    bands = ("95% band: over seeds (t-interval) where a regime has several runs, else ± 1.96 × the record's "
+             f"sampling error over prompt groups; drawn here: {', '.join(sorted(kinds)) or 'none'}")
     fig.suptitle(f"Decomposition of the MTP effect, {direction} direction, {_splits_note(runs, direction)}\n"
-                 f"({legend_note(runs)}; faint: each instrumented update, bold: rolling median of {SMOOTH}{note})",
-                 y=1.06)
+                 f"({legend_note(runs)}; faint: each instrumented update, bold: rolling median of {SMOOTH}{note})\n"
+                 f"{bands}", y=1.09)
     fig.tight_layout()
     return fig
 
@@ -256,19 +301,24 @@ def plot_proxy_vs_exact(runs: list[Run]):
 
 
 def _efficiency_columns(runs: list[Run]) -> tuple[str, list[tuple[str, list[float], int]]]:
-    """Per estimator (and λ*): the median efficiency of each run and the records behind them;
-    realized efficiency where records carry λ̂, else the quadratic model's."""
+    """Per estimator in the units of λ (a proxy's efficiency only restates its scale) and λ*: the
+    median efficiency of each run and the records behind them; realized efficiency where records
+    carry λ̂, else the quadratic model's. λ* is the train batch's, judged against a λ̂ of another
+    batch (:func:`decomp.results.validate.lambda_star_rows`)."""
     groups = [g for g in (direction_records(run, "policy") for run in runs) if g]
     realized = any("gain_hat" in r for g in groups for r in g)
     get = realized_efficiency if realized else model_efficiency
     columns = []
     for est in estimator_names(r for g in groups for r in g):
+        if not in_lambda_units(est):
+            continue
         per_run = [[get(r, est) for r in g] for g in groups]
         columns.append((est, [median(v) for v in per_run], sum(finite(x) for v in per_run for x in v)))
     if realized:
-        per_run = [[r["gain_lambda_star"] / r["gain_hat"] for r in g if finite(r.get("gain_lambda_star"))
-                    and finite(r.get("gain_hat")) and r["gain_hat"] != 0] for g in groups]
-        columns.append(("λ*", [median(v) for v in per_run], sum(len(v) for v in per_run)))
+        per_run = [[row["efficiency"] for row in lambda_star_rows(run, "policy")[1] if finite(row["efficiency"])]
+                   for run in runs]
+        if any(per_run):
+            columns.append(("λ*", [median(v) for v in per_run], sum(len(v) for v in per_run)))
     return ("realized gain(λ_est)/gain(λ̂)" if realized else "model gain(λ_est)/gain(λ*) (no λ̂ recorded)"), columns
 
 
@@ -293,8 +343,9 @@ def plot_efficiency(runs: list[Run]):
     ax.set_yscale("symlog", linthresh=1e-2)
     ax.set_xticks(np.arange(len(columns)), labels)
     ax.set_ylabel(f"{kind}\n(median per run; symlog)")
-    ax.set_title("Efficiency per estimator, policy direction (points: runs; diamond: mean over runs, "
-                 "95% run-bootstrap interval)", fontsize=9)
+    ax.set_title("Efficiency per estimator in λ units, policy direction (points: runs; diamond: mean over runs, "
+                 "95% run-bootstrap interval;\nproxies left out: their efficiency only restates their scale)",
+                 fontsize=9)
     ax.legend(loc="lower left", fontsize=7)
     if not columns:
         no_data(ax, "estimator efficiencies")

@@ -2,7 +2,9 @@
 
 Sections: held-out accuracy per regime (mean ± sd over seeds, with the seeds named); early vs
 late correlation and penalty per regime and direction (per run: means over the first and last
-third of its instrumented steps, then the mean over runs); the estimator validation table
+third of its instrumented steps, then the mean over runs); per regime, the share of its own
+direction's records whose ``C`` and ``P`` are distinguishable from 0 (``|z| ≥ 2``,
+``z = term/term_se``; :func:`distinguishable_rows`); the estimator validation table
 (:mod:`decomp.results.validate`, per-run statistics combined over runs); the claims table
 (:mod:`decomp.results.claims`: statistic, interval, rule, runs, records and verdict of each); the
 figures, when a figure folder is given. Nothing in it is written by hand.
@@ -20,7 +22,7 @@ from decomp import __version__
 from decomp.results.claims import INTERVAL, MIN_RUNS, evaluate_claims
 from decomp.results.plots import FIGURES
 from decomp.results.rundata import FINAL_EVALUATIONS, Run, regimes_of
-from decomp.results.stats import early_late, finite_array, fmt
+from decomp.results.stats import Z_DISTINGUISHABLE, distinguishable_share, early_late, finite_array, fmt
 from decomp.results.validate import format_table, validate
 from decomp.vocabulary import DIRECTIONS
 
@@ -82,6 +84,39 @@ def terms_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def distinguishable_rows(runs: list[Run], direction: str = "active") -> list[dict[str, object]]:
+    """Per regime: for ``C`` (``correlation``) and ``P`` (``penalty``), the mean over its runs of
+    the per-run share of ``direction``'s records (preferred split) with ``|term/term_se| ≥ 2``
+    (:func:`decomp.results.stats.distinguishable_share`), the runs and records with an SE behind
+    it; ``value`` is ``nan`` where no record carries one."""
+    rows = []
+    for regime in regimes_of(runs):
+        row: dict[str, object] = {"regime": regime}
+        for term in ("correlation", "penalty"):
+            per_run = [distinguishable_share(run.records(direction, run.preferred_split(direction)), term)
+                       for run in runs if run.regime == regime]
+            used = [(share, n) for share, n in per_run if n]
+            row[term] = {"value": float(np.mean([s for s, _ in used])) if used else float("nan"),
+                         "n_runs": len(used), "n_records": sum(n for _, n in used)}
+        rows.append(row)
+    return rows
+
+
+def distinguishable_cell(d: dict[str, object]) -> str:
+    """``0.83 (3 runs, 30 records)``, or ``n/a`` where no record carries a sampling error."""
+    if not d["n_runs"]:
+        return "n/a (no sampling errors)"
+    return f"{fmt(d['value'], '.2f')} ({d['n_runs']} runs, {d['n_records']} records)"
+
+
+def distinguishable_table(runs: list[Run], direction: str = "active") -> str:
+    lines = [f"| regime | C: share with \\|z\\| ≥ {Z_DISTINGUISHABLE:g} | P: share with \\|z\\| ≥ {Z_DISTINGUISHABLE:g} |",
+             "|---|---|---|"]
+    lines += [f"| {row['regime']} | {distinguishable_cell(row['correlation'])} | {distinguishable_cell(row['penalty'])} |"
+              for row in distinguishable_rows(runs, direction)]
+    return "\n".join(lines)
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")  # a literal | would split the Markdown cell
 
@@ -132,6 +167,11 @@ def build_report(runs: list[Run], out: Path, figures: Path | None = None) -> str
          "where the run has one; then the mean over runs. `(= active)`: that direction is the active one, its "
          "records are copies of the active records."),
         terms_table(runs),
+        (f"Terms distinguishable from 0: per run, the share of the regime's own (`active`) direction's records "
+         f"whose |z| ≥ {Z_DISTINGUISHABLE:g}, z = term/term_se (the record's sampling error over prompt groups, "
+         "docs/estimators.md §5.1); then the mean over runs. `n/a`: the records carry no sampling error "
+         "(`group_errors` off, or an older run)."),
+        distinguishable_table(runs),
         "## Estimators against the optimal coefficient",
         format_table(result, markdown=True),
         "## The paper's claims on this data",

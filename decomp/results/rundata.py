@@ -130,6 +130,29 @@ class Run:
         return float(sum(evaluated) / len(evaluated)) if evaluated else math.nan
 
 
+SHARED_TRAJECTORY = ("detach", "frozen", "distill")  # regimes whose policy is detach's, update by update
+COLLAPSE_FRACTION = 0.25  # a run whose final accuracy is at most this share of its warm start's has collapsed
+
+
+def collapsed(run: Run) -> bool:
+    """Whether the run's policy collapsed: its final accuracy (:meth:`Run.final_accuracy_mean`)
+    is at most ``COLLAPSE_FRACTION`` × its warm-start accuracy (both finite, the warm start's
+    > 0). A collapsed policy no longer follows an arm of its own: its runs are not independent
+    evidence about the arm."""
+    warm, final = run.warm_accuracy, run.final_accuracy_mean()
+    return finite(warm) and finite(final) and warm > 0 and final <= COLLAPSE_FRACTION * warm
+
+
+def cluster_of(run: Run) -> str:
+    """The run's cluster, the unit the analysis resamples: runs that share one policy trajectory
+    — the ``SHARED_TRAJECTORY`` regimes of one task and seed (``frozen`` and ``distill`` leave the
+    policy exactly as ``detach``), and any :func:`collapsed` run of that seed — are one cluster,
+    ``"<task>/seed<seed>"``; every other run is its own cluster (its path)."""
+    if run.config.get("regime") in SHARED_TRAJECTORY or collapsed(run):
+        return f"{run.task}/seed{run.seed}"
+    return str(run.path)
+
+
 def split_of(record: dict[str, Any]) -> str:
     """The record's split: its ``split`` field, ``"train"`` when absent or empty."""
     split = record.get("split")

@@ -11,6 +11,10 @@ data grouped by run and
   or a Student t-interval over runs (:func:`t_interval`);
 - compare two regimes by paired seed differences (:func:`paired_difference`).
 
+Runs that share one policy trajectory (:func:`decomp.results.rundata.cluster_of`) are one
+*cluster*: :func:`combine_runs` and :func:`cluster_t_interval` first average the runs of a cluster,
+``v_k = mean_{i∈k} x_i``, then combine the clusters, each counting once.
+
 Every function is pure (NumPy/SciPy only, seeded where random) and returns plain floats and
 dicts that JSON can hold; ``nan`` marks what is undefined (too few runs, a constant sample).
 """
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -114,6 +118,22 @@ def _center(values: np.ndarray, how: str) -> float:
     raise ValueError(f"how must be 'mean' or 'median', got {how!r}")
 
 
+def cluster_means(per_run: Sequence[Any], clusters: Sequence[Hashable] | None = None) -> tuple[np.ndarray, int]:
+    """One value per cluster, ``v_k = mean_{i∈k} x_i`` over its runs' finite values (clusters in
+    order of first appearance; a cluster without a finite value is left out), and the number of
+    runs behind them. ``clusters=None``: every run is its own cluster."""
+    if clusters is None:
+        values = finite_array(per_run)
+        return values, int(values.size)
+    if len(clusters) != len(per_run):
+        raise ValueError(f"clusters has {len(clusters)} entries for {len(per_run)} runs")
+    grouped: dict[Hashable, list[float]] = {}
+    for value, key in zip(per_run, clusters, strict=True):
+        if finite(value):
+            grouped.setdefault(key, []).append(float(value))
+    return np.array([np.mean(v) for v in grouped.values()], dtype=float), sum(len(v) for v in grouped.values())
+
+
 def combine_runs(
     per_run: Sequence[float],
     *,
@@ -122,17 +142,19 @@ def combine_runs(
     n_resamples: int = N_RESAMPLES,
     confidence: float = CONFIDENCE,
     seed: int = 0,
+    clusters: Sequence[Hashable] | None = None,
 ) -> dict[str, float]:
     """Combine one statistic per run into one number: the ``mean`` (or ``median``) over the runs
     whose statistic is finite, with a run-bootstrap percentile interval (:func:`cluster_bootstrap`
-    with one value per run). ``n_records`` (the records behind the per-run values) is passed
-    through for the report.
+    with one value per run). With ``clusters`` (one key per run), the runs of a cluster are
+    averaged first (:func:`cluster_means`) and the clusters are combined and resampled instead.
+    ``n_records`` (the records behind the per-run values) is passed through for the report.
 
-    Returns ``{"value", "low", "high", "n_runs", "n_records"}``.
+    Returns ``{"value", "low", "high", "n_runs", "n_clusters", "n_records"}``.
     """
-    values = finite_array(per_run)
+    values, n_runs = cluster_means(per_run, clusters)
     k = int(values.size)
-    out = {"value": _center(values, how), "low": NAN, "high": NAN, "n_runs": k,
+    out = {"value": _center(values, how), "low": NAN, "high": NAN, "n_runs": n_runs, "n_clusters": k,
            "n_records": int(n_records) if n_records is not None else NAN}
     if k < 2 or n_resamples < 1:
         return out
@@ -158,6 +180,14 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> dict[
     return {"value": mean, "low": mean - half, "high": mean + half, "sd": sd, "n": n}
 
 
+def cluster_t_interval(values: Sequence[float], clusters: Sequence[Hashable] | None = None,
+                       confidence: float = CONFIDENCE) -> dict[str, float]:
+    """:func:`t_interval` over clusters: the mean of the cluster means ``v_k``
+    (:func:`cluster_means`), ``n`` the clusters and ``n_runs`` the runs behind them."""
+    means, n_runs = cluster_means(values, clusters)
+    return t_interval(means, confidence) | {"n_runs": n_runs}
+
+
 def paired_difference(
     a: Mapping[Any, float], b: Mapping[Any, float], confidence: float = CONFIDENCE
 ) -> dict[str, Any]:
@@ -173,6 +203,8 @@ def paired_difference(
 
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
+NO_SIGNAL = "no signal"  # the target's own split-half reliability is too low to judge anything against it
+Z_DISTINGUISHABLE = 2.0  # |term/term_se| at which a record's term is distinguishable from 0
 
 
 def interval_verdict(d: Mapping[str, Any], threshold: float, *, min_n: int, strict: bool = False) -> str:
@@ -246,6 +278,23 @@ def early_late(steps: Sequence[float], values: Sequence[float]) -> tuple[float, 
     k = distinct.size // 3
     early, late = np.isin(s, distinct[:k]), np.isin(s, distinct[-k:])
     return float(np.mean(v[early])), float(np.mean(v[late])), int(early.sum() + late.sum())
+
+
+def term_z(record: Mapping[str, Any], term: str) -> float:
+    """``z = term / term_se`` of one record (``nan`` where the record has no finite, positive
+    ``<term>_se``: older runs, or ``group_errors`` off)."""
+    value, se = record.get(term), record.get(f"{term}_se")
+    if finite(value) and finite(se) and se == 0 and value == 0:
+        return 0.0  # a term that is exactly 0 (a detached direction) is not distinguishable from 0
+    return float(value) / float(se) if finite(value) and finite(se) and se > 0 else NAN
+
+
+def distinguishable_share(records: Sequence[Mapping[str, Any]], term: str,
+                          threshold: float = Z_DISTINGUISHABLE) -> tuple[float, int]:
+    """Share of the records with a finite ``z`` (:func:`term_z`) whose ``|z| ≥ threshold``, and
+    how many records have one (``(nan, 0)`` when none does)."""
+    z = finite_array([term_z(r, term) for r in records])
+    return (float(np.mean(np.abs(z) >= threshold)) if z.size else NAN), int(z.size)
 
 
 def fmt(x: Any, spec: str = ".3g") -> str:

@@ -17,6 +17,9 @@ All three give the same product (tested). ``"autograd"`` is the default because 
 and the leanest of the three in ``benchmarks/hvp_peers.py`` (``vjp∘grad`` through ``torch.func``
 keeps more memory alive than a double backward; the figures are in ``benchmarks/results.md``).
 
+Several products at one point: :meth:`SecondOrder.hvps`, in one batched pass or one pass per
+tangent by a measured rule (:func:`batched_by_default`; docs/benchmarks.md "Batched HVPs").
+
 PyTorch's fused CPU attention kernel has neither forward-mode AD nor double backward, so every
 function here runs under :func:`math_attention`. Parameters ``f`` does not use get zeros.
 """
@@ -81,12 +84,56 @@ class SecondOrder:
     ``hvp(v)`` returns ``∇²f(params) · v`` as a dict; with the ``"autograd"`` and ``"reverse"``
     methods all calls reuse one graph (built once), with ``"forward"`` each call is a fresh
     ``jvp`` pass.
+
+    ``hvps(vs)`` returns ``[hvp(v) for v in vs]``, in one batched pass carrying every tangent at
+    once where ``batched`` says so (:meth:`hvps`).
     """
 
     value: Tensor
     grad: Params
     hvp: Callable[[Params], Params]
     method: HVPMethod
+    batched_hvps: Callable[[list[Params]], list[Params]] | None = None
+    batched: bool | None = None  # hvps' default: None → the measured rule, batched_by_default
+
+    def hvps(self, vs: Sequence[Params], *, batched: bool | None = None) -> list[Params]:
+        """``[hvp(v) for v in vs]``: the same products (to rounding), one per tangent.
+
+        ``batched`` (default: the ``batched`` given to :func:`second_order`, else the measured
+        rule :func:`batched_by_default`): ``True`` computes them in one pass carrying every
+        tangent (``torch.autograd.grad(..., is_grads_batched=True)`` for ``"autograd"``,
+        ``torch.func.vmap`` over the tangents for ``"reverse"`` and ``"forward"``), which holds
+        ``len(vs)`` products and the pass's batched intermediates at once; ``False`` one pass per
+        tangent, one pass's intermediates alive at a time (the products are all returned).
+        Fewer than two tangents are always sequential."""
+        vs = list(vs)
+        use = self.batched if batched is None else batched
+        if use is None:
+            use = batched_by_default(self.method, self.grad)
+        if len(vs) < 2 or not use or self.batched_hvps is None:
+            return [self.hvp(v) for v in vs]
+        return self.batched_hvps(vs)
+
+
+def batched_by_default(method: HVPMethod, params: Params) -> bool:
+    """The measured rule of :meth:`SecondOrder.hvps` (``benchmarks/hvp_batched.py``, figures in
+    docs/benchmarks.md "Batched HVPs"): batched for the ``"forward"`` method, where ``vmap`` over
+    the tangents of one ``jvp∘grad`` pass beat two passes (0.75× on the built-in model, 0.83× on
+    SmolLM2-135M); sequential for ``"autograd"`` (``is_grads_batched`` runs the legacy vmap
+    prototype, whose per-tangent fallbacks for the softmax, GELU, embedding and gather backwards
+    made two batched products slower than two backward passes: 1.15× and 1.36×) and
+    ``"reverse"`` (no faster batched on the built-in model). ``params`` (unused by the present
+    rule) lets a rule depend on the model. Measured on a CPU only."""
+    del params
+    return method == "forward"
+
+
+def _stacked(vs: list[Params], keys: Sequence[str]) -> Params:
+    return {k: torch.stack([v[k] for v in vs]) for k in keys}
+
+
+def _unstacked(stacked: Params, n: int) -> list[Params]:
+    return [{k: t[i] for k, t in stacked.items()} for i in range(n)]
 
 
 def second_order(
@@ -95,24 +142,32 @@ def second_order(
     *,
     method: HVPMethod = DEFAULT_HVP_METHOD,
     name: str = "f",
+    batched: bool | None = None,
 ) -> SecondOrder:
     """Compute ``f(θ)``, ``∇f(θ)`` and return an exact HVP callable at ``θ``.
 
     This is the work-sharing primitive of the decomposition: one double pass gives the gradient
-    and every HVP needed afterwards.
+    and every HVP needed afterwards. ``batched`` is the default of :meth:`SecondOrder.hvps`
+    (``None``: the measured rule :func:`batched_by_default`).
     """
     params = check_params(params)
     method = _check_method(method)
     f = scalar_function(f, name)
     theta = _detached(params)
+    if batched is not None and not isinstance(batched, bool):
+        raise TypeError(f"batched must be True, False or None, got {batched!r}")
+
+    def checked(vs: list[Params]) -> list[Params]:
+        return [check_like(v, params, f"vs[{i}]") for i, v in enumerate(vs)]
 
     if method == "autograd":
-        value, g, hvp_fn = _autograd_second_order(f, theta, retain=True)
+        value, g, hvp_fn, hvps_fn = _autograd_second_order(f, theta, retain=True)
 
         def hvp_autograd(v: Params) -> Params:
             return hvp_fn(check_like(v, params, "v"))
 
-        return SecondOrder(value=value, grad=g, hvp=hvp_autograd, method=method)
+        return SecondOrder(value=value, grad=g, hvp=hvp_autograd, method=method,
+                           batched_hvps=lambda vs: hvps_fn(checked(vs)), batched=batched)
 
     if method == "reverse":
         with math_attention():
@@ -124,7 +179,14 @@ def second_order(
                 (hv,) = vjp_fn(v)
             return hv
 
-        return SecondOrder(value=value.detach(), grad=g, hvp=hvp_reverse, method=method)
+        def hvps_reverse(vs: list[Params]) -> list[Params]:
+            vs = checked(vs)
+            with math_attention():
+                (hv,) = vmap(vjp_fn)(_stacked(vs, list(theta)))
+            return _unstacked(hv, len(vs))
+
+        return SecondOrder(value=value.detach(), grad=g, hvp=hvp_reverse, method=method,
+                           batched_hvps=hvps_reverse, batched=batched)
 
     with math_attention():
         g, value = grad_and_value(f)(theta)
@@ -135,13 +197,21 @@ def second_order(
             _, hv = jvp(grad(f), (theta,), (v,))
         return hv
 
-    return SecondOrder(value=value.detach(), grad=g, hvp=hvp_forward, method=method)
+    def hvps_forward(vs: list[Params]) -> list[Params]:
+        vs = checked(vs)
+        with math_attention():  # the primal gradient is computed once, the tangents batched
+            hv = vmap(lambda v: jvp(grad(f), (theta,), (v,))[1])(_stacked(vs, list(theta)))
+        return _unstacked(hv, len(vs))
+
+    return SecondOrder(value=value.detach(), grad=g, hvp=hvp_forward, method=method,
+                       batched_hvps=hvps_forward, batched=batched)
 
 
 def _autograd_second_order(
     f: Callable[[Params], Tensor], theta: Params, *, retain: bool
-) -> tuple[Tensor, Params, Callable[[Params], Params]]:
-    """``f(θ)``, ``∇f(θ)`` and an HVP callable by double backward on leaf copies of ``θ``."""
+) -> tuple[Tensor, Params, Callable[[Params], Params], Callable[[list[Params]], list[Params]]]:
+    """``f(θ)``, ``∇f(θ)``, an HVP callable by double backward on leaf copies of ``θ``, and one
+    for several tangents in one batched backward (``is_grads_batched``)."""
     leaves = {k: t.detach().requires_grad_(True) for k, t in theta.items()}
     names = list(leaves)
     with torch.enable_grad(), math_attention():
@@ -161,7 +231,19 @@ def _autograd_second_order(
             )
         return {k: torch.zeros_like(leaves[k]) if o is None else o for k, o in zip(names, out, strict=True)}
 
-    return value.detach(), g, hvp_fn
+    def hvps_fn(vs: list[Params]) -> list[Params]:
+        if not live:
+            return [{k: torch.zeros_like(leaves[k]) for k in names} for _ in vs]
+        with torch.enable_grad(), math_attention():
+            out = torch.autograd.grad(
+                [gi for _, gi in live], list(leaves.values()),
+                grad_outputs=[torch.stack([v[k] for v in vs]) for k, _ in live],
+                retain_graph=retain, allow_unused=True, is_grads_batched=True,
+            )
+        return [{k: torch.zeros_like(leaves[k]) if o is None else o[i] for k, o in zip(names, out, strict=True)}
+                for i in range(len(vs))]
+
+    return value.detach(), g, hvp_fn, hvps_fn
 
 
 def hvp(

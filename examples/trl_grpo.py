@@ -17,6 +17,14 @@ on the training micro-batch (split ``train``) and, with ``--heldout``, on fresh 
 task's held-out problems from the current policy (split ``heldout``); ``--no-search`` skips the
 realized optimum ``λ̂``. The decomp run directory is ``--output-dir``: ``decomp plot``,
 ``decomp validate`` and ``decomp report`` read it.
+
+Cost (docs/trl.md, "What a measurement costs"): on a real LM each record of an instrumented step
+costs many training steps, so the defaults measure first what a user needs first: the active
+direction only, its realized optimum searched on the held-out split when there is one
+(``--heldout``), else on the training split. The shadow directions are opt-in
+(``--directions active,ce,policy,distill-joint``: each adds about the active direction's cost),
+and so is the search on both splits (``--search-splits train,heldout``). A progress bar advances
+over the records of each instrumented step.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import argparse
 from datasets import Dataset
 from trl import GRPOConfig
 
-from decomp.integrations.trl import InstrumentConfig, MTPConfig, MTPGRPOTrainer
+from decomp.integrations.trl import HF_DIRECTIONS, MTPConfig, MTPGRPOTrainer, hf_instrument_config
 from decomp.training.policies import load_hf
 from decomp.training.texttasks import REWARDS, make_text_task
 
@@ -44,6 +52,13 @@ def main() -> None:
                         help="also judge each decomposition on fresh rollouts of the task's held-out problems")
     parser.add_argument("--no-search", dest="search", action="store_false",
                         help="skip the realized optimum λ̂ (real counterfactual steps, forward passes only)")
+    parser.add_argument("--directions", default=HF_DIRECTIONS,
+                        help="MTP directions measured, comma-separated: active, ce, policy, distill-joint "
+                             "(default: active only; each shadow direction is opt-in and adds about the "
+                             "active direction's cost)")
+    parser.add_argument("--search-splits", default="",
+                        help="splits whose records get the search for λ̂: train, heldout or train,heldout "
+                             "(default: heldout with --heldout, else train; both doubles the search's cost)")
     parser.add_argument("--batch-size", type=int, default=16, help="completions per device per step")
     parser.add_argument("--num-generations", type=int, default=8, help="completions per prompt (GRPO group)")
     parser.add_argument("--num-iterations", type=int, default=2, help="updates per generation batch (OCC needs > 1)")
@@ -78,7 +93,9 @@ def main() -> None:
     trainer = MTPGRPOTrainer(
         model=lm, reward_funcs=reward, args=config, train_dataset=train, processing_class=tokenizer,
         mtp_config=MTPConfig(regime=args.regime, mtp_scale=args.scale, occ_estimator=args.estimator),
-        instrument_config=InstrumentConfig(decomp_every=args.decomp_every, heldout=args.heldout, search=args.search),
+        instrument_config=hf_instrument_config(args.decomp_every, heldout=args.heldout, search=args.search,
+                                               decomp_directions=args.directions,
+                                               **({"search_splits": args.search_splits} if args.search_splits else {})),
         heldout_prompts=rows(task.held_out) if args.heldout else None,
     )
     trainer.train()

@@ -539,6 +539,81 @@ def test_bad_heldout_prompts_are_refused(tiny_checkpoint, tmp_path):
                        heldout_prompts=heldout_rows())
 
 
+class _Bar:
+    """Stands in for tqdm in the callback: records what the progress bar is told."""
+
+    made: list[_Bar] = []
+
+    def __init__(self, total=None, disable=False, **kwargs):
+        self.total, self.disable, self.n, self.postfixes, self.closed = total, disable, 0, [], False
+        _Bar.made.append(self)
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_postfix_str(self, text, refresh=True):
+        self.postfixes.append(text)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.closed = True
+
+
+@pytest.mark.parametrize("disable", [False, True])
+def test_progress_bar_advances_once_per_record_showing_each(tiny_checkpoint, tmp_path, monkeypatch, disable):
+    import decomp.integrations.trl.callback as callback
+
+    monkeypatch.setattr(callback, "tqdm", _Bar)
+    _Bar.made = []
+    out = tmp_path / "run"
+    trainer = make_trainer(tiny_checkpoint, out, MTPConfig(regime="ce"), max_steps=2, heldout_prompts=heldout_rows(),
+                           instrument=InstrumentConfig(decomp_every=1, decomp_directions="active,ce,policy"),
+                           disable_tqdm=disable)
+    train_quietly(trainer)
+    records = read_jsonl(out / "decomposition.jsonl")
+    assert len(_Bar.made) == 2 and all(b.total == 6 == b.n and b.closed for b in _Bar.made)  # 3 directions × 2 splits
+    assert all(b.disable is disable for b in _Bar.made)
+    shown = [p for b in _Bar.made for p in b.postfixes]
+    assert len(shown) == len(records) == 12
+    for text, record in zip(shown, records, strict=True):
+        assert text.startswith(f"{record['direction']}/{record['split']}") and text.endswith(" s")
+    assert any("= active" in t for t in shown)  # the shadow ce direction of a ce run is a copy
+
+
+def test_hugging_face_defaults_measure_the_active_direction_on_heldout_rollouts_first(tiny_checkpoint, tmp_path):
+    from decomp.integrations.trl import HF_DIRECTIONS, hf_instrument_config
+
+    cfg = hf_instrument_config(heldout=True)
+    assert HF_DIRECTIONS == "active" and cfg.directions == ("active",) and cfg.decomp_every == 5
+    assert cfg.heldout and cfg.searched_splits == ("heldout",)
+    assert hf_instrument_config(2).searched_splits == ("train",) and not hf_instrument_config(2).heldout
+    assert hf_instrument_config(heldout=True, search=False).searched_splits == ()
+    assert hf_instrument_config(shadow=True).directions == ("active", "ce", "policy", "distill-joint")
+    assert hf_instrument_config(decomp_directions="active,ce", search_splits="train,heldout").directions == ("active", "ce")
+    with pytest.raises(ValueError, match="directions must be"):
+        hf_instrument_config(decomp_directions="sideways")
+    out = tmp_path / "run"
+    trainer = make_trainer(tiny_checkpoint, out, MTPConfig(regime="policy"), max_steps=1, heldout_prompts=heldout_rows(),
+                           instrument=hf_instrument_config(1, heldout=True))
+    train_quietly(trainer)
+    records = read_jsonl(out / "decomposition.jsonl")
+    assert [(r["direction"], r["split"]) for r in records] == [("active", "train"), ("active", "heldout")]
+    train, held = records
+    assert train["search_seconds"] == 0.0 and held["search_seconds"] > 0 and "lambda_hat" in held
+    assert math.isfinite(held["gain_masked"]) and not math.isfinite(train["gain_masked"])
+
+
+def test_example_defaults_and_help_state_the_opt_in_shadow_directions():
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "trl_grpo.py"), "--help"], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = " ".join(proc.stdout.split())
+    assert "--directions" in text and "default: active only" in text and "opt-in" in text
+    assert "default: heldout with --heldout, else train" in text
+
+
 def test_decomposition_refuses_a_loss_it_cannot_reproduce(tiny_checkpoint, tmp_path):
     trainer = make_trainer(tiny_checkpoint, tmp_path, MTPConfig(regime="ce"), decomp_every=1, loss_type="sapo")
     with pytest.raises(ValueError, match="loss_type='sapo'"):
@@ -550,7 +625,8 @@ def test_example_script_trains_a_local_checkpoint(tiny_checkpoint, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "trl_grpo.py"), "--model", str(tiny_checkpoint), "--regime", "occ",
          "--steps", "2", "--decomp-every", "2", "--batch-size", "8", "--num-generations", "4",
-         "--max-completion-length", "6", "--output-dir", str(out), "--heldout"],
+         "--max-completion-length", "6", "--output-dir", str(out), "--heldout",
+         "--directions", "active,ce,policy,distill-joint"],  # the shadow directions are opt-in
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -731,3 +807,14 @@ def test_the_callback_reads_the_trainer_through_its_interface_only(tiny_checkpoi
     assert members and all(hasattr(trainer, name) for name in members), sorted(m for m in members if not hasattr(trainer, m))
     trainer.log_metric("decomp/test", 2.5)
     assert trainer.last_logged("decomp/test") == 2.5 and trainer.last_logged("absent") is None
+
+
+@pytest.mark.parametrize("setting", [{"group_errors": True}, {"heldout_groups": 16}, {"noise_ceiling": True}])
+def test_settings_trl_cannot_honour_are_refused_before_the_trainer_is_built(setting):
+    pytest.importorskip("trl")
+    from decomp.config import InstrumentConfig
+    from decomp.integrations.trl import MTPGRPOTrainer
+
+    name = next(iter(setting))
+    with pytest.raises(ValueError, match=f"{name} is not supported inside TRL"):
+        MTPGRPOTrainer(instrument_config=InstrumentConfig(**setting))

@@ -43,7 +43,11 @@ also holds the realized optimum ``λ̂`` (forward passes only). The records are 
 through the trainer's logger as ``decomp/<field>`` (``decomp/<direction>/<field>`` for the
 shadow directions, ``.../heldout/<field>`` for the held-out split), so they reach TensorBoard or
 Weights & Biases. ``decomp plot``, ``validate`` and ``report`` read that directory (and prefer
-the held-out split where a run has one).
+the held-out split where a run has one). A progress bar advances over the records of each
+instrumented step (off with ``disable_tqdm``). On a real LM each record costs many training
+steps: :func:`~decomp.integrations.trl.defaults.hf_instrument_config` gives the defaults that
+measure first what a user needs first (the ``active`` direction, its ``λ̂`` on the held-out split;
+the shadow directions opt-in).
 
 What the decomposition measures: the step the optimizer is about to take, modelled on the last
 micro-batch of the step (with ``gradient_accumulation_steps = 1``, TRL's default, that *is* the
@@ -88,6 +92,7 @@ from decomp.integrations.trl.align import (
     rollout_batch,
 )
 from decomp.integrations.trl.callback import DecompositionCallback
+from decomp.integrations.trl.defaults import HF_DIRECTIONS, hf_instrument_config
 from decomp.integrations.trl.heldout import heldout_batch
 from decomp.integrations.trl.loss import trl_rl_loss
 from decomp.integrations.trl.support import (
@@ -100,8 +105,8 @@ from decomp.integrations.trl.support import (
 from decomp.integrations.trl.trainer import MTPGRPOTrainer
 
 __all__ = [
-    "MTP_ATTR", "SUPPORTED_LOSS_TYPES", "TRL_TESTED_RANGE", "DecompositionCallback", "InstrumentConfig", "MTPConfig",
-    "MTPGRPOTrainer", "MTPModelView", "add_mtp", "check_trl_version", "completion_mask", "completion_mtp_logprobs",
-    "heldout_batch",
+    "HF_DIRECTIONS", "MTP_ATTR", "SUPPORTED_LOSS_TYPES", "TRL_TESTED_RANGE", "DecompositionCallback", "InstrumentConfig",
+    "MTPConfig", "MTPGRPOTrainer", "MTPModelView", "add_mtp", "check_trl_version", "completion_mask",
+    "completion_mtp_logprobs", "heldout_batch", "hf_instrument_config",
     "plain_forward", "rollout_batch", "trl_rl_loss", "unsupported_loss_settings", "unsupported_model_settings",
 ]

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 import trl
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from decomp import __version__
-from decomp.instrument import instrument_update
+from decomp.instrument import instrument_update, record_count
 from decomp.integrations.trl.align import MTPModelView, plain_forward, rollout_batch
 from decomp.integrations.trl.heldout import heldout_batch
 from decomp.integrations.trl.interface import MeasuredTrainer
@@ -144,9 +145,17 @@ class DecompositionCallback(TrainerCallback):
         tr = self.trainer
         return tr.heldout_prompts is not None and bool(tr.instrument_config.heldout)
 
+    def progress_bar(self, step: int, total: int) -> Any:
+        """The progress bar over the ``total`` records of the instrumented step ``step``: it
+        advances once per record, showing the direction and split just measured and its seconds.
+        Off where the trainer's ``disable_tqdm`` is set (as TRL's own bar)."""
+        return tqdm(total=total, desc=f"decomp step {step}", unit="record", leave=False, dynamic_ncols=True,
+                    disable=bool(getattr(self.trainer.args, "disable_tqdm", False)))
+
     def measure(self, step: int | None = None) -> list[dict[str, Any]]:
         """The decomposition records of the coming optimizer step ``step`` (default: the next
-        one): one per direction and split (``train``, and ``heldout`` when :attr:`heldout`)."""
+        one): one per direction and split (``train``, and ``heldout`` when :attr:`heldout`),
+        with a progress bar over them (:meth:`progress_bar`)."""
         tr = self.trainer
         micro = tr.last_micro_batch
         assert micro is not None
@@ -158,18 +167,29 @@ class DecompositionCallback(TrainerCallback):
         old = batch.response(batch.old_logp)
         optimizer = getattr(tr.optimizer, "optimizer", tr.optimizer)  # accelerate wraps it
         grad_clipped = self._grad_clipped(lm)
+        directions = tr.instrument_config.directions
         with plain_forward(lm):
             # sampled in eval mode (no dropout) from the very parameters the updates start at
             eval_batch = heldout_batch(tr, view, step, batch.tokens.shape[0]) if self.heldout else None
-            result = instrument_update(
-                view, batch, optimizer, tr.regime, scale=tr.mtp_config.mtp_scale, coef=float(micro["coef"]),
-                clip=(float(tr.epsilon_low), float(tr.epsilon_high)), directions=tr.instrument_config.directions,
-                rl_loss_of_logp=trl_rl_loss(tr, inputs, old), eval_batch=eval_batch,
-                search_splits=tr.instrument_config.searched_splits,
-                realized_dtype=_realized_dtype(tr.instrument_config),
-                share_second_order=False,  # a real LM: one second-order graph alive at a time
-                hvp_microbatch_rows=tr.instrument_config.hvp_rows(real_lm=True),
-            )
+            bar = self.progress_bar(step, record_count(directions, eval_batch))
+
+            def advance(record: dict[str, Any]) -> None:
+                copy = f" = {record['same_as']}" if record.get("same_as") else ""
+                bar.set_postfix_str(f"{record['direction']}/{record['split']}{copy} {record['seconds']:.1f} s",
+                                    refresh=False)
+                bar.update(1)
+
+            with bar:
+                result = instrument_update(
+                    view, batch, optimizer, tr.regime, scale=tr.mtp_config.mtp_scale, coef=float(micro["coef"]),
+                    clip=(float(tr.epsilon_low), float(tr.epsilon_high)), directions=directions,
+                    rl_loss_of_logp=trl_rl_loss(tr, inputs, old), eval_batch=eval_batch,
+                    search_splits=tr.instrument_config.searched_splits,
+                    realized_dtype=_realized_dtype(tr.instrument_config),
+                    share_second_order=False,  # a real LM: one second-order graph alive at a time
+                    hvp_microbatch_rows=tr.instrument_config.hvp_rows(real_lm=True),
+                    on_record=advance,
+                )
         return [{**r, "grad_clipped": grad_clipped} for r in result.decompositions]
 
     def _grad_clipped(self, lm: nn.Module) -> bool:

@@ -80,9 +80,11 @@ class MTPGRPOTrainer(GRPOTrainer):
         self.mtp_config.validate()
         self.instrument_config = InstrumentConfig(decomp_every=0) if instrument_config is None else instrument_config
         self.instrument_config.validate()
-        if self.instrument_config.group_errors:
-            raise ValueError("group_errors is not supported inside TRL yet (its micro-batches carry no prompt groups); "
-                             "the reference loop (decomp run) measures them")
+        for name, off in (("group_errors", False), ("heldout_groups", 0), ("noise_ceiling", False)):
+            if getattr(self.instrument_config, name) != off:
+                raise ValueError(f"{name} is not supported inside TRL yet (its micro-batches carry no prompt groups, "
+                                 "and its held-out micro-batch has the training micro-batch's size); the reference "
+                                 "loop (decomp run) measures it")
         self.decomp_dir = decomp_dir
         self.decomp_overwrite = decomp_overwrite  # read at train begin (DecompositionCallback)
         # checked before the (slow) parent constructor: a bad argument fails at once

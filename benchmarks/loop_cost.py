@@ -1,6 +1,6 @@
 """The cost of instrumentation inside the reference loop, beside the benchmark's own figure.
 
-    python benchmarks/loop_cost.py [--model builtin|smollm2-135m] [--steps 4]
+    python benchmarks/loop_cost.py [--model builtin|smollm2-135m] [--steps 4] [--without-errors]
 
 Runs the reference loop (``decomp.training.loop.train``) with every step instrumented, and
 reports, from the run's own records, each direction's measurement time as a multiple of the
@@ -43,12 +43,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="builtin", choices=tuple(SETTINGS))
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--without-errors", action="store_true", help="group_errors off (the records' sampling errors "
+                    "and λ̂'s distribution), to measure what they add")
     args = ap.parse_args()
     reuse_freed_memory()  # as `decomp run` does: freed tensors' memory is reused, not refaulted
     settings = dict(SETTINGS[args.model])
     if args.steps:
         settings["steps"] = args.steps
-    cfg = TrainConfig(regime="policy", **settings)
+    cfg = TrainConfig(regime="policy", group_errors=not args.without_errors, **settings)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         train(cfg, out, progress=False, log=lambda s: None)

@@ -86,6 +86,7 @@ def main() -> None:
     sections["scaling"] = run(["scaling.py"])
     sections["memory"] = run(["memory.py"])
     sections["loop"] = run(["loop_cost.py"])
+    sections["instrumented"] = run(["instrumented_cost.py"])
     if not args.skip_smollm2:
         sections["memory_smol"] = run(["memory.py", "--model", "smollm2-135m"])
         sections["loop_smol"] = run(["loop_cost.py", "--model", "smollm2-135m"])
@@ -113,6 +114,9 @@ def main() -> None:
     row = r"{}, train record \|[^|]*\|[^|]*\| ([\d.]+)× \| ([\d.]+)×"
     loop_jvp, loop_train = _numbers(row.format("active"), sections["loop"])
     loop_jvp_smol, loop_train_smol = _numbers(row.format("policy"), sections.get("loop_smol", ""))
+    errors_adds = _number(r"held-out 1× \(8 groups\), group_errors \| [\d.]+× \| ([+-][\d]+)%", sections["instrumented"])
+    inst_1, inst_4, inst_16 = (_number(rf"held-out {k}× \(\d+ groups\), group_errors \| ([\d.]+)×", sections["instrumented"])
+                               for k in (1, 4, 16))
     slope_p = _number(r"log parameters: ([\d.]+)", sections["scaling"])
     slope_t = _number(r"log tokens: ([\d.]+)", sections["scaling"])
     ours_mem = peers_memory["decomp"] / leanest
@@ -135,6 +139,8 @@ def main() -> None:
         f"| in the loop: the decomposition of the policy direction's in-sample record (no search, no jvp estimators), default model | {loop_train:.2f}× | beside {cost:.2f}× above |",
         f"| in the loop: the same, SmolLM2-135M (J's side in chunks, realized changes in float64) | {loop_train_smol:.2f}× | beside {cost_smol_chunks:.2f}× above |",
         f"| in the loop: the jvp estimators of that record, default model / SmolLM2-135M | {loop_jvp:.2f}× / {loop_jvp_smol:.2f}× | |",
+        f"| sampling errors (group_errors) add ≤ 15% to an instrumented update at the default held-out size | {errors_adds:+.0f}% | {ok(errors_adds <= 15)} |",
+        f"| instrumented update with errors at 1×, 4×, 16× the mini-batch's held-out groups (default model) | {inst_1:.0f}× / {inst_4:.0f}× / {inst_16:.0f}× | |",
         f"| decomposition peak memory ≤ 3× a training update | {mem:.2f}× | {ok(mem <= 3)} |",
         f"| instrumented update as the loop runs it, peak memory (default model) | {mem_inst:.2f}× | {ok(mem_inst <= 3)} |",
         f"| instrumented update as the loop runs it, peak memory ≤ 3× (SmolLM2-135M, policy direction) | {mem_inst_smol:.2f}× | {ok(mem_inst_smol <= 3)} |",
@@ -167,6 +173,7 @@ def main() -> None:
         "## Memory of a decomposition and of an instrumented update", sections["memory"],
         *(["## Memory, SmolLM2-135M-Instruct", sections["memory_smol"]] if "memory_smol" in sections else []),
         "## Instrumentation inside the loop", sections["loop"],
+        "## What precision costs: held-out size and sampling errors", sections["instrumented"],
         *(["## Instrumentation inside the loop, SmolLM2-135M-Instruct", sections["loop_smol"]]
           if "loop_smol" in sections else []),
     ]

@@ -100,13 +100,25 @@ class InstrumentConfig:
 
     decomp_every: int = option(5, "steps between instrumented updates (0: never)")
     decomp_directions: str = option("active,ce,policy,distill-joint",
-                                    "MTP directions measured at each instrumented update")
+                                    "MTP directions measured at each instrumented update; each costs about what "
+                                    "the active one does (docs/benchmarks.md; SmolLM2 on CPU: 103–151 s per record "
+                                    "with the search)")
     heldout: bool = option(True, "also judge each instrumented update on an independent held-out batch of "
-                           "rollouts from the current policy (split 'heldout')")
+                           "rollouts from the current policy (split 'heldout'; adds J's side per direction "
+                           "and sampling the batch)")
+    heldout_groups: int = option(0, "prompt groups in each held-out batch, independent of the mini-batch (its "
+                                 "precision: standard errors shrink as 1/√groups, J's side costs ∝ groups); 0: as "
+                                 "many as the update's mini-batch")
+    noise_ceiling: bool = option(False, "also judge each instrumented update on a second, independent held-out "
+                                 "batch (split 'heldout2'): the split-half reliability of λ̂, λ*, C and P that "
+                                 "`decomp validate` sets beside every estimator (one more split's cost)")
     search: bool = option(True, "find the realized optimum λ̂, and every estimator's realized gain and "
-                          "efficiency (real counterfactual steps, forward passes only)")
-    search_splits: str = option("train,heldout", "splits whose records get the search (comma-separated): "
-                                "'heldout' alone judges λ̂ on held-out rollouts only, at half the search's cost")
+                          "efficiency (real counterfactual steps, forward passes only: 20–44 per searched "
+                          "record, the largest part of a record's time)")
+    search_splits: str = option("heldout", "splits whose records get the search (comma-separated): 'heldout' "
+                                "judges λ̂ and the estimators on held-out rollouts, the ground truth (without "
+                                "heldout: 'train'); 'train,heldout' adds the in-sample λ̂ at twice the search's "
+                                "cost; with noise_ceiling, 'heldout2' follows 'heldout'")
     realized_dtype: str = option("auto", "dtype of the realized changes and the search: float64 | float32 | auto "
                                  "(float64 for Hugging Face models, whose small steps sit at float32's resolution)")
     hvp_microbatch_rows: int = option(0, "sequences per chunk of J's second-order pass: its gradient and both HVPs "
@@ -114,8 +126,8 @@ class InstrumentConfig:
                                       "same numbers up to rounding); 0: auto (the whole batch for the built-in "
                                       f"model, {AUTO_HVP_ROWS} for Hugging Face models)")
     group_errors: bool = option(False, "records carry the sampling errors of their terms from the evaluation "
-                                "batch's prompt groups (J's side built group by group: more passes, each smaller; "
-                                "reference loop only)")
+                                "batch's prompt groups (forward-mode passes over the batch; reference loop only, "
+                                "where it is on by default)")
     sweep_every: int = option(50, "steps between coefficient sweeps, at the first instrumented update at or "
                               "after each multiple (0: never)")
     curvature_every: int = option(50, "steps between Hessian eigenvalue runs, at the first instrumented update "
@@ -124,11 +136,13 @@ class InstrumentConfig:
     def validate(self) -> None:
         if self.realized_dtype not in ("auto", "float32", "float64"):
             raise ValueError(f"realized_dtype must be auto, float32 or float64, got {self.realized_dtype!r}")
-        for name in ("decomp_every", "sweep_every", "curvature_every", "hvp_microbatch_rows"):
+        for name in ("decomp_every", "sweep_every", "curvature_every", "hvp_microbatch_rows", "heldout_groups"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         parse_directions(self.decomp_directions)
         _ = self.searched_splits  # raises on a bad value
+        if self.noise_ceiling and not self.heldout:
+            raise ValueError("noise_ceiling needs heldout: it evaluates a second held-out batch beside the first")
 
     @property
     def searched_splits(self) -> tuple[str, ...]:
@@ -137,6 +151,10 @@ class InstrumentConfig:
         if not splits or any(s not in SPLITS for s in splits):
             raise ValueError(f"search_splits must be a comma-separated subset of {', '.join(SPLITS)}, "
                              f"got {self.search_splits!r}")
+        if not self.heldout and "heldout" in splits and "train" not in splits:
+            splits = ("train",)  # no held-out split to search: the in-sample records are all there is
+        if self.noise_ceiling and "heldout" in splits and "heldout2" not in splits:
+            splits += ("heldout2",)  # the second held-out batch is searched as the first is
         return splits if self.search else ()
 
     def hvp_rows(self, real_lm: bool) -> int | None:

@@ -37,7 +37,7 @@ from torch import Tensor
 from decomp import optim as cf_optim
 from decomp.checks import Params
 from decomp.curvature import DEFAULT_HVP_METHOD, HVPMethod, dots, math_attention
-from decomp.evaluation import EvaluationSide, Terms, grouped_side, microbatched_side, whole_side
+from decomp.evaluation import EvaluationSide, Terms, forward_side, group_terms_of, microbatched_side, whole_side
 from decomp.realized import RealizedGain
 from decomp.search import (
     DEFAULT_SEARCH_BOUND,
@@ -85,9 +85,14 @@ class Decomposition:
     # the realized optimum (``search=True``; else nan and "not searched")
     lambda_hat: float = math.nan  # argmax_λ ΔJ(λ) with real optimizer steps
     gain_hat: float = math.nan  # ΔJ(λ̂) ≥ 0
-    lambda_hat_reason: str = "not searched"  # "" when λ̂ is an interior maximum
-    search_evaluations: int = 0  # forward evaluations of J the search took
+    lambda_hat_reason: str = "not searched"  # "" when λ̂ is a resolved maximum
+    search_evaluations: int = 0  # coefficients the search evaluated (forward evaluations of J)
     gain_lambda_star: float = math.nan  # ΔJ(λ*), realized: how good the quadratic model's optimum is
+    # λ̂ as a distribution: a bootstrap over the prompt groups (``groups=``; else nan and empty),
+    # docs/estimators.md §5.2 and :func:`decomp.search.bootstrap_optimum`
+    lambda_hat_interval: tuple[float, float] = (math.nan, math.nan)  # 95% percentile interval of λ̂
+    lambda_hat_positive_prob: float = math.nan  # P(λ̂ > 0)
+    lambda_hat_near_optimal: tuple[float, ...] = ()  # evaluated λ not distinguishable from λ̂, sorted
     # sampling errors from the prompt groups' contributions (``groups=``; else 0 groups and nan),
     # docs/estimators.md §5 and :mod:`decomp.uncertainty`
     n_groups: int = 0  # prompt groups of the evaluation batch
@@ -139,13 +144,16 @@ class StepMeasurement:
 
     ``grad_rl`` is ``∇J`` of the evaluation objective (``None`` once dropped,
     :meth:`without_buffers`); ``gain(λ)`` the realized ``J(θ + u_RL + δ(λ)) − J(θ + u_RL)`` of a
-    real counterfactual step at any ``λ``.
+    real counterfactual step at any ``λ`` (:meth:`gains`: many at once); ``row_sets`` the row
+    indices of the evaluation batch's prompt groups when it was decomposed by groups (the search's
+    bootstrap resamples them).
     """
 
     decomposition: Decomposition
     step: StepUpdates
     grad_rl: Params | None
     gain: RealizedGain
+    row_sets: list[Tensor] | None = None
 
     @property
     def updates(self) -> cf_optim.Counterfactual:
@@ -161,9 +169,18 @@ class StepMeasurement:
     def searched(self, bound: float = DEFAULT_SEARCH_BOUND, evaluations: int = MAX_SEARCH_EVALUATIONS,
                  rtol: float = SEARCH_RTOL) -> StepMeasurement:
         """This measurement with the realized optimum ``λ̂ = argmax_λ gain(λ)`` over ``|λ| ≤ bound``
-        (:func:`decomp.search.realized_optimum`, from ``λ*``) and ``ΔJ(λ*)``: forward passes only."""
+        (:func:`decomp.search.realized_optimum`: a fixed grid and its refinement, independent of
+        ``λ*``), its bootstrap over ``row_sets`` when given, and ``ΔJ(λ*)`` (in the grid's
+        batch): forward passes only."""
         return dataclasses.replace(self, decomposition=_with_optimum(self.decomposition, self.gain, bound,
-                                                                     evaluations, rtol))
+                                                                     evaluations, rtol, self.row_sets))
+
+    def gains(self, coefs: list[float]) -> list[float]:
+        """``[gain(λ) for λ in coefs]`` in batched forwards (:meth:`RealizedGain.at_coefs`);
+        ``nan`` for a non-finite coefficient."""
+        finite = [float(c) for c in coefs if math.isfinite(c)]
+        values = iter(self.gain.at_coefs(finite)[0].tolist())
+        return [next(values) if math.isfinite(c) else math.nan for c in coefs]
 
     @property
     def grad_mtp(self) -> Params:
@@ -197,6 +214,7 @@ class MeasureOptions(TypedDict, total=False):
     search_rtol: float
     microbatches: int
     shared: Collection[str] | None
+    groups: list[Tensor] | None
 
 
 def decompose_updates(
@@ -220,17 +238,20 @@ def decompose_updates(
     objective at the same ``θ`` shared with other directions (else one is built and freed).
     ``microbatches > 1``: ``J``'s gradient and both HVPs summed over that many row chunks
     (:func:`decomp.evaluation.microbatched_side`), for the memory of one chunk's second-order graph.
-    ``groups``: the row indices of each prompt group of the evaluation batch; ``J``'s side is then
-    built group by group (:func:`decomp.evaluation.grouped_side`, one group's graph at a time)
-    and the record carries the sampling errors of its terms (:mod:`decomp.uncertainty`)."""
+    ``groups``: the row indices of each prompt group of the evaluation batch; the record then
+    carries the sampling errors of its terms (:mod:`decomp.uncertainty`) from every group's
+    contribution (:func:`decomp.evaluation.forward_group_terms`: forward-mode passes over the
+    whole batch, whatever the number of groups; the realized change's from the same forward).
+    Without ``microbatches`` and a shared second-order ``side``, the whole batch's terms are then
+    the groups' sums and ``J``'s side needs only its gradient (:func:`decomp.evaluation.forward_side`:
+    no HVP; ``side`` may be a shared :func:`decomp.evaluation.first_order_side`)."""
     if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
         raise ValueError(f"microbatches must be a positive integer, got {microbatches!r}")
-    if groups is not None:
-        if side is not None:
-            raise ValueError("groups builds J's side group by group and cannot use a shared side")
-        measured = _grouped(step, objective, groups, hvp_method, name, realized_dtype)
-        return measured.searched(search_bound, search_evaluations, search_rtol) if search else measured
-    if microbatches > 1:
+    group_terms = None
+    if groups is not None and microbatches == 1 and (side is None or side.rl is None):
+        step, side, group_terms, terms = forward_side(objective, step, side, groups, name)
+        j_value, g = side.value, side.grad
+    elif microbatches > 1:
         if side is not None:
             raise ValueError("microbatches > 1 builds J's side chunk by chunk and cannot use a shared side")
         side, j_value, g, terms = microbatched_side(objective, step, microbatches, hvp_method, name)
@@ -238,26 +259,20 @@ def decompose_updates(
         step, side, j_value, g, terms = whole_side(objective, step, side, hvp_method, name)
     with torch.random.fork_rng(devices=step.devices), math_attention():
         gain = RealizedGain(objective, step, realized_dtype)
-        realized = gain.at(step.updates.displacement)
+        if groups is None:
+            realized, realized_parts = gain.at(step.updates.displacement), None
+        else:
+            realized, realized_parts = gain.at_with_parts(step.updates.displacement, groups)
         if side.realized_rl is None:  # J(θ + u_RL) − J(θ), as every realized value: once per side
             side.realized_rl = gain.rl_step()
-    measured = StepMeasurement(_decomposition(step, side, g, j_value, terms, realized, hvp_method),
-                               step, g, gain)
+    dec = _decomposition(step, side, g, j_value, terms, realized, hvp_method)
+    if groups is not None:
+        if group_terms is None:  # J's side came from a second-order pass: the groups' from forward mode
+            group_terms = group_terms_of(objective, step, groups, name, hvp_method)
+        tokens = [int(objective.mask[idx].sum()) for idx in groups]
+        dec = dataclasses.replace(dec, **group_errors(group_terms, realized_parts, tokens))
+    measured = StepMeasurement(dec, step, g, gain, None if groups is None else list(groups))
     return measured.searched(search_bound, search_evaluations, search_rtol) if search else measured
-
-
-def _grouped(step: StepUpdates, objective: Callable[[Params], Tensor], groups: list[Tensor], hvp_method: HVPMethod,
-             name: str, realized_dtype: torch.dtype | None) -> StepMeasurement:
-    """:func:`decompose_updates` with ``groups``: the terms and the realized change as sums of the
-    groups' contributions, and their sampling errors."""
-    grouped = grouped_side(objective, step, groups, hvp_method, name)
-    with torch.random.fork_rng(devices=step.devices), math_attention():
-        gain = RealizedGain(objective, step, realized_dtype)
-        realized, realized_parts = gain.at_with_parts(step.updates.displacement, grouped.row_sets)
-        grouped.side.realized_rl = gain.rl_step()
-    dec = _decomposition(step, grouped.side, grouped.grad, grouped.value, grouped.terms, realized, hvp_method)
-    errors = group_errors(grouped.group_terms, realized_parts, grouped.group_tokens)
-    return StepMeasurement(dataclasses.replace(dec, **errors), step, grouped.grad, gain)
 
 
 def _decomposition(step: StepUpdates, side: EvaluationSide, g: Params, j_value: float, terms: Terms,
@@ -288,15 +303,19 @@ def _cosine(g: Params, step: StepUpdates) -> float:
     return -dot_ / math.sqrt(gg * mm) + 0.0 if gg > 0 and mm > 0 else math.nan
 
 
-def _with_optimum(dec: Decomposition, gain: RealizedGain, bound: float, evaluations: int, rtol: float) -> Decomposition:
-    """``dec`` with the realized optimum (:func:`decomp.search.realized_optimum`) and ``ΔJ(λ*)``."""
-    start = dec.lambda_star if math.isfinite(dec.lambda_star) and dec.lambda_star != 0 else dec.coef
-    opt = realized_optimum(gain, start=start, bound=bound, max_evaluations=evaluations, rtol=rtol,
+def _with_optimum(dec: Decomposition, gain: RealizedGain, bound: float, evaluations: int, rtol: float,
+                  row_sets: list[Tensor] | None = None) -> Decomposition:
+    """``dec`` with the realized optimum (:func:`decomp.search.realized_optimum`, bootstrapped
+    over ``row_sets`` when given) and ``ΔJ(λ*)``, evaluated in the grid's batch but never a
+    candidate for ``λ̂``."""
+    star = [dec.lambda_star] if math.isfinite(dec.lambda_star) else []
+    opt = realized_optimum(gain, row_sets=row_sets, extra=star, bound=bound, max_evaluations=evaluations, rtol=rtol,
                            moves_objective=dec.moves_objective or dec.realized != 0)
-    at_star = gain(dec.lambda_star) if math.isfinite(dec.lambda_star) else math.nan
     return dataclasses.replace(
         dec, lambda_hat=opt.coef, gain_hat=opt.gain, lambda_hat_reason=opt.reason,
-        search_evaluations=opt.evaluations, gain_lambda_star=at_star,
+        search_evaluations=opt.evaluations, gain_lambda_star=opt.extra_gains[0] if star else math.nan,
+        lambda_hat_interval=opt.interval, lambda_hat_positive_prob=opt.positive_prob,
+        lambda_hat_near_optimal=opt.near_optimal,
     )
 
 
@@ -320,6 +339,7 @@ def measure_step(
     search_rtol: float = SEARCH_RTOL,
     microbatches: int = 1,
     shared: Collection[str] | None = None,
+    groups: list[Tensor] | None = None,
 ) -> StepMeasurement:  # long only by its docstring: every option of decompose is documented here
     """Decompose the effect of one MTP-augmented optimizer step on ``J`` (docs/method.md §3).
 
@@ -350,11 +370,13 @@ def measure_step(
         realized_dtype: evaluate the realized changes and the search in this dtype (e.g.
             ``torch.float64`` for a float32 model at a small learning rate, where the forward's
             rounding is the size of ΔJ_MTP). Default: the parameters' dtype.
-        search: also find the realized optimum ``λ̂`` (:func:`decomp.search.realized_optimum`),
-            its gain and the realized gain at ``λ*``.
+        search: also find the realized optimum ``λ̂`` (:func:`decomp.search.realized_optimum`:
+            a fixed grid over ``|λ| ≤ search_bound``, refined near the best point), its gain and
+            the realized gain at ``λ*``.
         search_bound: the largest ``|λ|`` the search tries (finite, positive).
-        search_evaluations: at most this many forward evaluations of ``J`` for the search.
-        search_rtol: the search stops when ``λ̂`` is known to this relative accuracy.
+        search_evaluations: at most this many forward evaluations of ``J`` for the search (at
+            least the grid's 20); a search that needs more says so in ``lambda_hat_reason``.
+        search_rtol: the search stops when ``λ̂``'s neighbours are within this relative distance.
         microbatches: build ``J``'s side (gradient and both HVPs) over this many row chunks of
             the evaluation batch, one chunk's second-order graph alive at a time: its memory ÷
             ``microbatches``, the same numbers up to float rounding. Needs an objective with
@@ -362,6 +384,12 @@ def measure_step(
             before ``J``'s side (``rl_loss`` or ``eval_objective`` given).
         shared: the names of the parameters the policy and the MTP module share; the record's
             ``cosine`` is taken over them (default: every parameter).
+        groups: the row indices of each prompt group of the evaluation batch (e.g.
+            :meth:`decomp.objectives.RolloutBatch.group_rows`): the record then carries the
+            sampling errors of its terms (``<term>_se``, ``lambda_star_se``, ``n_groups``,
+            ``noise_groups``) and, with ``search``, ``λ̂``'s bootstrap distribution
+            (docs/estimators.md §5). Needs an objective with ``row_values``
+            (:class:`decomp.objectives.ImportanceObjective`).
 
     Returns:
         A :class:`StepMeasurement` (the :class:`Decomposition`, the updates, ``∇J`` and the
@@ -377,7 +405,7 @@ def measure_step(
                              hvp_method=hvp_method, search=search, search_bound=search_bound,
                              search_evaluations=search_evaluations, search_rtol=search_rtol,
                              name="rl_objective" if eval_objective is None else "eval_objective",
-                             realized_dtype=realized_dtype, microbatches=microbatches)
+                             realized_dtype=realized_dtype, microbatches=microbatches, groups=groups)
 
 
 def decompose(

@@ -11,9 +11,10 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.func import grad_and_value, jvp, vmap
 
 from decomp.checks import Params, scalar_function
-from decomp.curvature import DEFAULT_HVP_METHOD, HVPMethod, dot, dots, math_attention, second_order
+from decomp.curvature import DEFAULT_HVP_METHOD, HVPMethod, batched_by_default, dot, dots, math_attention, second_order
 from decomp.updates import StepUpdates, finite_norm
 
 
@@ -42,14 +43,15 @@ class Terms(NamedTuple):
 
 
 def _quadratic_forms(rl: Any, step: StepUpdates) -> QuadraticForms:
-    """The :class:`QuadraticForms` from the HVPs of ``rl``; each product is freed before the next."""
+    """The :class:`QuadraticForms` from the HVPs of ``rl``: ``δ₁`` alone for a linear optimizer,
+    ``δ₁`` and ``δ`` (in one batched pass where :meth:`decomp.curvature.SecondOrder.hvps` finds
+    that faster) for a nonlinear one."""
     u_rl, updates = step.updates.update_rl, step.updates
+    vs = [updates.unit_displacement] if step.optimizer.linear else [updates.unit_displacement, updates.displacement]
+    products = rl.hvps(vs)
     forms = []
-    for v in (updates.unit_displacement,) if step.optimizer.linear else (updates.unit_displacement,
-                                                                          updates.displacement):
-        h_v = rl.hvp(v)
+    for v, h_v in zip(vs, products, strict=True):
         forms += dots([(u_rl, h_v), (v, h_v)])
-        del h_v
     return QuadraticForms(*forms)
 
 
@@ -76,9 +78,11 @@ class EvaluationSide:
 
     objective: Callable[[Params], Tensor]
     name: str
-    rl: Any  # decomp.curvature.SecondOrder
+    rl: Any  # decomp.curvature.SecondOrder; None for a first-order side (first_order_side)
     grad_norm: float
     realized_rl: float | None = None  # J(θ + u_RL) − J(θ), set by the first direction
+    value: float = math.nan  # J(θ), on a first-order side
+    grad: Params | None = None  # ∇J(θ), on a first-order side
 
     @classmethod
     def at(cls, objective: Callable[[Params], Tensor], theta: Params, devices: list[int], *,
@@ -87,6 +91,33 @@ class EvaluationSide:
         with torch.random.fork_rng(devices=devices), math_attention():
             rl = second_order(J, theta, method=hvp_method, name=name)
         return cls(objective, name, rl, _checked_grad_norm(name, float(rl.value), rl.grad))
+
+
+def first_order_side(objective: Callable[[Params], Tensor], theta: Params, devices: list[int],
+                     name: str = "eval_objective") -> EvaluationSide:
+    """``J``'s value and gradient at ``θ`` without a second-order graph (one forward, one
+    backward): the side of :func:`forward_side`, whose curvature comes from forward mode."""
+    J = scalar_function(objective, name)
+    detached = {k: v.detach() for k, v in theta.items()}
+    with torch.random.fork_rng(devices=devices), math_attention():
+        grad, value = grad_and_value(J)(detached)
+    grad = {k: v.detach() for k, v in grad.items()}
+    return EvaluationSide(objective, name, None, _checked_grad_norm(name, float(value), grad), value=float(value),
+                          grad=grad)
+
+
+def forward_side(objective: Callable[[Params], Tensor], step: StepUpdates, side: EvaluationSide | None,
+                 row_sets: list[Tensor], name: str) -> tuple[StepUpdates, EvaluationSide, list[Terms], Terms]:
+    """``J``'s side with every group's terms (:func:`forward_group_terms`) and the whole batch's
+    as their sums: no Hessian-vector product, no second-order graph (``side``: a shared
+    :func:`first_order_side`, else one built here)."""
+    if side is None:
+        side = first_order_side(objective, step.theta, step.devices, name)
+    if step.updates is None:
+        step = step.completed(side.grad)
+    group_terms = group_terms_of(objective, step, row_sets, name)
+    whole = Terms(*(math.fsum(t[i] for t in group_terms) + 0.0 for i in range(len(Terms._fields))))
+    return step, side, group_terms, whole
 
 
 def _checked_grad_norm(name: str, value: float, grad: Params) -> float:
@@ -182,3 +213,60 @@ def grouped_side(objective: Any, step: StepUpdates, row_sets: list[Tensor], hvp_
         raise ValueError(f"{name} has no response token in any group")
     side = EvaluationSide(objective, name, None, _checked_grad_norm(name, value, g))
     return GroupedSide(side, value, g, _terms(g, forms, step), group_terms, tokens, list(row_sets))
+
+
+def forward_group_terms(objective: Any, step: StepUpdates, row_sets: list[Tensor], name: str,
+                        batched: bool | None = None) -> list[Terms]:
+    """Every group's :class:`Terms` from forward-mode passes over the whole batch, the groups'
+    number not mattering: with ``f_r(θ)`` row ``r``'s contribution to ``J``
+    (:meth:`decomp.objectives.ImportanceObjective.row_values`), nested ``jvp`` along a pair
+    ``(a, b)`` gives ``(∇f_r·b, aᵀ∇²f_r b)`` for every row at once; the pairs ``(δ₁, δ₁)`` and
+    ``(u_RL, δ₁)`` give ``C₁_r``, ``P₁_r = −½δ₁ᵀ∇²f_r δ₁`` and ``X₁_r``, and for a nonlinear
+    optimizer ``(δ, δ)`` and ``(u_RL, δ)`` give ``C_r``, ``P_r``, ``X_r``. A group's terms are its
+    rows' sums; they add to the whole batch's (the second-order pass's, up to rounding).
+
+    The pairs run in one pass carrying them all (``torch.func.vmap``) where
+    :func:`decomp.curvature.batched_by_default` says so (``batched``), else one pass each."""
+    if step.updates is None:
+        raise ValueError("the groups' terms need the updates before J's side: give rl_loss, or an eval_objective")
+    if not callable(getattr(objective, "row_values", None)):
+        raise ValueError(f"the groups' terms need an objective with row_values() "
+                         f"(decomp.objectives.ImportanceObjective); {name} has none")
+    updates, theta = step.updates, {k: v.detach() for k, v in step.theta.items()}
+    pairs = [(updates.unit_displacement, updates.unit_displacement), (updates.update_rl, updates.unit_displacement)]
+    if not step.optimizer.linear:
+        pairs += [(updates.displacement, updates.displacement), (updates.update_rl, updates.displacement)]
+
+    def second(a: Params, b: Params) -> tuple[Tensor, Tensor]:
+        return jvp(lambda p: jvp(objective.row_values, (p,), (b,))[1], (theta,), (a,))
+
+    use = batched_by_default("forward", theta) if batched is None else batched
+    with torch.random.fork_rng(devices=step.devices), math_attention(), torch.no_grad():
+        if use:
+            stacked = [{k: torch.stack([pair[i][k] for pair in pairs]) for k in theta} for i in (0, 1)]
+            first, mixed = vmap(second)(*stacked)
+        else:
+            first, mixed = (torch.stack(t) for t in zip(*(second(a, b) for a, b in pairs), strict=True))
+    first, mixed = first.double(), mixed.double()
+    out = []
+    for idx in row_sets:
+        d1, d2 = first[:, idx].sum(1).tolist(), mixed[:, idx].sum(1).tolist()
+        c1, x1, p1 = d1[0], d2[1], -0.5 * d2[0] + 0.0
+        if step.optimizer.linear:
+            lam = step.coef
+            out.append(Terms(c1, x1, p1, lam * c1, lam * x1, lam * lam * p1 + 0.0))
+        else:
+            out.append(Terms(c1, x1, p1, d1[2], d2[3], -0.5 * d2[2] + 0.0))
+    return out
+
+
+def group_terms_of(objective: Any, step: StepUpdates, row_sets: list[Tensor], name: str,
+                   hvp_method: HVPMethod = DEFAULT_HVP_METHOD) -> list[Terms]:
+    """Every group's :class:`Terms`: from :func:`forward_group_terms`, or where the model has an
+    operation without forward-over-forward derivatives (e.g. SiLU's backward, in Llama's MLP)
+    from one reverse-mode second-order pass per group (:func:`grouped_side`: the same numbers,
+    a pass per group)."""
+    try:
+        return forward_group_terms(objective, step, row_sets, name)
+    except NotImplementedError:
+        return grouped_side(objective, step, row_sets, hvp_method, name).group_terms

@@ -51,7 +51,7 @@ from torch import nn
 
 from decomp.curvature import top_eigenvalues
 from decomp.decomposition import StepMeasurement, decompose_updates
-from decomp.evaluation import EvaluationSide
+from decomp.evaluation import EvaluationSide, first_order_side
 from decomp.objectives import Objectives, RolloutBatch, check_eval_batch, objectives
 from decomp.occ import efficiency, model_efficiency
 from decomp.regimes import CrossEntropy, DistillJoint, Policy, Regime
@@ -102,8 +102,10 @@ def estimator_fields(estimates: dict[str, float], measured: StepMeasurement, sea
     """``coef_E``, the realized ``gain_E`` and ``efficiency_E`` (with ``search``; one forward
     evaluation each), and ``model_efficiency_E``."""
     dec, out = measured.decomposition, {}
+    values = measured.gains(list(estimates.values())) if search else [math.nan] * len(estimates)
+    gains = dict(zip(estimates, values, strict=True))  # one batched evaluation for every estimator
     for name, coef in estimates.items():
-        gain = measured.gain(coef) if search and math.isfinite(coef) else math.nan
+        gain = gains[name]
         out[f"coef_{name}"] = coef
         out[f"gain_{name}"] = gain
         out[f"efficiency_{name}"] = efficiency(gain, dec)
@@ -143,6 +145,8 @@ def measure_direction(
         search_start = time.perf_counter()
         measured = measured.searched() if search else measured
         fields = estimator_fields(estimates, measured, search)
+        if split == "heldout2":
+            fields.update(other_optimum_fields(out, measured, search))
         end = time.perf_counter()
         record: dict[str, Any] = {"split": split, "same_as": "", "regime_of_direction": regime.name,
                                   **measured.decomposition.to_dict(), **fields,
@@ -153,6 +157,15 @@ def measure_direction(
         measured = measured.without_buffers()
         out.append((record, measured, split_obj))
     return out
+
+
+def other_optimum_fields(earlier: list[tuple[dict[str, Any], StepMeasurement, Objectives]],
+                         measured: StepMeasurement, search: bool) -> dict[str, float]:
+    """``lambda_hat_other``: the ``heldout`` record's ``λ̂``, and ``gain_lambda_hat_other``: its
+    realized gain on this (``heldout2``) batch (one forward evaluation; ``nan`` without it)."""
+    other = next((r["lambda_hat"] for r, _, _ in earlier if r["split"] == "heldout"), math.nan)
+    gain = measured.gain(other) if search and math.isfinite(other) else math.nan
+    return {"lambda_hat_other": other, "gain_lambda_hat_other": gain}
 
 
 def sweep_record(measured: StepMeasurement, regime: Regime, scale: float, coef: float) -> dict[str, Any]:
@@ -172,8 +185,9 @@ def curvature_record(model: nn.Module, batch: RolloutBatch, regime: Regime) -> d
 
 
 def shared_sides(model: nn.Module, splits: dict[str, RolloutBatch], regime: Regime,
-                 share: bool) -> tuple[dict[str, EvaluationSide], dict[str, float]]:
-    """``J``'s second-order pass once per split (``share``), and the seconds each took."""
+                 share: bool, first_order: bool = False) -> tuple[dict[str, EvaluationSide], dict[str, float]]:
+    """``J``'s second-order pass once per split (``share``; ``first_order``: its value and gradient
+    only, the groups' forward-mode passes giving the curvature), and the seconds each took."""
     if not share:
         return {}, {}
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -182,7 +196,9 @@ def shared_sides(model: nn.Module, splits: dict[str, RolloutBatch], regime: Regi
     for split, split_batch in splits.items():
         start = time.perf_counter()
         J = objectives(model, split_batch, regime).rl_objective
-        sides[split] = EvaluationSide.at(J, params, devices, name=f"J on the {split} batch")
+        name = f"J on the {split} batch"
+        sides[split] = (first_order_side(J, params, devices, name) if first_order
+                        else EvaluationSide.at(J, params, devices, name=name))
         seconds[split] = time.perf_counter() - start
     return sides, seconds
 
@@ -196,13 +212,24 @@ def microbatch_count(batch: RolloutBatch, rows: int | None) -> int:
     return -(-batch.tokens.shape[0] // rows)
 
 
-def evaluation_splits(model: nn.Module, batch: RolloutBatch,
-                      eval_batch: RolloutBatch | None) -> dict[str, RolloutBatch]:
-    """``train`` (the update's own mini-batch) and, given ``eval_batch``, ``heldout``."""
-    if eval_batch is None:
-        return {"train": batch}
-    check_eval_batch(model, batch, eval_batch)
-    return {"train": batch, "heldout": eval_batch}
+def evaluation_splits(model: nn.Module, batch: RolloutBatch, eval_batch: RolloutBatch | None,
+                      eval_batch2: RolloutBatch | None = None) -> dict[str, RolloutBatch]:
+    """``train`` (the update's own mini-batch), given ``eval_batch`` ``heldout``, and given
+    ``eval_batch2`` (a second independent held-out batch: the noise ceiling) ``heldout2``."""
+    if eval_batch2 is not None and eval_batch is None:
+        raise ValueError("eval_batch2 is the second held-out batch: give eval_batch too")
+    splits = {"train": batch}
+    for split, held in (("heldout", eval_batch), ("heldout2", eval_batch2)):
+        if held is not None:
+            check_eval_batch(model, batch, held)
+            splits[split] = held
+    return splits
+
+
+def record_count(directions: tuple[str, ...], eval_batch: RolloutBatch | None,
+                 eval_batch2: RolloutBatch | None = None) -> int:
+    """The decomposition records :func:`instrument_update` writes: one per direction and split."""
+    return len(directions) * (1 + (eval_batch is not None) + (eval_batch2 is not None))
 
 
 def instrument_update(
@@ -218,6 +245,7 @@ def instrument_update(
     ref_logp: torch.Tensor | None = None,
     directions: tuple[str, ...] = DIRECTIONS,
     eval_batch: RolloutBatch | None = None,
+    eval_batch2: RolloutBatch | None = None,
     search_splits: tuple[str, ...] = SPLITS,
     realized_dtype: torch.dtype | None = None,
     share_second_order: bool = True,
@@ -227,6 +255,7 @@ def instrument_update(
     sweep: bool = False,
     curvature: bool = False,
     rl_loss_of_logp: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> Instrumented:  # long only by its docstring and keyword arguments: every option documented here
     """One decomposition record per direction and split for the coming update; with
     ``sweep``/``curvature``, the sweeps and eigenvalues too (module docstring).
@@ -234,22 +263,28 @@ def instrument_update(
     ``scale`` is the run's ``c`` (the shadow directions' ``λ``), ``coef`` the ``λ`` applied at this
     update; ``clip``, ``kl_coef`` and ``ref_logp`` define the RL loss, or ``rl_loss_of_logp``
     replaces it (a trainer's own, of the aligned main log-probs: :func:`decomp.objectives.objectives`).
-    ``eval_batch`` adds the ``heldout`` split; the realized optimum is searched on the
+    ``eval_batch`` adds the ``heldout`` split and ``eval_batch2`` the ``heldout2`` split (a second
+    independent held-out batch, whose records also carry ``lambda_hat_other``: the ``heldout``
+    record's ``λ̂``, and ``gain_lambda_hat_other``: its realized gain on this batch, a ``λ̂`` that
+    does not share the batch it is judged on); the realized optimum is searched on the
     ``search_splits`` (``()``: nowhere); ``realized_dtype`` the realized changes' dtype. ``share_second_order``
     builds ``J``'s second-order pass once per split for every direction (only ``δ``, ``δ₁``
     differ between them), keeping those graphs alive meanwhile; else ``hvp_microbatch_rows``
     sequences per chunk of it (:func:`decomp.decomposition.decompose_updates`' ``microbatches``;
     ``None``: the whole batch at once). ``batched_jvp`` computes the jvp estimators' two
     directional derivatives in one pass (:meth:`decomp.rules.UpdateContext.jvp`; for small models).
-    ``group_errors`` builds ``J``'s side group by group (the batches' ``groups``) and adds the
-    sampling errors of the terms to every record (:mod:`decomp.uncertainty`; no shared side then).
+    ``group_errors`` adds the sampling errors of the terms to every record from the batches'
+    prompt groups (:mod:`decomp.uncertainty`; forward-mode passes,
+    :func:`decomp.evaluation.forward_group_terms`).
+    ``on_record`` is called with each record as soon as it is measured (e.g. to advance a progress
+    bar over the :func:`record_count` records of the update).
     """
-    splits = evaluation_splits(model, batch, eval_batch)
+    splits = evaluation_splits(model, batch, eval_batch, eval_batch2)
     microbatches = microbatch_count(batch, hvp_microbatch_rows)
-    share_second_order = share_second_order and microbatches == 1 and not group_errors
+    share_second_order = share_second_order and microbatches == 1
     shared: dict[str, Any] = {}  # the update's log-probs, read by every direction's proxy rules
     loss = {"clip": clip, "kl_coef": kl_coef, "ref_logp": ref_logp, "rl_loss_of_logp": rl_loss_of_logp}
-    sides, side_seconds = shared_sides(model, splits, regime, share_second_order)
+    sides, side_seconds = shared_sides(model, splits, regime, share_second_order, first_order=group_errors)
     out = Instrumented([])
     coefs = {"active": coef, "ce": scale, "policy": scale, "distill-joint": scale}
     active: list[dict[str, Any]] = []
@@ -257,14 +292,19 @@ def instrument_update(
         if direction not in directions:
             continue
         if active and _same_direction(reg, regime, coefs[direction], coef):
-            out.decompositions += [{**r, "direction": direction, "same_as": "active", "seconds": 0.0,
-                                    "search_seconds": 0.0, "jvp_seconds": 0.0} for r in active]
+            copies = [{**r, "direction": direction, "same_as": "active", "seconds": 0.0,
+                       "search_seconds": 0.0, "jvp_seconds": 0.0} for r in active]
+            out.decompositions += copies
+            for record in copies if on_record is not None else ():
+                on_record(record)
             continue
         for record, measured, _ in measure_direction(model, splits, optimizer, reg, coefs[direction], shared,
                                                      scale, loss, search_splits, realized_dtype, sides,
                                                      microbatches, batched_jvp, group_errors):
             record["seconds"] += side_seconds.pop(record["split"], 0.0)  # the shared pass, on its first user
             out.decompositions.append({"direction": direction, **record})
+            if on_record is not None:
+                on_record(out.decompositions[-1])
             if direction == "active":
                 active.append(record)
             if sweep and measured.decomposition.moves_objective:

@@ -108,12 +108,10 @@ def vocab_size(model: nn.Module) -> int | None:
 
 def check_eval_batch(model: nn.Module, batch: RolloutBatch, eval_batch: RolloutBatch) -> None:
     """``ValueError`` naming ``eval_batch`` when it cannot stand beside ``batch``: not a
-    :class:`RolloutBatch`, another number of sequences, or token ids outside the vocabulary."""
+    :class:`RolloutBatch`, on another device, or token ids outside the vocabulary. Its size is
+    free (the held-out batch's precision is a setting of its own, independent of the mini-batch)."""
     if not isinstance(eval_batch, RolloutBatch):
         raise ValueError(f"eval_batch must be a RolloutBatch, got {type(eval_batch).__name__}")
-    if eval_batch.tokens.shape[0] != batch.tokens.shape[0]:
-        raise ValueError(f"eval_batch has {eval_batch.tokens.shape[0]} sequences, the training batch "
-                         f"{batch.tokens.shape[0]}: evaluate on a batch of the training batch's size")
     if eval_batch.tokens.device != batch.tokens.device:
         raise ValueError(f"eval_batch is on {eval_batch.tokens.device}, the training batch on {batch.tokens.device}")
     vocab = vocab_size(model)
@@ -143,6 +141,14 @@ class ImportanceObjective:
     def __call__(self, params: Params) -> Tensor:
         value = importance_objective(self.logprobs(params), self.old_logp, self.advantages, self.mask)
         return value if self.weight == 1.0 else value * self.weight
+
+    def row_values(self, params: Params) -> Tensor:
+        """Each row's contribution to ``J``: ``Σ_t M·A·exp(ℓ − ℓ^old) / Σ M`` (times ``weight``),
+        a ``[B]`` vector that sums to ``J(params)``; forward-mode derivatives of it give every
+        row's (so every group's) share of a directional derivative in one pass."""
+        ratio = torch.exp((self.logprobs(params) - self.old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        m = self.mask.to(ratio.dtype)
+        return (self.advantages * ratio * m).sum(1) / m.sum() * self.weight
 
     def difference(self, logp: Tensor, base_logp: Tensor) -> float:
         """``J`` at the point of ``logp`` minus ``J`` at the point of ``base_logp`` (float64)."""

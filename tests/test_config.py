@@ -36,9 +36,32 @@ def test_never_when_either_period_is_zero_and_negative_periods_are_refused():
 
 
 def test_search_splits_are_parsed_and_bad_ones_refused():
-    assert InstrumentConfig().searched_splits == ("train", "heldout")
-    assert InstrumentConfig(search_splits=" heldout ").searched_splits == ("heldout",)
+    assert InstrumentConfig().searched_splits == ("heldout",)  # the ground truth's split
+    assert InstrumentConfig(heldout=False).searched_splits == ("train",)  # no held-out split: in-sample
+    assert InstrumentConfig(search_splits=" train, heldout ").searched_splits == ("train", "heldout")
     assert InstrumentConfig(search=False).searched_splits == ()  # search off: no split is searched
     for bad in ("", "test", "train,eval"):
-        with pytest.raises(ValueError, match="search_splits must be a comma-separated subset of train, heldout"):
+        with pytest.raises(ValueError, match="search_splits must be a comma-separated subset of train, heldout, heldout2"):
             InstrumentConfig(search_splits=bad).validate()
+
+
+def test_the_noise_ceiling_needs_a_held_out_batch_and_searches_its_second_batch_with_the_first():
+    assert InstrumentConfig(noise_ceiling=True).searched_splits == ("heldout", "heldout2")
+    assert InstrumentConfig(noise_ceiling=True, search_splits="train").searched_splits == ("train",)
+    assert InstrumentConfig(noise_ceiling=True, search=False).searched_splits == ()
+    with pytest.raises(ValueError, match="noise_ceiling needs heldout"):
+        InstrumentConfig(noise_ceiling=True, heldout=False).validate()
+    with pytest.raises(ValueError, match="heldout_groups"):
+        InstrumentConfig(heldout_groups=-1).validate()
+
+
+def test_the_held_out_batch_size_is_its_own_setting():
+    import torch
+
+    from decomp.objectives import RolloutBatch
+    from decomp.training.loop import heldout_size
+
+    mb = RolloutBatch(torch.zeros(64, 5, dtype=torch.long), torch.ones(64, 4, dtype=torch.bool),
+                      torch.zeros(64, 4), torch.zeros(64, 4))
+    assert heldout_size(TrainConfig(), mb) == 64
+    assert heldout_size(TrainConfig(heldout_groups=32, group_size=8), mb) == 256

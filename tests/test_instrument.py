@@ -172,7 +172,10 @@ def test_searching_only_the_held_out_split_leaves_every_other_number_unchanged()
     assert {"lambda_hat", "gain_hat", "gain_masked", "efficiency_masked", "search_evaluations"} <= searched
     train = heldout_only[0]
     assert train["lambda_hat_reason"] == "not searched" and train["search_evaluations"] == 0
-    assert all(math.isnan(train[k]) for k in searched - {"lambda_hat_reason", "search_evaluations", "gain_lambda_star"})
+    floats = searched - {"lambda_hat_reason", "search_evaluations", "gain_lambda_star", "lambda_hat_interval",
+                         "lambda_hat_near_optimal"}
+    assert all(math.isnan(train[k]) for k in floats)
+    assert all(math.isnan(x) for x in train["lambda_hat_interval"]) and train["lambda_hat_near_optimal"] == ()
     assert _nan_equal([{k: v for k, v in both[0].items() if k not in searched}],
                       [{k: v for k, v in train.items() if k not in searched}])
 
@@ -214,3 +217,40 @@ def _assert_equal_to_rounding(expected: list[dict], got: list[dict]) -> None:
                 assert have[key] == pytest.approx(value, rel=1e-9, abs=1e-14), key
             else:
                 assert _nan_equal([{key: value}], [{key: have[key]}]), key
+
+
+def _held(seed: int, batch_size: int = 6) -> RolloutBatch:
+    b = make_problem(seed=seed, prompt_len=4, batch_size=batch_size).batch
+    groups = torch.arange(batch_size) // 2  # prompt groups of two rollouts
+    return RolloutBatch(b.tokens, b.mask, b.advantages, b.old_logp, response_start=3, groups=groups)
+
+
+def test_a_second_held_out_batch_of_another_size_adds_its_own_split_and_the_other_batch_optimum():
+    """``eval_batch2`` (noise_ceiling): a ``heldout2`` record per direction, judged on its own batch
+    — its λ̂ differs from the first batch's — carrying the ``heldout`` record's λ̂ and that λ̂'s
+    realized gain on the second batch; the held-out batch's size is free of the mini-batch's, and
+    the records before it are those of a run without it."""
+    from decomp.instrument import record_count
+
+    model, batch, opt = _setup(seed=4)
+    held, held2 = _held(5, batch_size=10), _held(6, batch_size=10)
+    kw = dict(scale=0.1, coef=0.1, eval_batch=held, directions=("active", "ce"), group_errors=True,
+              search_splits=("heldout", "heldout2"))
+    two = instrument_update(model, batch, opt, Policy(scale=0.1), eval_batch2=held2, **kw).decompositions
+    one = instrument_update(model, batch, opt, Policy(scale=0.1), **kw).decompositions
+    assert len(two) == record_count(("active", "ce"), held, held2) == 6
+    assert [(r["direction"], r["split"]) for r in two] == [(d, s) for d in ("active", "ce")
+                                                            for s in ("train", "heldout", "heldout2")]
+    strip = [[{k: v for k, v in r.items() if not k.endswith("seconds")} for r in recs if r["split"] != "heldout2"]
+             for recs in (two, one)]
+    assert _nan_equal(*strip)
+    for first, second in ((two[1], two[2]), (two[4], two[5])):
+        assert first["n_groups"] == second["n_groups"] == 5
+        assert second["lambda_hat_other"] == first["lambda_hat"]
+        assert second["correlation"] != first["correlation"]
+        assert math.isfinite(second["gain_lambda_hat_other"])
+        # λ̂ maximises the realized gain on its own batch: the other batch's λ̂ does no better there
+        assert second["gain_lambda_hat_other"] <= second["gain_hat"] + 1e-15
+    assert "lambda_hat_other" not in two[1] and "lambda_hat_other" not in two[0]
+    with pytest.raises(ValueError, match="eval_batch2"):
+        instrument_update(model, batch, opt, Policy(scale=0.1), scale=0.1, coef=0.1, eval_batch2=held2)

@@ -75,7 +75,11 @@ def test_short_run_writes_every_record(run_dir, regime):
             for prefix in ("coef", "gain", "efficiency", "model_efficiency"):
                 assert f"{prefix}_{est}" in r
         assert r["optimizer"] == "adamw" and r["update"] == 1
-        assert r["lambda_hat_reason"] != "not searched" and r["search_evaluations"] <= 25
+        if r["split"] == "heldout":  # the search's default split: the ground truth's
+            assert r["lambda_hat_reason"] != "not searched" and 20 <= r["search_evaluations"] <= 44
+            assert r["n_groups"] == 2 and math.isfinite(r["correlation_se"])  # errors on by default (2 groups of 4)
+        else:
+            assert r["lambda_hat_reason"] == "not searched" and r["search_evaluations"] == 0
     for step in (2, 4, 6):  # the held-out split judges the same updates on another batch
         train, held = (r for r in records if r["step"] == step and r["direction"] == "policy")
         assert train["displacement_norm"] == held["displacement_norm"]
@@ -101,8 +105,8 @@ def test_short_run_writes_every_record(run_dir, regime):
 
 
 def test_same_seed_gives_identical_records_and_instrumentation_does_not_perturb(run_dir):
-    a = run_dir("a", regime="policy")
-    b = run_dir("b", regime="policy")
+    a = run_dir("a", regime="policy", search_splits="train,heldout")
+    b = run_dir("b", regime="policy", search_splits="train,heldout")
     c = run_dir("c", regime="policy", decomp_every=0, sweep_every=0, curvature_every=0)
     assert _same(_records(a, "metrics.jsonl"), _records(b, "metrics.jsonl"))
     assert _same(_records(a, "decomposition.jsonl"), _records(b, "decomposition.jsonl"))
@@ -110,7 +114,7 @@ def test_same_seed_gives_identical_records_and_instrumentation_does_not_perturb(
     assert read_jsonl(c / "decomposition.jsonl") == []
     # the held-out batch has its own stream: without it, the training records and the train
     # split's decompositions are the same
-    e = run_dir("e", regime="policy", heldout=False)
+    e = run_dir("e", regime="policy", heldout=False, search_splits="train,heldout")
     assert _same(_records(a, "metrics.jsonl"), _records(e, "metrics.jsonl"))
     train_split = [r for r in _records(a, "decomposition.jsonl") if r["split"] == "train"]
     assert _same(train_split, _records(e, "decomposition.jsonl"))

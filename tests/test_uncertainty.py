@@ -167,3 +167,47 @@ def test_an_instrumented_run_with_group_errors_carries_them_per_split(tmp_path, 
         moves = r["correlation_unit"] != 0.0
         for key in SE_FIELDS:
             assert (math.isfinite(r[f"{key}_se"]) and r[f"{key}_se"] >= 0) or not moves, key
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("batched", [True, False])
+def test_forward_mode_group_terms_match_each_groups_own_second_order_pass(optimizer, batched):
+    """Every group's six terms from the forward-mode passes over the whole batch
+    (forward_group_terms) against a reverse-mode second-order pass on the group alone
+    (grouped_side: its own ∇J_g and HVPs), in float64."""
+    from decomp.evaluation import forward_group_terms, grouped_side
+
+    _, obj, step, groups = _measure(optimizer=optimizer)
+    forward = forward_group_terms(obj.rl_objective, step, groups, "J", batched=batched)
+    reverse = grouped_side(obj.rl_objective, step, groups, "autograd", "J").group_terms
+    assert len(forward) == len(reverse) == len(groups)
+    for f, r in zip(forward, reverse, strict=True):
+        for key, a, b in zip(f._fields, f, r, strict=True):
+            assert a == pytest.approx(b, rel=1e-10, abs=1e-15), key
+
+
+def test_errors_need_no_particular_second_order_pass():
+    """The records' errors are the same with J's side over the whole batch, in row chunks, or shared."""
+    from decomp.evaluation import EvaluationSide
+
+    problem, obj, step, groups = _measure()
+    theta = {k: v.detach() for k, v in problem.model.named_parameters()}
+    runs = [decompose_updates(step, obj.rl_objective, groups=groups, **kw).decomposition
+            for kw in ({}, {"microbatches": 3}, {"side": EvaluationSide.at(obj.rl_objective, theta, [])})]
+    for key in (*(f"{t}_se" for t in SE_FIELDS), "lambda_star_se", "noise_groups"):
+        for other in runs[1:]:
+            assert getattr(other, key) == pytest.approx(getattr(runs[0], key), rel=1e-9, nan_ok=True), key
+
+
+def test_decompose_takes_the_groups_and_returns_the_same_errors():
+    from decomp.decomposition import decompose
+
+    problem, obj, step, groups = _measure()
+    named = dict(problem.model.named_parameters())
+    dec = decompose(obj.rl_objective, obj.mtp_loss, named, coef=0.1, lr=1e-2, optimizer="adamw",
+                    rl_loss=obj.rl_loss, groups=groups, search=True)
+    ref = decompose_updates(step, obj.rl_objective, groups=groups, search=True).decomposition
+    assert dec.n_groups == len(groups)
+    for key in (*(f"{t}_se" for t in SE_FIELDS), "lambda_hat", "lambda_hat_positive_prob"):
+        assert getattr(dec, key) == pytest.approx(getattr(ref, key), rel=1e-10, nan_ok=True), key
+    assert dec.lambda_hat_interval == pytest.approx(ref.lambda_hat_interval, rel=1e-10)

@@ -92,6 +92,7 @@ class RunState:
     logs: dict[str, JsonlWriter] = field(default_factory=dict)
     accuracy: float = float("nan")
     lock: RunLock | None = None  # held while the run writes its folder
+    on_record: Callable[[dict[str, Any]], None] | None = None  # told of each measured record (progress)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -194,6 +195,14 @@ def heldout_batch(state: RunState, step: int, size: int, salt: int = 0) -> Rollo
     return batch.subset(torch.arange(size))
 
 
+HELDOUT2_SALT = 1 << 20  # the noise ceiling's second held-out batch: a stream no update's salt reaches
+
+
+def heldout_size(cfg: TrainConfig, mb: RolloutBatch) -> int:
+    """Sequences per held-out batch: ``heldout_groups`` prompt groups, else the mini-batch's size."""
+    return cfg.heldout_groups * cfg.group_size if cfg.heldout_groups else mb.tokens.shape[0]
+
+
 def realized_dtype(cfg: TrainConfig) -> torch.dtype | None:
     """``realized_dtype``: ``auto`` is float64 for Hugging Face models (a step at lr 1e-6 moves J
     by about float32's resolution) and the model's own dtype for the built-in one."""
@@ -206,16 +215,20 @@ def instrument(state: RunState, step: int, update: int, mb: RolloutBatch, ref_lo
                coef: float) -> None:
     """Measure the coming update (:func:`decomp.instrument.instrument_update`) and log it."""
     cfg = state.cfg
-    eval_batch = heldout_batch(state, step, mb.tokens.shape[0]) if cfg.heldout else None
+    size = heldout_size(cfg, mb)
+    eval_batch = heldout_batch(state, step, size) if cfg.heldout else None
+    eval_batch2 = heldout_batch(state, step, size, salt=HELDOUT2_SALT) if cfg.heldout and cfg.noise_ceiling else None
     result = instrument_update(
         state.model, mb, state.optimizer, state.regime, scale=cfg.mtp_scale, coef=coef, clip=cfg.clip,
         kl_coef=cfg.kl_coef, ref_logp=ref_logp, directions=cfg.directions, eval_batch=eval_batch,
+        eval_batch2=eval_batch2,
         search_splits=cfg.searched_splits, realized_dtype=realized_dtype(cfg),
         share_second_order=cfg.model == "builtin", hvp_microbatch_rows=cfg.hvp_rows(cfg.model != "builtin"),
         batched_jvp=cfg.model == "builtin",  # one pass for both tangents: faster only on a small model
         group_errors=cfg.group_errors,
         sweep=cfg.due(cfg.sweep_every, step),
         curvature=cfg.due(cfg.curvature_every, step),
+        on_record=state.on_record,
     )
     where = {"step": step, "update": update, "regime": cfg.regime}
     for record in result.decompositions:
@@ -288,7 +301,7 @@ def update_loss(state: RunState, step: int, update: int, mb: RolloutBatch,
     sit on top of the forward's graph."""
     cfg, regime = state.cfg, state.regime
     ctx = update_context(state.model, mb, state.optimizer, regime, cfg, ref_logp,
-                         heldout=lambda: heldout_batch(state, step, mb.tokens.shape[0], salt=update + 1))
+                         heldout=lambda: heldout_batch(state, step, heldout_size(cfg, mb), salt=update + 1))
     depths = cfg.mtp_depth
     early = None if regime.rule is None or needs_forward(regime) else coefficients(regime, ctx, None, depths)
     fwd = forward(state.model, regime, mb, ref_logp, cfg)
@@ -335,6 +348,9 @@ def json_summary(cfg: TrainConfig, warm: float, final: float, warm_info: dict[st
                        "warm_accuracy": warm, "final_accuracy": final, "warm_start": warm_info}, indent=2)
 
 
+SLOW_RECORD_SECONDS = 30.0
+
+
 class Progress:
     """A bar on a terminal; in a log (CI, nohup) a status line every 10% of the run instead."""
 
@@ -355,6 +371,15 @@ class Progress:
         elif self.line_every and (step % self.line_every == 0 or step == self.cfg.steps):
             self.log(f"{self.cfg.regime} seed {self.cfg.seed}: step {step}/{self.cfg.steps} reward {reward:.2f} "
                      f"accuracy {accuracy:.1%}")
+
+    def measured(self, record: dict[str, Any]) -> None:
+        """Show the record just measured at an instrumented update (a real LM's take minutes each);
+        in a log, only records that took over :data:`SLOW_RECORD_SECONDS`."""
+        where = f"{record.get('direction', '?')}/{record.get('split', '?')} {record.get('seconds', 0.0):.0f}s"
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"measured {where}", refresh=True)
+        elif self.line_every and record.get("seconds", 0.0) > SLOW_RECORD_SECONDS:
+            self.log(f"{self.cfg.regime} seed {self.cfg.seed}: measured {where}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -381,6 +406,7 @@ def train(
     t_start = time.perf_counter()
     state = open_run(cfg, Path(out), resume=resume, overwrite=overwrite, cache_dir=cache_dir, log=log)
     bar = Progress(state, progress, log)
+    state.on_record = bar.measured
     try:
         for step in range(state.start_step + 1, cfg.steps + 1):
             record = train_step(state, step)

@@ -37,7 +37,15 @@ from torch import Tensor
 from decomp import optim as cf_optim
 from decomp.checks import Params
 from decomp.curvature import DEFAULT_HVP_METHOD, HVPMethod, dots, math_attention
-from decomp.evaluation import EvaluationSide, Terms, forward_side, group_terms_of, microbatched_side, whole_side
+from decomp.evaluation import (
+    EvaluationSide,
+    Terms,
+    forward_side,
+    group_terms_of,
+    grouped_side,
+    microbatched_side,
+    whole_side,
+)
 from decomp.realized import RealizedGain
 from decomp.search import (
     DEFAULT_SEARCH_BOUND,
@@ -248,7 +256,12 @@ def decompose_updates(
     if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
         raise ValueError(f"microbatches must be a positive integer, got {microbatches!r}")
     group_terms = None
-    if groups is not None and microbatches == 1 and (side is None or side.rl is None):
+    if groups is not None and side is not None and side.groups is not None:  # shared passes per group
+        if [len(r) for r in side.groups.row_sets] != [len(r) for r in groups]:
+            raise ValueError("a grouped side must be built on the groups it is given")
+        grouped = grouped_side(objective, step, groups, hvp_method, name, side=side)
+        group_terms, terms, j_value, g = grouped.group_terms, grouped.terms, grouped.value, grouped.grad
+    elif groups is not None and microbatches == 1 and (side is None or side.rl is None):
         step, side, group_terms, terms = forward_side(objective, step, side, groups, name)
         j_value, g = side.value, side.grad
     elif microbatches > 1:

@@ -68,6 +68,16 @@ def _terms(g: Params, forms: QuadraticForms, step: StepUpdates) -> Terms:
 
 
 @dataclass
+class GroupPasses:
+    """``J = Σ_g J_g`` as one second-order pass per prompt group (``J_g`` over the batch's
+    normaliser), kept for every direction measured at one update: together they hold about the
+    whole batch's graph, and each direction's group terms cost its HVPs on them."""
+
+    passes: list[Any]  # decomp.curvature.SecondOrder per group; None for a group without a response token
+    row_sets: list[Tensor]
+
+
+@dataclass
 class EvaluationSide:
     """``J``'s side of one evaluation objective at ``θ``, shareable by every direction measured at
     one update (they share ``θ`` and ``u_RL``; only ``δ`` and ``δ₁`` differ): the second-order
@@ -81,8 +91,9 @@ class EvaluationSide:
     rl: Any  # decomp.curvature.SecondOrder; None for a first-order side (first_order_side)
     grad_norm: float
     realized_rl: float | None = None  # J(θ + u_RL) − J(θ), set by the first direction
-    value: float = math.nan  # J(θ), on a first-order side
-    grad: Params | None = None  # ∇J(θ), on a first-order side
+    value: float = math.nan  # J(θ), on a first-order or grouped side
+    grad: Params | None = None  # ∇J(θ), on a first-order or grouped side
+    groups: GroupPasses | None = None  # one second-order pass per prompt group (grouped_second_order_side)
 
     @classmethod
     def at(cls, objective: Callable[[Params], Tensor], theta: Params, devices: list[int], *,
@@ -91,6 +102,33 @@ class EvaluationSide:
         with torch.random.fork_rng(devices=devices), math_attention():
             rl = second_order(J, theta, method=hvp_method, name=name)
         return cls(objective, name, rl, _checked_grad_norm(name, float(rl.value), rl.grad))
+
+
+def grouped_second_order_side(objective: Any, theta: Params, devices: list[int], row_sets: list[Tensor],
+                              hvp_method: HVPMethod = DEFAULT_HVP_METHOD,
+                              name: str = "eval_objective") -> EvaluationSide:
+    """``J``'s side as one second-order pass per prompt group, shared by the directions of an
+    update (:func:`grouped_side` with ``side``): the groups' terms from reverse mode, which on a
+    batch of few groups costs less than :func:`forward_group_terms` (``REVERSE_MAX_GROUPS``)."""
+    _check_splittable(objective, name)
+    with torch.random.fork_rng(devices=devices), math_attention():
+        passes = [None if part is None else second_order(part, theta, method=hvp_method, name=name)
+                  for part in objective.split_rows(row_sets)]
+    live = [p for p in passes if p is not None]
+    if not live:
+        raise ValueError(f"{name} has no response token in any group")
+    grad = {k: v.detach().clone() for k, v in live[0].grad.items()}
+    for p in live[1:]:
+        torch._foreach_add_(list(grad.values()), [p.grad[k] for k in grad])
+    value = sum(float(p.value) for p in live)
+    return EvaluationSide(objective, name, None, _checked_grad_norm(name, value, grad), value=value, grad=grad,
+                          groups=GroupPasses(passes, list(row_sets)))
+
+
+def _check_splittable(objective: Any, name: str) -> None:
+    if not callable(getattr(objective, "split_rows", None)):
+        raise ValueError(f"J's side in row chunks or groups needs an objective with split_rows() "
+                         f"(decomp.objectives.ImportanceObjective); {name} has none")
 
 
 def first_order_side(objective: Callable[[Params], Tensor], theta: Params, devices: list[int],
@@ -178,40 +216,45 @@ class GroupedSide:
 
 
 def grouped_side(objective: Any, step: StepUpdates, row_sets: list[Tensor], hvp_method: HVPMethod,
-                 name: str, per_group: bool = True) -> GroupedSide:
+                 name: str, per_group: bool = True, side: EvaluationSide | None = None) -> GroupedSide:
     """One second-order pass per group (``objective.split_rows(row_sets)``), one group's graph
-    alive at a time. Group ``g``'s terms come from its own ``∇J_g`` and quadratic forms
+    alive at a time — or the passes of a shared ``side`` (:func:`grouped_second_order_side` on
+    these ``row_sets``). Group ``g``'s terms come from its own ``∇J_g`` and quadratic forms
     (``C_g = ⟨∇J_g, δ⟩``, ``X_g = u_RLᵀH_gδ``, ...); every term is linear in ``J``, so the
     groups' terms add to the whole batch's (up to rounding). Groups without a response token
     contribute zeros. ``per_group=False`` skips the groups' own terms (``group_terms`` empty):
     only the sums, for chunks that are not groups."""
     if step.updates is None:
         raise ValueError("J's side in row chunks or groups needs the updates before it: give rl_loss, or an eval_objective")
-    if not callable(getattr(objective, "split_rows", None)):
-        raise ValueError(f"J's side in row chunks or groups needs an objective with split_rows() "
-                         f"(decomp.objectives.ImportanceObjective); {name} has none")
+    _check_splittable(objective, name)
+    shared = side.groups.passes if side is not None and side.groups is not None else None
+    parts = objective.split_rows(row_sets) if shared is None else shared
     value, g, forms, group_terms, tokens = 0.0, None, None, [], []
     zero = Terms(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     with torch.random.fork_rng(devices=step.devices), math_attention():
-        for idx, part in zip(row_sets, objective.split_rows(row_sets), strict=True):
+        for idx, part in zip(row_sets, parts, strict=True):
             tokens.append(int(objective.mask[idx].sum()))
             if part is None:
                 group_terms += [zero] if per_group else []
                 continue
-            rl = second_order(part, step.theta, method=hvp_method, name=name)
-            value += float(rl.value)
+            rl = part if shared is not None else second_order(part, step.theta, method=hvp_method, name=name)
             part_forms = _quadratic_forms(rl, step)
             if per_group:
                 group_terms.append(_terms(rl.grad, part_forms, step))
-            if g is None:
-                g, forms = rl.grad, part_forms
-            else:
-                torch._foreach_add_(list(g.values()), [rl.grad[k] for k in g])
-                forms = forms.plus(part_forms)
+            forms = part_forms if forms is None else forms.plus(part_forms)
+            if shared is None:  # a shared side summed them once
+                value += float(rl.value)
+                if g is None:
+                    g = rl.grad
+                else:
+                    torch._foreach_add_(list(g.values()), [rl.grad[k] for k in g])
             del rl
+    if shared is not None:
+        value, g = side.value, side.grad
     if g is None:
         raise ValueError(f"{name} has no response token in any group")
-    side = EvaluationSide(objective, name, None, _checked_grad_norm(name, value, g))
+    if shared is None:
+        side = EvaluationSide(objective, name, None, _checked_grad_norm(name, value, g))
     return GroupedSide(side, value, g, _terms(g, forms, step), group_terms, tokens, list(row_sets))
 
 

@@ -51,7 +51,7 @@ from torch import nn
 
 from decomp.curvature import top_eigenvalues
 from decomp.decomposition import StepMeasurement, decompose_updates
-from decomp.evaluation import EvaluationSide, first_order_side
+from decomp.evaluation import EvaluationSide, first_order_side, grouped_second_order_side
 from decomp.objectives import Objectives, RolloutBatch, check_eval_batch, objectives
 from decomp.occ import efficiency, model_efficiency
 from decomp.regimes import CrossEntropy, DistillJoint, Policy, Regime
@@ -60,6 +60,11 @@ from decomp.sweep import sweep_coefficients
 from decomp.vocabulary import DIRECTIONS, SPLITS
 
 SWEEP_POINTS = 13
+# with group_errors, a shared side of at most this many prompt groups is one reverse-mode pass per
+# group; above, forward mode. Per direction on the default model (64 rows of 11 tokens, one
+# process, 9 repeats, 2026-12-07): reverse per group 63 / 112 / 249 ms at 4 / 8 / 16 groups,
+# forward mode 98 / 101 / 124 ms (the whole batch's two HVPs: 32–43 ms)
+REVERSE_MAX_GROUPS = 4
 EIGEN_TOL = 1e-3  # relative accuracy of the Ritz values: enough to place δ in the spectrum
 
 
@@ -185,9 +190,12 @@ def curvature_record(model: nn.Module, batch: RolloutBatch, regime: Regime) -> d
 
 
 def shared_sides(model: nn.Module, splits: dict[str, RolloutBatch], regime: Regime,
-                 share: bool, first_order: bool = False) -> tuple[dict[str, EvaluationSide], dict[str, float]]:
-    """``J``'s second-order pass once per split (``share``; ``first_order``: its value and gradient
-    only, the groups' forward-mode passes giving the curvature), and the seconds each took."""
+                 share: bool, group_errors: bool = False) -> tuple[dict[str, EvaluationSide], dict[str, float]]:
+    """``J``'s second-order pass once per split (``share``), and the seconds each took. With
+    ``group_errors`` the groups' terms are needed: a batch of at most :data:`REVERSE_MAX_GROUPS`
+    groups gets one second-order pass per group (reverse mode, cheaper there), a larger one its
+    value and gradient only (the groups' forward-mode passes give the curvature at a cost that
+    does not grow with the groups)."""
     if not share:
         return {}, {}
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -197,8 +205,13 @@ def shared_sides(model: nn.Module, splits: dict[str, RolloutBatch], regime: Regi
         start = time.perf_counter()
         J = objectives(model, split_batch, regime).rl_objective
         name = f"J on the {split} batch"
-        sides[split] = (first_order_side(J, params, devices, name) if first_order
-                        else EvaluationSide.at(J, params, devices, name=name))
+        rows = split_batch.group_rows()
+        if not group_errors:
+            sides[split] = EvaluationSide.at(J, params, devices, name=name)
+        elif len(rows) <= REVERSE_MAX_GROUPS:
+            sides[split] = grouped_second_order_side(J, params, devices, rows, name=name)
+        else:
+            sides[split] = first_order_side(J, params, devices, name)
         seconds[split] = time.perf_counter() - start
     return sides, seconds
 
@@ -284,7 +297,7 @@ def instrument_update(
     share_second_order = share_second_order and microbatches == 1
     shared: dict[str, Any] = {}  # the update's log-probs, read by every direction's proxy rules
     loss = {"clip": clip, "kl_coef": kl_coef, "ref_logp": ref_logp, "rl_loss_of_logp": rl_loss_of_logp}
-    sides, side_seconds = shared_sides(model, splits, regime, share_second_order, first_order=group_errors)
+    sides, side_seconds = shared_sides(model, splits, regime, share_second_order, group_errors)
     out = Instrumented([])
     coefs = {"active": coef, "ce": scale, "policy": scale, "distill-joint": scale}
     active: list[dict[str, Any]] = []

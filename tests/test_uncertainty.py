@@ -211,3 +211,27 @@ def test_decompose_takes_the_groups_and_returns_the_same_errors():
     for key in (*(f"{t}_se" for t in SE_FIELDS), "lambda_hat", "lambda_hat_positive_prob"):
         assert getattr(dec, key) == pytest.approx(getattr(ref, key), rel=1e-10, nan_ok=True), key
     assert dec.lambda_hat_interval == pytest.approx(ref.lambda_hat_interval, rel=1e-10)
+
+
+def test_shared_per_group_passes_give_the_forward_mode_records():
+    """One second-order pass per group, built once and shared by two directions
+    (grouped_second_order_side), gives the records of the forward-mode group terms (float64)."""
+    from decomp.evaluation import first_order_side, grouped_second_order_side
+    from decomp.regimes import CrossEntropy
+
+    problem, obj, step, groups = _measure()
+    named = dict(problem.model.named_parameters())
+    ce = objectives(problem.model, problem.batch, CrossEntropy(scale=0.1), coef=0.1, clip=(0.2, 0.2))
+    step_ce = step_updates(ce.rl_objective, ce.mtp_loss, named, coef=0.1, lr=1e-2, optimizer="adamw",
+                           rl_loss=ce.rl_loss)
+    theta = {k: v.detach() for k, v in named.items()}
+    grouped = grouped_second_order_side(obj.rl_objective, theta, [], groups)
+    forward = first_order_side(obj.rl_objective, theta, [])
+    for s in (step, step_ce):
+        a = decompose_updates(s, obj.rl_objective, groups=groups, side=grouped).decomposition
+        b = decompose_updates(s, obj.rl_objective, groups=groups, side=forward).decomposition
+        for key in (*TERMS, *(f"{t}_se" for t in SE_FIELDS), "lambda_star", "lambda_star_se", "grad_norm_rl",
+                    "rl_objective", "realized_rl", "cosine", "noise_groups"):
+            assert getattr(a, key) == pytest.approx(getattr(b, key), rel=1e-10, abs=1e-15, nan_ok=True), key
+    with pytest.raises(ValueError, match="built on the groups"):
+        decompose_updates(step, obj.rl_objective, groups=groups[:2], side=grouped)

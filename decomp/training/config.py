@@ -74,12 +74,12 @@ class TrainConfig(InstrumentConfig, MTPConfig):
     sft_target_accuracy: float = option(0.3, "warm start lands at this held-out greedy accuracy (in (0, 1))")
     sft_target_tolerance: float = option(0.01, "warm start stops at the first evaluation within target ± this")
     sft_max_steps: int = option(5000, "warm start gives up (error) after this many steps")
-    # sampling errors: on in the reference loop (free at the default held-out size, benchmarks/
-    # instrumented_cost.py); InstrumentConfig's default stays off for TRL, whose micro-batches carry no groups
-    group_errors: bool = option(True, "records carry the sampling errors of their terms from the evaluation "
-                                "batch's prompt groups (forward-mode passes over the batch; at the default "
-                                "held-out size no dearer than without, +45% of an instrumented update at 4× the "
-                                "groups: benchmarks/results.md)")
+    # sampling errors: on in the reference loop (a measurement without its error bar is not a result);
+    # InstrumentConfig's default stays off for TRL, whose micro-batches carry no prompt groups
+    group_errors: bool = option(True, "records carry the sampling errors of their terms and λ̂'s bootstrap "
+                                "interval from the evaluation batch's prompt groups (forward-mode passes over the "
+                                "batch: about +15-20% of an instrumented update at the default held-out size, "
+                                "+55% at 4× its groups; benchmarks/results.md)")
     # evaluation and checkpoints
     eval_every: int = option(10, "steps between held-out greedy evaluations (and at the end)")
     checkpoint_every: int = option(10, "steps between checkpoints (and at the end)")

@@ -105,6 +105,24 @@ def training_update(model, batch: RolloutBatch, regime, opt: torch.optim.Optimiz
     opt.step()
 
 
+def restoring(update: Callable[[], object], named: dict, opt: torch.optim.Optimizer) -> Callable[[], None]:
+    """``update`` followed by restoring the parameters and the optimizer state it changed, so
+    that every repeat of a timed update starts from the same point (snapshot taken now)."""
+    snapshot = {k: v.detach().clone() for k, v in named.items()}
+    state = {k: {s: t.clone() for s, t in st.items()} for k, st in opt.state.items()}
+
+    def restored() -> None:
+        update()
+        with torch.no_grad():
+            for k, v in named.items():
+                v.copy_(snapshot[k])
+        for p, st in opt.state.items():
+            for s, t in st.items():
+                t.copy_(state[p][s])
+
+    return restored
+
+
 def instrumented_update(model, batch: RolloutBatch, eval_batch: RolloutBatch, regime,
                         opt: torch.optim.Optimizer, clip: float = 0.2, directions=None,
                         realized_dtype: torch.dtype | None = None, share_second_order: bool = True,

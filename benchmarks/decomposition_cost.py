@@ -23,6 +23,7 @@ from common import (
     ground_truth_rows,
     machine,
     print_rows,
+    restoring,
     synthetic_rollout,
     timed,
     training_update,
@@ -53,17 +54,7 @@ def main() -> None:
 
     for _ in range(3):
         update()
-    snapshot = {k: v.detach().clone() for k, v in named.items()}
-    state = {k: {s: t.clone() for s, t in st.items()} for k, st in opt.state.items()}
-
-    def measured_update():  # the measured unit; restore so every repeat sees the same point
-        update()
-        with torch.no_grad():
-            for k, v in named.items():
-                v.copy_(snapshot[k])
-        for p, st in opt.state.items():
-            for s, t in st.items():
-                t.copy_(state[p][s])
+    measured_update = restoring(update, named, opt)  # the measured unit, every repeat at the same point
 
     _, eval_batch = synthetic_rollout(cfg, batch=64, seq_len=11, prompt_len=7, seed=1)
     fns = decomposition_rows(measured_update, obj, named, opt, sgd_lr=1e-4)

@@ -18,7 +18,7 @@ import argparse
 import statistics
 
 import torch
-from common import machine, synthetic_rollout, timed, training_update
+from common import machine, restoring, synthetic_rollout, timed, training_update
 
 from decomp.allocator import reuse_freed_memory
 from decomp.instrument import instrument_update
@@ -52,19 +52,10 @@ def main() -> None:
     for _ in range(3):
         training_update(model, batch, regime, opt)
     named = dict(model.named_parameters())
-    snapshot = {k: v.detach().clone() for k, v in named.items()}
-    state = {k: {s: t.clone() for s, t in st.items()} for k, st in opt.state.items()}
     held = {k: grouped(synthetic_rollout(cfg, batch=64 * k, seq_len=11, prompt_len=7, seed=k)[1]) for k in sizes}
     second = grouped(synthetic_rollout(cfg, batch=64, seq_len=11, prompt_len=7, seed=99)[1])
 
-    def update() -> None:  # restore, so every repeat sees the same point
-        training_update(model, batch, regime, opt)
-        with torch.no_grad():
-            for k, v in named.items():
-                v.copy_(snapshot[k])
-        for p, st in opt.state.items():
-            for s, t in st.items():
-                t.copy_(state[p][s])
+    update = restoring(lambda: training_update(model, batch, regime, opt), named, opt)
 
     def instrumented(eval_batch: RolloutBatch, errors: bool, eval_batch2: RolloutBatch | None = None):
         return lambda: instrument_update(model, batch, opt, regime, scale=0.1, coef=0.1, eval_batch=eval_batch,

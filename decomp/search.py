@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TypedDict, Unpack
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -128,22 +129,25 @@ def check_search(optimizer: object, bound: float, evaluations: int, rtol: float)
                          f"{type(optimizer).__name__}")
 
 
-def realized_optimum(
-    gain: Callable[[float], float],
-    *,
-    row_sets: Sequence[torch.Tensor] | None = None,
-    extra: Sequence[float] = (),
-    bound: float = DEFAULT_SEARCH_BOUND,
-    max_evaluations: int = MAX_SEARCH_EVALUATIONS,
-    rtol: float = SEARCH_RTOL,
-    moves_objective: bool = True,
-    points_per_decade: int = POINTS_PER_DECADE,
-    decades: int = SEARCH_DECADES,
-    refine_points: int = REFINE_POINTS,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-    seed: int = BOOTSTRAP_SEED,
-) -> Optimum:
-    """``argmax_λ gain(λ)`` over ``|λ| ≤ bound`` by :func:`grid_search`; ``gain(0)`` is taken as 0.
+class GridOptions(TypedDict, total=False):
+    """The options of :func:`grid_search` that :func:`realized_optimum` passes on."""
+
+    extra: Sequence[float]
+    bound: float
+    max_evaluations: int
+    rtol: float
+    moves_objective: bool
+    points_per_decade: int
+    decades: int
+    refine_points: int
+    resamples: int
+    seed: int
+
+
+def realized_optimum(gain: Callable[[float], float], *, row_sets: Sequence[torch.Tensor] | None = None,
+                     **options: Unpack[GridOptions]) -> Optimum:
+    """``argmax_λ gain(λ)`` over ``|λ| ≤ bound`` by :func:`grid_search` (``options``: its keyword
+    arguments); ``gain(0)`` is taken as 0.
 
     ``gain``: a :class:`decomp.realized.RealizedGain` (its batched ``at_coefs``, with each row
     set's contribution when ``row_sets`` is given: then the bootstrap fields are filled) or any
@@ -157,9 +161,7 @@ def realized_optimum(
     else:
         def evaluate(coefs: Sequence[float]) -> tuple[np.ndarray, np.ndarray | None]:
             return np.array([0.0 if c == 0.0 else float(gain(c)) for c in coefs], dtype=np.float64), None
-    return grid_search(evaluate, extra=extra, bound=bound, max_evaluations=max_evaluations, rtol=rtol,
-                       moves_objective=moves_objective, points_per_decade=points_per_decade, decades=decades,
-                       refine_points=refine_points, resamples=resamples, seed=seed)
+    return grid_search(evaluate, **options)
 
 
 NOISE_Z = 2.0  # a neighbour within this many standard errors of the best stops the refinement

@@ -248,9 +248,7 @@ def test_a_second_held_out_batch_of_another_size_adds_its_own_split_and_the_othe
         assert first["n_groups"] == second["n_groups"] == 5
         assert second["lambda_hat_other"] == first["lambda_hat"]
         assert second["correlation"] != first["correlation"]
-        assert math.isfinite(second["gain_lambda_hat_other"])
-        # λ̂ maximises the realized gain on its own batch: the other batch's λ̂ does no better there
-        assert second["gain_lambda_hat_other"] <= second["gain_hat"] + 1e-15
+        assert math.isfinite(second["gain_lambda_hat_other"])  # (it may beat gain_hat: off this batch's grid)
     assert "lambda_hat_other" not in two[1] and "lambda_hat_other" not in two[0]
     with pytest.raises(ValueError, match="eval_batch2"):
         instrument_update(model, batch, opt, Policy(scale=0.1), scale=0.1, coef=0.1, eval_batch2=held2)

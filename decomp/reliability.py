@@ -36,12 +36,6 @@ def groups_for_sign_agreement(mean_per_group: float, sd_per_group: float, target
     return (z * sd_per_group / mean_per_group) ** 2
 
 
-def spearman_brown(reliability: float, factor: float) -> float:
-    """The reliability of a measurement ``factor`` times as large (e.g. a batch of twice the
-    groups): ``k·r / (1 + (k − 1)·r)``."""
-    return factor * reliability / (1 + (factor - 1) * reliability)
-
-
 def disattenuated(correlation: float, target_reliability: float, estimator_reliability: float = 1.0) -> float:
     """Spearman's correction for attenuation: ``ρ / √(r_target · r_estimator)``, the correlation
     an estimator would have with a noise-free target (``nan`` where a reliability is not positive).

@@ -67,6 +67,19 @@ class Design:
 
 STUDY = Design(TASKS, SEEDS, ARMS, COMMON)
 
+# "is there any coefficient, chosen with hindsight, that beats detach?" (docs/method.md §2, "Oracles that can
+# answer"): the trust-region oracle of the study, its noise-aware rules, and the same over a horizon of 4 updates
+# (λ̂_4 on lookahead batches), against detach, five seeds
+ORACLE_ARMS = (
+    Arm("detach", "detach"),
+    Arm("oracle-b10", "oracle", {"oracle_bound": 10.0}, cost=2.2),
+    Arm("oracle-b10-interval", "oracle", {"oracle_bound": 10.0, "oracle_rule": "interval"}, cost=2.2),
+    Arm("oracle-b10-shrink", "oracle", {"oracle_bound": 10.0, "oracle_rule": "shrink"}, cost=2.2),
+    Arm("oracle-b10-k4-interval", "oracle", {"oracle_bound": 10.0, "oracle_rule": "interval", "oracle_horizon": 4},
+        cost=8.0),
+)
+ORACLES = Design(("add",), SEEDS, ORACLE_ARMS, COMMON)
+
 # the pilot: where does the MTP term matter? ce and policy at three scales against detach, two
 # seeds per task, shorter runs; its held-out records also rank the estimators
 PILOT_SCALES = (0.1, 1.0, 10.0)

@@ -2,6 +2,7 @@
 
     python -m analysis.study run   [--out runs/study] [--seeds 0,1] [--tasks add] [--workers 2]
     python -m analysis.study pilot [--out runs/pilot] [--workers 2]
+    python -m analysis.study oracles [--out runs/oracles] [--workers 2]
 
 Resumable: a finished run (``summary.json`` present) is kept, a killed one continues from its
 checkpoint (``decomp run --resume``), so rerunning the command after a kill finishes the study.
@@ -26,7 +27,9 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from analysis.design import PILOT, STUDY, TASK_COST, Arm, Design
+from analysis.design import ORACLES, PILOT, STUDY, TASK_COST, Arm, Design
+
+DESIGNS = {"run": STUDY, "pilot": PILOT, "oracles": ORACLES}
 
 
 @dataclass(frozen=True)
@@ -134,15 +137,15 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis.study", description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "pilot"), help="the study or its pilot")
+    ap.add_argument("what", choices=tuple(DESIGNS), help="the study, its pilot, or the oracles' question")
     ap.add_argument("--out", default=None, help="run root (default runs/study or runs/pilot)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: all of the design's)")
     ap.add_argument("--tasks", default=None, help="comma-separated tasks (default: all of the design's)")
     ap.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)),
                     help="runs at once, one core each (default: 2, or 1 on one core)")
     args = ap.parse_args(argv)
-    design = STUDY if args.what == "run" else PILOT
-    root = Path(args.out or f"runs/{'study' if args.what == 'run' else 'pilot'}")
+    design = DESIGNS[args.what]
+    root = Path(args.out or f"runs/{'study' if args.what == 'run' else args.what}")
     seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(",") if s.strip()]
     tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
     every = jobs(design, root, seeds, tasks)

@@ -87,6 +87,7 @@ def main() -> None:
     sections["memory"] = run(["memory.py"])
     sections["loop"] = run(["loop_cost.py"])
     sections["instrumented"] = run(["instrumented_cost.py"])
+    sections["horizon"] = run(["horizon_cost.py"])
     if not args.skip_smollm2:
         sections["memory_smol"] = run(["memory.py", "--model", "smollm2-135m"])
         sections["loop_smol"] = run(["loop_cost.py", "--model", "smollm2-135m"])
@@ -117,6 +118,8 @@ def main() -> None:
     errors_adds = _number(r"held-out 1× \(8 groups\), group_errors \| [\d.]+× \| ([+-][\d]+)%", sections["instrumented"])
     inst_1, inst_4, inst_16 = (_number(rf"held-out {k}× \(\d+ groups\), group_errors \| ([\d.]+)×", sections["instrumented"])
                                for k in (1, 4, 16))
+    horizon_rows = {k: _numbers(rf"\| k = {k} \| ([\d.]+)× \[[^|]*\| \d+ \| ([\d.]+)×", sections["horizon"])
+                    for k in (1, 2, 4, 8)}
     slope_p = _number(r"log parameters: ([\d.]+)", sections["scaling"])
     slope_t = _number(r"log tokens: ([\d.]+)", sections["scaling"])
     ours_mem = peers_memory["decomp"] / leanest
@@ -141,6 +144,9 @@ def main() -> None:
         f"| in the loop: the jvp estimators of that record, default model / SmolLM2-135M | {loop_jvp:.2f}× / {loop_jvp_smol:.2f}× | |",
         f"| sampling errors (group_errors) add ≤ 15% to an instrumented update at the default held-out size | {errors_adds:+.0f}% | {ok(errors_adds <= 15)} |",
         f"| instrumented update with errors at 1×, 4×, 16× the mini-batch's held-out groups (default model) | {inst_1:.0f}× / {inst_4:.0f}× / {inst_16:.0f}× | |",
+        "| the k-step measurement of one direction on the default held-out batch, k = 1 / 2 / 4 / 8 (default model) | "
+        + " / ".join(f"{horizon_rows[k][0]:.0f}×" for k in (1, 2, 4, 8))
+        + f" | {horizon_rows[4][1]:.2f}× a training update per coefficient and continued update at k = 4 |",
         f"| decomposition peak memory ≤ 3× a training update | {mem:.2f}× | {ok(mem <= 3)} |",
         f"| instrumented update as the loop runs it, peak memory (default model) | {mem_inst:.2f}× | {ok(mem_inst <= 3)} |",
         f"| instrumented update as the loop runs it, peak memory ≤ 3× (SmolLM2-135M, policy direction) | {mem_inst_smol:.2f}× | {ok(mem_inst_smol <= 3)} |",
@@ -174,6 +180,7 @@ def main() -> None:
         *(["## Memory, SmolLM2-135M-Instruct", sections["memory_smol"]] if "memory_smol" in sections else []),
         "## Instrumentation inside the loop", sections["loop"],
         "## What precision costs: held-out size and sampling errors", sections["instrumented"],
+        "## What a horizon costs: the k-step measurement", sections["horizon"],
         *(["## Instrumentation inside the loop, SmolLM2-135M-Instruct", sections["loop_smol"]]
           if "loop_smol" in sections else []),
     ]

@@ -19,8 +19,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from decomp.regimes import REGIMES, Policy, Regime, make_regime
-from decomp.rules import estimator_rules
+from decomp.regimes import OCC, REGIMES, SPLIT_HEAD_LOSSES, Policy, Regime, make_regime
+from decomp.rules import OCC_CONTROLS, ORACLE_RULES, estimator_rules
 from decomp.vocabulary import DIRECTIONS, SPLITS
 
 MTP_INITS = ("copy_last", "random")
@@ -59,11 +59,24 @@ class MTPConfig:
     mtp_scale: float = option(0.1, "c: λ for fixed-coefficient regimes, the estimator's scale for occ")
     occ_estimator: str = option("masked", "occ: the coefficient rule that sets λ at every update (one of the "
                                 "estimator rules listed below; those beyond the proxies need the step's updates)")
+    occ_control: str = option("none", "occ/occ-split: a control of the estimate λ_occ: none | random_sign (λ = "
+                              "±|λ_occ|, the sign drawn per update from the seed and the update's index) | "
+                              "lambda_star_magnitude (λ = sign(λ_occ)·|λ*|, λ* the exact rule's on the training "
+                              "mini-batch; 0 where either is undefined or 0)")
+    split_head_loss: str = option("distill", "occ-split: the MTP module's own loss at λ = c, trunk detached: "
+                                  "distill (soft cross-entropy against the policy's detached distribution) | ce "
+                                  "(detach's cross-entropy of the sampled tokens)")
     policy_form: str = option("ratio", f"policy/occ MTP loss: {' | '.join(POLICY_FORMS)}")
     mtp_depth: int = option(1, "K: MTP depths (depth k predicts token t+k+1)")
     mtp_init: str = option("copy_last", "Hugging Face hosts: MTP block copied from the last layer, or random")
     oracle_bound: float = option(1e6, "oracle: the search's bound on |λ| (below the default 1e6, a trust region "
                                  "whose constrained optimum is applied, ±bound included)")
+    oracle_horizon: int = option(1, "oracle: k, apply the optimum of the k-step realized gain (the update, then "
+                                 "k−1 RL-only updates on lookahead rollout batches from the current policy; "
+                                 "docs/method.md §3.6); costs (k−1) backward passes per evaluated coefficient")
+    oracle_rule: str = option("point", "oracle: what is applied from λ̂'s bootstrap over the held-out groups: point "
+                              "(λ̂) | interval (λ̂ where its 95% interval excludes 0, else 0) | shrink "
+                              "(λ̂·|2P(λ̂ > 0) − 1|)")
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
@@ -75,22 +88,46 @@ class MTPConfig:
             raise ValueError(f"occ_estimator must be one of {', '.join(estimator_rules())}, got {self.occ_estimator!r}")
         if self.policy_form not in POLICY_FORMS:
             raise ValueError(f"policy_form must be one of {', '.join(POLICY_FORMS)}, got {self.policy_form!r}")
+        self._validate_occ_options()
         if not (math.isfinite(self.oracle_bound) and self.oracle_bound > 0):
             raise ValueError(f"oracle_bound must be finite and positive, got {self.oracle_bound}")
+        if isinstance(self.oracle_horizon, bool) or not isinstance(self.oracle_horizon, int) or self.oracle_horizon < 1:
+            raise ValueError(f"oracle_horizon must be a positive integer, got {self.oracle_horizon!r}")
+        if self.oracle_rule not in ORACLE_RULES:
+            raise ValueError(f"oracle_rule must be one of {', '.join(ORACLE_RULES)}, got {self.oracle_rule!r}")
+        if (self.oracle_horizon > 1 or self.oracle_rule != "point") and self.regime != "oracle":
+            raise ValueError(f"oracle_horizon and oracle_rule set the oracle's search: they need regime oracle, "
+                             f"got {self.regime!r}")
         if self.mtp_depth < 1:
             raise ValueError(f"mtp_depth must be >= 1, got {self.mtp_depth}")
         if self.mtp_init not in MTP_INITS:
             raise ValueError(f"mtp_init must be one of {', '.join(MTP_INITS)}, got {self.mtp_init!r}")
+
+    def _validate_occ_options(self) -> None:
+        """``occ_control`` and ``split_head_loss``: a known value, set only where the regime reads it."""
+        if self.occ_control not in OCC_CONTROLS:
+            raise ValueError(f"occ_control must be one of {', '.join(OCC_CONTROLS)}, got {self.occ_control!r}")
+        if self.occ_control != "none" and not issubclass(REGIMES[self.regime], OCC):
+            raise ValueError(f"occ_control={self.occ_control} controls occ's estimate: it needs regime occ or "
+                             f"occ-split, got {self.regime!r}")
+        if self.split_head_loss not in SPLIT_HEAD_LOSSES:
+            raise ValueError(f"split_head_loss must be one of {', '.join(SPLIT_HEAD_LOSSES)}, "
+                             f"got {self.split_head_loss!r}")
+        if self.split_head_loss != "distill" and self.regime != "occ-split":
+            raise ValueError(f"split_head_loss={self.split_head_loss} is occ-split's MTP-module loss: it needs "
+                             f"regime occ-split, got {self.regime!r}")
 
     def make_regime(self, clip: tuple[float, float] = (0.2, 0.2)) -> Regime:
         """The regime object; ``clip`` is the trainer's PPO clip range (policy/occ use it)."""
         options: dict[str, Any] = {"scale": self.mtp_scale}
         if issubclass(REGIMES[self.regime], Policy):
             options.update(form=self.policy_form, clip_low=clip[0], clip_high=clip[1])
-        if self.regime == "occ":
-            options["estimator"] = self.occ_estimator
+        if issubclass(REGIMES[self.regime], OCC):
+            options.update(estimator=self.occ_estimator, control=self.occ_control)
+        if self.regime == "occ-split":
+            options["head_loss"] = self.split_head_loss
         if self.regime == "oracle":
-            options["bound"] = self.oracle_bound
+            options.update(bound=self.oracle_bound, horizon=self.oracle_horizon, noise_rule=self.oracle_rule)
         return make_regime(self.regime, **options)
 
 

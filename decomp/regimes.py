@@ -20,6 +20,11 @@ patch's ``detach_encoder``), ``"none"`` (full gradient into the shared trunk).
 | ``policy``      | clipped policy loss on ``m`` vs ``ℓ^old``   | none     | ``scale``          |
 |                 | (``form="reinforce"``: ``−mean_M A·m``)     |          |                    |
 | ``occ``         | as ``policy``                               | none     | OCC estimate (§4)  |
+|                 | (``control``: its magnitudes with random    |          |                    |
+|                 | signs, or its sign at ``|λ*|``)             |          |                    |
+| ``occ-split``   | MTP-exclusive parameters: ``distill`` (or   | all      | ``scale``          |
+|                 | ``ce``) at ``scale``; shared ones: ``occ``'s| none     | OCC estimate       |
+|                 | term at its estimate                        |          |                    |
 | ``frozen``      | as ``detach``, applied at λ = 0; the MTP    | all      | 0                  |
 |                 | module is left out of the optimizer         |          |                    |
 | ``distill``     | ``−mean_M Σ_v p(v) log q(v)``, ``p`` the    | all      | ``scale``          |
@@ -43,7 +48,16 @@ from torch import Tensor
 
 from decomp.checks import check_finite, check_number, check_same_shape
 from decomp.rl import clipped_policy_loss, cross_entropy_loss, reinforce_loss
-from decomp.rules import LogprobContext, ProxyInputs, estimator_rules, get_rule
+from decomp.rules import (
+    OCC_CONTROLS,
+    ORACLE_RULES,
+    CoefficientRule,
+    LogprobContext,
+    ProxyInputs,
+    controlled_rule,
+    estimator_rules,
+    get_rule,
+)
 from decomp.search import DEFAULT_SEARCH_BOUND
 
 DetachMode = Literal["all", "inputs", "none"]
@@ -90,6 +104,11 @@ class Regime:
         """The coefficient rule (:mod:`decomp.rules`) that sets ``λ`` at every update, or
         ``None`` when ``λ`` is :meth:`coefficient` (a constant)."""
         return None
+
+    def coefficient_rule(self) -> CoefficientRule | None:
+        """The rule a trainer applies at every update (``None`` for a constant ``λ``): the rule
+        named :attr:`rule`, or a control of it (:class:`OCC`)."""
+        return None if self.rule is None else get_rule(self.rule)
 
     @property
     def fallback(self) -> float:
@@ -204,9 +223,15 @@ class OCC(Policy):
     or one that needs the step's updates (``"jvp_masked"``, ``"jvp_pooled"``,
     ``"trust_region"``, ``"exact"``), computed by the trainer from its update context and applied
     with :meth:`term_at`. Where the estimate is undefined ``λ = 0`` is used.
+
+    ``control`` (docs/method.md §2): ``"none"``; ``"random_sign"``, the estimate's magnitudes with
+    random signs (does occ's result come from its direction or its smallness?);
+    ``"lambda_star_magnitude"``, its sign at the ``exact`` rule's ``|λ*|`` (does its direction help
+    at the right size?). A trainer applies :meth:`coefficient_rule`.
     """
 
     estimator: str = "masked"
+    control: str = "none"
     name: ClassVar[str] = "occ"
     detach: ClassVar[DetachMode] = "none"
 
@@ -216,12 +241,21 @@ class OCC(Policy):
             raise ValueError(
                 f"unknown estimator {self.estimator!r}; valid estimators: {', '.join(estimator_rules())}"
             )
+        if self.control not in OCC_CONTROLS:
+            raise ValueError(f"unknown control {self.control!r}; valid controls: {', '.join(OCC_CONTROLS)}")
 
     @property
     def rule(self) -> str:
         return self.estimator
 
+    def coefficient_rule(self) -> CoefficientRule:
+        """The estimator under :attr:`control` (:func:`decomp.rules.controlled_rule`)."""
+        return controlled_rule(self.estimator, self.control)
+
     def coefficient(self, mtp_logp: Tensor, logp: Tensor, old_logp: Tensor, mask: Tensor) -> float:
+        if self.control != "none":
+            raise ValueError(f"control {self.control!r} needs the update's context: compute λ with "
+                             "coefficient_rule() on a decomp.rules.UpdateContext and apply it with term_at")
         rule = get_rule(self.estimator)
         if not rule.needs <= {"logprobs"}:
             raise ValueError(f"estimator {self.estimator!r} needs {rule.described_needs()}: compute it "
@@ -292,6 +326,8 @@ class Oracle(Policy):
 
     fallback: float = 0.0  # a field here: it replaces the base class's constant property
     bound: float = DEFAULT_SEARCH_BOUND
+    horizon: int = 1  # k: the realized optimum of the k-step gain (docs/method.md §3.6), on lookahead batches
+    noise_rule: str = "point"  # ORACLE_RULES: what the oracle applies given λ̂'s bootstrap distribution
     name: ClassVar[str] = "oracle"
 
     def __post_init__(self) -> None:
@@ -300,6 +336,10 @@ class Oracle(Policy):
         if not b > 0:
             raise ValueError(f"bound must be positive, got {self.bound}")
         check_number(self.fallback, "fallback")
+        if isinstance(self.horizon, bool) or not isinstance(self.horizon, int) or self.horizon < 1:
+            raise ValueError(f"horizon must be a positive integer, got {self.horizon!r}")
+        if self.noise_rule not in ORACLE_RULES:
+            raise ValueError(f"noise_rule must be one of {', '.join(ORACLE_RULES)}, got {self.noise_rule!r}")
 
     @property
     def rule(self) -> str:
@@ -311,8 +351,41 @@ class Oracle(Policy):
         return coef * unit
 
 
+SPLIT_HEAD_LOSSES: dict[str, type[Regime]] = {"distill": Distill, "ce": Detach}
+
+
+@dataclass(frozen=True)
+class OCCSplit(OCC):
+    """The MTP module and the trunk trained by different terms (docs/method.md §2): the
+    MTP-exclusive parameters by the ``head_loss`` regime's term at ``λ = scale`` (``distill``:
+    soft cross-entropy against the policy's detached distribution; ``ce``: ``detach``'s
+    cross-entropy), as with the trunk detached; the shared parameters (trunk, embeddings, head)
+    only by :class:`OCC`'s policy-form term at the estimate ``λ`` (and its ``control``), which
+    reaches no MTP-exclusive parameter. So the gradient of one update is, per parameter set,
+
+        shared:         ∇(L_RL + λ·L_MTP^policy)       MTP-exclusive:  c·∇L_head
+
+    The fields, :meth:`unit_loss` and :meth:`term_at` are :class:`OCC`'s (the trunk's term: what
+    ``J`` sees, so the active direction of an instrumented update is it); :attr:`head_regime`
+    gives the head's term, and a trainer composes the two (:func:`decomp.training.update.backward`).
+    """
+
+    head_loss: str = "distill"
+    name: ClassVar[str] = "occ-split"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.head_loss not in SPLIT_HEAD_LOSSES:
+            raise ValueError(f"unknown head_loss {self.head_loss!r}; valid: {', '.join(SPLIT_HEAD_LOSSES)}")
+
+    @property
+    def head_regime(self) -> Regime:
+        """The regime whose term at ``λ = scale`` trains the MTP-exclusive parameters."""
+        return SPLIT_HEAD_LOSSES[self.head_loss](scale=self.scale)
+
+
 REGIMES: dict[str, type[Regime]] = {
-    cls.name: cls for cls in (Detach, DetachInputs, CrossEntropy, Policy, OCC, Frozen, Distill, Cosine, Oracle)
+    cls.name: cls for cls in (Detach, DetachInputs, CrossEntropy, Policy, OCC, Frozen, Distill, Cosine, Oracle, OCCSplit)
 }
 SHADOW_ONLY: dict[str, type[Regime]] = {DistillJoint.name: DistillJoint}  # measured, never trained
 
@@ -332,7 +405,8 @@ def make_regime(name: str, **options: object) -> Regime:
     """Build a regime by name: ``detach``, ``detach-inputs``, ``ce``, ``policy`` or ``occ``.
 
     ``options`` are the regime's fields (``scale``; ``form``, ``clip_low``, ``clip_high`` for
-    ``policy``/``occ``; ``estimator`` for ``occ``).
+    ``policy``/``occ``; ``estimator`` and ``control`` for ``occ``/``occ-split``; ``head_loss`` for
+    ``occ-split``).
     """
     if name not in REGIMES:
         raise ValueError(f"unknown regime {name!r}; valid regimes: {', '.join(REGIMES)}")

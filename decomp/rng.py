@@ -11,6 +11,8 @@ from __future__ import annotations
 # The reference run and the TRL integration draw each step's randomness from a generator seeded by
 # (seed, step), and the held-out batch of that step from another stream offset by this constant.
 HELDOUT_STREAM = 0x5DEECE66D
+# The random signs of occ_control=random_sign: one stream per update, apart from training's.
+SIGN_STREAM = 0x2545F4914F6CDD1D
 
 import numbers
 from collections.abc import Iterator

@@ -21,10 +21,14 @@ rule at every instrumented update (``coef_<name>``, ``gain_<name>``, ...), ``--h
 lists it with its cost, the figures draw it in its ``style``, and the TRL trainer applies every
 rule that needs only ``logprobs`` and can be summed across processes (``statistics``).
 A rule returns ``nan`` where it is undefined; a regime then applies its ``fallback``.
+
+``occ`` applies its estimator through :func:`controlled_rule`: as is, or under a control
+(``occ_control``: its magnitudes with random signs, or its signs at ``|λ*|``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -36,6 +40,7 @@ from torch import Tensor, nn
 
 from decomp.curvature import jvp_logprobs, jvp_logprobs_batched
 from decomp.decomposition import decompose_updates
+from decomp.horizon import Horizon, HorizonGain, OptimizerSnapshot, training_rl_loss
 from decomp.objectives import Objectives, RolloutBatch, check_eval_batch, model_logprobs, objectives
 from decomp.occ import (
     REDUCTIONS,
@@ -46,7 +51,7 @@ from decomp.occ import (
     trust_region_coefficient,
 )
 from decomp.realized import RealizedGain
-from decomp.search import DEFAULT_SEARCH_BOUND, realized_optimum
+from decomp.search import DEFAULT_SEARCH_BOUND, Optimum, realized_optimum
 from decomp.updates import StepUpdates, step_updates
 
 NEEDS = ("logprobs", "updates", "jvp", "decomposition", "gradients", "heldout")
@@ -73,7 +78,11 @@ class UpdateContext:
     ``λ = coef``); ``loss`` holds the RL loss's parts (``clip``, ``kl_coef``, ``ref_logp``,
     ``rl_loss_of_logp``); ``heldout`` returns the held-out batch (sampled on first use);
     ``shared`` is a cache common to every context of one update (the log-probs, the held-out
-    batch); ``seconds`` the time each part took to build.
+    batch); ``seconds`` the time each part took to build. ``sign_seed`` seeds the random signs
+    of ``occ_control=random_sign`` (:func:`controlled_rule`; ``None``: the caller has none, and
+    that control refuses to run); ``metrics`` are per-update statistics a rule leaves for the
+    step's metrics record (e.g. ``occ_estimate_abs``). ``future(n)`` returns ``n`` lookahead
+    mini-batches for a rule that judges the update over a horizon (``oracle_horizon``).
     """
 
     model: nn.Module
@@ -85,7 +94,10 @@ class UpdateContext:
     loss: dict[str, Any]
     heldout: Callable[[], RolloutBatch] | None = None
     batched_jvp: bool = False
+    sign_seed: int | None = None
+    future: Callable[[int], list[RolloutBatch]] | None = None
     shared: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     _parts: dict[str, Any] = field(default_factory=dict)
 
@@ -183,6 +195,26 @@ class UpdateContext:
             return RealizedGain(objectives(self.model, eval_batch, self.regime).rl_objective, self.step())
 
         return self._once("heldout", build)
+
+
+    def horizon_gain(self, k: int):
+        """The ``k``-step realized gain of the coming update on the held-out batch
+        (:class:`decomp.horizon.HorizonGain`), continued on ``future(k − 1)``'s mini-batches."""
+        def build():
+            if self.future is None:
+                raise ValueError("a rule over a horizon needs lookahead mini-batches, and the caller gave none")
+            if self.loss.get("rl_loss_of_logp") is not None or self.loss.get("kl_coef"):
+                raise ValueError("a horizon continues with the built-in clipped surrogate, without a KL term")
+            step = self.step()
+            losses = tuple(training_rl_loss(self.model, b, self.loss["clip"]) for b in self.future(k - 1))
+            snapshot = OptimizerSnapshot.of(self.optimizer, dict(self.model.named_parameters()))
+            eval_batch = self.heldout_batch()
+            check_eval_batch(self.model, self.batch, eval_batch)
+            J = objectives(self.model, eval_batch, self.regime).rl_objective
+            return HorizonGain(J, Horizon(step.theta, snapshot, step.update_grad, losses), step.grad_mtp,
+                               model_tail=False)
+
+        return self._once(f"horizon{k}", build)
 
 
 @dataclass
@@ -363,14 +395,42 @@ def usable_optimum(coef: float, reason: str, bound: float) -> float:
     return coef if math.isfinite(coef) and (not reason or at_bound) else math.nan
 
 
+ORACLE_RULES = ("point", "interval", "shrink")
+
+
+def noise_aware(coef: float, optimum: Optimum, rule: str) -> float:
+    """What an oracle applies given the searched ``optimum`` (``coef``: its usable ``λ̂``, ``nan``
+    where undefined) and its bootstrap over prompt groups: ``point`` ``λ̂``; ``interval`` ``λ̂`` where
+    its 95% interval excludes 0, else 0 (no coefficient the data can tell from leaving the term
+    out); ``shrink`` ``λ̂·|2P(λ̂ > 0) − 1|``: 0 when the sign is a coin flip, ``λ̂`` when no resample
+    doubts it (``nan`` without a bootstrap)."""
+    if rule == "point" or not math.isfinite(coef):
+        return coef
+    if rule == "interval":
+        lo, hi = optimum.interval
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            return math.nan
+        return coef if lo > 0 or hi < 0 else 0.0
+    if rule == "shrink":
+        return coef * abs(2.0 * optimum.positive_prob - 1.0)
+    raise ValueError(f"unknown oracle rule {rule!r}; valid: {', '.join(ORACLE_RULES)}")
+
+
 def _oracle(ctx: UpdateContext) -> float:
     """The realized optimum ``λ̂`` on the held-out batch within ``|λ| ≤`` the regime's bound; with
     a bound below the search's default the constrained optimum (``±bound`` included); ``nan``
-    where the search leaves ``λ̂`` undefined. The search's grid is fixed by the bound: no state
-    carried between updates, so a resumed run searches as an uninterrupted one."""
-    bound = getattr(ctx.regime, "bound", DEFAULT_SEARCH_BOUND)
-    optimum = realized_optimum(ctx.heldout_gain(), bound=bound)
-    return usable_optimum(optimum.coef, optimum.reason, bound)
+    where the search leaves ``λ̂`` undefined. With the regime's ``horizon`` ``k > 1`` the optimum
+    of the ``k``-step gain (:meth:`UpdateContext.horizon_gain`); its ``noise_rule`` decides what
+    is applied from the bootstrap over the held-out batch's prompt groups (:func:`noise_aware`).
+    The search's grid is fixed by the bound: no state carried between updates, so a resumed run
+    searches as an uninterrupted one."""
+    regime = ctx.regime
+    bound = getattr(regime, "bound", DEFAULT_SEARCH_BOUND)
+    k, rule = getattr(regime, "horizon", 1), getattr(regime, "noise_rule", "point")
+    rows = None if rule == "point" else ctx.heldout_batch().group_rows()
+    gain = ctx.heldout_gain() if k == 1 else ctx.horizon_gain(k)
+    optimum = realized_optimum(gain, row_sets=rows, bound=bound)
+    return noise_aware(usable_optimum(optimum.coef, optimum.reason, bound), optimum, rule)
 
 
 register_rule(CoefficientRule("cosine", frozenset({"gradients"}), _cosine,
@@ -378,8 +438,77 @@ register_rule(CoefficientRule("cosine", frozenset({"gradients"}), _cosine,
                               "one more backward pass (the update's gradient is then composed from both)",
                               estimator=False))
 register_rule(CoefficientRule("oracle", frozenset({"updates", "heldout"}), _oracle,
-                              "the realized optimum λ̂ of the coming update on a held-out batch (not deployable)",
-                              "a held-out rollout batch and 20–44 forward evaluations", estimator=False))
+                              "the realized optimum λ̂ of the coming update on a held-out batch (not deployable; "
+                              "oracle_horizon, oracle_rule)",
+                              "a held-out rollout batch and 20–44 forward evaluations; with oracle_horizon k > 1, "
+                              "k − 1 lookahead rollout batches and (k − 1) backward passes per evaluation",
+                              estimator=False))
+
+
+# --- controls of occ: its estimate's magnitude with random signs, or its sign at λ*'s magnitude ----
+
+OCC_CONTROLS = ("none", "random_sign", "lambda_star_magnitude")
+CONTROL_HELP = {
+    "random_sign": "λ = s·|λ_occ|, s = ±1 drawn per update (and depth) from (seed, update): occ's magnitudes, "
+                   "random directions",
+    "lambda_star_magnitude": "λ = sign(λ_occ)·|λ*|, λ* the exact rule's on the training mini-batch: occ's "
+                             "direction at λ*'s size (undefined where either is undefined or 0)",
+}
+
+
+def random_signs(seed: int, n: int) -> list[float]:
+    """``n`` signs ``±1``, each ``+1`` with probability ½, from a CPU generator seeded by ``seed``
+    (its own generator: no other random stream moves)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [1.0 if bit else -1.0 for bit in torch.randint(0, 2, (n,), generator=gen).tolist()]
+
+
+def _random_sign(values: tuple[float, ...], ctx: UpdateContext) -> tuple[float, ...]:
+    """``s_k·|λ_k|``: the magnitudes kept bit for bit (``nan`` stays ``nan``), the signs random."""
+    if ctx.sign_seed is None:
+        raise ValueError("occ_control=random_sign needs the update's sign seed (UpdateContext.sign_seed), "
+                         "and the caller gave none")
+    return tuple(s * abs(v) for s, v in zip(random_signs(ctx.sign_seed, len(values)), values, strict=True))
+
+
+def _lambda_star_magnitude(values: tuple[float, ...], ctx: UpdateContext) -> tuple[float, ...]:
+    """``sign(λ_k)·|λ*|``; ``nan`` (the fallback) where ``λ_k`` or ``λ*`` is undefined or 0."""
+    star = ctx.decomposition().lambda_star
+    if not (math.isfinite(star) and star != 0.0):
+        return (math.nan,) * len(values)
+    return tuple(math.copysign(abs(star), v) if math.isfinite(v) and v != 0.0 else math.nan for v in values)
+
+
+CONTROLS: dict[str, tuple[frozenset[str], Callable[[tuple[float, ...], UpdateContext], tuple[float, ...]]]] = {
+    "random_sign": (frozenset(), _random_sign),
+    "lambda_star_magnitude": (frozenset({"updates", "decomposition"}), _lambda_star_magnitude),
+}
+
+
+def controlled_rule(name: str, control: str = "none") -> CoefficientRule:
+    """The rule ``name`` as ``occ`` applies it under ``control`` (:data:`OCC_CONTROLS`): its value
+    ``λ_occ`` (``Value``: one ``λ`` or one per depth) mapped by the control, and ``ctx.metrics
+    ["occ_estimate_abs"]`` set to the mean over depths of ``|λ_occ|`` (0 where undefined: what
+    plain ``occ`` would apply). With ``"none"`` the values are the rule's own; the rule is read
+    from :data:`RULES` at each call, so a replaced rule is the one controlled."""
+    base = get_rule(name)
+    if control != "none" and control not in CONTROLS:
+        raise ValueError(f"unknown occ_control {control!r}; valid: {', '.join(OCC_CONTROLS)}")
+    extra, transform = CONTROLS.get(control, (frozenset(), None))
+
+    def compute(ctx: UpdateContext) -> Value:
+        raw = base.compute(ctx)
+        values = tuple(raw) if isinstance(raw, tuple) else (float(raw),)
+        ctx.metrics["occ_estimate_abs"] = sum(abs(v) if math.isfinite(v) else 0.0 for v in values) / len(values)
+        if transform is None:
+            return raw
+        out = transform(values, ctx)
+        return out if isinstance(raw, tuple) else out[0]
+
+    help_ = base.help if transform is None else f"{base.help}, under {control}: {CONTROL_HELP[control]}"
+    return dataclasses.replace(base, name=name if transform is None else f"{name}+{control}",
+                               needs=base.needs | extra, compute=compute, help=help_, estimator=False,
+                               statistics=None, from_statistics=None)
 
 
 def rules_help() -> list[str]:

@@ -32,9 +32,10 @@ def _inputs(seed=0):
 
 
 def test_registry_and_detach_modes():
-    assert list(REGIMES) == ["detach", "detach-inputs", "ce", "policy", "occ", "frozen", "distill", "cosine", "oracle"]
+    assert list(REGIMES) == ["detach", "detach-inputs", "ce", "policy", "occ", "frozen", "distill", "cosine", "oracle",
+                             "occ-split"]
     assert [REGIMES[n].detach for n in REGIMES] == ["all", "inputs", "none", "none", "none", "all", "all", "none",
-                                                    "none"]
+                                                    "none", "none"]  # occ-split: its trunk's term (its head's: all)
     with pytest.raises(ValueError, match="valid regimes: detach, detach-inputs, ce, policy, occ, frozen"):
         make_regime("mtp")
     with pytest.raises(TypeError, match="bad option for regime 'ce'"):

@@ -675,6 +675,8 @@ def test_two_process_ddp_applies_the_union_occ_estimate_on_every_rank(tiny_check
 @pytest.mark.parametrize("mtp,match", [
     (MTPConfig(regime="oracle"), "not supported inside TRL"),
     (MTPConfig(regime="cosine"), "not supported inside TRL"),
+    (MTPConfig(regime="occ-split"), "not supported inside TRL"),
+    (MTPConfig(regime="occ", occ_control="random_sign"), "occ_control=random_sign is not supported inside TRL"),
     (MTPConfig(regime="occ", occ_estimator="trust_region"), "needs the step's updates"),
 ])
 def test_regimes_the_trl_integration_does_not_run_are_refused(tiny_checkpoint, tmp_path, mtp, match):

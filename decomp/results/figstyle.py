@@ -27,6 +27,7 @@ REGIME_COLORS = {
     "policy": "#009E73",  # bluish green
     "occ": "#CC79A7",  # reddish purple
     "occ-tr": "#E69F00",  # orange
+    "occ-split": "#999933",  # olive (Tol's muted palette)
     "oracle": "#000000",  # black
     "cosine": "#F0E442",  # yellow
     "frozen": "#999999",  # grey

@@ -25,6 +25,11 @@ absent. Two rules make every statistic count each measurement once:
   update and split (:func:`copies_of_active`). A copy stands for its direction in a
   per-direction statistic; statistics over every direction leave it out
   (:meth:`Run.unique_records`).
+
+``horizon.jsonl`` (the ``k``-step records of ``horizon`` > 1, :mod:`decomp.training.horizons`) is
+read the same way into :attr:`Run.horizons` (``FIELDS["horizon.jsonl"]``: a damaged line or a
+record with a field of the wrong type is skipped with a warning), with the same two rules
+(:meth:`Run.horizon_records`, :meth:`Run.unique_horizon_records`).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ REQUIRED = {
                             "lambda_star"),
     "sweeps.jsonl": ("step", "direction", "coefs", "realized", "quadratic"),
     "curvature.jsonl": ("step", "eigenvalue_max", "eigenvalue_min"),
+    "horizon.jsonl": ("step", "direction", "horizon", "lambda_hat_k"),
 }
 # the preferred display order; the estimators of a record set are every coef_<name> field present
 READABLE_SCHEMAS = tuple(range(1, SCHEMA_VERSION + 1))  # older records lack the newer fields: read as absent
@@ -65,6 +71,7 @@ class Run:
     decompositions: list[dict[str, Any]] = field(default_factory=list)
     sweeps: list[dict[str, Any]] = field(default_factory=list)
     curvature: list[dict[str, Any]] = field(default_factory=list)
+    horizons: list[dict[str, Any]] = field(default_factory=list)  # horizon.jsonl: k-step records
 
     @property
     def regime(self) -> str:
@@ -103,6 +110,17 @@ class Run:
     def preferred_split(self, direction: str) -> str:
         """``heldout`` when the run has held-out records of ``direction``, else ``train``."""
         return "heldout" if self.records(direction, "heldout") else "train"
+
+    def horizon_records(self, direction: str, split: str | None = None) -> list[dict[str, Any]]:
+        """The ``horizon.jsonl`` records of ``direction`` (of one ``split`` when given); a copy of
+        the active record (``same_as: "active"``) stands for its direction, as in :meth:`records`."""
+        return [r for r in self.horizons if r["direction"] == direction and (split is None or split_of(r) == split)]
+
+    def unique_horizon_records(self, split: str | None = None) -> list[dict[str, Any]]:
+        """Every ``horizon.jsonl`` record (of one ``split`` when given) except the copies of the
+        active record: each ``k``-step measurement once."""
+        copies = copies_of_active(self.horizons)
+        return [r for i, r in enumerate(self.horizons) if i not in copies and (split is None or split_of(r) == split)]
 
     @property
     def evaluations(self) -> list[float]:
@@ -251,8 +269,12 @@ def _is_grid(value: Any) -> bool:
 
 def _is_points(value: Any) -> bool:
     """A non-empty list of finite numbers or ``null`` (an undefined ``ΔJ``)."""
-    return isinstance(value, list) and bool(value) and all(v is None or (is_number(v) and math.isfinite(v))
-                                                          for v in value)
+    return isinstance(value, list) and bool(value) and _is_points_or_empty(value)
+
+
+def _is_points_or_empty(value: Any) -> bool:
+    """A list, possibly empty, of finite numbers or ``null``."""
+    return isinstance(value, list) and all(v is None or (is_number(v) and math.isfinite(v)) for v in value)
 
 
 Kind = tuple[Callable[[Any], bool], str]  # a test of a field's value, and what it expects
@@ -262,6 +284,23 @@ TEXT: Kind = (lambda v: isinstance(v, str), "a string")
 GRID: Kind = (_is_grid, "a non-empty list of finite numbers")
 POINTS: Kind = (_is_points, "a non-empty list of finite numbers or nulls")
 _TERMS = (*TERMS, "predicted", "realized", "lambda_star")
+
+
+def _is_numbers(value: Any) -> bool:
+    """A list of finite numbers, possibly empty (the ``λ`` a search evaluated)."""
+    return isinstance(value, list) and all(is_number(v) and math.isfinite(v) for v in value)
+
+
+def _is_interval(value: Any) -> bool:
+    """``[lo, hi]``: two numbers or ``null`` (no interval)."""
+    return isinstance(value, list) and len(value) == 2 and all(v is None or is_number(v) for v in value)
+
+
+NUMBERS: Kind = (_is_numbers, "a list of finite numbers")
+INTERVAL: Kind = (_is_interval, "a list of two numbers or nulls")
+SOME_POINTS: Kind = (_is_points_or_empty, "a list of finite numbers or nulls")
+_HORIZON_NUMBERS = ("lambda_hat_k", "gain_hat_k", "gain_k_coef", "gain_k_lambda_star_k", "gain_k_lambda_hat",
+                    "lambda_star_k", "coef", "unit_displacement_k_norm", "unit_displacement_first_norm")
 # per file, the type of every field the analysis reads unguarded (the other fields pass through
 # `finite`, or are never read): a record holding one of another type is skipped, as damaged
 FIELDS: dict[str, dict[str, Kind]] = {
@@ -269,6 +308,9 @@ FIELDS: dict[str, dict[str, Kind]] = {
     "decomposition.jsonl": {"step": COUNT, "update": COUNT, "direction": TEXT, **dict.fromkeys(_TERMS, NUMBER)},
     "sweeps.jsonl": {"step": COUNT, "direction": TEXT, "coefs": GRID, "realized": POINTS, "quadratic": POINTS},
     "curvature.jsonl": {"step": COUNT, "eigenvalue_max": NUMBER, "eigenvalue_min": NUMBER},
+    "horizon.jsonl": {"step": COUNT, "update": COUNT, "completed_step": COUNT, "horizon": COUNT, "direction": TEXT,
+                      "lambda_hat_k_reason": TEXT, **dict.fromkeys(_HORIZON_NUMBERS, NUMBER),
+                      "lambda_hat_k_interval": INTERVAL, "coefs_k": NUMBERS, "gains_k": SOME_POINTS},
 }
 
 
@@ -301,9 +343,20 @@ def sweep_problem(record: dict[str, Any]) -> str | None:
     return problem
 
 
+def horizon_problem(record: dict[str, Any]) -> str | None:
+    """:func:`field_problem` of a ``horizon.jsonl`` record, then whether its ``coefs_k`` and
+    ``gains_k`` (the evaluated grid) have one gain per coefficient."""
+    problem = field_problem(record, FIELDS["horizon.jsonl"])
+    if problem is None and "coefs_k" in record and len(record["coefs_k"]) != len(record.get("gains_k", [])):
+        problem = "a horizon record whose coefs_k and gains_k differ in length"
+    return problem
+
+
 def _check(name: str) -> Callable[[dict[str, Any]], str | None]:
     if name == "sweeps.jsonl":
         return sweep_problem
+    if name == "horizon.jsonl":
+        return horizon_problem
     return lambda record: field_problem(record, FIELDS[name])
 
 
@@ -396,6 +449,7 @@ def read_run(path: Path) -> Run | str:
     run.decompositions = _read(run.path / "decomposition.jsonl")
     run.sweeps = _read(run.path / "sweeps.jsonl")
     run.curvature = _read(run.path / "curvature.jsonl")
+    run.horizons = _read(run.path / "horizon.jsonl")
     return run
 
 
@@ -421,7 +475,7 @@ def load_runs(paths: Iterable[Path | str]) -> list[Run]:
     if not runs:  # the CLI prints this one line, not the warnings: name the first reason
         raise AnalysisError(f"no usable run directory: {len(skipped)} skipped (the first: {skipped[0]})")
     order = {name: i for i, name in enumerate(("detach", "detach-inputs", "frozen", "distill", "ce", "policy", "occ",
-                                              "cosine", "oracle"))}
+                                              "occ-split", "cosine", "oracle"))}
     return sorted(runs, key=lambda r: (order.get(r.regime, 9), r.regime, r.seed, str(r.path)))
 
 

@@ -46,6 +46,10 @@ Per run: share of the same sign, median ``|log10(λ*/λ̂)|`` where both are pos
 an interior maximum — at the search bound only its sign means something —, median realized
 efficiency and its share > 0. Runs with training records only have no independent ``λ̂``.
 
+``horizon`` (only where a run has ``horizon.jsonl`` records): the ``k``-step optimum ``λ̂_k``
+against the one-step ``λ̂``, the one-step ``λ̂``, ``λ*_k`` and the applied coefficient judged over
+``k`` updates (:func:`decomp.results.horizon.horizon_stats`).
+
 ``taylor``: over every record of every direction and split counted once (copies of the active
 record left out), per run the median and 90th percentile of ``|realized − predicted|/|realized|``
 and the share of records where ``predicted`` and ``realized`` have the same sign (records whose
@@ -62,6 +66,7 @@ import numpy as np
 
 from decomp import runlog
 from decomp.reliability import disattenuated, sign_agreement_probability
+from decomp.results.horizon import horizon_note, horizon_stats
 from decomp.results.rundata import (
     Run,
     cluster_of,
@@ -446,6 +451,7 @@ def validate(runs: list[Run], direction: str = "policy", seed: int = 0,
     for name in estimator_names(r for g in groups for r in g):
         s = estimator_stats(groups, name, target, seed, n_resamples, clusters)
         estimators[name] = s | judge_estimator(s, ceiling, target, clusters, seed, n_resamples)
+    horizon = horizon_stats(runs, direction, seed, n_resamples) if any(run.horizons for run in runs) else None
     return {
         "direction": direction,
         "target": target,
@@ -462,6 +468,7 @@ def validate(runs: list[Run], direction: str = "policy", seed: int = 0,
         "ceiling": ceiling,
         "lambda_star": lambda_star_stats([run for run, _, _ in chosen], direction, seed, n_resamples, clusters),
         "taylor": taylor_over_runs(runs, seed, n_resamples),
+        **({"horizon": horizon} if horizon is not None else {}),
     }
 
 
@@ -569,6 +576,8 @@ def _notes(result: dict[str, Any]) -> list[str]:
         f"|realized − predicted|/|realized| {fmt_interval(t['median_relative_residual'], '.3g')}, 90th percentile "
         f"{fmt_interval(t['p90_relative_residual'], '.3g')}, sign(predicted) = sign(realized) in "
         f"{fmt_interval(t['sign_agreement'], '.2f')} of them (per-run statistics averaged over runs)")
+    if result.get("horizon"):
+        notes.append(horizon_note(result["horizon"]))
     return notes
 
 

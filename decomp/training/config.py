@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from decomp.config import InstrumentConfig, MTPConfig, field_help, option
+from decomp.config import InstrumentConfig, MTPConfig, field_help, option, parse_directions
 from decomp.rules import rules_help
 from decomp.models.tiny import ModelConfig
 from decomp.training.tasks import TASKS, VOCAB_SIZE, Task
@@ -80,6 +80,14 @@ class TrainConfig(InstrumentConfig, MTPConfig):
                                 "interval from the evaluation batch's prompt groups (forward-mode passes over the "
                                 "batch: about +15-20% of an instrumented update at the default held-out size, "
                                 "+55% at 4× its groups; benchmarks/results.md)")
+    # beyond one step (docs/method.md §3.6)
+    horizon: int = option(1, "k: also judge each instrumented update's MTP term over k updates (it, then k−1 "
+                          "RL-only updates on the loop's own next mini-batches, the same for every λ): λ̂_k, its "
+                          "interval and the horizon-aware λ*_k in horizon.jsonl, written k−1 updates later; "
+                          "1: the one-step measurement only. Cost per direction and split: 20–44 coefficients × "
+                          "(k−1) backward passes (benchmarks/results.md)")
+    horizon_directions: str = option("", "directions measured over the horizon (comma-separated; empty: "
+                                     "decomp_directions)")
     # evaluation and checkpoints
     eval_every: int = option(10, "steps between held-out greedy evaluations (and at the end)")
     checkpoint_every: int = option(10, "steps between checkpoints (and at the end)")
@@ -112,6 +120,17 @@ class TrainConfig(InstrumentConfig, MTPConfig):
             if not getattr(self, name) >= 0:
                 raise RunError(f"{name} must be non-negative, got {getattr(self, name)}")
         self._validate_warm_start()
+        if self.oracle_horizon > 1 and self.kl_coef > 0:
+            raise RunError("oracle_horizon > 1 continues on lookahead batches without reference log-probs: "
+                           "it needs kl_coef = 0")
+        if self.horizon < 1:
+            raise RunError(f"horizon must be a positive integer (1: one step), got {self.horizon}")
+        if self.horizon > 1 and not self.decomp_every:
+            raise RunError("horizon > 1 measures instrumented updates: set decomp_every > 0")
+        try:
+            _ = self.horizon_direction_names
+        except ValueError as err:
+            raise RunError(str(err).replace("directions", "horizon_directions", 1)) from None
         if self.d_model % self.n_heads:
             raise RunError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
 
@@ -147,6 +166,11 @@ class TrainConfig(InstrumentConfig, MTPConfig):
         if self.lr:
             return self.lr
         return 3e-4 if self.model == "builtin" else 1e-6
+
+    @property
+    def horizon_direction_names(self) -> tuple[str, ...]:
+        """``horizon_directions``, or the instrumented directions when it is empty."""
+        return parse_directions(self.horizon_directions) if self.horizon_directions.strip() else self.directions
 
     @property
     def clip(self) -> tuple[float, float]:

@@ -48,6 +48,14 @@ from decomp.runlog import (
     write_json,
 )
 from decomp.training.config import RunError, TrainConfig
+from decomp.training.horizons import (
+    PendingHorizon,
+    feed_horizons,
+    horizon_splits,
+    pending_state,
+    restore_pending,
+    start_horizon,
+)
 from decomp.training.policies import ModelUnavailable, build_policy, rollout
 from decomp.training.update import (
     UpdateLoss,
@@ -93,6 +101,7 @@ class RunState:
     accuracy: float = float("nan")
     lock: RunLock | None = None  # held while the run writes its folder
     on_record: Callable[[dict[str, Any]], None] | None = None  # told of each measured record (progress)
+    horizons: list[PendingHorizon] = field(default_factory=list)  # k-step measurements awaiting their updates
 
     @property
     def model(self) -> torch.nn.Module:
@@ -152,7 +161,9 @@ def _start(cfg: TrainConfig, out: Path, mode: str, cache_dir: Path | None, log: 
         if ckpt is None:
             (out / name).unlink(missing_ok=True)
         else:
-            truncate_jsonl(out / name, lambda r: isinstance(r.get("step"), int) and r["step"] <= state.start_step)
+            # a k-step record is written when its measurement completes, after its instrumented step
+            key = "completed_step" if name == "horizon.jsonl" else "step"
+            truncate_jsonl(out / name, lambda r, key=key: isinstance(r.get(key), int) and r[key] <= state.start_step)
     write_json(out / "config.json", {"config": asdict(cfg), "decomp_version": __version__,
                                      "schema_version": SCHEMA_VERSION})
     state.logs = {name.removesuffix(".jsonl"): JsonlWriter(out / name) for name in LOG_FILES}
@@ -175,6 +186,7 @@ def restore_checkpoint(state: RunState, ckpt: dict[str, Any], path: Path) -> Non
                        "pass --overwrite to start over") from None
     state.start_step = int(ckpt["step"])
     state.warm_info = ckpt["warm_start"]
+    state.horizons = restore_pending(ckpt.get("horizons", []))
 
 
 def minibatch_partition(n: int, cfg: TrainConfig, gen: torch.Generator) -> list[Tensor]:
@@ -198,6 +210,19 @@ def heldout_batch(state: RunState, step: int, size: int, salt: int = 0) -> Rollo
 HELDOUT2_SALT = 1 << 20  # the noise ceiling's second held-out batch: a stream no update's salt reaches
 
 
+LOOKAHEAD_SALT = 1 << 21  # the oracle's lookahead batches: streams no held-out batch's salt reaches
+LOOKAHEAD_MAX = 1 << 10  # lookahead batches per update at most (oracle_horizon − 1)
+
+
+def lookahead_batches(state: RunState, step: int, update: int, size: int, n: int) -> list[RolloutBatch]:
+    """``n`` mini-batches of ``size`` sequences sampled from the current policy, each on its own
+    stream: what an oracle over a horizon continues on (the run's own next batches do not exist
+    yet, and depend on what the oracle applies)."""
+    if n > LOOKAHEAD_MAX:
+        raise RunError(f"oracle_horizon must be at most {LOOKAHEAD_MAX + 1}")
+    return [heldout_batch(state, step, size, salt=LOOKAHEAD_SALT + update * LOOKAHEAD_MAX + j) for j in range(n)]
+
+
 def heldout_size(cfg: TrainConfig, mb: RolloutBatch) -> int:
     """Sequences per held-out batch: ``heldout_groups`` prompt groups, else the mini-batch's size."""
     return cfg.heldout_groups * cfg.group_size if cfg.heldout_groups else mb.tokens.shape[0]
@@ -213,7 +238,8 @@ def realized_dtype(cfg: TrainConfig) -> torch.dtype | None:
 
 def instrument(state: RunState, step: int, update: int, mb: RolloutBatch, ref_logp: Tensor | None,
                coef: float) -> None:
-    """Measure the coming update (:func:`decomp.instrument.instrument_update`) and log it."""
+    """Measure the coming update (:func:`decomp.instrument.instrument_update`) and log it; with
+    ``horizon`` > 1, keep what its ``k``-step measurement starts from (:mod:`decomp.training.horizons`)."""
     cfg = state.cfg
     size = heldout_size(cfg, mb)
     eval_batch = heldout_batch(state, step, size) if cfg.heldout else None
@@ -237,6 +263,9 @@ def instrument(state: RunState, step: int, update: int, mb: RolloutBatch, ref_lo
         state.logs["sweeps"].write({**where, **record})
     if result.curvature is not None:
         state.logs["curvature"].write({**where, **result.curvature})
+    if cfg.horizon > 1:
+        state.horizons.append(start_horizon(state, step, update, mb, ref_logp,
+                                            horizon_splits(mb, eval_batch, eval_batch2), coef, result.decompositions))
 
 
 def apply_update(state: RunState, mb: RolloutBatch, out: UpdateLoss, sums: dict[str, float]) -> None:
@@ -250,6 +279,8 @@ def apply_update(state: RunState, mb: RolloutBatch, out: UpdateLoss, sums: dict[
     sums["pg_loss"] += float(out.pg_loss.detach())
     sums["mtp_loss"] += float(out.unit_mtp_loss.detach())
     sums["mtp_coef"] += out.coef
+    for name, value in out.metrics.items():  # a regime's or rule's own statistics (occ_estimate_abs, mtp_head_loss)
+        sums[name] = sums.get(name, 0.0) + value
     if out.kl is not None:
         sums["kl"] += float(out.kl.detach())
 
@@ -264,11 +295,12 @@ def train_step(state: RunState, step: int) -> dict[str, Any]:
     partition = minibatch_partition(batch.tokens.shape[0], cfg, gen)
     sums = {"pg_loss": 0.0, "mtp_loss": 0.0, "mtp_coef": 0.0, "kl": 0.0, "clip_fraction": 0.0}
     fallbacks = 0
-    decomp_seconds = update_seconds = 0.0
+    decomp_seconds = update_seconds = horizon_seconds = 0.0
     for update, idx in enumerate(partition):
-        t_update = time.perf_counter()
         mb = batch.subset(idx)
         mb_ref = None if ref_logp is None else ref_logp[idx]
+        horizon_seconds += feed_horizons(state, step, mb, mb_ref, realized_dtype(cfg)) if state.horizons else 0.0
+        t_update = time.perf_counter()
         out, fell_back, ctx = update_loss(state, step, update, mb, mb_ref)
         fallbacks += fell_back
         # backward before the measurements: the forward graph is freed, so the measurement's
@@ -286,6 +318,8 @@ def train_step(state: RunState, step: int) -> dict[str, Any]:
     if state.regime.rule is not None:
         record["fallback_updates"] = fallbacks
     record["decomp_seconds"] = decomp_seconds
+    if cfg.horizon > 1:
+        record["horizon_seconds"] = horizon_seconds
     # one training update (forward, backward, AdamW) without the measurements: the unit the
     # decomposition's cost is compared with
     record["update_seconds"] = (update_seconds - decomp_seconds) / len(partition)
@@ -301,12 +335,15 @@ def update_loss(state: RunState, step: int, update: int, mb: RolloutBatch,
     sit on top of the forward's graph."""
     cfg, regime = state.cfg, state.regime
     ctx = update_context(state.model, mb, state.optimizer, regime, cfg, ref_logp,
-                         heldout=lambda: heldout_batch(state, step, heldout_size(cfg, mb), salt=update + 1))
+                         heldout=lambda: heldout_batch(state, step, heldout_size(cfg, mb), salt=update + 1),
+                         future=lambda n: lookahead_batches(state, step, update, mb.tokens.shape[0], n))
     depths = cfg.mtp_depth
     early = None if regime.rule is None or needs_forward(regime) else coefficients(regime, ctx, None, depths)
     fwd = forward(state.model, regime, mb, ref_logp, cfg)
     coefs, fell_back = early if early is not None else coefficients(regime, ctx, fwd, depths)
-    return fwd.loss_at(coefs), fell_back, ctx
+    out = fwd.loss_at(coefs)
+    out.metrics.update(ctx.metrics)  # the rule's per-update statistics (occ_estimate_abs)
+    return out, fell_back, ctx
 
 
 def evaluate_and_log(state: RunState, step: int, record: dict[str, Any]) -> None:
@@ -324,7 +361,7 @@ def save_checkpoint(state: RunState, step: int) -> None:
     previous checkpoint and ends the run with a :class:`RunError` that says how to go on)."""
     if step % state.cfg.checkpoint_every == 0 or step == state.cfg.steps:
         blob = {"step": step, "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
-                "warm_start": state.warm_info}
+                "warm_start": state.warm_info, "horizons": pending_state(state.horizons)}
         path = state.out / "checkpoint.pt"
         try:
             atomic_write(path, lambda tmp: torch.save(blob, tmp))

@@ -31,7 +31,7 @@ import torch
 from decomp.runlog import BadJSON, parse_json
 from decomp.training.config import RunError, TrainConfig
 
-LOG_FILES = ("metrics.jsonl", "decomposition.jsonl", "sweeps.jsonl", "curvature.jsonl")
+LOG_FILES = ("metrics.jsonl", "decomposition.jsonl", "sweeps.jsonl", "curvature.jsonl", "horizon.jsonl")
 RUN_FILES = ("config.json", *LOG_FILES, "checkpoint.pt", "summary.json")
 LOCK_FILE = ".lock"
 

@@ -78,6 +78,10 @@ class MTPGRPOTrainer(GRPOTrainer):
         check_trl_version()
         self.mtp_config = MTPConfig() if mtp_config is None else mtp_config
         self.mtp_config.validate()
+        if self.mtp_config.occ_control != "none":
+            raise ValueError(f"occ_control={self.mtp_config.occ_control} is not supported inside TRL yet (its signs "
+                             "are seeded per update of the reference loop, and λ* needs the step's updates, which "
+                             "the TRL integration does not compute); the reference loop (decomp run) runs it")
         self.instrument_config = InstrumentConfig(decomp_every=0) if instrument_config is None else instrument_config
         self.instrument_config.validate()
         for name, off in (("group_errors", False), ("heldout_groups", 0), ("noise_ceiling", False)):

@@ -7,6 +7,9 @@ definitions are in docs/method.md):
   :func:`~decomp.decomposition.measure_step`, which also returns the updates and the realized
   gain ``ΔJ(λ)``; ``search=True`` adds the realized optimum ``λ̂`` and its bootstrap distribution over prompt
   groups (:mod:`decomp.search`);
+- :func:`decomp.horizon.measure_horizon` — the ``k``-step realized gain ``ΔJ_k(λ)`` of one update
+  continued by ``k − 1`` RL-only updates (:class:`~decomp.horizon.Horizon`), its optimum ``λ̂_k``
+  with its interval and the horizon-aware model's ``λ*_k`` (§3.6);
 - :mod:`decomp.curvature` — ``hvp``, ``hessian_operator``, ``top_eigenvalues``,
   ``rayleigh_quotient``, ``jvp_logprobs``;
 - :mod:`decomp.optim` — counterfactual SGD/AdamW steps;
@@ -22,6 +25,7 @@ from decomp.curvature import (
     top_eigenvalues,
 )
 from decomp.decomposition import Decomposition, StepMeasurement, decompose, measure_step
+from decomp.horizon import Horizon, HorizonGain, OptimizerSnapshot, measure_horizon
 from decomp.occ import (
     efficiency,
     jvp_coefficient,
@@ -42,6 +46,10 @@ __all__ = [
     "StepMeasurement",
     "decompose",
     "measure_step",
+    "Horizon",
+    "HorizonGain",
+    "OptimizerSnapshot",
+    "measure_horizon",
     "efficiency",
     "model_efficiency",
     "model_gain",

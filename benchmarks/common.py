@@ -254,3 +254,30 @@ def print_floor(t: dict[str, list[float]], base: list[float]) -> float:
     print(f"| floor: first order + ∇J, graph, two HVPs + counterfactual + 3 J forwards | {floor:.2f}× |")
     print(f"| decompose, AdamW, above the floor | {ratio['decompose, AdamW'] - floor:.2f}× |")
     return floor
+
+
+GROUP = 8  # rollouts per prompt group in the benchmarks' batches
+
+
+def grouped(batch: RolloutBatch) -> RolloutBatch:
+    """``batch`` with its prompt groups (consecutive rows of :data:`GROUP`)."""
+    groups = torch.arange(batch.tokens.shape[0]) // GROUP
+    return RolloutBatch(batch.tokens, batch.mask, batch.advantages, batch.old_logp, batch.response_start,
+                        groups=groups)
+
+
+def reference_update(updates: int = 3):
+    """The reference run's model (64 wide, 2 layers, MTP depth 1), its grouped mini-batch of 64
+    rollouts of 11 tokens, the ``policy`` regime at c = 0.1 and an AdamW that has taken ``updates``
+    updates: ``(cfg, model, batch, regime, optimizer)``."""
+    from decomp.regimes import Policy
+    from decomp.training.tasks import VOCAB_SIZE
+
+    cfg = ModelConfig(vocab_size=VOCAB_SIZE, max_len=11)
+    model, batch = synthetic_rollout(cfg, batch=64, seq_len=11, prompt_len=7)
+    batch = grouped(batch)
+    regime = Policy(scale=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for _ in range(updates):
+        training_update(model, batch, regime, opt)
+    return cfg, model, batch, regime, opt

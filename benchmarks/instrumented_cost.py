@@ -17,24 +17,11 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import torch
-from common import machine, restoring, synthetic_rollout, timed, training_update
+from common import grouped, machine, reference_update, restoring, synthetic_rollout, timed, training_update
 
 from decomp.allocator import reuse_freed_memory
 from decomp.instrument import instrument_update
-from decomp.models.tiny import ModelConfig
 from decomp.objectives import RolloutBatch
-from decomp.regimes import Policy
-from decomp.training.tasks import VOCAB_SIZE
-
-GROUP = 8
-
-
-def grouped(batch: RolloutBatch) -> RolloutBatch:
-    """``batch`` with its prompt groups (consecutive rows of :data:`GROUP`)."""
-    groups = torch.arange(batch.tokens.shape[0]) // GROUP
-    return RolloutBatch(batch.tokens, batch.mask, batch.advantages, batch.old_logp, batch.response_start,
-                        groups=groups)
 
 
 def main() -> None:
@@ -44,13 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     reuse_freed_memory()
-    cfg = ModelConfig(vocab_size=VOCAB_SIZE, max_len=11)
-    model, batch = synthetic_rollout(cfg, batch=64, seq_len=11, prompt_len=7)
-    batch = grouped(batch)
-    regime = Policy(scale=0.1)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    for _ in range(3):
-        training_update(model, batch, regime, opt)
+    cfg, model, batch, regime, opt = reference_update()
     named = dict(model.named_parameters())
     held = {k: grouped(synthetic_rollout(cfg, batch=64 * k, seq_len=11, prompt_len=7, seed=k)[1]) for k in sizes}
     second = grouped(synthetic_rollout(cfg, batch=64, seq_len=11, prompt_len=7, seed=99)[1])

@@ -325,7 +325,7 @@ class HorizonModel:
     penalty_unit_k_se: float
     lambda_star_k_se: float
     unit_displacement_k_norm: float
-    unit_displacement_norm: float
+    unit_displacement_first_norm: float
     reason: str = ""
 
 
@@ -390,7 +390,7 @@ def measure_horizon(objective: Any, horizon: Horizon, grad_mtp: Params, *, coef:
         "lambda_star_k": model.lambda_star_k, "lambda_star_k_reason": model.reason,
         "correlation_unit_k_se": model.correlation_unit_k_se, "penalty_unit_k_se": model.penalty_unit_k_se,
         "lambda_star_k_se": model.lambda_star_k_se, "unit_displacement_k_norm": model.unit_displacement_k_norm,
-        "unit_displacement_first_norm": model.unit_displacement_norm,
+        "unit_displacement_first_norm": model.unit_displacement_first_norm,
         **{f: v for name, c in others.items() for f, v in ((name, c), (f"gain_k_{name}", gain_at(c)))},
         "seconds": time.perf_counter() - start,
     }

@@ -81,7 +81,7 @@ def shadow_regimes(regime: Regime, scale: float, clip: tuple[float, float] = (0.
     }
 
 
-def _same_direction(a: Regime, b: Regime, coef_a: float, coef_b: float) -> bool:
+def same_direction(a: Regime, b: Regime, coef_a: float, coef_b: float) -> bool:
     # e.g. the shadow `ce` direction of a `ce` run is the active direction itself
     return type(a) is type(b) and a == b and coef_a == coef_b
 
@@ -304,7 +304,7 @@ def instrument_update(
     for direction, reg in shadow_regimes(regime, scale, clip).items():
         if direction not in directions:
             continue
-        if active and _same_direction(reg, regime, coefs[direction], coef):
+        if active and same_direction(reg, regime, coefs[direction], coef):
             copies = [{**r, "direction": direction, "same_as": "active", "seconds": 0.0,
                        "search_seconds": 0.0, "jvp_seconds": 0.0} for r in active]
             out.decompositions += copies

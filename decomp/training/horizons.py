@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from decomp.horizon import Horizon, OptimizerSnapshot, gradient, measure_horizon, training_rl_loss
-from decomp.instrument import _same_direction, shadow_regimes
+from decomp.instrument import same_direction, shadow_regimes
 from decomp.objectives import RolloutBatch, objectives
 from decomp.search import NO_EFFECT
 
@@ -125,7 +125,7 @@ def measure_pending(state: Any, pending: PendingHorizon, dtype: torch.dtype | No
         reg, coef = directions[direction]
         where = {"step": pending.step, "update": pending.update, "regime": cfg.regime, "direction": direction,
                  "regime_of_direction": reg.name, "coef": coef}
-        if active and _same_direction(reg, state.regime, coef, pending.coef):
+        if active and same_direction(reg, state.regime, coef, pending.coef):
             out += [{**r, **where, "same_as": "active", "seconds": 0.0} for r in active]
             continue
         grad_mtp = mtp_gradient(state, pending, reg, coef)

@@ -77,8 +77,28 @@ ORACLE_ARMS = (
     Arm("oracle-b10-shrink", "oracle", {"oracle_bound": 10.0, "oracle_rule": "shrink"}, cost=2.2),
     Arm("oracle-b10-k4-interval", "oracle", {"oracle_bound": 10.0, "oracle_rule": "interval", "oracle_horizon": 4},
         cost=8.0),
+    # the issue's longest horizon, k = 20, on a grid of 3 decades below the bound (|λ| ∈ {0.01, 0.1, 1, 10}c, then
+    # the refinement): each evaluated coefficient costs 19 backward passes and each update 19 lookahead rollout
+    # batches, about 8–10 s a step on one core here
+    Arm("oracle-b10-k20-interval", "oracle",
+        {"oracle_bound": 10.0, "oracle_rule": "interval", "oracle_horizon": 20, "oracle_decades": 3}, cost=30.0),
 )
 ORACLES = Design(("add",), SEEDS, ORACLE_ARMS, COMMON)
+
+# does occ's result come from its direction or from its smallness, and can the draft head be kept? (issue 21,
+# second edition): the paper's proxy (occ's reference estimator) as is, with random signs at its magnitudes, at
+# λ*'s magnitude with its sign, and occ-split (the MTP module trained by distill at c, the trunk by occ's λ);
+# detach and frozen place the draft acceptance of a trained and of an untrained head
+CONTROL_ARMS = (
+    Arm("detach", "detach"),
+    Arm("frozen", "frozen"),
+    Arm("occ", "occ", {"occ_estimator": "reference"}),
+    Arm("occ-random-sign", "occ", {"occ_estimator": "reference", "occ_control": "random_sign"}),
+    Arm("occ-star-magnitude", "occ", {"occ_estimator": "reference", "occ_control": "lambda_star_magnitude"},
+        cost=1.5),
+    Arm("occ-split", "occ-split", {"occ_estimator": "reference"}, cost=1.3),
+)
+CONTROLS = Design(("add",), SEEDS, CONTROL_ARMS, COMMON)
 
 # the pilot: where does the MTP term matter? ce and policy at three scales against detach, two
 # seeds per task, shorter runs; its held-out records also rank the estimators

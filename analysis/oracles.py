@@ -29,8 +29,9 @@ def page(root: Path) -> str:
              f"({machine()}). Arms ({', '.join(a.label for a in design.ORACLE_ARMS)}), each at c = "
              f"{design.SCALE:g} for {design.STEPS} steps: `oracle-b10` applies the held-out λ̂ of every update within "
              "|λ| ≤ 10c; `-interval` applies it only where its 95% bootstrap interval over the held-out prompt "
-             "groups excludes 0 (else 0); `-shrink` applies λ̂·|2P(λ̂ > 0) − 1|; `-k4-` searches the 4-step gain "
-             "(docs/method.md §3.6) on lookahead batches. A run that has not finished is left out.", ""]
+             "groups excludes 0 (else 0); `-shrink` applies λ̂·|2P(λ̂ > 0) − 1|; `-k4-` and `-k20-` search the 4- and "
+             "20-step gain (docs/method.md §3.6) on lookahead batches, `-k20-` on a grid of 3 decades below the bound "
+             "(|λ| ≥ 0.01c, `oracle_decades = 3`). A run that has not finished is left out.", ""]
     for task, runs in load_tasks(root).items():
         finished = [r for r in runs if (r.path / "summary.json").is_file()]
         lines += accuracy_section(task, finished, k) + verdict_section(task, finished, k)

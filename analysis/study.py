@@ -3,6 +3,7 @@
     python -m analysis.study run   [--out runs/study] [--seeds 0,1] [--tasks add] [--workers 2]
     python -m analysis.study pilot [--out runs/pilot] [--workers 2]
     python -m analysis.study oracles [--out runs/oracles] [--workers 2]
+    python -m analysis.study controls [--out runs/controls] [--workers 2]
 
 Resumable: a finished run (``summary.json`` present) is kept, a killed one continues from its
 checkpoint (``decomp run --resume``), so rerunning the command after a kill finishes the study.
@@ -27,9 +28,9 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from analysis.design import ORACLES, PILOT, STUDY, TASK_COST, Arm, Design
+from analysis.design import CONTROLS, ORACLES, PILOT, STUDY, TASK_COST, Arm, Design
 
-DESIGNS = {"run": STUDY, "pilot": PILOT, "oracles": ORACLES}
+DESIGNS = {"run": STUDY, "pilot": PILOT, "oracles": ORACLES, "controls": CONTROLS}
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis.study", description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=tuple(DESIGNS), help="the study, its pilot, or the oracles' question")
+    ap.add_argument("what", choices=tuple(DESIGNS), help="the study, its pilot, the oracles' question, or occ's controls")
     ap.add_argument("--out", default=None, help="run root (default runs/study or runs/pilot)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: all of the design's)")
     ap.add_argument("--tasks", default=None, help="comma-separated tasks (default: all of the design's)")

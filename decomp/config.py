@@ -21,6 +21,7 @@ from typing import Any
 
 from decomp.regimes import OCC, REGIMES, SPLIT_HEAD_LOSSES, Policy, Regime, make_regime
 from decomp.rules import OCC_CONTROLS, ORACLE_RULES, estimator_rules
+from decomp.search import SEARCH_DECADES
 from decomp.vocabulary import DIRECTIONS, SPLITS
 
 MTP_INITS = ("copy_last", "random")
@@ -74,6 +75,10 @@ class MTPConfig:
     oracle_horizon: int = option(1, "oracle: k, apply the optimum of the k-step realized gain (the update, then "
                                  "k−1 RL-only updates on lookahead rollout batches from the current policy; "
                                  "docs/method.md §3.6); costs (k−1) backward passes per evaluated coefficient")
+    oracle_decades: int = option(SEARCH_DECADES, "oracle: decades of the search's grid below oracle_bound (one "
+                                 "point per decade each side: 2·(decades+1) coefficients before refinement); fewer "
+                                 "decades make an oracle over a long horizon affordable (each coefficient costs "
+                                 "oracle_horizon − 1 backward passes)")
     oracle_rule: str = option("point", "oracle: what is applied from λ̂'s bootstrap over the held-out groups: point "
                               "(λ̂) | interval (λ̂ where its 95% interval excludes 0, else 0) | shrink "
                               "(λ̂·|2P(λ̂ > 0) − 1|)")
@@ -95,8 +100,12 @@ class MTPConfig:
             raise ValueError(f"oracle_horizon must be a positive integer, got {self.oracle_horizon!r}")
         if self.oracle_rule not in ORACLE_RULES:
             raise ValueError(f"oracle_rule must be one of {', '.join(ORACLE_RULES)}, got {self.oracle_rule!r}")
-        if (self.oracle_horizon > 1 or self.oracle_rule != "point") and self.regime != "oracle":
-            raise ValueError(f"oracle_horizon and oracle_rule set the oracle's search: they need regime oracle, "
+        if isinstance(self.oracle_decades, bool) or not isinstance(self.oracle_decades, int) or self.oracle_decades < 0:
+            raise ValueError(f"oracle_decades must be a non-negative integer, got {self.oracle_decades!r}")
+        if (self.oracle_horizon > 1 or self.oracle_rule != "point" or self.oracle_decades != SEARCH_DECADES) \
+                and self.regime != "oracle":
+            raise ValueError(f"oracle_horizon, oracle_rule and oracle_decades set the oracle's search: they need "
+                             f"regime oracle, "
                              f"got {self.regime!r}")
         if self.mtp_depth < 1:
             raise ValueError(f"mtp_depth must be >= 1, got {self.mtp_depth}")
@@ -127,7 +136,8 @@ class MTPConfig:
         if self.regime == "occ-split":
             options["head_loss"] = self.split_head_loss
         if self.regime == "oracle":
-            options.update(bound=self.oracle_bound, horizon=self.oracle_horizon, noise_rule=self.oracle_rule)
+            options.update(bound=self.oracle_bound, horizon=self.oracle_horizon, noise_rule=self.oracle_rule,
+                           decades=self.oracle_decades)
         return make_regime(self.regime, **options)
 
 

@@ -58,7 +58,7 @@ from decomp.rules import (
     estimator_rules,
     get_rule,
 )
-from decomp.search import DEFAULT_SEARCH_BOUND
+from decomp.search import DEFAULT_SEARCH_BOUND, SEARCH_DECADES
 
 DetachMode = Literal["all", "inputs", "none"]
 DETACH_MODES: tuple[str, ...] = ("none", "inputs", "all")
@@ -328,6 +328,7 @@ class Oracle(Policy):
     bound: float = DEFAULT_SEARCH_BOUND
     horizon: int = 1  # k: the realized optimum of the k-step gain (docs/method.md §3.6), on lookahead batches
     noise_rule: str = "point"  # ORACLE_RULES: what the oracle applies given λ̂'s bootstrap distribution
+    decades: int = SEARCH_DECADES  # the search grid's decades below ``bound`` (decomp.search)
     name: ClassVar[str] = "oracle"
 
     def __post_init__(self) -> None:
@@ -340,6 +341,8 @@ class Oracle(Policy):
             raise ValueError(f"horizon must be a positive integer, got {self.horizon!r}")
         if self.noise_rule not in ORACLE_RULES:
             raise ValueError(f"noise_rule must be one of {', '.join(ORACLE_RULES)}, got {self.noise_rule!r}")
+        if isinstance(self.decades, bool) or not isinstance(self.decades, int) or self.decades < 0:
+            raise ValueError(f"decades must be a non-negative integer, got {self.decades!r}")
 
     @property
     def rule(self) -> str:

@@ -51,7 +51,7 @@ from decomp.occ import (
     trust_region_coefficient,
 )
 from decomp.realized import RealizedGain
-from decomp.search import DEFAULT_SEARCH_BOUND, Optimum, realized_optimum
+from decomp.search import DEFAULT_SEARCH_BOUND, SEARCH_DECADES, Optimum, realized_optimum
 from decomp.updates import StepUpdates, step_updates
 
 NEEDS = ("logprobs", "updates", "jvp", "decomposition", "gradients", "heldout")
@@ -429,7 +429,7 @@ def _oracle(ctx: UpdateContext) -> float:
     k, rule = getattr(regime, "horizon", 1), getattr(regime, "noise_rule", "point")
     rows = None if rule == "point" else ctx.heldout_batch().group_rows()
     gain = ctx.heldout_gain() if k == 1 else ctx.horizon_gain(k)
-    optimum = realized_optimum(gain, row_sets=rows, bound=bound)
+    optimum = realized_optimum(gain, row_sets=rows, bound=bound, decades=getattr(regime, "decades", SEARCH_DECADES))
     return noise_aware(usable_optimum(optimum.coef, optimum.reason, bound), optimum, rule)
 
 

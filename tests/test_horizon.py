@@ -220,8 +220,55 @@ def test_a_resumed_run_writes_the_same_horizon_records(tmp_path, cache):
     assert len(a) == 2 and a == b
 
 
+def test_the_accuracy_after_k_updates_is_the_end_points_own_and_leaves_training_alone(tmp_path, cache, monkeypatch):
+    """``horizon_accuracy``: each reported accuracy is the greedy held-out accuracy of a model that
+    holds the k-step end point (recomputed here on a copy), each change is the paired mean over
+    problems, and the live model is restored bit for bit (the run's metrics equal a run without it)."""
+    import copy
+
+    import decomp.training.horizons as horizons
+    from decomp.training.warmstart import held_out_rewards
+
+    seen: list[dict] = []
+    original = horizons.accuracy_after
+
+    def checking(state, horizon, grad_mtp, coefs):
+        out = original(state, horizon, grad_mtp, coefs)
+        for name, coef in {"zero": 0.0, **coefs}.items():
+            if math.isfinite(coef):
+                model = copy.deepcopy(state.model)
+                model.load_state_dict(horizon.endpoint(grad_mtp, coef), strict=False)
+                seen.append({"name": name, "rewards": held_out_rewards(model, state.policy.task).double()})
+        return out
+
+    monkeypatch.setattr(horizons, "accuracy_after", checking)
+    cfg = dataclasses.replace(TINY, regime="policy", decomp_directions="active", steps=3)
+    train(dataclasses.replace(cfg, horizon_accuracy=True), tmp_path / "with", cache_dir=cache, progress=False,
+          log=lambda s: None)
+    train(cfg, tmp_path / "without", cache_dir=cache, progress=False, log=lambda s: None)
+    (record,) = read_jsonl(tmp_path / "with" / "horizon.jsonl")
+    rewards = {s["name"]: s["rewards"] for s in seen}
+    assert set(rewards) >= {"zero", "coef"} and record["accuracy_problems"] == rewards["zero"].numel()
+    assert record["accuracy_k_zero"] == pytest.approx(float(rewards["zero"].mean()), abs=1e-12)
+    for name in ("coef", "lambda_hat_k", "lambda_hat"):
+        if name not in rewards:
+            assert math.isnan(record[f"accuracy_k_{name}"])
+            continue
+        d = (rewards[name] - rewards["zero"]).numpy()
+        assert record[f"accuracy_k_{name}"] == pytest.approx(float(rewards[name].mean()), abs=1e-12)
+        assert record[f"accuracy_k_{name}_change"] == pytest.approx(d.mean(), abs=1e-12)
+        assert record[f"accuracy_k_{name}_change_se"] == pytest.approx(d.std(ddof=1) / math.sqrt(d.size), abs=1e-12)
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+    assert strip(read_jsonl(tmp_path / "with" / "metrics.jsonl")) == strip(read_jsonl(tmp_path / "without" /
+                                                                                       "metrics.jsonl"))
+
+
 @pytest.mark.parametrize(("changes", "message"), [
     ({"horizon": 0}, "horizon must be a positive integer"),
+    ({"horizon_accuracy": True}, "set horizon > 1"),
+    ({"horizon": 3, "horizon_accuracy": True, "horizon_directions": "policy"}, "must include active"),
     ({"horizon": 3, "decomp_every": 0}, "decomp_every"),
     ({"horizon_directions": "active,bogus"}, "horizon_directions"),
 ])
@@ -280,6 +327,12 @@ def test_the_oracle_over_a_horizon_applies_the_k_step_optimum():
     searched = realized_optimum(interval.horizon_gain(3), bound=10.0, row_sets=held.group_rows())
     lo, hi = searched.interval
     assert get_rule("oracle").value(interval) == (searched.coef if lo > 0 or hi < 0 else 0.0)
+    # a coarser grid (oracle_decades): |λ| ∈ {0.1, 1, 10} each side before the refinement
+    coarse = context(Oracle(scale=0.1, horizon=3, bound=10.0, decades=2))
+    coarse_search = realized_optimum(coarse.horizon_gain(3), bound=10.0, decades=2)
+    powers = {c for c in coarse_search.coefs if c and round(math.log10(abs(c)), 9).is_integer()}
+    assert powers == {-10.0, -1.0, -0.1, 0.1, 1.0, 10.0}
+    assert get_rule("oracle").value(coarse) == coarse_search.coef
 
 
 def test_an_oracle_run_over_a_horizon_with_the_interval_rule(tmp_path, cache):
@@ -294,6 +347,8 @@ def test_an_oracle_run_over_a_horizon_with_the_interval_rule(tmp_path, cache):
     ({"regime": "policy", "oracle_horizon": 2}, "need regime oracle"),
     ({"regime": "oracle", "oracle_rule": "median"}, "oracle_rule must be one of"),
     ({"regime": "oracle", "oracle_horizon": 2, "kl_coef": 0.1}, "kl_coef = 0"),
+    ({"regime": "oracle", "oracle_decades": -1}, "oracle_decades must be a non-negative integer"),
+    ({"regime": "policy", "oracle_decades": 3}, "need regime oracle"),
 ])
 def test_bad_oracle_settings_are_refused(changes, message):
     with pytest.raises(RunError, match=message):

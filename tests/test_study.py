@@ -126,3 +126,37 @@ def test_the_oracles_page_states_each_oracle_against_detach(tmp_path):
     assert rows["oracle-b10 beats detach"].endswith("**does not hold** |")
     assert rows["oracle-b10-interval beats detach"].endswith("**holds** |")
     assert "oracle-b10-shrink beats detach" not in rows
+
+
+def test_the_controls_page_states_each_occ_arm_and_the_size_of_its_coefficient(tmp_path):
+    """Three seeds per arm: occ-split within 0.5 points of detach (non-inferior: holds), occ-random-sign 20
+    points below (does not hold); the magnitudes are the runs' own: abs(mtp_coef) per step, occ_estimate_abs,
+    and the fallback share (one of the two updates of every step falls back: 50%)."""
+    import json
+
+    from analysis.controls import page
+
+    root = tmp_path / "controls" / "add"
+    finals = {"detach": [0.60, 0.62, 0.58], "occ-split": [0.601, 0.62, 0.581], "occ-random-sign": [0.40, 0.42, 0.38]}
+    for arm, values in finals.items():
+        for seed, final in enumerate(values):
+            out = write_run(root, arm, seed, n=20, warm=0.4, final=final, heldout=True)
+            (out / "summary.json").write_text("{}")
+            if arm != "detach":
+                path = out / "metrics.jsonl"
+                rows = [json.loads(line) for line in path.read_text().splitlines()]
+                for r in rows[1:]:
+                    r |= {"mtp_coef": -0.002 * (seed + 1), "occ_estimate_abs": 0.004, "fallback_updates": 1}
+                path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                cfg = json.loads((out / "config.json").read_text())
+                cfg["config"] |= {"num_minibatches": 2, "epochs": 1}
+                (out / "config.json").write_text(json.dumps(cfg))
+    text = page(tmp_path / "controls", "controls_tradeoff.png")
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if " detach |" in line}
+    assert rows["occ-split matches or beats detach"].endswith("**holds** |")
+    assert rows["occ-random-sign matches or beats detach"].endswith("**does not hold** |")
+    sizes = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines()
+             if line.startswith("| occ-split | 3 |")}
+    cells = sizes["occ-split"]
+    assert cells[2].startswith("0.004 [") and cells[3] == "0.004 [0.004, 0.004]" and cells[4].startswith("50 [")
+    assert "![final accuracy against draft acceptance per arm](controls_tradeoff.png)" in text

@@ -40,7 +40,12 @@ not available (``value`` ``nan``, ``not_available`` says why); its per-run value
 - ``interval_excludes_zero``: share of the records with a finite ``lambda_hat_k_interval``
   ``[lo, hi]`` where ``lo > 0`` or ``hi < 0`` (a sign a noise-aware oracle could act on);
 - ``tail_ratio``: the median ``unit_displacement_k_norm / unit_displacement_first_norm``
-  (``‖δ₁,k‖/‖δ₁‖``: how much the first moment's tail adds to the update's own displacement).
+  (``‖δ₁,k‖/‖δ₁‖``: how much the first moment's tail adds to the update's own displacement);
+- ``accuracy_change_<name>`` for ``name`` in ``lambda_hat_k``, ``lambda_hat``, ``coef``: the mean
+  over the records that carry it (a run with ``horizon_accuracy``; the active direction's) of
+  ``accuracy_k_<name>_change``, the task's held-out greedy accuracy ``k`` updates after applying
+  that coefficient minus that after ``λ = 0`` (the second target: what users care about, and
+  noisier than ``ΔJ_k``; each record's own paired standard error is in the record).
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ STATISTICS: dict[str, str] = {
     "coef_efficiency": "n_coef",
     "interval_excludes_zero": "n_interval",
     "tail_ratio": "n_tail",
+    **{f"accuracy_change_{name}": f"n_accuracy_{name}" for name in ("lambda_hat_k", "lambda_hat", "coef")},
 }
 
 
@@ -196,6 +202,16 @@ def tail_ratios(records: list[Record]) -> list[float]:
             if finite(v := _ratio(r.get("unit_displacement_k_norm"), r.get("unit_displacement_first_norm")))]
 
 
+def accuracy_changes(records: list[Record]) -> dict[str, Any]:
+    """Per coefficient name, the mean accuracy change after ``k`` updates and its record count."""
+    out: dict[str, Any] = {}
+    for name in ("lambda_hat_k", "lambda_hat", "coef"):
+        values = [v for r in records if finite(v := r.get(f"accuracy_k_{name}_change"))]
+        out[f"n_accuracy_{name}"] = len(values)
+        out[f"accuracy_change_{name}"] = float(np.mean(values)) if values else math.nan
+    return out
+
+
 def per_run_horizon(run: Run, direction: str) -> dict[str, Any]:
     """One run's statistics (module docstring)."""
     split, records = select_horizon(run, direction)
@@ -213,6 +229,7 @@ def per_run_horizon(run: Run, direction: str) -> dict[str, Any]:
         "n_coef": len(coef_eff), "coef_efficiency": median(coef_eff),
         "n_interval": n_interval, "interval_excludes_zero": share,
         "n_tail": len(tail), "tail_ratio": median(tail),
+        **accuracy_changes(records),
     }
 
 
@@ -301,6 +318,9 @@ def horizon_note(h: dict[str, Any]) -> str:
         f"median gain_k(λ*_k)/gain_hat_k {cell(s('star_efficiency'), '.3g')}; " + other +
         f"the applied coefficient: median gain_k(coef)/gain_hat_k {cell(s('coef_efficiency'), '.3g')}; "
         f"λ̂_k's 95% interval excludes 0 in {cell(s('interval_excludes_zero'))} of the records; median tail "
-        f"ratio ‖δ₁,k‖/‖δ₁‖ {cell(s('tail_ratio'), '.3g')} (per-run statistics averaged over clusters, "
+        f"ratio ‖δ₁,k‖/‖δ₁‖ {cell(s('tail_ratio'), '.3g')}; held-out greedy accuracy k updates later, change to "
+        f"λ = 0 (horizon_accuracy): at λ̂_k {cell(s('accuracy_change_lambda_hat_k'), '+.3f')}, at the one-step λ̂ "
+        f"{cell(s('accuracy_change_lambda_hat'), '+.3f')}, at the applied λ {cell(s('accuracy_change_coef'), '+.3f')} "
+        f"(per-run statistics averaged over clusters, "
         f"[95% cluster-bootstrap interval] (runs/records); n/a: no records or fewer than {MIN_CLUSTERS} clusters)")
 

@@ -88,6 +88,11 @@ class TrainConfig(InstrumentConfig, MTPConfig):
                           "(k−1) backward passes (benchmarks/results.md)")
     horizon_directions: str = option("", "directions measured over the horizon (comma-separated; empty: "
                                      "decomp_directions)")
+    horizon_accuracy: bool = option(False, "with horizon > 1: also the task's held-out greedy accuracy after the k "
+                                    "updates at λ = 0, the applied λ, λ̂_k and the one-step λ̂ of the active "
+                                    "direction (its first split's), each change to λ = 0 with its paired standard "
+                                    "error over problems: 4 continuations and 4 greedy evaluations per "
+                                    "instrumented update")
     # evaluation and checkpoints
     eval_every: int = option(10, "steps between held-out greedy evaluations (and at the end)")
     checkpoint_every: int = option(10, "steps between checkpoints (and at the end)")
@@ -127,10 +132,14 @@ class TrainConfig(InstrumentConfig, MTPConfig):
             raise RunError(f"horizon must be a positive integer (1: one step), got {self.horizon}")
         if self.horizon > 1 and not self.decomp_every:
             raise RunError("horizon > 1 measures instrumented updates: set decomp_every > 0")
+        if self.horizon_accuracy and self.horizon < 2:
+            raise RunError("horizon_accuracy judges the accuracy k updates later: set horizon > 1")
         try:
             _ = self.horizon_direction_names
         except ValueError as err:
             raise RunError(str(err).replace("directions", "horizon_directions", 1)) from None
+        if self.horizon_accuracy and "active" not in self.horizon_direction_names:
+            raise RunError("horizon_accuracy judges the active direction: horizon_directions must include active")
         if self.d_model % self.n_heads:
             raise RunError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
 

@@ -137,9 +137,50 @@ def measure_pending(state: Any, pending: PendingHorizon, dtype: torch.dtype | No
             record = {**where, "split": split, "same_as": "",
                       **_measure_split(state, horizon, reg, batch, grad_mtp, coef, moves, shared,
                                        pending.lambda_hats.get(f"{direction}/{split}", math.nan), dtype, others)}
+            if direction == "active" and cfg.horizon_accuracy and not active:
+                record.update(accuracy_after(state, horizon, grad_mtp, {
+                    "coef": coef, "lambda_hat_k": record.get("lambda_hat_k", math.nan),
+                    "lambda_hat": pending.lambda_hats.get(f"active/{split}", math.nan)}))
             out.append(record)
             if direction == "active":
                 active.append(record)
+    return out
+
+
+def accuracy_after(state: Any, horizon: Horizon, grad_mtp: dict[str, Tensor], coefs: dict[str, float]
+                   ) -> dict[str, Any]:
+    """The task's held-out greedy accuracy at ``θ_k(λ)`` for ``λ = 0`` and each named ``λ`` (``nan``
+    where it is undefined): ``accuracy_k_<name>``, its change to ``λ = 0``, ``accuracy_k_<name>_change``
+    ``= mean_i(r_i(λ) − r_i(0))`` over the ``n`` problems, and that change's paired standard error
+    ``sd_i(r_i(λ) − r_i(0))/√n`` (the problems are the unit; the ``k − 1`` later mini-batches are
+    fixed, so this is the error of the evaluation, not of the continuation). The live model's
+    parameters hold each end point in turn and are restored bit for bit."""
+    named = dict(state.model.named_parameters())
+    live = {n: p.detach().clone() for n, p in named.items()}
+    rewards: dict[str, Tensor] = {}
+    try:
+        for name, coef in {"zero": 0.0, **coefs}.items():
+            if not math.isfinite(coef):
+                continue
+            point = horizon.endpoint(grad_mtp, coef)
+            with torch.no_grad():
+                for n, p in named.items():
+                    p.copy_(point[n])
+            with torch.random.fork_rng():
+                rewards[name] = state.policy.held_out_rewards().double()
+    finally:
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(live[n])
+    base = rewards["zero"]
+    out: dict[str, Any] = {"accuracy_problems": int(base.numel()), "accuracy_k_zero": float(base.mean())}
+    for name in coefs:
+        r = rewards.get(name)
+        d = None if r is None else r - base
+        out[f"accuracy_k_{name}"] = math.nan if r is None else float(r.mean())
+        out[f"accuracy_k_{name}_change"] = math.nan if d is None else float(d.mean())
+        out[f"accuracy_k_{name}_change_se"] = (math.nan if d is None or d.numel() < 2
+                                               else float(d.std() / math.sqrt(d.numel())))
     return out
 
 

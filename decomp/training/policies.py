@@ -82,10 +82,14 @@ class BuiltinPolicy:
         tokens = torch.cat([prompts, responses], dim=1)
         return Sampled(tokens, None, prompts.shape[1], response_mask(responses, EOS), self.task.rewards(responses, problems))
 
-    def accuracy(self) -> float:
-        from decomp.training.warmstart import held_out_accuracy
+    def held_out_rewards(self) -> Tensor:
+        """Each held-out problem's reward under greedy decoding."""
+        from decomp.training.warmstart import held_out_rewards
 
-        return held_out_accuracy(self.model, self.task)
+        return held_out_rewards(self.model, self.task)
+
+    def accuracy(self) -> float:
+        return float(self.held_out_rewards().mean())
 
 
 def _require(module: str, install: str) -> None:
@@ -243,8 +247,12 @@ class HFPolicy:
         problems = [self.task.train[i] for i in indices for _ in range(group_size)]
         return self._sample(problems, _stream(gen))
 
+    def held_out_rewards(self) -> Tensor:
+        """Each held-out problem's reward under greedy decoding."""
+        return self._sample(self.task.held_out, None).rewards
+
     def accuracy(self) -> float:
-        return float(self._sample(self.task.held_out, None).rewards.mean())
+        return float(self.held_out_rewards().mean())
 
     def _warm_up_mtp(self, cfg: Any, cache_dir: Path | None, log: Any) -> dict[str, Any]:
         from decomp.models.hf import load_mtp, save_mtp

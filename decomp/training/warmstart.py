@@ -66,14 +66,20 @@ def default_cache_dir() -> Path:
 
 
 @torch.no_grad()
-def held_out_accuracy(model: MTPTransformer, task: Task, problems: list | None = None) -> float:
-    """Greedy-decoding accuracy on the task's held-out problems (or on ``problems``)."""
+def held_out_rewards(model: MTPTransformer, task: Task, problems: list | None = None) -> Tensor:
+    """Each held-out problem's reward (1 correct, 0 not) under greedy decoding (``problems``:
+    instead of the task's held-out problems)."""
     problems = task.held_out if problems is None else problems
     was_training = model.training
     model.eval()
     responses = generate(model, task.prompt_ids(problems), task.max_response_len, eos_id=EOS, pad_id=PAD, greedy=True)
     model.train(was_training)
-    return float(task.rewards(responses, problems).mean())
+    return task.rewards(responses, problems)
+
+
+def held_out_accuracy(model: MTPTransformer, task: Task, problems: list | None = None) -> float:
+    """Greedy-decoding accuracy on the task's held-out problems (or on ``problems``)."""
+    return float(held_out_rewards(model, task, problems).mean())
 
 
 def _cache_key(model_cfg: ModelConfig, task: Task, seed: int, cfg: WarmStartConfig) -> str:

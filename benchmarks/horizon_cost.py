@@ -1,6 +1,6 @@
 """What a horizon costs: one direction's k-step measurement by k, as multiples of a training update.
 
-    python benchmarks/horizon_cost.py [--repeats 3] [--horizons 1,2,4,8]
+    python benchmarks/horizon_cost.py [--repeats 3] [--horizons 1,2,4,8,20]
 
 The reference run's model (64 wide, 2 layers, MTP depth 1) on a mini-batch of 64 rollouts of 11
 tokens in prompt groups of 8, float32, AdamW with real state. The unit is a training update on that
@@ -28,7 +28,7 @@ from decomp.objectives import objectives
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--horizons", default="1,2,4,8", help="the horizons k to time")
+    ap.add_argument("--horizons", default="1,2,4,8,20", help="the horizons k to time")
     args = ap.parse_args()
     horizons = [int(k) for k in args.horizons.split(",")]
     reuse_freed_memory()
@@ -66,6 +66,7 @@ def main() -> None:
           f"held-out 8 groups, policy direction, {args.repeats} repeats; median ratio to the training update of the "
           f"same repeat (median training update {statistics.median(base) * 1e3:.1f} ms)\n")
     print("| horizon | × training update [min–max] | coefficients evaluated | per coefficient and update |")
+    print("|---|---|---|---|")
     for k in horizons:
         ratios = [x / b for x, b in zip(t[f"k = {k}"], base, strict=True)]
         r = statistics.median(ratios)

@@ -51,7 +51,7 @@ from decomp.occ import (
     trust_region_coefficient,
 )
 from decomp.realized import RealizedGain
-from decomp.search import DEFAULT_SEARCH_BOUND, SEARCH_DECADES, Optimum, realized_optimum
+from decomp.search import DEFAULT_SEARCH_BOUND, SEARCH_DECADES, Optimum, ran_out_of_budget, realized_optimum
 from decomp.updates import StepUpdates, step_updates
 
 NEEDS = ("logprobs", "updates", "jvp", "decomposition", "gradients", "heldout")
@@ -389,10 +389,11 @@ def _cosine(ctx: UpdateContext) -> float:
 
 
 def usable_optimum(coef: float, reason: str, bound: float) -> float:
-    """A search's ``(λ̂, reason)`` as a coefficient: ``λ̂`` if it is an interior optimum, or the
-    edge of a trust region (``|λ̂| = bound`` below the search's default bound); else ``nan``."""
+    """A search's ``(λ̂, reason)`` as a coefficient: ``λ̂`` if it is an interior optimum, the best
+    point of a search that ran out of its budget (only not resolved to ``rtol``), or the edge of a
+    trust region (``|λ̂| = bound`` below the search's default bound); else ``nan``."""
     at_bound = bool(reason) and bound < DEFAULT_SEARCH_BOUND and math.isfinite(coef) and abs(coef) == bound
-    return coef if math.isfinite(coef) and (not reason or at_bound) else math.nan
+    return coef if math.isfinite(coef) and (not reason or at_bound or ran_out_of_budget(reason)) else math.nan
 
 
 ORACLE_RULES = ("point", "interval", "shrink")

@@ -75,6 +75,15 @@ LEVEL = 0.95
 RISING = "the realized gain keeps rising up to the search bound |λ| = {bound:g}"
 BUDGET = ("the search's budget of {evaluations} evaluations ran out before λ̂ was resolved to a relative "
           "{rtol:g}: λ̂ is the best point evaluated")
+BUDGET_PREFIX = BUDGET.split("{", 1)[0]
+
+
+def ran_out_of_budget(reason: str) -> bool:
+    """Whether a search's ``reason`` is :data:`BUDGET`: its ``λ̂`` is the best point evaluated,
+    a usable coefficient that is only not resolved to ``rtol``."""
+    return isinstance(reason, str) and reason.startswith(BUDGET_PREFIX)
+
+
 NO_EFFECT = "ΔJ(λ) = 0 at every λ tried: the MTP displacement does not move J (or J is flat: zero advantages)"
 
 # evaluate(coefs) -> (ΔJ at each coefficient [K], each group's contribution [K, G] or None)

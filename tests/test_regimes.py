@@ -164,6 +164,10 @@ def test_oracle_applies_the_constrained_optimum_or_its_fallback():
     # the search's own bound: rising there is undefined
     assert math.isnan(usable_optimum(1e6, RISING.format(bound=1e6), 1e6))
     assert usable_optimum(-2.0, "", 1e6) == -2.0
+    # a search out of its budget: λ̂ is its best point, unresolved to rtol but usable
+    from decomp.search import BUDGET
+    assert usable_optimum(0.7, BUDGET.format(evaluations=44, rtol=0.1), 1e6) == 0.7
+    assert usable_optimum(0.7, BUDGET.format(evaluations=44, rtol=0.1), 10.0) == 0.7
     assert Oracle(scale=1.0, fallback=0.25).fallback == 0.25 and OCC().fallback == 0.0
     with pytest.raises(ValueError, match="bound"):
         Oracle(bound=0.0)

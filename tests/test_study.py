@@ -31,6 +31,15 @@ def test_jobs_cover_the_design_seed_by_seed_and_split_by_seed(tmp_path):
     assert occ.settings["occ_estimator"] == "reference" and occ.settings["mtp_scale"] == design.SCALE
 
 
+@pytest.mark.parametrize("name", sorted(study.DESIGNS))
+def test_every_arm_of_every_design_is_a_valid_run_configuration(tmp_path, name):
+    """A typo in an arm's settings fails here, not hours into a study."""
+    from decomp.training.config import TrainConfig
+
+    for job in study.jobs(study.DESIGNS[name], tmp_path, seeds=[0]):
+        TrainConfig(**{k: v for k, v in job.settings.items()}).validate()
+
+
 def test_a_killed_study_resumes_and_a_finished_run_is_kept(tmp_path):
     job = study.jobs(design.STUDY, tmp_path, seeds=[0], tasks=["add"])[0]
     assert "--resume" not in job.command() and not job.done()

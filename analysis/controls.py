@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis import design
-from analysis.report import _ci, accuracy_section, load_tasks, verdict_section
+from analysis.report import _ci, accuracy_section, finished_tasks, verdict_section
 from analysis.study import machine
 from analysis.summaries import by_seed
 from decomp.results.rundata import Run, regimes_of
@@ -76,8 +76,7 @@ def page(root: Path, figure: str | None) -> str:
              "applies sign(λ_occ)·|λ*| with the exact λ* of the training mini-batch (0 where either is undefined or "
              "0), `occ-split` trains the MTP module by distill at c with the trunk detached and the trunk by "
              "λ_occ·∇L_MTP. A run that has not finished is left out.", ""]
-    for task, runs in load_tasks(root).items():
-        finished = [r for r in runs if (r.path / "summary.json").is_file()]
+    for task, finished in finished_tasks(root).items():
         lines += accuracy_section(task, finished, k) + verdict_section(task, finished, k)
         lines += magnitude_section(task, finished)
     if figure:
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from analysis.figures import save, tradeoff_figure
 
-    tasks = {t: [r for r in runs if (r.path / "summary.json").is_file()] for t, runs in load_tasks(root).items()}
+    tasks = finished_tasks(root)
     figure = save(tradeoff_figure(tasks, design.FINAL_EVALUATIONS), out, "controls_tradeoff").name if tasks else None
     (out / "CONTROLS.md").write_text(page(root, figure))
     print(f"wrote {out / 'CONTROLS.md'}", file=sys.stderr)

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from analysis import design
-from analysis.report import accuracy_section, load_tasks, verdict_section
+from analysis.report import accuracy_section, finished_tasks, verdict_section
 from analysis.study import machine
 
 
@@ -32,8 +32,7 @@ def page(root: Path) -> str:
              "groups excludes 0 (else 0); `-shrink` applies λ̂·|2P(λ̂ > 0) − 1|; `-k4-` and `-k20-` search the 4- and "
              "20-step gain (docs/method.md §3.6) on lookahead batches, `-k20-` on a grid of 3 decades below the bound "
              "(|λ| ≥ 0.01c, `oracle_decades = 3`). A run that has not finished is left out.", ""]
-    for task, runs in load_tasks(root).items():
-        finished = [r for r in runs if (r.path / "summary.json").is_file()]
+    for task, finished in finished_tasks(root).items():
         lines += accuracy_section(task, finished, k) + verdict_section(task, finished, k)
     return "\n".join(lines) + "\n"
 

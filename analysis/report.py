@@ -49,6 +49,12 @@ def load_tasks(root: Path) -> dict[str, list[Run]]:
     return tasks
 
 
+def finished_tasks(root: Path) -> dict[str, list[Run]]:
+    """:func:`load_tasks` keeping the finished runs only (``summary.json`` present): a run still
+    going, or killed, is left out of a page."""
+    return {task: [r for r in runs if (r.path / "summary.json").is_file()] for task, runs in load_tasks(root).items()}
+
+
 def _ci(d: dict[str, Any], scale: float = 100.0, spec: str = ".1f") -> str:
     if d["n"] == 0:
         return "—"

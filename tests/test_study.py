@@ -120,15 +120,22 @@ def test_report_writes_the_study_and_its_figures(tmp_path):
         assert (tmp_path / "figures" / f"study_{name}.png").stat().st_size > 10_000
 
 
+def _finished_runs(root: Path, finals: dict[str, list[float]]) -> dict[tuple[str, int], Path]:
+    """Finished synthetic runs (``summary.json`` written), one per arm and seed, by (arm, seed)."""
+    out = {}
+    for arm, values in finals.items():
+        for seed, final in enumerate(values):
+            out[arm, seed] = write_run(root, arm, seed, n=20, warm=0.4, final=final, heldout=True)
+            (out[arm, seed] / "summary.json").write_text("{}")
+    return out
+
+
 def test_the_oracles_page_states_each_oracle_against_detach(tmp_path):
     from analysis.oracles import page
 
     root = tmp_path / "oracles" / "add"
-    finals = {"detach": [0.60, 0.62, 0.58], "oracle-b10": [0.10, 0.12, 0.08], "oracle-b10-interval": [0.61, 0.64, 0.60]}
-    for arm, values in finals.items():
-        for seed, final in enumerate(values):
-            out = write_run(root, arm, seed, n=20, warm=0.4, final=final, heldout=True)
-            (out / "summary.json").write_text("{}")
+    _finished_runs(root, {"detach": [0.60, 0.62, 0.58], "oracle-b10": [0.10, 0.12, 0.08],
+                          "oracle-b10-interval": [0.61, 0.64, 0.60]})
     write_run(root, "oracle-b10-shrink", 0, n=20, warm=0.4, final=0.9, heldout=True)  # unfinished: left out
     text = page(tmp_path / "oracles")
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if " beats detach |" in line}
@@ -146,20 +153,19 @@ def test_the_controls_page_states_each_occ_arm_and_the_size_of_its_coefficient(t
     from analysis.controls import page
 
     root = tmp_path / "controls" / "add"
-    finals = {"detach": [0.60, 0.62, 0.58], "occ-split": [0.601, 0.62, 0.581], "occ-random-sign": [0.40, 0.42, 0.38]}
-    for arm, values in finals.items():
-        for seed, final in enumerate(values):
-            out = write_run(root, arm, seed, n=20, warm=0.4, final=final, heldout=True)
-            (out / "summary.json").write_text("{}")
-            if arm != "detach":
-                path = out / "metrics.jsonl"
-                rows = [json.loads(line) for line in path.read_text().splitlines()]
-                for r in rows[1:]:
-                    r |= {"mtp_coef": -0.002 * (seed + 1), "occ_estimate_abs": 0.004, "fallback_updates": 1}
-                path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-                cfg = json.loads((out / "config.json").read_text())
-                cfg["config"] |= {"num_minibatches": 2, "epochs": 1}
-                (out / "config.json").write_text(json.dumps(cfg))
+    runs = _finished_runs(root, {"detach": [0.60, 0.62, 0.58], "occ-split": [0.601, 0.62, 0.581],
+                                 "occ-random-sign": [0.40, 0.42, 0.38]})
+    for (arm, seed), out in runs.items():
+        if arm == "detach":
+            continue
+        path = out / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for r in rows[1:]:
+            r |= {"mtp_coef": -0.002 * (seed + 1), "occ_estimate_abs": 0.004, "fallback_updates": 1}
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        cfg = json.loads((out / "config.json").read_text())
+        cfg["config"] |= {"num_minibatches": 2, "epochs": 1}
+        (out / "config.json").write_text(json.dumps(cfg))
     text = page(tmp_path / "controls", "controls_tradeoff.png")
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if " detach |" in line}
     assert rows["occ-split matches or beats detach"].endswith("**holds** |")

@@ -51,7 +51,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,7 @@ from decomp.search import GridOptions, Optimum, realized_optimum
 from decomp.uncertainty import jackknife_lambda_star, ratio_se
 
 SUPPORTED = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+ENDPOINT_CACHE_BYTES = 256 * 2**20  # end points kept for reuse (the built-in model's take 0.6 MB each)
 
 
 @dataclass(frozen=True)
@@ -134,15 +135,40 @@ class Horizon:
     optimizer: OptimizerSnapshot
     rl_grad: Params
     future: tuple[Callable[[Params], Tensor], ...] = ()
+    cache_bytes: int = ENDPOINT_CACHE_BYTES
+    # end points already computed, by (the MTP gradient's identity, λ): the splits of one update
+    # (heldout, heldout2) search the same grid along the same direction
+    _cache: dict[tuple[int, float], tuple[Params, Params]] = field(default_factory=dict, init=False, compare=False,
+                                                                   repr=False)
+    _uncached: list[int] = field(default_factory=lambda: [0], init=False, compare=False, repr=False)  # end points not kept
 
     @property
     def k(self) -> int:
         return 1 + len(self.future)
 
+    @property
+    def continuations(self) -> int:
+        """End points computed so far (a cached one is not computed again)."""
+        return len(self._cache) + self._uncached[0]
+
     def endpoint(self, grad_mtp: Params, coef: float, unit: dict[str, Any] | None = None) -> Params:
-        """``θ_k(λ)`` for ``λ = coef``; with ``unit`` (a dict, filled at ``λ = 0`` only), ``δ₁,k``
+        """``θ_k(λ)`` for ``λ = coef`` (read-only: an end point asked for again along the same
+        ``grad_mtp`` object is the one computed before, while their bytes stay within
+        ``cache_bytes``); with ``unit`` (a dict, filled at ``λ = 0`` only), ``δ₁,k``
         (``unit["total"]``) and its first update's term ``δ₁`` (``unit["first"]``) of the module
         docstring, per parameter the optimizer holds."""
+        key = (id(grad_mtp), float(coef))
+        if unit is None and key in self._cache:
+            return self._cache[key][1]
+        params = self._continue(grad_mtp, coef, unit)
+        size = sum(t.numel() * t.element_size() for t in params.values())
+        if unit is None and size * (len(self._cache) + 1) <= self.cache_bytes:
+            self._cache[key] = (grad_mtp, params)  # the gradient kept alive: its id stays its own
+        else:
+            self._uncached[0] += 1
+        return params
+
+    def _continue(self, grad_mtp: Params, coef: float, unit: dict[str, Any] | None) -> Params:
         held = self.optimizer.held
         params = {n: t.detach().clone() for n, t in self.theta.items()}
         opt = self.optimizer.build(params)

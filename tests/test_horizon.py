@@ -128,6 +128,30 @@ def test_the_horizon_model_is_exact_for_sgd_without_feedback():
     assert math.isfinite(model_terms.correlation_unit_k_se) and model_terms.correlation_unit_k_se > 0
 
 
+def test_the_splits_of_one_update_share_their_end_points():
+    """The heldout and heldout2 searches step the same coefficients along the same direction: an
+    end point asked for again is the one computed before (bit for bit what a fresh continuation
+    gives), so a second split costs only its new coefficients; with no room to keep them
+    (``cache_bytes = 0``) every end point is computed."""
+    model, named, opt, obj, J = _adamw_problem()
+    step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=0.1, optimizer=opt, rl_loss=obj.rl_loss)
+    theta = {k: v.detach().clone() for k, v in named.items()}
+    future = (objectives(model, make_problem(seed=5, batch_size=8).batch, Policy(scale=0.1), coef=0.1,
+                         clip=(0.2, 0.2)).rl_loss,)
+    J2 = objectives(model, make_problem(seed=2, batch_size=8).batch, Policy(scale=0.1)).rl_objective
+    rows = list(torch.arange(8).split(2))
+    shared = Horizon(theta, OptimizerSnapshot.of(opt, named), step.update_grad, future)
+    alone = dataclasses.replace(shared, cache_bytes=0)
+    records = [measure_horizon(j, h, step.grad_mtp, coef=0.1, row_sets=rows, tokens=[1.0] * 4)
+               for h in (shared, alone) for j in (J, J2)]
+    assert records[0]["lambda_hat_k"] == records[2]["lambda_hat_k"] and records[1]["gains_k"] == records[3]["gains_k"]
+    evaluated = records[2]["evaluations_k"] + records[3]["evaluations_k"]
+    assert alone.continuations >= evaluated and shared.continuations < alone.continuations
+    again = shared.endpoint(step.grad_mtp, 1.0)
+    assert again is shared.endpoint(step.grad_mtp, 1.0)
+    assert all(torch.equal(again[k], v) for k, v in alone.endpoint(step.grad_mtp, 1.0).items())
+
+
 def test_measure_horizon_gives_an_optimum_with_its_interval_and_the_model_beside_it():
     model, named, opt, obj, J = _adamw_problem()
     step = step_updates(obj.rl_objective, obj.mtp_loss, named, coef=0.1, optimizer=opt, rl_loss=obj.rl_loss)

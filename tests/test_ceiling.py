@@ -108,6 +108,26 @@ def test_without_a_second_batch_no_ceiling_is_measured_and_the_errors_predict_on
     assert all(s["verdict"]["spearman"] != NO_SIGNAL for s in result["estimators"].values())
 
 
+def test_runs_that_differ_only_in_what_they_measure_are_one_cluster():
+    """A noise-ceiling or horizon run and a plain run of one regime and seed train one policy; a
+    training setting, or the held-out size an oracle's rule reads, makes another trajectory; a
+    setting at its default counts as absent (a run written before it existed)."""
+    from pathlib import Path
+
+    from decomp.results.rundata import Run
+
+    base = {"regime": "policy", "task": "add", "seed": 0, "mtp_scale": 1.0, "lr": 1e-3}
+
+    def key(**changes):
+        return cluster_of(Run(Path("/runs/x"), {**base, **changes}))
+    plain = key()
+    assert key(noise_ceiling=True, horizon=4, heldout_groups=32, label="policy-ceiling", steps=50) == plain
+    assert key(oracle_decades=9) == plain  # the default, as if absent
+    assert key(mtp_scale=0.1) != plain and key(lr=1e-4) != plain and key(seed=1) != plain
+    oracle = {"regime": "oracle"}
+    assert key(**oracle, heldout_groups=32) != key(**oracle) and key(**oracle, noise_ceiling=True) == key(**oracle)
+
+
 def test_runs_sharing_one_policy_trajectory_are_one_cluster(tmp_path):
     """detach, frozen and distill of one seed share the policy; so does a collapsed run of that
     seed. Seed 0's three runs agree in sign with λ̂, seeds 1 and 2 (detach only) never do: over

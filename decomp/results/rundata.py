@@ -34,6 +34,9 @@ record with a field of the wrong type is skipped with a warning), with the same 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -41,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from decomp.config import InstrumentConfig, MTPConfig
 from decomp.results.stats import finite
 from decomp.rules import estimator_rules
 from decomp.vocabulary import TERMS
@@ -161,14 +165,36 @@ def collapsed(run: Run) -> bool:
     return finite(warm) and finite(final) and warm > 0 and final <= COLLAPSE_FRACTION * warm
 
 
+# settings that decide only what is measured, evaluated, saved or called, and for how long: two
+# runs that differ in nothing else train one policy (the measurements draw their own streams)
+MEASUREMENT_ONLY = frozenset({f.name for f in dataclasses.fields(InstrumentConfig)} | {
+    "horizon", "horizon_directions", "horizon_accuracy", "eval_every", "checkpoint_every", "label", "steps"})
+RULE_READS = {"oracle": frozenset({"heldout_groups"})}  # ... except where a regime's rule reads one
+_DEFAULTS = {f.name: f.default for cls in (MTPConfig, InstrumentConfig) for f in dataclasses.fields(cls)}
+
+
+def trajectory_key(run: Run) -> str:
+    """``"<task>/seed<seed>/<regime>/<digest>"``, the digest over the run's settings that shape its
+    policy (all but :data:`MEASUREMENT_ONLY`; a setting at its default counts as absent, so a run
+    written before the setting existed keys as one written after)."""
+    regime = run.config.get("regime")
+    kept = {k: v for k, v in run.config.items()
+            if (k not in MEASUREMENT_ONLY or k in RULE_READS.get(str(regime), ())) and not (k in _DEFAULTS
+                                                                                        and v == _DEFAULTS[k])}
+    digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{run.task}/seed{run.seed}/{regime}/{digest}"
+
+
 def cluster_of(run: Run) -> str:
     """The run's cluster, the unit the analysis resamples: runs that share one policy trajectory
     — the ``SHARED_TRAJECTORY`` regimes of one task and seed (``frozen`` and ``distill`` leave the
     policy exactly as ``detach``), and any :func:`collapsed` run of that seed — are one cluster,
-    ``"<task>/seed<seed>"``; every other run is its own cluster (its path)."""
+    ``"<task>/seed<seed>"``; so are runs that differ only in what they measure
+    (:func:`trajectory_key`, e.g. one with the noise ceiling or a horizon and one without); every
+    other run is its own cluster."""
     if run.config.get("regime") in SHARED_TRAJECTORY or collapsed(run):
         return f"{run.task}/seed{run.seed}"
-    return str(run.path)
+    return trajectory_key(run)
 
 
 def split_of(record: dict[str, Any]) -> str:

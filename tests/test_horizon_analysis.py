@@ -133,20 +133,23 @@ def test_statistics_equal_the_hand_computed_values(tmp_path, direction):
 
 
 def test_the_accuracy_after_k_updates_is_averaged_within_runs_then_over_clusters(tmp_path):
-    """Run A: accuracy changes at λ̂_k (0.1, −0.2, missing) → −0.05; run B (0.3, 0.1, 0.2) → 0.2;
-    combined (−0.05 + 0.2)/2; a run without horizon_accuracy has none: not available."""
+    """Run A: accuracy changes at λ̂_k (0.1, −0.2, missing) → −0.05; run B (0.3 at the bound, 0.1,
+    0.2) → 0.2; combined (−0.05 + 0.2)/2; a coefficient no record carries: not available."""
     def with_acc(records, changes):
         return [r if c is None else {**r, "accuracy_k_lambda_hat_k_change": c, "accuracy_k_coef_change": 2 * c}
                 for r, c in zip(records, changes, strict=True)]
     a = write_run(tmp_path, "policy", 0, n=3, heldout=True)
     _write_horizon(a, with_acc([_record(i, 1.0) for i in (1, 2, 3)], [0.1, -0.2, None]))
     b = write_run(tmp_path, "policy", 1, n=3, heldout=True)
-    _write_horizon(b, with_acc([_record(i, 1.0) for i in (1, 2, 3)], [0.3, 0.1, 0.2]))
+    _write_horizon(b, with_acc([_record(1, 1e6, reason=RISING.format(bound=1e6))] + [_record(i, 1.0) for i in (2, 3)],
+                               [0.3, 0.1, 0.2]))
     s = horizon_stats(load_runs([tmp_path]), "active", n_resamples=RESAMPLES)["statistics"]
     assert s["accuracy_change_lambda_hat_k"]["value"] == pytest.approx((-0.05 + 0.2) / 2, rel=1e-12)
     assert s["accuracy_change_coef"]["value"] == pytest.approx(-0.05 + 0.2, rel=1e-12)
     assert s["accuracy_change_lambda_hat_k"]["n_records"] == 5
     assert s["accuracy_change_lambda_hat"]["not_available"] == "no records"
+    # at the bound λ̂_k is only a sign: B's first record leaves the interior mean, (−0.05 + 0.15)/2
+    assert s["accuracy_change_lambda_hat_k_interior"]["value"] == pytest.approx((-0.05 + 0.15) / 2, rel=1e-12)
 
 
 def test_copies_count_once(tmp_path):

@@ -45,7 +45,9 @@ not available (``value`` ``nan``, ``not_available`` says why); its per-run value
   over the records that carry it (a run with ``horizon_accuracy``; the active direction's) of
   ``accuracy_k_<name>_change``, the task's held-out greedy accuracy ``k`` updates after applying
   that coefficient minus that after ``λ = 0`` (the second target: what users care about, and
-  noisier than ``ΔJ_k``; each record's own paired standard error is in the record).
+  noisier than ``ΔJ_k``; each record's own paired standard error is in the record);
+  ``accuracy_change_lambda_hat_k_interior`` the same over the records whose ``λ̂_k`` is an interior
+  maximum (one at the search bound is only a sign).
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ STATISTICS: dict[str, str] = {
     "coef_efficiency": "n_coef",
     "interval_excludes_zero": "n_interval",
     "tail_ratio": "n_tail",
-    **{f"accuracy_change_{name}": f"n_accuracy_{name}" for name in ("lambda_hat_k", "lambda_hat", "coef")},
+    **{f"accuracy_change_{name}": f"n_accuracy_{name}"
+       for name in ("lambda_hat_k", "lambda_hat_k_interior", "lambda_hat", "coef")},
 }
 
 
@@ -203,12 +206,15 @@ def tail_ratios(records: list[Record]) -> list[float]:
 
 
 def accuracy_changes(records: list[Record]) -> dict[str, Any]:
-    """Per coefficient name, the mean accuracy change after ``k`` updates and its record count."""
+    """Per coefficient name, the mean accuracy change after ``k`` updates and its record count;
+    for ``λ̂_k`` also over the records where it is an interior maximum (not at the search bound)."""
     out: dict[str, Any] = {}
-    for name in ("lambda_hat_k", "lambda_hat", "coef"):
-        values = [v for r in records if finite(v := r.get(f"accuracy_k_{name}_change"))]
-        out[f"n_accuracy_{name}"] = len(values)
-        out[f"accuracy_change_{name}"] = float(np.mean(values)) if values else math.nan
+    subsets = {name: (name, records) for name in ("lambda_hat_k", "lambda_hat", "coef")}
+    subsets["lambda_hat_k_interior"] = ("lambda_hat_k", [r for r in records if interior_k(r)])
+    for label, (name, recs) in subsets.items():
+        values = [v for r in recs if finite(v := r.get(f"accuracy_k_{name}_change"))]
+        out[f"n_accuracy_{label}"] = len(values)
+        out[f"accuracy_change_{label}"] = float(np.mean(values)) if values else math.nan
     return out
 
 
@@ -319,7 +325,8 @@ def horizon_note(h: dict[str, Any]) -> str:
         f"the applied coefficient: median gain_k(coef)/gain_hat_k {cell(s('coef_efficiency'), '.3g')}; "
         f"λ̂_k's 95% interval excludes 0 in {cell(s('interval_excludes_zero'))} of the records; median tail "
         f"ratio ‖δ₁,k‖/‖δ₁‖ {cell(s('tail_ratio'), '.3g')}; held-out greedy accuracy k updates later, change to "
-        f"λ = 0 (horizon_accuracy): at λ̂_k {cell(s('accuracy_change_lambda_hat_k'), '+.3f')}, at the one-step λ̂ "
+        f"λ = 0 (horizon_accuracy): at λ̂_k {cell(s('accuracy_change_lambda_hat_k'), '+.3f')} (interior λ̂_k only "
+        f"{cell(s('accuracy_change_lambda_hat_k_interior'), '+.3f')}), at the one-step λ̂ "
         f"{cell(s('accuracy_change_lambda_hat'), '+.3f')}, at the applied λ {cell(s('accuracy_change_coef'), '+.3f')} "
         f"(per-run statistics averaged over clusters, "
         f"[95% cluster-bootstrap interval] (runs/records); n/a: no records or fewer than {MIN_CLUSTERS} clusters)")

@@ -144,6 +144,9 @@ def test_the_accuracy_after_k_updates_is_averaged_within_runs_then_over_clusters
     _write_horizon(b, with_acc([_record(1, 1e6, reason=RISING.format(bound=1e6))] + [_record(i, 1.0) for i in (2, 3)],
                                [0.3, 0.1, 0.2]))
     s = horizon_stats(load_runs([tmp_path]), "active", n_resamples=RESAMPLES)["statistics"]
+    # policy runs that measured only their active direction: those records are the policy direction's
+    as_policy = horizon_stats(load_runs([tmp_path]), "policy", n_resamples=RESAMPLES)["statistics"]
+    assert as_policy["accuracy_change_lambda_hat_k"]["value"] == s["accuracy_change_lambda_hat_k"]["value"]
     assert s["accuracy_change_lambda_hat_k"]["value"] == pytest.approx((-0.05 + 0.2) / 2, rel=1e-12)
     assert s["accuracy_change_coef"]["value"] == pytest.approx(-0.05 + 0.2, rel=1e-12)
     assert s["accuracy_change_lambda_hat_k"]["n_records"] == 5

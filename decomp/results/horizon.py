@@ -111,14 +111,16 @@ def select_horizon(run: Run, direction: str) -> tuple[str, list[Record]]:
 
 def one_step_of(run: Run, direction: str, split: str) -> Callable[[Record], Record | None]:
     """The decomposition record of a horizon record's update (same step, update, ``direction``
-    and ``split``); for a copy of the active record whose direction has no decomposition record,
-    the active one's."""
+    and ``split``); for an active record or a copy of one whose direction has no decomposition
+    record (:meth:`~decomp.results.rundata.Run.horizon_records`), the active one's."""
     own = {_update(r): r for r in run.records(direction, split)}
     active = {_update(r): r for r in run.records("active", split)}
 
     def of(record: Record) -> Record | None:
         found = own.get(_update(record))
-        return found if found is not None or record.get("same_as") != "active" else active.get(_update(record))
+        if found is None and (record.get("same_as") == "active" or record.get("direction") == "active"):
+            return active.get(_update(record))
+        return found
     return of
 
 

@@ -117,8 +117,13 @@ class Run:
 
     def horizon_records(self, direction: str, split: str | None = None) -> list[dict[str, Any]]:
         """The ``horizon.jsonl`` records of ``direction`` (of one ``split`` when given); a copy of
-        the active record (``same_as: "active"``) stands for its direction, as in :meth:`records`."""
-        return [r for r in self.horizons if r["direction"] == direction and (split is None or split_of(r) == split)]
+        the active record (``same_as: "active"``) stands for its direction, as in :meth:`records`.
+        A run of regime ``direction`` that measured only its active direction over the horizon
+        (``horizon_directions = active``) gives its active records: they are that direction's."""
+        def of(d: str) -> list[dict[str, Any]]:
+            return [r for r in self.horizons if r["direction"] == d and (split is None or split_of(r) == split)]
+        own = of(direction)
+        return own if own or direction != self.config.get("regime") else of("active")
 
     def unique_horizon_records(self, split: str | None = None) -> list[dict[str, Any]]:
         """Every ``horizon.jsonl`` record (of one ``split`` when given) except the copies of the

@@ -33,9 +33,15 @@ plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 130, "font.size": 9, "axe
 EXTRA = ["#332288", "#117733", "#44AA99", "#88CCEE", "#DDCC77", "#CC6677", "#AA4499"]
 
 
+# occ's controls (the controls design): occ's own hue family is taken by the estimator arms
+CONTROL_COLORS = {"occ-random-sign": "#AA4499", "occ-star-magnitude": "#332288"}
+
+
 def color(arm: str) -> str:
     if arm in REGIME_COLORS:
         return REGIME_COLORS[arm]
+    if arm in CONTROL_COLORS:
+        return CONTROL_COLORS[arm]
     if arm.startswith("occ-"):
         return "#E69F00"
     return EXTRA[sum(map(ord, arm)) % len(EXTRA)]

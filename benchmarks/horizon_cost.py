@@ -48,9 +48,11 @@ def main() -> None:
     evaluations: dict[int, list[int]] = {k: [] for k in horizons}
 
     def measured(k: int):
-        horizon = Horizon(theta, snapshot, first, tuple(training_rl_loss(model, b, (0.2, 0.2)) for b in future[:k - 1]))
+        losses = tuple(training_rl_loss(model, b, (0.2, 0.2)) for b in future[:k - 1])
 
         def run() -> None:
+            # a fresh Horizon per repeat: it keeps its end points, and a repeat must compute them
+            horizon = Horizon(theta, snapshot, first, losses)
             record = measure_horizon(J, horizon, grad_mtp, coef=0.1, row_sets=rows, tokens=tokens, shared=shared)
             evaluations[k].append(record["evaluations_k"])
 

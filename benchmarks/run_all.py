@@ -119,7 +119,7 @@ def main() -> None:
     inst_1, inst_4, inst_16 = (_number(rf"held-out {k}× \(\d+ groups\), group_errors \| ([\d.]+)×", sections["instrumented"])
                                for k in (1, 4, 16))
     horizon_rows = {k: _numbers(rf"\| k = {k} \| ([\d.]+)× \[[^|]*\| \d+ \| ([\d.]+)×", sections["horizon"])
-                    for k in (1, 2, 4, 8)}
+                    for k in (1, 2, 4, 8, 20)}
     slope_p = _number(r"log parameters: ([\d.]+)", sections["scaling"])
     slope_t = _number(r"log tokens: ([\d.]+)", sections["scaling"])
     ours_mem = peers_memory["decomp"] / leanest
@@ -144,8 +144,8 @@ def main() -> None:
         f"| in the loop: the jvp estimators of that record, default model / SmolLM2-135M | {loop_jvp:.2f}× / {loop_jvp_smol:.2f}× | |",
         f"| sampling errors (group_errors) add ≤ 15% to an instrumented update at the default held-out size | {errors_adds:+.0f}% | {ok(errors_adds <= 15)} |",
         f"| instrumented update with errors at 1×, 4×, 16× the mini-batch's held-out groups (default model) | {inst_1:.0f}× / {inst_4:.0f}× / {inst_16:.0f}× | |",
-        "| the k-step measurement of one direction on the default held-out batch, k = 1 / 2 / 4 / 8 (default model) | "
-        + " / ".join(f"{horizon_rows[k][0]:.0f}×" for k in (1, 2, 4, 8))
+        "| the k-step measurement of one direction on the default held-out batch, k = 1 / 2 / 4 / 8 / 20 (default "
+        "model) | " + " / ".join(f"{horizon_rows[k][0]:.0f}×" for k in (1, 2, 4, 8, 20))
         + f" | {horizon_rows[4][1]:.2f}× a training update per coefficient and continued update at k = 4 |",
         f"| decomposition peak memory ≤ 3× a training update | {mem:.2f}× | {ok(mem <= 3)} |",
         f"| instrumented update as the loop runs it, peak memory (default model) | {mem_inst:.2f}× | {ok(mem_inst <= 3)} |",

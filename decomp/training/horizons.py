@@ -158,16 +158,19 @@ def accuracy_after(state: Any, horizon: Horizon, grad_mtp: dict[str, Tensor], co
     named = dict(state.model.named_parameters())
     live = {n: p.detach().clone() for n, p in named.items()}
     rewards: dict[str, Tensor] = {}
+    by_coef: dict[float, Tensor] = {}  # two names for one λ (e.g. λ̂_k = the applied λ): one evaluation
     try:
         for name, coef in {"zero": 0.0, **coefs}.items():
             if not math.isfinite(coef):
                 continue
-            point = horizon.endpoint(grad_mtp, coef)
-            with torch.no_grad():
-                for n, p in named.items():
-                    p.copy_(point[n])
-            with torch.random.fork_rng():
-                rewards[name] = state.policy.held_out_rewards().double()
+            if coef not in by_coef:
+                point = horizon.endpoint(grad_mtp, coef)
+                with torch.no_grad():
+                    for n, p in named.items():
+                        p.copy_(point[n])
+                with torch.random.fork_rng():
+                    by_coef[coef] = state.policy.held_out_rewards().double()
+            rewards[name] = by_coef[coef]
     finally:
         with torch.no_grad():
             for n, p in named.items():

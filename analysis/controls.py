@@ -16,7 +16,6 @@ coefficient, and the accuracy–acceptance figure; nothing is written by hand.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from datetime import datetime, timezone
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis import design
-from analysis.report import _ci, accuracy_section, finished_tasks, verdict_section
+from analysis.report import _ci, accuracy_section, finished_tasks, run_root_args, verdict_section
 from analysis.study import machine
 from analysis.summaries import by_seed
 from decomp.results.rundata import Run, regimes_of
@@ -85,14 +84,10 @@ def page(root: Path, figure: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m analysis.controls", description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", default="runs/controls", help="the controls' run root")
-    ap.add_argument("--out", default="figures", help="where CONTROLS.md and controls_tradeoff.png go")
-    args = ap.parse_args(argv)
-    root, out = Path(args.runs), Path(args.out)
-    if not root.is_dir():
-        print(f"no run root {root}: run `python -m analysis.study controls --out {root}` first", file=sys.stderr)
+    paths = run_root_args(argv, "controls", __doc__, "where CONTROLS.md and controls_tradeoff.png go")
+    if paths is None:
         return 2
+    root, out = paths
     from analysis.figures import save, tradeoff_figure
 
     tasks = finished_tasks(root)

@@ -11,13 +11,12 @@ Each oracle applies, at every update, a coefficient chosen with hindsight on hel
 
 from __future__ import annotations
 
-import argparse
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 from analysis import design
-from analysis.report import accuracy_section, finished_tasks, verdict_section
+from analysis.report import accuracy_section, finished_tasks, run_root_args, verdict_section
 from analysis.study import machine
 
 
@@ -38,15 +37,11 @@ def page(root: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m analysis.oracles", description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", default="runs/oracles", help="the oracles' run root")
-    ap.add_argument("--out", default="figures", help="where ORACLES.md goes")
-    args = ap.parse_args(argv)
-    root = Path(args.runs)
-    if not root.is_dir():
-        print(f"no run root {root}: run `python -m analysis.study oracles --out {root}` first", file=sys.stderr)
+    paths = run_root_args(argv, "oracles", __doc__, "where ORACLES.md goes")
+    if paths is None:
         return 2
-    out = Path(args.out) / "ORACLES.md"
+    root, folder = paths
+    out = folder / "ORACLES.md"
     out.write_text(page(root))
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -49,6 +49,21 @@ def load_tasks(root: Path) -> dict[str, list[Run]]:
     return tasks
 
 
+def run_root_args(argv: list[str] | None, design_name: str, doc: str, out_help: str) -> tuple[Path, Path] | None:
+    """``(run root, output folder)`` of a page's command line (``--runs``, default
+    ``runs/<design_name>``; ``--out``, default ``figures``), or ``None`` after saying which command
+    makes the missing run root."""
+    ap = argparse.ArgumentParser(prog=f"python -m analysis.{design_name}", description=doc.splitlines()[0])
+    ap.add_argument("--runs", default=f"runs/{design_name}", help=f"the {design_name} design's run root")
+    ap.add_argument("--out", default="figures", help=out_help)
+    args = ap.parse_args(argv)
+    root = Path(args.runs)
+    if not root.is_dir():
+        print(f"no run root {root}: run `python -m analysis.study {design_name} --out {root}` first", file=sys.stderr)
+        return None
+    return root, Path(args.out)
+
+
 def finished_tasks(root: Path) -> dict[str, list[Run]]:
     """:func:`load_tasks` keeping the finished runs only (``summary.json`` present): a run still
     going, or killed, is left out of a page."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Required, TypedDict, Unpack
 
@@ -175,13 +175,14 @@ class StepMeasurement:
         return dataclasses.replace(self, grad_rl=None)
 
     def searched(self, bound: float = DEFAULT_SEARCH_BOUND, evaluations: int = MAX_SEARCH_EVALUATIONS,
-                 rtol: float = SEARCH_RTOL) -> StepMeasurement:
+                 rtol: float = SEARCH_RTOL, also: Sequence[float] = ()) -> StepMeasurement:
         """This measurement with the realized optimum ``λ̂ = argmax_λ gain(λ)`` over ``|λ| ≤ bound``
         (:func:`decomp.search.realized_optimum`: a fixed grid and its refinement, independent of
         ``λ*``), its bootstrap over ``row_sets`` when given, and ``ΔJ(λ*)`` (in the grid's
-        batch): forward passes only."""
+        batch): forward passes only. ``also``: coefficients whose gains :meth:`gains` will read
+        (e.g. the estimators'), evaluated in the grid's batch and never candidates for ``λ̂``."""
         return dataclasses.replace(self, decomposition=_with_optimum(self.decomposition, self.gain, bound,
-                                                                     evaluations, rtol, self.row_sets))
+                                                                     evaluations, rtol, self.row_sets, also))
 
     def gains(self, coefs: list[float]) -> list[float]:
         """``[gain(λ) for λ in coefs]`` in batched forwards (:meth:`RealizedGain.at_coefs`);
@@ -239,6 +240,7 @@ def decompose_updates(
     side: EvaluationSide | None = None,
     microbatches: int = 1,
     groups: list[Tensor] | None = None,
+    group_terms: list[Terms] | None = None,
 ) -> StepMeasurement:
     """``J``'s side of :func:`measure_step` on ``objective`` (called ``name`` in errors) for
     updates built elsewhere; ``realized_dtype`` evaluates the realized changes (and the search)
@@ -248,21 +250,22 @@ def decompose_updates(
     (:func:`decomp.evaluation.microbatched_side`), for the memory of one chunk's second-order graph.
     ``groups``: the row indices of each prompt group of the evaluation batch; the record then
     carries the sampling errors of its terms (:mod:`decomp.uncertainty`) from every group's
-    contribution (:func:`decomp.evaluation.forward_group_terms`: forward-mode passes over the
+    contribution (:func:`decomp.evaluation.group_terms_of`: forward-mode passes over the
     whole batch, whatever the number of groups; the realized change's from the same forward).
     Without ``microbatches`` and a shared second-order ``side``, the whole batch's terms are then
     the groups' sums and ``J``'s side needs only its gradient (:func:`decomp.evaluation.forward_side`:
-    no HVP; ``side`` may be a shared :func:`decomp.evaluation.first_order_side`)."""
+    no HVP; ``side`` may be a shared :func:`decomp.evaluation.first_order_side`). ``group_terms``:
+    the groups' terms already computed for this step on these ``groups`` (e.g. by one pass over
+    every direction of an update, :func:`decomp.group_terms.split_group_terms`), used there."""
     if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
         raise ValueError(f"microbatches must be a positive integer, got {microbatches!r}")
-    group_terms = None
     if groups is not None and side is not None and side.groups is not None:  # shared passes per group
         if [len(r) for r in side.groups.row_sets] != [len(r) for r in groups]:
             raise ValueError("a grouped side must be built on the groups it is given")
         grouped = grouped_side(objective, step, groups, hvp_method, name, side=side)
         group_terms, terms, j_value, g = grouped.group_terms, grouped.terms, grouped.value, grouped.grad
     elif groups is not None and microbatches == 1 and (side is None or side.rl is None):
-        step, side, group_terms, terms = forward_side(objective, step, side, groups, name)
+        step, side, group_terms, terms = forward_side(objective, step, side, groups, name, group_terms)
         j_value, g = side.value, side.grad
     elif microbatches > 1:
         if side is not None:
@@ -317,12 +320,13 @@ def _cosine(g: Params, step: StepUpdates) -> float:
 
 
 def _with_optimum(dec: Decomposition, gain: RealizedGain, bound: float, evaluations: int, rtol: float,
-                  row_sets: list[Tensor] | None = None) -> Decomposition:
+                  row_sets: list[Tensor] | None = None, also: Sequence[float] = ()) -> Decomposition:
     """``dec`` with the realized optimum (:func:`decomp.search.realized_optimum`, bootstrapped
-    over ``row_sets`` when given) and ``ΔJ(λ*)``, evaluated in the grid's batch but never a
-    candidate for ``λ̂``."""
+    over ``row_sets`` when given) and ``ΔJ(λ*)``, evaluated in the grid's batch (with ``also``)
+    but never a candidate for ``λ̂``."""
     star = [dec.lambda_star] if math.isfinite(dec.lambda_star) else []
-    opt = realized_optimum(gain, row_sets=row_sets, extra=star, bound=bound, max_evaluations=evaluations, rtol=rtol,
+    extra = star + [float(c) for c in also if math.isfinite(c)]
+    opt = realized_optimum(gain, row_sets=row_sets, extra=extra, bound=bound, max_evaluations=evaluations, rtol=rtol,
                            moves_objective=dec.moves_objective or dec.realized != 0)
     return dataclasses.replace(
         dec, lambda_hat=opt.coef, gain_hat=opt.gain, lambda_hat_reason=opt.reason,

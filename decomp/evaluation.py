@@ -145,15 +145,20 @@ def first_order_side(objective: Callable[[Params], Tensor], theta: Params, devic
 
 
 def forward_side(objective: Callable[[Params], Tensor], step: StepUpdates, side: EvaluationSide | None,
-                 row_sets: list[Tensor], name: str) -> tuple[StepUpdates, EvaluationSide, list[Terms], Terms]:
-    """``J``'s side with every group's terms (:func:`forward_group_terms`) and the whole batch's
-    as their sums: no Hessian-vector product, no second-order graph (``side``: a shared
+                 row_sets: list[Tensor], name: str, group_terms: list[Terms] | None = None
+                 ) -> tuple[StepUpdates, EvaluationSide, list[Terms], Terms]:
+    """``J``'s side with every group's terms (:func:`group_terms_of`, or ``group_terms`` when a
+    pass over several directions gave them: :mod:`decomp.group_terms`) and the whole batch's as
+    their sums: no Hessian-vector product, no second-order graph (``side``: a shared
     :func:`first_order_side`, else one built here)."""
     if side is None:
         side = first_order_side(objective, step.theta, step.devices, name)
     if step.updates is None:
         step = step.completed(side.grad)
-    group_terms = group_terms_of(objective, step, row_sets, name)
+    if group_terms is None:
+        group_terms = group_terms_of(objective, step, row_sets, name)
+    elif len(group_terms) != len(row_sets):
+        raise ValueError(f"group_terms has {len(group_terms)} groups, the batch {len(row_sets)}")
     whole = Terms(*(math.fsum(t[i] for t in group_terms) + 0.0 for i in range(len(Terms._fields))))
     return step, side, group_terms, whole
 
@@ -270,36 +275,50 @@ def forward_group_terms(objective: Any, step: StepUpdates, row_sets: list[Tensor
 
     The pairs run in one pass carrying them all (``torch.func.vmap``) where
     :func:`decomp.curvature.batched_by_default` says so (``batched``), else one pass each."""
-    if step.updates is None:
+    return forward_group_terms_of_steps(objective, [step], row_sets, name, batched)[0]
+
+
+def forward_group_terms_of_steps(objective: Any, steps: list[StepUpdates], row_sets: list[Tensor], name: str,
+                                 batched: bool | None = None) -> list[list[Terms]]:
+    """:func:`forward_group_terms` of several steps at one ``θ`` (the directions of one update),
+    their pairs in one pass (``batched``) or one pass per pair."""
+    if any(step.updates is None for step in steps):
         raise ValueError("the groups' terms need the updates before J's side: give rl_loss, or an eval_objective")
     if not callable(getattr(objective, "row_values", None)):
         raise ValueError(f"the groups' terms need an objective with row_values() "
                          f"(decomp.objectives.ImportanceObjective); {name} has none")
-    updates, theta = step.updates, {k: v.detach() for k, v in step.theta.items()}
-    pairs = [(updates.unit_displacement, updates.unit_displacement), (updates.update_rl, updates.unit_displacement)]
-    if not step.optimizer.linear:
-        pairs += [(updates.displacement, updates.displacement), (updates.update_rl, updates.displacement)]
+    theta = {k: v.detach() for k, v in steps[0].theta.items()}
+    pairs = []
+    for step in steps:
+        updates = step.updates
+        pairs += [(updates.unit_displacement, updates.unit_displacement), (updates.update_rl, updates.unit_displacement)]
+        if not step.optimizer.linear:
+            pairs += [(updates.displacement, updates.displacement), (updates.update_rl, updates.displacement)]
 
     def second(a: Params, b: Params) -> tuple[Tensor, Tensor]:
         return jvp(lambda p: jvp(objective.row_values, (p,), (b,))[1], (theta,), (a,))
 
     use = batched_by_default("forward", theta) if batched is None else batched
-    with torch.random.fork_rng(devices=step.devices), math_attention(), torch.no_grad():
+    with torch.random.fork_rng(devices=steps[0].devices), math_attention(), torch.no_grad():
         if use:
             stacked = [{k: torch.stack([pair[i][k] for pair in pairs]) for k in theta} for i in (0, 1)]
             first, mixed = vmap(second)(*stacked)
         else:
             first, mixed = (torch.stack(t) for t in zip(*(second(a, b) for a, b in pairs), strict=True))
     first, mixed = first.double(), mixed.double()
-    out = []
-    for idx in row_sets:
-        d1, d2 = first[:, idx].sum(1).tolist(), mixed[:, idx].sum(1).tolist()
-        c1, x1, p1 = d1[0], d2[1], -0.5 * d2[0] + 0.0
-        if step.optimizer.linear:
-            lam = step.coef
-            out.append(Terms(c1, x1, p1, lam * c1, lam * x1, lam * lam * p1 + 0.0))
-        else:
-            out.append(Terms(c1, x1, p1, d1[2], d2[3], -0.5 * d2[2] + 0.0))
+    sums = [(first[:, idx].sum(1), mixed[:, idx].sum(1)) for idx in row_sets]
+    out, at = [], 0
+    for step in steps:
+        terms = []
+        for d1, d2 in sums:
+            c1, x1, p1 = float(d1[at]), float(d2[at + 1]), -0.5 * float(d2[at]) + 0.0
+            if step.optimizer.linear:
+                lam = step.coef
+                terms.append(Terms(c1, x1, p1, lam * c1, lam * x1, lam * lam * p1 + 0.0))
+            else:
+                terms.append(Terms(c1, x1, p1, float(d1[at + 2]), float(d2[at + 3]), -0.5 * float(d2[at + 2]) + 0.0))
+        out.append(terms)
+        at += 2 if step.optimizer.linear else 4
     return out
 
 

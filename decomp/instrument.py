@@ -51,7 +51,8 @@ from torch import nn
 
 from decomp.curvature import top_eigenvalues
 from decomp.decomposition import StepMeasurement, decompose_updates
-from decomp.evaluation import EvaluationSide, first_order_side, grouped_second_order_side
+from decomp.evaluation import EvaluationSide, Terms, first_order_side, grouped_second_order_side
+from decomp.group_terms import split_group_terms
 from decomp.objectives import Objectives, RolloutBatch, check_eval_batch, objectives
 from decomp.occ import efficiency, model_efficiency
 from decomp.regimes import CrossEntropy, DistillJoint, Policy, Regime
@@ -65,6 +66,10 @@ SWEEP_POINTS = 13
 # process, 9 repeats, 2026-12-07): reverse per group 63 / 112 / 249 ms at 4 / 8 / 16 groups,
 # forward mode 98 / 101 / 124 ms (the whole batch's two HVPs: 32–43 ms)
 REVERSE_MAX_GROUPS = 4
+# the directions' group terms come from one pass per split (decomp.group_terms) when every measured
+# direction's updates fit in this many bytes at once (8 parameter-sized tensors each); above it
+# (a real LM's), each direction's own pass, one direction's updates alive at a time
+BATCHED_DIRECTIONS_MEMORY = 1 << 30
 EIGEN_TOL = 1e-3  # relative accuracy of the Ritz values: enough to place δ in the spectrum
 
 
@@ -123,17 +128,17 @@ def measure_direction(
     coef: float, shared: dict[str, Any], scale: float, loss: dict[str, Any], searched: tuple[str, ...],
     realized_dtype: torch.dtype | None = None, sides: dict[str, EvaluationSide] | None = None,
     microbatches: int = 1, batched_jvp: bool = False, group_errors: bool = False,
+    ctx: UpdateContext | None = None, group_terms: dict[str, list[Terms]] | None = None,
 ) -> list[tuple[dict[str, Any], StepMeasurement, Objectives]]:
     """One record per split for one direction: the updates from the training batch, ``J``'s
     side on each split (from ``sides`` when shared between directions), every estimator rule on
     the direction's :class:`~decomp.rules.UpdateContext` (``shared``: the update's log-probs,
-    common to every direction); on the ``searched`` splits the realized optimum and every
-    estimate's realized gain."""
-    start = time.perf_counter()
-    ctx = UpdateContext(model, splits["train"], optimizer, regime, coef=coef, scale=scale, loss=loss,
-                        batched_jvp=batched_jvp, shared=shared)
-    obj, step = ctx.objectives(), ctx.step()
-    shared_seconds = time.perf_counter() - start
+    common to every direction; ``ctx``: the context when the caller built it already); on the
+    ``searched`` splits the realized optimum and every estimate's realized gain. ``group_terms``:
+    per split, the groups' terms of this direction when a pass over every direction gave them."""
+    ctx = ctx or direction_context(model, splits, optimizer, regime, coef, shared, scale, loss, batched_jvp)
+    obj, step = ctx.objectives(), ctx.step()  # each timed once, where it is first built
+    shared_seconds = ctx.seconds.get("objectives", 0.0) + ctx.seconds.get("updates", 0.0)
     out, estimates = [], {}
     for split, split_batch in splits.items():  # train first: its λ* is the "exact" estimate
         start = time.perf_counter()
@@ -143,12 +148,13 @@ def measure_direction(
         search = split in searched
         groups = split_batch.group_rows() if group_errors else None
         measured = decompose_updates(step, objective, realized_dtype=realized_dtype, side=side,
-                                     microbatches=microbatches, groups=groups)
+                                     microbatches=microbatches, groups=groups,
+                                     group_terms=(group_terms or {}).get(split))
         if split == "train":  # every estimator on the training batch (deployable: no held-out data)
             ctx.provide("decomposition", measured.decomposition)
             estimates = {name: rule.value(ctx) for name, rule in estimator_rules().items()}
         search_start = time.perf_counter()
-        measured = measured.searched() if search else measured
+        measured = measured.searched(also=list(estimates.values())) if search else measured
         fields = estimator_fields(estimates, measured, search)
         if split == "heldout2":
             fields.update(other_optimum_fields(out, measured, search))
@@ -162,6 +168,36 @@ def measure_direction(
         measured = measured.without_buffers()
         out.append((record, measured, split_obj))
     return out
+
+
+def direction_context(model: nn.Module, splits: dict[str, RolloutBatch], optimizer: torch.optim.Optimizer,
+                      regime: Regime, coef: float, shared: dict[str, Any], scale: float, loss: dict[str, Any],
+                      batched_jvp: bool) -> UpdateContext:
+    """The :class:`~decomp.rules.UpdateContext` of one direction on the training batch."""
+    return UpdateContext(model, splits["train"], optimizer, regime, coef=coef, scale=scale, loss=loss,
+                         batched_jvp=batched_jvp, shared=shared)
+
+
+def directions_group_terms(contexts: dict[str, UpdateContext], splits: dict[str, RolloutBatch],
+                           sides: dict[str, EvaluationSide]) -> tuple[dict[str, dict[str, list[Terms]]],
+                                                                        dict[str, float]]:
+    """Per split whose shared side is first-order (its curvature is the groups'), every
+    direction's group terms from one pass (:func:`decomp.group_terms.split_group_terms`): per
+    direction and split, and the seconds each split's pass took (the directions' updates, built
+    here, are not counted: each direction's record counts its own)."""
+    steps = {direction: (ctx.objectives(), ctx.step())[1] for direction, ctx in contexts.items()}
+    terms: dict[str, dict[str, list[Terms]]] = {direction: {} for direction in contexts}
+    seconds = {}
+    for split, split_batch in splits.items():
+        side = sides.get(split)
+        if side is None or side.rl is not None or side.groups is not None:
+            continue
+        start = time.perf_counter()
+        per_step = split_group_terms(side.objective, list(steps.values()), split_batch.group_rows(), side.name)
+        for direction, group in zip(steps, per_step, strict=True):
+            terms[direction][split] = group
+        seconds[split] = time.perf_counter() - start
+    return terms, seconds
 
 
 def other_optimum_fields(earlier: list[tuple[dict[str, Any], StepMeasurement, Objectives]],
@@ -214,6 +250,12 @@ def shared_sides(model: nn.Module, splits: dict[str, RolloutBatch], regime: Regi
             sides[split] = first_order_side(J, params, devices, name)
         seconds[split] = time.perf_counter() - start
     return sides, seconds
+
+
+def batch_directions(model: nn.Module, directions: int) -> bool:
+    """Whether every direction's updates fit in :data:`BATCHED_DIRECTIONS_MEMORY` at once."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 8 * params * directions <= BATCHED_DIRECTIONS_MEMORY
 
 
 def microbatch_count(batch: RolloutBatch, rows: int | None) -> int:
@@ -287,8 +329,9 @@ def instrument_update(
     ``None``: the whole batch at once). ``batched_jvp`` computes the jvp estimators' two
     directional derivatives in one pass (:meth:`decomp.rules.UpdateContext.jvp`; for small models).
     ``group_errors`` adds the sampling errors of the terms to every record from the batches'
-    prompt groups (:mod:`decomp.uncertainty`; forward-mode passes,
-    :func:`decomp.evaluation.forward_group_terms`).
+    prompt groups (:mod:`decomp.uncertainty`; every direction's group terms from one pass per
+    split where the directions' updates fit :data:`BATCHED_DIRECTIONS_MEMORY`,
+    :func:`decomp.group_terms.split_group_terms`; else each direction's own forward-mode pass).
     ``on_record`` is called with each record as soon as it is measured (e.g. to advance a progress
     bar over the :func:`record_count` records of the update).
     """
@@ -300,11 +343,19 @@ def instrument_update(
     sides, side_seconds = shared_sides(model, splits, regime, share_second_order, group_errors)
     out = Instrumented([])
     coefs = {"active": coef, "ce": scale, "policy": scale, "distill-joint": scale}
+    plan = {d: reg for d, reg in shadow_regimes(regime, scale, clip).items() if d in directions}
+    measured_here = [d for d, reg in plan.items() if d == "active" or "active" not in plan
+                     or not same_direction(reg, regime, coefs[d], coef)]
+    contexts = {d: direction_context(model, splits, optimizer, plan[d], coefs[d], shared, scale, loss, batched_jvp)
+                for d in measured_here}
+    group_terms: dict[str, dict[str, list[Terms]]] = {}
+    if group_errors and sides and batch_directions(model, len(contexts)):
+        group_terms, pass_seconds = directions_group_terms(contexts, splits, sides)
+        for split, seconds in pass_seconds.items():
+            side_seconds[split] = side_seconds.get(split, 0.0) + seconds
     active: list[dict[str, Any]] = []
-    for direction, reg in shadow_regimes(regime, scale, clip).items():
-        if direction not in directions:
-            continue
-        if active and same_direction(reg, regime, coefs[direction], coef):
+    for direction, reg in plan.items():
+        if direction not in measured_here:
             copies = [{**r, "direction": direction, "same_as": "active", "seconds": 0.0,
                        "search_seconds": 0.0, "jvp_seconds": 0.0} for r in active]
             out.decompositions += copies
@@ -313,7 +364,8 @@ def instrument_update(
             continue
         for record, measured, _ in measure_direction(model, splits, optimizer, reg, coefs[direction], shared,
                                                      scale, loss, search_splits, realized_dtype, sides,
-                                                     microbatches, batched_jvp, group_errors):
+                                                     microbatches, batched_jvp, group_errors, contexts.pop(direction),
+                                                     group_terms.get(direction)):
             record["seconds"] += side_seconds.pop(record["split"], 0.0)  # the shared pass, on its first user
             out.decompositions.append({"direction": direction, **record})
             if on_record is not None:

@@ -129,14 +129,16 @@ class ImportanceObjective:
     two float32 sums loses (:class:`decomp.realized.RealizedGain` uses it).
 
     ``rows(idx)``, when given, is the log-prob function of the batch's rows ``idx``: it lets
-    :meth:`split` write ``J`` as a sum over row chunks. ``weight`` scales the value (a chunk's
-    share ``Σ M_c / Σ M``)."""
+    :meth:`split` write ``J`` as a sum over row chunks. ``rows_logprobs(params, idx)``, when
+    given, is the per-token log-probs ``[len(idx), T−1]`` of the rows ``idx`` as a pure function
+    that ``torch.func.vmap`` can batch over ``idx`` (:meth:`rows_value`). ``weight`` scales the
+    value (a chunk's share ``Σ M_c / Σ M``)."""
 
     def __init__(self, logprob_fn: Callable[[Params], Tensor], old_logp: Tensor, advantages: Tensor,
                  mask: Tensor, *, rows: Callable[[Tensor], Callable[[Params], Tensor]] | None = None,
-                 weight: float = 1.0) -> None:
+                 rows_logprobs: Callable[[Params, Tensor], Tensor] | None = None, weight: float = 1.0) -> None:
         self.logprobs, self.old_logp, self.advantages, self.mask = logprob_fn, old_logp, advantages, mask.bool()
-        self.rows, self.weight = rows, weight
+        self.rows, self.rows_logprobs, self.weight = rows, rows_logprobs, weight
 
     def __call__(self, params: Params) -> Tensor:
         value = importance_objective(self.logprobs(params), self.old_logp, self.advantages, self.mask)
@@ -149,6 +151,17 @@ class ImportanceObjective:
         ratio = torch.exp((self.logprobs(params) - self.old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
         m = self.mask.to(ratio.dtype)
         return (self.advantages * ratio * m).sum(1) / m.sum() * self.weight
+
+    def rows_value(self, params: Params, idx: Tensor, valid: Tensor) -> Tensor:
+        """The rows ``idx``' share of ``J``, rows with ``valid = 0`` (padding) left out:
+        ``Σ_r valid_r·f_r`` over :meth:`row_values`' ``f_r``, from ``rows_logprobs`` alone, so that
+        ``torch.func.vmap`` batches it over groups of rows (:mod:`decomp.group_terms`)."""
+        if self.rows_logprobs is None:
+            raise ValueError("this objective was built without rows_logprobs")
+        ratio = torch.exp((self.rows_logprobs(params, idx) - self.old_logp[idx]).clamp(-LOG_RATIO_CLAMP,
+                                                                                       LOG_RATIO_CLAMP))
+        m = self.mask[idx].to(ratio.dtype) * valid.to(ratio.dtype)[:, None]
+        return (self.advantages[idx] * ratio * m).sum() / self.mask.sum().to(ratio.dtype) * self.weight
 
     def difference(self, logp: Tensor, base_logp: Tensor) -> float:
         """``J`` at the point of ``logp`` minus ``J`` at the point of ``base_logp`` (float64)."""
@@ -348,6 +361,18 @@ class _BatchFunctions:
         main_logits, _ = self.forward(params, "none", False, self.start)
         return aligned_main_logprobs(main_logits, self.batch.tokens, self.start)
 
+    def rows_logprobs(self, params: Params, idx: Tensor) -> Tensor:
+        """:meth:`logprob_fn` of the rows ``idx`` alone, with no check on their values (a
+        ``torch.func.vmap`` over groups of rows runs it: no data-dependent branch)."""
+        tokens = self.batch.tokens[idx]
+        kwargs: dict = {"detach": "none", "with_mtp": False}
+        if self.batch.attention_mask is not None:
+            kwargs["attention_mask"] = self.batch.attention_mask[idx]
+        if self.start:
+            kwargs["logits_from"] = self.start
+        main_logits, _ = functional_call(self.model, params, (tokens,), kwargs)
+        return aligned_main_logprobs(main_logits, tokens, self.start)
+
     def rl_loss(self, params: Params) -> Tensor:
         return self.loss_of_logp(self.logprob_fn(params))
 
@@ -400,7 +425,8 @@ def objectives(
     f = _BatchFunctions(model, batch, regime, coef, rl_loss_of_logp)
     rl_objective = ImportanceObjective(
         f.logprob_fn, batch.old_logp, batch.advantages, f.mask,
-        rows=lambda idx: _BatchFunctions(model, batch.subset(idx), regime, coef, None).logprob_fn)
+        rows=lambda idx: _BatchFunctions(model, batch.subset(idx), regime, coef, None).logprob_fn,
+        rows_logprobs=f.rows_logprobs)
     if rl_loss_of_logp is None:
         return Objectives(rl_objective, f.mtp_loss, f.logprob_fn)
     return Objectives(rl_objective, f.mtp_loss, f.logprob_fn, f.rl_loss, f.first_order)

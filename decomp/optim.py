@@ -93,6 +93,10 @@ class CounterfactualOptimizer(Protocol):
         self, params: Params, rl_grads: Params, mtp_grads: Params, coef: float, update_rl: Params
     ) -> Params: ...
 
+    def displacements(
+        self, params: Params, rl_grads: Params, mtp_grads: Params, coefs: list[float], update_rl: Params
+    ) -> Params: ...
+
     def with_lr(self, lr: float) -> CounterfactualOptimizer: ...
 
 
@@ -212,6 +216,12 @@ class SGD(_Base):
             unit[key] = mtp_grads[key].mul(-h.lr * kappa)
             disp[key] = unit[key].mul(coef)
         return Counterfactual(update_rl, disp, unit)
+
+    def displacements(self, params: Params, rl_grads: Params, mtp_grads: Params, coefs: list[float],
+                      update_rl: Params) -> Params:
+        """:meth:`displacement` at every coefficient of ``coefs``, ``[K, *shape]`` per parameter."""
+        per_coef = [self.displacement(params, rl_grads, mtp_grads, c, update_rl) for c in coefs]
+        return {k: torch.stack([d[k] for d in per_coef]) for k in params}
 
     def displacement(self, params: Params, rl_grads: Params, mtp_grads: Params, coef: float,
                      update_rl: Params) -> Params:
@@ -350,6 +360,40 @@ class AdamW(_Base):
                     out.update(zip(part, self._displacement_group(h, t, part, params, rl_grads, mtp_grads, coef,
                                                                   update_rl), strict=True))
         return out
+
+    def displacements(self, params: Params, rl_grads: Params, mtp_grads: Params, coefs: list[float],
+                      update_rl: Params) -> Params:
+        """:meth:`displacement` at every coefficient of ``coefs`` at once, ``[K, *shape]`` per
+        parameter: the same step rule, broadcast over the coefficients' axis (one pass over the
+        state for all of them, where :meth:`displacement` makes one per coefficient)."""
+        out: Params = {}
+        for (h, t), keys in self._groups(params).items():
+            for key in keys:
+                p = params[key].detach()
+                if h is None:
+                    out[key] = p.new_zeros((len(coefs), *p.shape))
+                elif h.amsgrad or (h.weight_decay != 0 and not h.decoupled_weight_decay) or \
+                        self.state(key).get("exp_avg") is None:
+                    out[key] = torch.stack([self._displacement_one(key, p, rl_grads[key], mtp_grads[key], c,
+                                                                   update_rl[key]) for c in coefs])
+                else:
+                    out[key] = self._displacements_key(h, t, key, p, rl_grads[key], mtp_grads[key], coefs,
+                                                       update_rl[key])
+        return out
+
+    def _displacements_key(self, h: AdamHyper, t: float, key: str, p: Tensor, rl_grad: Tensor, mtp_grad: Tensor,
+                           coefs: list[float], update_rl: Tensor) -> Tensor:
+        """:meth:`_displacement_group`'s arithmetic for one parameter at ``K`` coefficients."""
+        beta1, beta2 = h.betas
+        lam = torch.tensor(coefs, dtype=rl_grad.dtype, device=rl_grad.device).view(-1, *[1] * rl_grad.dim())
+        grad = torch.addcmul(rl_grad, lam, mtp_grad)  # g_RL + λ·g_MTP for every λ
+        st = self.state(key)
+        m = torch.lerp(st["exp_avg"].expand_as(grad), grad, 1 - beta1)
+        v = torch.addcmul(st["exp_avg_sq"].mul(beta2), grad, grad, value=1 - beta2)
+        v.sqrt_().div_(math.sqrt(1 - beta2**t)).add_(h.eps)
+        m.div_(v).mul_(-h.lr / (1 - beta1**t))
+        adaptive_rl = update_rl if h.weight_decay == 0 else update_rl.add(p, alpha=h.lr * h.weight_decay)
+        return m.sub_(adaptive_rl)
 
     def _groups(self, params: Params) -> dict[tuple[AdamHyper | None, float], list[str]]:
         groups: dict[tuple[AdamHyper | None, float], list[str]] = {}

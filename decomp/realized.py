@@ -46,6 +46,7 @@ class RealizedGain:
         self._work: list[Tensor] | None = None  # one buffer reused for every point
         self.evaluations = 0
         self.batched = True  # at_coefs through vmap (off by itself when vmap cannot run the model)
+        self._seen: dict[float, tuple[float, list[float] | None]] = {}  # at_coefs' values, by coefficient
         self._base = self._forward(self._point(step.updates.update_rl, None))
 
     def _point(self, update: Params | None, delta: Params | None) -> Params:
@@ -109,21 +110,27 @@ class RealizedGain:
                  ) -> tuple[np.ndarray, np.ndarray | None]:
         """``ΔJ(λ_k)`` for every ``λ_k`` in ``coefs`` (float64 ``[K]``; ``ΔJ(0) = 0`` without
         evaluation) and, with ``row_sets``, each set's contribution ``[K, G]`` (as
-        :meth:`at_with_parts`; ``nan`` for an objective without per-token log-probs)."""
+        :meth:`at_with_parts`; ``nan`` for an objective without per-token log-probs). A
+        coefficient evaluated by an earlier call is not evaluated again (its value is kept:
+        e.g. the estimates evaluated in the search's batch, then read one by one); ``row_sets``
+        are the same in every call of one gain."""
         coefs = [float(c) for c in coefs]
         totals = np.zeros(len(coefs), dtype=np.float64)
         parts = None if row_sets is None else np.zeros((len(coefs), len(row_sets)), dtype=np.float64)
-        todo = [i for i, c in enumerate(coefs) if c != 0.0]
+        todo = sorted({c for c in coefs if c != 0.0 and (c not in self._seen or (
+            row_sets is not None and self._seen[c][1] is None))})
         size = self.batch
         for first in range(0, len(todo), size):
-            idx = todo[first:first + size]
-            values = self._batched([coefs[i] for i in idx], row_sets) if self.batched and len(idx) > 1 else None
+            chunk = todo[first:first + size]
+            values = self._batched(chunk, row_sets) if self.batched and len(chunk) > 1 else None
             if values is None:
-                values = [self._one(coefs[i], row_sets) for i in idx]
-            for i, (total, part) in zip(idx, values, strict=True):
-                totals[i] = total
+                values = [self._one(c, row_sets) for c in chunk]
+            self._seen.update(zip(chunk, values, strict=True))
+        for i, c in enumerate(coefs):
+            if c != 0.0:
+                totals[i] = self._seen[c][0]
                 if parts is not None:
-                    parts[i] = part
+                    parts[i] = self._seen[c][1]
         return totals, parts
 
     def _one(self, coef: float, row_sets: Sequence[Tensor] | None) -> tuple[float, list[float] | None]:
@@ -136,9 +143,9 @@ class RealizedGain:
         """One vmapped forward over ``[θ + u_RL, (θ + u_RL) + δ(λ_1), …]``; ``None`` (and
         ``batched`` off) when ``vmap`` cannot run the objective."""
         base = self._point(self.step.updates.update_rl, None)
-        deltas = [self.step.displacement(c) for c in coefs]
         with torch.no_grad():
-            stacked = {k: torch.stack([b] + [b + d[k] for d in deltas]) for k, b in base.items()}
+            deltas = self.step.displacements(coefs)  # [K, *shape] per parameter, in one pass
+            stacked = {k: torch.cat([b[None], deltas[k].to(b.dtype).add_(b)]) for k, b in base.items()}
         del deltas
         fn = self.objective.logprobs if self.paired else self.objective
         try:

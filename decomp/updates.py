@@ -104,6 +104,17 @@ class StepUpdates:
             return self.updates.displacement
         return self.optimizer.displacement(self.theta, self.update_grad, self.grad_mtp, coef, self.updates.update_rl)
 
+    def displacements(self, coefs: list[float]) -> Params:
+        """:meth:`displacement` at every coefficient of ``coefs``, stacked ``[K, *shape]`` per
+        parameter (one pass of the optimizer's rule for all of them); the step's own ``λ`` gets
+        the step's own ``δ``, as :meth:`displacement` gives it."""
+        out = self.optimizer.displacements(self.theta, self.update_grad, self.grad_mtp, list(coefs),
+                                           self.updates.update_rl)
+        for i in (i for i, c in enumerate(coefs) if c == self.coef):
+            for k, t in out.items():
+                t[i] = self.updates.displacement[k]
+        return out
+
 
 def step_updates(
     rl_objective: Callable[[Params], Tensor],

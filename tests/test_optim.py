@@ -258,3 +258,43 @@ def test_displacement_in_bounded_runs_of_tensors_is_bit_identical(monkeypatch):
     monkeypatch.setattr(cf, "GROUP_ELEMENTS", 12)
     runs = cf_opt.displacement(theta, rl, mtp, 0.7, base.update_rl)
     assert all(torch.equal(runs[k], whole[k]) for k in theta)
+
+
+@pytest.mark.parametrize("cls,kwargs", [*OPTIMIZERS, (torch.optim.SGD, dict(lr=0.1, momentum=0.9))])
+@pytest.mark.parametrize("step", [1, 2, 10])  # 1: a fresh state
+def test_displacements_at_many_coefficients_equal_one_at_a_time(cls, kwargs, step):
+    """``displacements(coefs)`` (the step rule broadcast over the coefficients) equals
+    ``displacement(λ)`` at each ``λ`` to float64 rounding, the fallbacks (a fresh state at step 0,
+    AMSGrad, coupled decay) and SGD included."""
+    params, opt, gen = _state_after(cls, kwargs, step, [(7, 5), (11,), (3,)], seed=step + 1)
+    cf_opt = cf.from_torch(opt, params)
+    theta = {k: v.detach() for k, v in params.items()}
+    rl = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in theta.items()}
+    mtp = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in theta.items()}
+    base = cf_opt.counterfactual(theta, rl, mtp, 0.3)
+    coefs = [-1e6, -3.0, -0.01, 0.3, 2.0, 1e4]
+    many = cf_opt.displacements(theta, rl, mtp, coefs, base.update_rl)
+    for i, coef in enumerate(coefs):
+        alone = cf_opt.displacement(theta, rl, mtp, coef, base.update_rl)
+        for k in theta:
+            assert many[k].shape == (len(coefs), *theta[k].shape)
+            assert torch.allclose(many[k][i], alone[k], rtol=1e-12, atol=1e-18), (k, coef)
+    assert not torch.allclose(many["p0"][0], many["p0"][-1])  # the coefficients' rows differ
+
+
+def test_step_updates_give_their_own_displacement_at_their_own_coefficient():
+    from conftest import make_problem
+
+    from decomp.objectives import objectives
+    from decomp.regimes import Policy
+    from decomp.updates import step_updates
+
+    problem = make_problem(seed=0, batch_size=6)
+    obj = objectives(problem.model, problem.batch, Policy(scale=0.1), coef=0.1, clip=(0.2, 0.2))
+    step = step_updates(obj.rl_objective, obj.mtp_loss, dict(problem.model.named_parameters()), coef=0.1, lr=1e-2,
+                        optimizer="adamw", rl_loss=obj.rl_loss)
+    many = step.displacements([2.0, 0.1, -5.0])
+    for i, coef in enumerate([2.0, 0.1, -5.0]):
+        one = step.displacement(coef)
+        assert all(torch.allclose(many[k][i], one[k], rtol=1e-12, atol=1e-18) for k in one), coef
+    assert all(torch.equal(many[k][1], step.updates.displacement[k]) for k in many)

@@ -56,6 +56,27 @@ def test_batched_gains_equal_one_at_a_time_in_float64():
     np.testing.assert_allclose(loop_parts, parts, rtol=1e-11, atol=1e-17)
 
 
+def test_a_coefficient_is_evaluated_once_and_the_estimates_ride_in_the_search_batch():
+    """at_coefs keeps what it evaluated (a coefficient asked again costs no forward), and the
+    estimates given to searched(also=) are evaluated in the search's batch: gains() then runs
+    nothing, with the values of a fresh evaluation."""
+    obj, step, groups = _step()
+    gain = RealizedGain(obj.rl_objective, step)
+    first, parts = gain.at_coefs([0.3, -2.0], groups)
+    n = gain.evaluations
+    again, again_parts = gain.at_coefs([-2.0, 0.0, 0.3], groups)
+    assert gain.evaluations == n
+    assert again.tolist() == [first[1], 0.0, first[0]] and np.array_equal(again_parts[[0, 2]], parts[[1, 0]])
+    gain.at_coefs([0.3, 5.0])
+    assert gain.evaluations == n + 1  # only 5.0
+    measured = decompose_updates(step, obj.rl_objective, groups=groups).searched(also=[0.37, -1.2, math.nan])
+    n = measured.gain.evaluations
+    gains = measured.gains([0.37, -1.2, math.nan])
+    assert measured.gain.evaluations == n and math.isnan(gains[2])
+    fresh = decompose_updates(step, obj.rl_objective, groups=groups).gains([0.37, -1.2])
+    assert gains[:2] == pytest.approx(fresh, rel=1e-12, abs=1e-17) and abs(fresh[0]) > 0
+
+
 def test_step_measurement_gains_and_sweep_use_the_batch():
     from decomp.sweep import sweep_coefficients
 

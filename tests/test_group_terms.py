@@ -1,0 +1,80 @@
+"""Every group's terms for several directions in one reverse-mode pass (decomp.group_terms) against
+two independent computations: forward mode over the whole batch, and a reverse-mode second-order
+pass on each group alone, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_problem
+
+from decomp.evaluation import forward_group_terms, grouped_side
+from decomp.group_terms import padded_rows, reverse_group_terms, split_group_terms
+from decomp.objectives import objectives
+from decomp.regimes import CrossEntropy, DistillJoint, Policy
+from decomp.updates import step_updates
+
+
+def _steps(optimizer: str, batch_size: int = 8, shared: bool = True):
+    """Three directions' updates; ``shared``: they name the policy's parameters (the reverse pass
+    then differentiates those alone), as the loop's do."""
+    problem = make_problem(seed=1, batch_size=batch_size)
+    named = dict(problem.model.named_parameters())
+    steps, obj = [], None
+    for regime in (Policy(scale=0.1), CrossEntropy(scale=0.3), DistillJoint(scale=0.2)):
+        o = objectives(problem.model, problem.batch, regime, coef=regime.scale, clip=(0.2, 0.2))
+        obj = obj or o
+        steps.append(step_updates(o.rl_objective, o.mtp_loss, named, coef=regime.scale, lr=1e-2, optimizer=optimizer,
+                                  rl_loss=o.rl_loss,
+                                  shared=problem.model.shared_parameter_names() if shared else None))
+    return problem, obj, steps
+
+
+# ragged groups (sizes 3, 1, 4) as a mini-batch of a step's groups has them: the padding must count zero
+RAGGED = [torch.tensor([0, 3, 5]), torch.tensor([1]), torch.tensor([2, 4, 6, 7])]
+
+
+@pytest.mark.parametrize("optimizer,shared", [("sgd", True), ("adamw", True), ("adamw", False)])
+@pytest.mark.parametrize("memory", [1 << 28, 1])  # one chunk, and one group per chunk
+def test_one_pass_over_three_directions_matches_forward_mode_and_each_groups_own_pass(optimizer, shared, memory):
+    _, obj, steps = _steps(optimizer, shared=shared)
+    batched = reverse_group_terms(obj.rl_objective, steps, RAGGED, memory=memory)
+    assert len(batched) == len(steps)
+    for step, terms in zip(steps, batched, strict=True):
+        forward = forward_group_terms(obj.rl_objective, step, RAGGED, "J")
+        reverse = grouped_side(obj.rl_objective, step, RAGGED, "autograd", "J").group_terms
+        assert len(terms) == len(RAGGED)
+        for t, f, r in zip(terms, forward, reverse, strict=True):
+            for key, a, b, c in zip(t._fields, t, f, r, strict=True):
+                assert a == pytest.approx(b, rel=1e-10, abs=1e-15), key
+                assert a == pytest.approx(c, rel=1e-10, abs=1e-15), key
+    # not a trivial agreement: the terms differ between groups and are not all zero
+    assert len({round(t.penalty_unit, 12) for t in batched[0]}) == len(RAGGED)
+
+
+def test_padding_and_the_group_of_rows_without_response_tokens():
+    idx, valid = padded_rows(RAGGED)
+    assert idx.tolist() == [[0, 3, 5, 0], [1, 1, 1, 1], [2, 4, 6, 7]]
+    assert valid.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+    problem, obj, steps = _steps("adamw")
+    rows = [torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])]
+    whole = reverse_group_terms(obj.rl_objective, steps[:1], rows)[0][0]
+    value = obj.rl_objective.rows_value({k: v.detach() for k, v in problem.model.named_parameters()}, rows[0],
+                                        torch.ones(8))
+    assert float(value) == pytest.approx(float(obj.rl_objective({k: v.detach() for k, v in
+                                                                  problem.model.named_parameters()})), rel=1e-12)
+    assert whole.correlation_unit != 0.0
+
+
+def test_directions_of_different_parameters_are_refused_and_an_objective_without_rows_falls_back():
+    problem, obj, steps = _steps("adamw")
+    other = make_problem(seed=2, batch_size=8)
+    o2 = objectives(other.model, other.batch, Policy(scale=0.1), coef=0.1, clip=(0.2, 0.2))
+    foreign = step_updates(o2.rl_objective, o2.mtp_loss, dict(other.model.named_parameters()), coef=0.1, lr=1e-2,
+                           optimizer="adamw", rl_loss=o2.rl_loss)
+    with pytest.raises(ValueError, match="share θ"):
+        reverse_group_terms(obj.rl_objective, [steps[0], foreign], RAGGED)
+    obj.rl_objective.rows_logprobs = None  # e.g. an objective built by hand: each step's forward-mode pass
+    fallback = split_group_terms(obj.rl_objective, steps, RAGGED, "J")
+    for step, terms in zip(steps, fallback, strict=True):
+        assert terms == forward_group_terms(obj.rl_objective, step, RAGGED, "J")

@@ -12,7 +12,7 @@ three directions a ``policy`` run measures (``active``, ``ce``, ``distill-joint`
   (:func:`decomp.evaluation.forward_group_terms_of_steps`);
 - by reverse mode, a second-order pass per group built once and shared by the directions, each
   direction's HVPs on it (:func:`decomp.evaluation.grouped_second_order_side`; what the loop did
-  on a batch of at most ``REVERSE_MAX_GROUPS`` groups);
+  on a batch of at most 4 groups);
 - by reverse mode per group, one vmapped pass over every direction's tangents
   (:func:`decomp.group_terms.reverse_group_terms`, groups padded to the largest);
 

@@ -108,8 +108,9 @@ def grouped_second_order_side(objective: Any, theta: Params, devices: list[int],
                               hvp_method: HVPMethod = DEFAULT_HVP_METHOD,
                               name: str = "eval_objective") -> EvaluationSide:
     """``J``'s side as one second-order pass per prompt group, shared by the directions of an
-    update (:func:`grouped_side` with ``side``): the groups' terms from reverse mode, which on a
-    batch of few groups costs less than :func:`forward_group_terms` (``REVERSE_MAX_GROUPS``)."""
+    update (:func:`grouped_side` with ``side``): the groups' terms from reverse mode, one group's
+    pass at a time (:mod:`decomp.group_terms` computes them in one vmapped pass instead, at a
+    third to a quarter of its cost on the built-in model: ``benchmarks/group_terms_cost.py``)."""
     _check_splittable(objective, name)
     with torch.random.fork_rng(devices=devices), math_attention():
         passes = [None if part is None else second_order(part, theta, method=hvp_method, name=name)

@@ -51,7 +51,7 @@ from torch import nn
 
 from decomp.curvature import top_eigenvalues
 from decomp.decomposition import StepMeasurement, decompose_updates
-from decomp.evaluation import EvaluationSide, Terms, first_order_side, grouped_second_order_side
+from decomp.evaluation import EvaluationSide, Terms, first_order_side
 from decomp.group_terms import split_group_terms
 from decomp.objectives import Objectives, RolloutBatch, check_eval_batch, objectives
 from decomp.occ import efficiency, model_efficiency
@@ -61,11 +61,6 @@ from decomp.sweep import sweep_coefficients
 from decomp.vocabulary import DIRECTIONS, SPLITS
 
 SWEEP_POINTS = 13
-# with group_errors, a shared side of at most this many prompt groups is one reverse-mode pass per
-# group; above, forward mode. Per direction on the default model (64 rows of 11 tokens, one
-# process, 9 repeats, 2026-12-07): reverse per group 63 / 112 / 249 ms at 4 / 8 / 16 groups,
-# forward mode 98 / 101 / 124 ms (the whole batch's two HVPs: 32–43 ms)
-REVERSE_MAX_GROUPS = 4
 # the directions' group terms come from one pass per split (decomp.group_terms) when every measured
 # direction's updates fit in this many bytes at once (8 parameter-sized tensors each); above it
 # (a real LM's), each direction's own pass, one direction's updates alive at a time
@@ -228,10 +223,8 @@ def curvature_record(model: nn.Module, batch: RolloutBatch, regime: Regime) -> d
 def shared_sides(model: nn.Module, splits: dict[str, RolloutBatch], regime: Regime,
                  share: bool, group_errors: bool = False) -> tuple[dict[str, EvaluationSide], dict[str, float]]:
     """``J``'s second-order pass once per split (``share``), and the seconds each took. With
-    ``group_errors`` the groups' terms are needed: a batch of at most :data:`REVERSE_MAX_GROUPS`
-    groups gets one second-order pass per group (reverse mode, cheaper there), a larger one its
-    value and gradient only (the groups' forward-mode passes give the curvature at a cost that
-    does not grow with the groups)."""
+    ``group_errors`` its value and gradient only: the groups' terms, from their own pass
+    (:func:`directions_group_terms`), give the curvature, and the whole batch's is their sum."""
     if not share:
         return {}, {}
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -241,13 +234,10 @@ def shared_sides(model: nn.Module, splits: dict[str, RolloutBatch], regime: Regi
         start = time.perf_counter()
         J = objectives(model, split_batch, regime).rl_objective
         name = f"J on the {split} batch"
-        rows = split_batch.group_rows()
-        if not group_errors:
-            sides[split] = EvaluationSide.at(J, params, devices, name=name)
-        elif len(rows) <= REVERSE_MAX_GROUPS:
-            sides[split] = grouped_second_order_side(J, params, devices, rows, name=name)
-        else:
+        if group_errors:
             sides[split] = first_order_side(J, params, devices, name)
+        else:
+            sides[split] = EvaluationSide.at(J, params, devices, name=name)
         seconds[split] = time.perf_counter() - start
     return sides, seconds
 

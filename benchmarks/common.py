@@ -202,6 +202,7 @@ def ground_truth_rows(model, batch, eval_batch, named: dict, opt: torch.optim.Op
     from decomp.updates import step_updates
     from decomp.objectives import objectives
     from decomp.regimes import CrossEntropy, Policy
+    from decomp.realized import RealizedGain
     from decomp.search import realized_optimum
 
     rows: dict[str, Callable[[], object]] = {}
@@ -217,8 +218,8 @@ def ground_truth_rows(model, batch, eval_batch, named: dict, opt: torch.optim.Op
                              first_order=obj.first_order)
             return decompose_updates(s, obj.rl_objective)
 
-        def search(m=measured):
-            return realized_optimum(m.gain)
+        def search(m=measured):  # a fresh gain: one that has evaluated a coefficient keeps its value
+            return realized_optimum(RealizedGain(m.gain.objective, m.step, m.gain.dtype))
 
         rows[f"{name}: decomposition, in-sample"] = in_sample
         rows[f"{name}:   + held-out split (J side)"] = lambda step=step, held=held: decompose_updates(step, held.rl_objective)

@@ -173,8 +173,8 @@ class InstrumentConfig:
                                       "same numbers up to rounding); 0: auto (the whole batch for the built-in "
                                       f"model, {AUTO_HVP_ROWS} for Hugging Face models)")
     group_errors: bool = option(False, "records carry the sampling errors of their terms from the evaluation "
-                                "batch's prompt groups (forward-mode passes over the batch; reference loop only, "
-                                "where it is on by default)")
+                                "batch's prompt groups (one pass per split for every direction: reverse mode per "
+                                "group or forward mode; reference loop only, where it is on by default)")
     sweep_every: int = option(50, "steps between coefficient sweeps, at the first instrumented update at or "
                               "after each multiple (0: never)")
     curvature_every: int = option(50, "steps between Hessian eigenvalue runs, at the first instrumented update "

@@ -339,10 +339,10 @@ def instrument_update(
     contexts = {d: direction_context(model, splits, optimizer, plan[d], coefs[d], shared, scale, loss, batched_jvp)
                 for d in measured_here}
     group_terms: dict[str, dict[str, list[Terms]]] = {}
+    pass_share: dict[str, float] = {}  # each direction's share of the one pass of its split's group terms
     if group_errors and sides and batch_directions(model, len(contexts)):
         group_terms, pass_seconds = directions_group_terms(contexts, splits, sides)
-        for split, seconds in pass_seconds.items():
-            side_seconds[split] = side_seconds.get(split, 0.0) + seconds
+        pass_share = {split: seconds / len(contexts) for split, seconds in pass_seconds.items()}
     active: list[dict[str, Any]] = []
     for direction, reg in plan.items():
         if direction not in measured_here:
@@ -357,6 +357,7 @@ def instrument_update(
                                                      microbatches, batched_jvp, group_errors, contexts.pop(direction),
                                                      group_terms.get(direction)):
             record["seconds"] += side_seconds.pop(record["split"], 0.0)  # the shared pass, on its first user
+            record["seconds"] += pass_share.get(record["split"], 0.0)
             out.decompositions.append({"direction": direction, **record})
             if on_record is not None:
                 on_record(out.decompositions[-1])

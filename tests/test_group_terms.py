@@ -78,3 +78,35 @@ def test_directions_of_different_parameters_are_refused_and_an_objective_without
     fallback = split_group_terms(obj.rl_objective, steps, RAGGED, "J")
     for step, terms in zip(steps, fallback, strict=True):
         assert terms == forward_group_terms(obj.rl_objective, step, RAGGED, "J")
+
+
+def test_an_instrumented_update_gives_the_records_of_each_directions_own_pass(monkeypatch):
+    """instrument_update with one pass per split over three directions (reverse mode on held-out
+    groups of 6, forward mode on the mini-batch's groups of 2) writes, to float64 rounding, every
+    field of the records that each direction's own forward-mode pass gives."""
+    import decomp.group_terms as group_terms
+    import decomp.instrument as instrument
+    from test_instrument import _assert_equal_to_rounding, _setup
+
+    from decomp.objectives import RolloutBatch
+
+    model, batch, opt = _setup(seed=4)
+    batch = RolloutBatch(batch.tokens, batch.mask, batch.advantages, batch.old_logp, batch.response_start,
+                         groups=torch.arange(batch.tokens.shape[0]) // 2)
+    b = make_problem(seed=5, prompt_len=4, batch_size=12).batch
+    held = RolloutBatch(b.tokens, b.mask, b.advantages, b.old_logp, response_start=3, groups=torch.arange(12) // 6)
+    kw = dict(scale=0.1, coef=0.1, eval_batch=held, directions=("active", "ce", "distill-joint"), group_errors=True)
+    calls = []
+    reverse = group_terms.reverse_group_terms
+    monkeypatch.setattr(group_terms, "reverse_group_terms", lambda *a, **k: calls.append(1) or reverse(*a, **k))
+    together = instrument_update_records(instrument, model, batch, opt, kw)
+    assert len(calls) == 1  # the held-out split; the mini-batch's groups of 2 go through forward mode
+    monkeypatch.setattr(instrument, "batch_directions", lambda model, directions: False)
+    alone = instrument_update_records(instrument, model, batch, opt, kw)
+    assert len(calls) == 1 and len(together) == len(alone) == 6
+    _assert_equal_to_rounding(alone, together)
+    assert all(r["n_groups"] == (3 if r["split"] == "train" else 2) for r in together if not r["same_as"])
+
+
+def instrument_update_records(instrument, model, batch, opt, kw):
+    return instrument.instrument_update(model, batch, opt, Policy(scale=0.1), **kw).decompositions

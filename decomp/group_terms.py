@@ -116,7 +116,7 @@ def reverse_group_terms(objective: Any, steps: Sequence[StepUpdates], row_sets: 
 
     per_group_bytes = len(bs) * sum(t.numel() for t in live.values()) * 8 * 3
     chunk = max(1, memory // max(per_group_bytes, 1))
-    with math_attention():
+    with torch.random.fork_rng(devices=steps[0].devices), math_attention():
         first, cross, quad = vmap(per_group, chunk_size=chunk)(idx, valid)  # [G, tangents] each
     first, cross, quad = first.T.tolist(), cross.T.tolist(), quad.T.tolist()
     out = []

@@ -78,8 +78,8 @@ class TrainConfig(InstrumentConfig, MTPConfig):
     # InstrumentConfig's default stays off for TRL, whose micro-batches carry no prompt groups
     group_errors: bool = option(True, "records carry the sampling errors of their terms and λ̂'s bootstrap "
                                 "interval from the evaluation batch's prompt groups (one pass per split for every "
-                                "direction: at the default held-out size no more than the HVPs it replaces, +21% "
-                                "at 16× its groups; benchmarks/results.md)")
+                                "direction: at the default held-out size no more than the HVPs it replaces, +11% "
+                                "at 4× its groups, +32% at 16×; benchmarks/results.md)")
     # beyond one step (docs/method.md §3.6)
     horizon: int = option(1, "k: also judge each instrumented update's MTP term over k updates (it, then k−1 "
                           "RL-only updates on the loop's own next mini-batches, the same for every λ): λ̂_k, its "

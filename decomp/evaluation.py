@@ -55,16 +55,25 @@ def _quadratic_forms(rl: Any, step: StepUpdates) -> QuadraticForms:
     return QuadraticForms(*forms)
 
 
-def _terms(g: Params, forms: QuadraticForms, step: StepUpdates) -> Terms:
-    """The :class:`Terms` from ``∇J`` and the quadratic forms (for a linear optimizer ``δ = λδ₁``,
-    so ``C``, ``X``, ``P`` follow from the unit terms)."""
-    delta, delta1 = step.updates.displacement, step.updates.unit_displacement
-    x1, p1 = forms.cross_unit_form, -0.5 * forms.unit_form + 0.0  # + 0.0: report 0, not -0
+def step_terms(step: StepUpdates, c1: float, x1: float, unit_form: float, c: float = math.nan,
+               x: float = math.nan, displacement_form: float = math.nan) -> Terms:
+    """The :class:`Terms` from ``C₁``, ``X₁``, ``δ₁ᵀHδ₁`` and, for a nonlinear optimizer, ``C``,
+    ``X``, ``δᵀHδ`` (for a linear one ``δ = λδ₁``, so ``C``, ``X``, ``P`` follow from the unit
+    terms); ``P = −½·form``."""
+    p1 = -0.5 * unit_form + 0.0  # + 0.0: report 0, not -0
     if step.optimizer.linear:
-        lam, c1 = step.coef, dot(g, delta1)
+        lam = step.coef
         return Terms(c1, x1, p1, lam * c1, lam * x1, lam * lam * p1 + 0.0)
+    return Terms(c1, x1, p1, c, x, -0.5 * displacement_form + 0.0)
+
+
+def _terms(g: Params, forms: QuadraticForms, step: StepUpdates) -> Terms:
+    """The :class:`Terms` from ``∇J`` and the quadratic forms."""
+    delta, delta1 = step.updates.displacement, step.updates.unit_displacement
+    if step.optimizer.linear:
+        return step_terms(step, dot(g, delta1), forms.cross_unit_form, forms.unit_form)
     c1, c = dots([(g, delta1), (g, delta)])
-    return Terms(c1, x1, p1, c, forms.cross_form, -0.5 * forms.displacement_form + 0.0)
+    return step_terms(step, c1, forms.cross_unit_form, forms.unit_form, c, forms.cross_form, forms.displacement_form)
 
 
 @dataclass
@@ -312,12 +321,8 @@ def forward_group_terms_of_steps(objective: Any, steps: list[StepUpdates], row_s
     for step in steps:
         terms = []
         for d1, d2 in sums:
-            c1, x1, p1 = float(d1[at]), float(d2[at + 1]), -0.5 * float(d2[at]) + 0.0
-            if step.optimizer.linear:
-                lam = step.coef
-                terms.append(Terms(c1, x1, p1, lam * c1, lam * x1, lam * lam * p1 + 0.0))
-            else:
-                terms.append(Terms(c1, x1, p1, float(d1[at + 2]), float(d2[at + 3]), -0.5 * float(d2[at + 2]) + 0.0))
+            nonlinear = () if step.optimizer.linear else (float(d1[at + 2]), float(d2[at + 3]), float(d2[at + 2]))
+            terms.append(step_terms(step, float(d1[at]), float(d2[at + 1]), float(d2[at]), *nonlinear))
         out.append(terms)
         at += 2 if step.optimizer.linear else 4
     return out

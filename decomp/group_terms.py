@@ -25,7 +25,7 @@ from torch.func import grad, jvp, vmap
 
 from decomp.checks import Params
 from decomp.curvature import math_attention
-from decomp.evaluation import Terms, forward_group_terms_of_steps, group_terms_of
+from decomp.evaluation import Terms, forward_group_terms_of_steps, group_terms_of, step_terms
 from decomp.updates import StepUpdates
 
 # bytes of per-group products a pass holds at once: the groups go through vmap in chunks beyond it
@@ -123,12 +123,8 @@ def reverse_group_terms(objective: Any, steps: Sequence[StepUpdates], row_sets: 
     for step, (i, j) in zip(steps, where, strict=True):
         terms = []
         for gi in range(len(row_sets)):
-            c1, x1, p1 = first[i][gi], cross[i][gi], -0.5 * quad[i][gi] + 0.0
-            if j is None:
-                lam = step.coef
-                terms.append(Terms(c1, x1, p1, lam * c1, lam * x1, lam * lam * p1 + 0.0))
-            else:
-                terms.append(Terms(c1, x1, p1, first[j][gi], cross[j][gi], -0.5 * quad[j][gi] + 0.0))
+            nonlinear = () if j is None else (first[j][gi], cross[j][gi], quad[j][gi])
+            terms.append(step_terms(step, first[i][gi], cross[i][gi], quad[i][gi], *nonlinear))
         out.append(terms)
     return out
 

@@ -1,6 +1,7 @@
 """The cost of instrumentation inside the reference loop, beside the benchmark's own figure.
 
     python benchmarks/loop_cost.py [--model builtin|smollm2-135m] [--steps 4] [--without-errors]
+                                   [--directions active,ce]
 
 Runs the reference loop (``decomp.training.loop.train``) with every step instrumented, and
 reports, from the run's own records, each direction's measurement time as a multiple of the
@@ -8,9 +9,11 @@ plain training update the loop timed in the same steps (``update_seconds``): the
 record (``train``: the updates, the shared first-order passes and the jvp estimators included)
 and the held-out one (``heldout``: ``J``'s side alone), each split into the search for ``λ̂``
 with the estimators' realized gains (``search_seconds``), the jvp estimators' forward-mode
-passes (``jvp_seconds``) and the rest: on the first direction's ``train`` record, the
-decomposition that ``decomposition_cost.py`` times (``decompose``, the same passes); then the
-whole instrumented update's extra time over a plain one (``decomp_seconds``).
+passes (``jvp_seconds``; 0 where forward mode's group-terms pass on the mini-batch gave them
+their derivatives, as on the built-in model with sampling errors on) and the rest: on the
+first direction's ``train`` record, the decomposition that ``decomposition_cost.py`` times
+(``decompose``, the same passes); then the whole instrumented update's extra time over a plain
+one (``decomp_seconds``).
 The same multiples that ``decomposition_cost.py`` measures in isolation, measured where they
 are paid.
 """
@@ -45,11 +48,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--without-errors", action="store_true", help="group_errors off (the records' sampling errors "
                     "and λ̂'s distribution), to measure what they add")
+    ap.add_argument("--directions", default=None, help="decomp_directions (comma-separated; default: the "
+                    "model's setting), to measure what measuring fewer directions saves")
     args = ap.parse_args()
     reuse_freed_memory()  # as `decomp run` does: freed tensors' memory is reused, not refaulted
     settings = dict(SETTINGS[args.model])
     if args.steps:
         settings["steps"] = args.steps
+    if args.directions:
+        settings["decomp_directions"] = args.directions
     cfg = TrainConfig(regime="policy", group_errors=not args.without_errors, **settings)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"

@@ -405,7 +405,7 @@ def measure_step(
             :meth:`decomp.objectives.RolloutBatch.group_rows`): the record then carries the
             sampling errors of its terms (``<term>_se``, ``lambda_star_se``, ``n_groups``,
             ``noise_groups``) and, with ``search``, ``λ̂``'s bootstrap distribution
-            (docs/estimators.md §5). Needs an objective with ``row_values``
+            (docs/estimators.md §5). Needs an objective with ``token_weights``
             (:class:`decomp.objectives.ImportanceObjective`).
 
     Returns:

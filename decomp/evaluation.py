@@ -276,56 +276,116 @@ def grouped_side(objective: Any, step: StepUpdates, row_sets: list[Tensor], hvp_
 def forward_group_terms(objective: Any, step: StepUpdates, row_sets: list[Tensor], name: str,
                         batched: bool | None = None) -> list[Terms]:
     """Every group's :class:`Terms` from forward-mode passes over the whole batch, the groups'
-    number not mattering: with ``f_r(θ)`` row ``r``'s contribution to ``J``
-    (:meth:`decomp.objectives.ImportanceObjective.row_values`), nested ``jvp`` along a pair
-    ``(a, b)`` gives ``(∇f_r·b, aᵀ∇²f_r b)`` for every row at once; the pairs ``(δ₁, δ₁)`` and
-    ``(u_RL, δ₁)`` give ``C₁_r``, ``P₁_r = −½δ₁ᵀ∇²f_r δ₁`` and ``X₁_r``, and for a nonlinear
-    optimizer ``(δ, δ)`` and ``(u_RL, δ)`` give ``C_r``, ``P_r``, ``X_r``. A group's terms are its
-    rows' sums; they add to the whole batch's (the second-order pass's, up to rounding).
-
-    The pairs run in one pass carrying them all (``torch.func.vmap``) where
-    :func:`decomp.curvature.batched_by_default` says so (``batched``), else one pass each."""
-    return forward_group_terms_of_steps(objective, [step], row_sets, name, batched)[0]
+    number not mattering (:func:`forward_pass` of one step)."""
+    return forward_pass(objective, [step], row_sets, name, batched).terms[0]
 
 
 def forward_group_terms_of_steps(objective: Any, steps: list[StepUpdates], row_sets: list[Tensor], name: str,
                                  batched: bool | None = None) -> list[list[Terms]]:
-    """:func:`forward_group_terms` of several steps at one ``θ`` (the directions of one update),
-    their pairs in one pass (``batched``) or one pass per pair."""
+    """:func:`forward_group_terms` of several steps at one ``θ`` (the directions of one update)."""
+    return forward_pass(objective, steps, row_sets, name, batched).terms
+
+
+@dataclass
+class ForwardPass:
+    """What :func:`forward_pass` gives for the steps of one update: per step, every group's
+    :class:`Terms`, and the per-token ``∇ℓ·δ₁`` and ``∇ℓ·u_RL`` (``[B, T−1]``, the jvp
+    estimators' inputs: :meth:`decomp.rules.UpdateContext.jvp`) beside ``ℓ`` itself."""
+
+    terms: list[list[Terms]]
+    unit_jvps: list[Tensor]
+    rl_jvps: list[Tensor]
+    logp: Tensor
+
+
+def _forward_inputs(objective: Any, steps: list[StepUpdates], name: str) -> Params:
     if any(step.updates is None for step in steps):
         raise ValueError("the groups' terms need the updates before J's side: give rl_loss, or an eval_objective")
-    if not callable(getattr(objective, "row_values", None)):
-        raise ValueError(f"the groups' terms need an objective with row_values() "
+    if not callable(getattr(objective, "token_weights", None)):
+        raise ValueError(f"the groups' terms need an objective with token_weights() "
                          f"(decomp.objectives.ImportanceObjective); {name} has none")
-    theta = {k: v.detach() for k, v in steps[0].theta.items()}
-    pairs = []
-    for step in steps:
-        updates = step.updates
-        pairs += [(updates.unit_displacement, updates.unit_displacement), (updates.update_rl, updates.unit_displacement)]
-        if not step.optimizer.linear:
-            pairs += [(updates.displacement, updates.displacement), (updates.update_rl, updates.displacement)]
+    return {k: v.detach() for k, v in steps[0].theta.items()}
 
-    def second(a: Params, b: Params) -> tuple[Tensor, Tensor]:
-        return jvp(lambda p: jvp(objective.row_values, (p,), (b,))[1], (theta,), (a,))
+
+def _same_params(x: Params, y: Params) -> bool:
+    return x is y or all(torch.equal(x[k], y[k]) for k in x)
+
+
+def forward_pass(objective: Any, steps: list[StepUpdates], row_sets: list[Tensor], name: str,
+                 batched: bool | None = None) -> ForwardPass:
+    """Every group's terms of every step from forward-mode derivatives of the per-token log-probs
+    ``ℓ`` (``objective.logprobs``). Nested ``jvp`` along ``(a, b)`` gives ``ℓ̇_a = ∇ℓ·a``,
+    ``ℓ̇_b`` and ``ℓ̈_ab = aᵀ∇²ℓ b`` for every token at once; row ``r``'s share of ``J`` reads
+    ``θ`` through its tokens' ``ℓ`` only, so with ``w`` =
+    :meth:`~decomp.objectives.ImportanceObjective.token_weights` its ``∇f_r·b = Σ_t w·ℓ̇_b`` and
+    ``aᵀ∇²f_r b = Σ_t w·(ℓ̇_a ℓ̇_b + ℓ̈_ab)`` (in float64); a group's terms are its rows' sums, and
+    they add to the whole batch's (the second-order pass's, up to rounding).
+
+    Per tangent ``b`` (``δ₁``, and ``δ`` for a nonlinear optimizer) two nested passes: ``(u_RL, b)``
+    for ``C``, ``X`` and ``(b, b)`` for ``P``. Steps with the same ``u_RL`` (the directions of one
+    update) share its tangent stream: one pass carries ``u_RL`` once and every ``b``
+    (``torch.func.vmap`` over the ``b``, where :func:`decomp.curvature.batched_by_default` says so,
+    ``batched``; else one pass per tangent)."""
+    theta = _forward_inputs(objective, steps, name)
+    f = objective.logprobs
+    tangents, where = [], []  # per step, the indices of its δ₁ and δ (None: linear) among the tangents
+    for step in steps:
+        u = step.updates
+        where.append((len(tangents), None if step.optimizer.linear else len(tangents) + 1))
+        tangents += [u.unit_displacement] if step.optimizer.linear else [u.unit_displacement, u.displacement]
+    owners = [i for i, step in enumerate(steps) for _ in range(1 if step.optimizer.linear else 2)]
+
+    def cross(a: Params, b: Params) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        return jvp(lambda p: jvp(f, (p,), (b,)), (theta,), (a,))  # ((ℓ, ℓ̇_b), (ℓ̇_a, ℓ̈_ab))
+
+    def diag(b: Params) -> Tensor:
+        return jvp(lambda p: jvp(f, (p,), (b,))[1], (theta,), (b,))[1]  # ℓ̈_bb
+
+    def stacked(ts: list[Params]) -> Params:
+        return {k: torch.stack([t[k] for t in ts]) for k in theta}
 
     use = batched_by_default("forward", theta) if batched is None else batched
+    n = len(tangents)
+    first, first_rl, second_rl, second = [None] * n, [None] * n, [None] * n, [None] * n
+    logp = None
     with torch.random.fork_rng(devices=steps[0].devices), math_attention(), torch.no_grad():
-        if use:
-            stacked = [{k: torch.stack([pair[i][k] for pair in pairs]) for k in theta} for i in (0, 1)]
-            first, mixed = vmap(second)(*stacked)
+        for u, members in _by_rl_update(steps, owners):  # tangents sharing one u_RL
+            if use and len(members) > 1:
+                (lp, lb), (la, lab) = vmap(lambda b, u=u: cross(u, b))(stacked([tangents[i] for i in members]))
+                parts = [(lp[j], lb[j], la[j], lab[j]) for j in range(len(members))]
+            else:
+                parts = [(lp, lb, la, lab) for (lp, lb), (la, lab) in (cross(u, tangents[i]) for i in members)]
+            for i, (lp, lb, la, lab) in zip(members, parts, strict=True):
+                logp, first[i], first_rl[i], second_rl[i] = lp, lb, la, lab
+        bb = vmap(diag)(stacked(tangents)).unbind(0) if use and n > 1 else [diag(b) for b in tangents]
+        second = list(bb)
+    w = objective.token_weights(logp)
+    rows_c, rows_x, rows_q = (torch.stack(t) for t in zip(*(
+        ((w * first[i].double()).sum(1),
+         (w * (first_rl[i].double() * first[i].double() + second_rl[i].double())).sum(1),
+         (w * (first[i].double().square() + second[i].double())).sum(1)) for i in range(n)), strict=True))
+    sums = [(rows_c[:, idx].sum(1), rows_x[:, idx].sum(1), rows_q[:, idx].sum(1)) for idx in row_sets]
+    terms = []
+    for step, (i, j) in zip(steps, where, strict=True):
+        terms.append([step_terms(step, float(c[i]), float(x[i]), float(q[i]),
+                                 *(() if j is None else (float(c[j]), float(x[j]), float(q[j]))))
+                      for c, x, q in sums])
+    return ForwardPass(terms, [first[i] for i, _ in where], [first_rl[i] for i, _ in where], logp.detach())
+
+
+def _by_rl_update(steps: list[StepUpdates], owners: list[int]) -> list[tuple[Params, list[int]]]:
+    """The tangents (indices, by their steps ``owners``) grouped by their steps' ``u_RL``: equal
+    updates (the directions of one update) form one group."""
+    groups: list[tuple[Params, list[int]]] = []
+    for i, owner in enumerate(owners):
+        u = steps[owner].updates.update_rl
+        for rl, members in groups:
+            if _same_params(rl, u):
+                members.append(i)
+                break
         else:
-            first, mixed = (torch.stack(t) for t in zip(*(second(a, b) for a, b in pairs), strict=True))
-    first, mixed = first.double(), mixed.double()
-    sums = [(first[:, idx].sum(1), mixed[:, idx].sum(1)) for idx in row_sets]
-    out, at = [], 0
-    for step in steps:
-        terms = []
-        for d1, d2 in sums:
-            nonlinear = () if step.optimizer.linear else (float(d1[at + 2]), float(d2[at + 3]), float(d2[at + 2]))
-            terms.append(step_terms(step, float(d1[at]), float(d2[at + 1]), float(d2[at]), *nonlinear))
-        out.append(terms)
-        at += 2 if step.optimizer.linear else 4
-    return out
+            groups.append((u, [i]))
+    return groups
 
 
 def group_terms_of(objective: Any, step: StepUpdates, row_sets: list[Tensor], name: str,

@@ -7,7 +7,7 @@ For group ``g`` with ``J_g`` its share of ``J`` (over the batch's normaliser) an
 ``H_g b``; then ``C_g = ∇J_g·b``, ``X_g = aᵀH_g b`` and ``bᵀH_g b = −2P_g``. Each direction adds two
 tangents (``δ₁``, and ``δ`` for a nonlinear optimizer) to one pass that computes ``∇J_g`` once
 (:func:`torch.func.vmap` over the groups, padded to the largest with rows that count zero, and
-over the tangents). Forward mode (:func:`decomp.evaluation.forward_group_terms`) needs two
+over the tangents). Forward mode (:func:`decomp.evaluation.forward_pass`) needs two
 nested-``jvp`` pairs per tangent instead, but its cost grows with the rows, not the groups: on
 the built-in model the reverse pass costs about half of forward mode's on groups of 8, and more
 on a mini-batch's small ragged groups (:func:`split_group_terms` picks;
@@ -25,7 +25,7 @@ from torch.func import grad, jvp, vmap
 
 from decomp.checks import Params
 from decomp.curvature import math_attention
-from decomp.evaluation import Terms, forward_group_terms_of_steps, group_terms_of, step_terms
+from decomp.evaluation import ForwardPass, Terms, forward_pass, group_terms_of, step_terms
 from decomp.updates import StepUpdates
 
 # bytes of per-group products a pass holds at once: the groups go through vmap in chunks beyond it
@@ -130,19 +130,22 @@ def reverse_group_terms(objective: Any, steps: Sequence[StepUpdates], row_sets: 
 
 
 def split_group_terms(objective: Any, steps: Sequence[StepUpdates], row_sets: Sequence[Tensor],
-                      name: str) -> list[list[Terms]]:
+                      name: str) -> tuple[list[list[Terms]], ForwardPass | None]:
     """Per step, every group's terms from one pass over all the steps: :func:`reverse_group_terms`
     where the groups hold :data:`REVERSE_MIN_MEAN_ROWS` rows or more on average, else forward
-    mode (:func:`decomp.evaluation.forward_group_terms_of_steps`); where the objective or the
-    model cannot run them (no vmappable rows; an operation without forward-mode derivatives such
-    as SiLU's backward in Llama's MLP) each step's own :func:`decomp.evaluation.group_terms_of`."""
+    mode (:func:`decomp.evaluation.forward_pass`, which also gives the per-token directional
+    derivatives, returned beside the terms; ``None`` from the other passes); where the objective
+    or the model cannot run them (no vmappable rows; an operation without forward-mode
+    derivatives such as SiLU's backward in Llama's MLP) each step's own
+    :func:`decomp.evaluation.group_terms_of`."""
     rows = sum(len(r) for r in row_sets)
     if has_rows_value(objective) and rows >= REVERSE_MIN_MEAN_ROWS * len(row_sets):
         try:
-            return reverse_group_terms(objective, steps, row_sets)
+            return reverse_group_terms(objective, steps, row_sets), None
         except (NotImplementedError, RuntimeError):  # RuntimeError: vmap cannot batch the model
             pass
     try:
-        return forward_group_terms_of_steps(objective, list(steps), list(row_sets), name)
+        forward = forward_pass(objective, list(steps), list(row_sets), name)
+        return forward.terms, forward
     except NotImplementedError:
-        return [group_terms_of(objective, step, list(row_sets), name) for step in steps]
+        return [group_terms_of(objective, step, list(row_sets), name) for step in steps], None

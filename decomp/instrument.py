@@ -179,7 +179,9 @@ def directions_group_terms(contexts: dict[str, UpdateContext], splits: dict[str,
     """Per split whose shared side is first-order (its curvature is the groups'), every
     direction's group terms from one pass (:func:`decomp.group_terms.split_group_terms`): per
     direction and split, and the seconds each split's pass took (the directions' updates, built
-    here, are not counted: each direction's record counts its own)."""
+    here, are not counted: each direction's record counts its own). A forward-mode pass on the
+    ``train`` split hands each context its per-token ``∇ℓ·δ₁``, ``∇ℓ·u_RL`` and ``ℓ``: the jvp
+    estimators' inputs (:meth:`decomp.rules.UpdateContext.jvp`), which then cost nothing more."""
     steps = {direction: (ctx.objectives(), ctx.step())[1] for direction, ctx in contexts.items()}
     terms: dict[str, dict[str, list[Terms]]] = {direction: {} for direction in contexts}
     seconds = {}
@@ -188,9 +190,14 @@ def directions_group_terms(contexts: dict[str, UpdateContext], splits: dict[str,
         if side is None or side.rl is not None or side.groups is not None:
             continue
         start = time.perf_counter()
-        per_step = split_group_terms(side.objective, list(steps.values()), split_batch.group_rows(), side.name)
-        for direction, group in zip(steps, per_step, strict=True):
+        per_step, forward = split_group_terms(side.objective, list(steps.values()), split_batch.group_rows(),
+                                              side.name)
+        for i, (direction, group) in enumerate(zip(steps, per_step, strict=True)):
             terms[direction][split] = group
+            if forward is not None and split == "train":
+                view = split_batch.response
+                contexts[direction].provide("jvp", (view(forward.unit_jvps[i]), view(forward.rl_jvps[i]),
+                                                    view(forward.logp)))
         seconds[split] = time.perf_counter() - start
     return terms, seconds
 

@@ -152,6 +152,19 @@ class ImportanceObjective:
         m = self.mask.to(ratio.dtype)
         return (self.advantages * ratio * m).sum(1) / m.sum() * self.weight
 
+    def token_weights(self, logp: Tensor) -> Tensor:
+        """``w_t = ∂f_r/∂ℓ_t = ∂²f_r/∂ℓ_t²`` at the log-probs ``logp``, float64 ``[B, T−1]``:
+        ``M·A·exp(clamp(ℓ − ℓ^old))·1[ℓ − ℓ^old inside the clamp] / Σ M`` (times ``weight``).
+        :meth:`row_values`' ``f_r`` reads ``θ`` only through its tokens' ``ℓ_t``, each in one
+        exponential, so for tangents ``a``, ``b`` (``ℓ̇_b = ∇ℓ·b``, ``ℓ̈_ab = aᵀ∇²ℓ b``):
+        ``∇f_r·b = Σ_t w_t·ℓ̇_b`` and ``aᵀ∇²f_r b = Σ_t w_t·(ℓ̇_a·ℓ̇_b + ℓ̈_ab)`` (the clamp's
+        derivative is 1 inside, as torch's, and its second derivative 0)."""
+        z = logp.double() - self.old_logp.double()
+        inside = (z >= -LOG_RATIO_CLAMP) & (z <= LOG_RATIO_CLAMP)
+        m = self.mask.double()
+        return m * self.advantages.double() * torch.exp(z.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)) * inside \
+            / m.sum() * self.weight
+
     def rows_value(self, params: Params, idx: Tensor, valid: Tensor) -> Tensor:
         """The rows ``idx``' share of ``J``, rows with ``valid = 0`` (padding) left out:
         ``Σ_r valid_r·f_r`` over :meth:`row_values`' ``f_r``, from ``rows_logprobs`` alone, so that

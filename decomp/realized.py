@@ -30,6 +30,9 @@ class RealizedGain:
     Every point is summed into one reused buffer, ``(θ + u_RL) + δ`` in that order (so without
     ``dtype`` the point is bit-identical to the real step's ``θ + u``): no copy of ``θ + u_RL``
     is kept, and in float64 the buffer is the only parameter-sized tensor the evaluations hold.
+    Given the step's ``shared`` names (the parameters the policy depends on), only those move:
+    ``J`` reads the policy alone, so the MTP module's own parameters stay at ``θ`` (their
+    displacements are neither computed nor stacked).
 
     :meth:`at_coefs` evaluates many coefficients at once: the points ``(θ + u_RL) + δ(λ_k)``
     (the same sums, so the same bits) stacked with ``θ + u_RL`` itself, one forward over the stack
@@ -42,7 +45,10 @@ class RealizedGain:
     def __init__(self, objective: Callable[[Params], Tensor], step: StepUpdates, dtype: torch.dtype | None = None) -> None:
         self.objective, self.step, self.dtype = objective, step, dtype
         self.paired = callable(getattr(objective, "difference", None))
-        self._keys = list(step.theta)
+        # J reads the policy's parameters only (decomp.group_terms makes the same use of `shared`)
+        self._keys = [k for k in step.theta if step.shared is None or k in step.shared]
+        self._fixed = {k: v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()
+                       for k, v in step.theta.items() if k not in self._keys}
         self._work: list[Tensor] | None = None  # one buffer reused for every point
         self.evaluations = 0
         self.batched = True  # at_coefs through vmap (off by itself when vmap cannot run the model)
@@ -62,7 +68,7 @@ class RealizedGain:
             for term in (update, delta):
                 if term is not None:
                     torch._foreach_add_(self._work, [term[k] for k in self._keys])
-        return dict(zip(self._keys, self._work, strict=True))
+        return {**self._fixed, **dict(zip(self._keys, self._work, strict=True))}
 
     def _forward(self, point: Params) -> Tensor | float:
         """The per-token log-probs at ``point`` (paired), else ``J(point)``."""
@@ -102,8 +108,9 @@ class RealizedGain:
     @property
     def batch(self) -> int:
         """Points per batched forward: :data:`BATCH_MEMORY` over twice one point's bytes (≥ 1)."""
+        moving = (self.step.theta[k] for k in self._keys)
         point = sum(t.numel() * (t.element_size() if self.dtype is None or not t.is_floating_point()
-                                 else torch.finfo(self.dtype).bits // 8) for t in self.step.theta.values())
+                                 else torch.finfo(self.dtype).bits // 8) for t in moving)
         return max(1, BATCH_MEMORY // (2 * max(point, 1)))
 
     def at_coefs(self, coefs: Sequence[float], row_sets: Sequence[Tensor] | None = None
@@ -144,15 +151,17 @@ class RealizedGain:
         ``batched`` off) when ``vmap`` cannot run the objective."""
         base = self._point(self.step.updates.update_rl, None)
         with torch.no_grad():
-            deltas = self.step.displacements(coefs)  # [K, *shape] per parameter, in one pass
-            stacked = {k: torch.cat([b[None], deltas[k].to(b.dtype).add_(b)]) for k, b in base.items()}
+            deltas = self.step.displacements(coefs, self._keys)  # [K, *shape] per parameter, in one pass
+            stacked = {k: torch.cat([base[k][None], deltas[k].to(base[k].dtype).add_(base[k])]) for k in self._keys}
         del deltas
+        stacked.update(self._fixed)
+        in_dims = ({k: 0 if k not in self._fixed else None for k in stacked},)
         fn = self.objective.logprobs if self.paired else self.objective
         try:
             with torch.random.fork_rng(devices=self.step.devices), any_attention(), torch.no_grad(), \
                     warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*performance drop.*")  # a kernel without a batching rule
-                out = torch.func.vmap(fn, randomness="error")(stacked)
+                out = torch.func.vmap(fn, in_dims=in_dims, randomness="error")(stacked)
         except Exception:  # noqa: BLE001  (vmap cannot batch this model: one at a time from now on)
             self.batched = False
             return None

@@ -141,9 +141,13 @@ class UpdateContext:
         def build() -> StepUpdates:
             obj = self.objectives()
             shared = getattr(self.model, "shared_parameter_names", None)
-            return step_updates(obj.rl_objective, obj.mtp_loss, dict(self.model.named_parameters()), coef=self.coef,
-                                optimizer=self.optimizer, rl_loss=obj.rl_loss, first_order=obj.first_order,
-                                shared=None if shared is None else shared())
+            step = step_updates(obj.rl_objective, obj.mtp_loss, dict(self.model.named_parameters()),
+                                coef=self.coef, optimizer=self.optimizer, rl_loss=obj.rl_loss,
+                                first_order=obj.first_order, shared=None if shared is None else shared(),
+                                rl_grad=self.shared.get("rl_grad"))
+            # the RL update is every direction's: later contexts of this update reuse its gradient
+            self.shared.setdefault("rl_grad", step.update_grad)
+            return step
 
         return self._once("updates", build)
 

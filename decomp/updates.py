@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from decomp import optim as cf_optim
-from decomp.checks import Params, check_number, check_params, scalar_function
+from decomp.checks import Params, check_like, check_number, check_params, scalar_function
 from decomp.curvature import any_attention, math_attention, norm
 
 OptimizerSpec = str | torch.optim.Optimizer | cf_optim.SGD | cf_optim.AdamW
@@ -104,11 +104,13 @@ class StepUpdates:
             return self.updates.displacement
         return self.optimizer.displacement(self.theta, self.update_grad, self.grad_mtp, coef, self.updates.update_rl)
 
-    def displacements(self, coefs: list[float]) -> Params:
+    def displacements(self, coefs: list[float], keys: list[str] | None = None) -> Params:
         """:meth:`displacement` at every coefficient of ``coefs``, stacked ``[K, *shape]`` per
-        parameter (one pass of the optimizer's rule for all of them); the step's own ``λ`` gets
-        the step's own ``δ``, as :meth:`displacement` gives it."""
-        out = self.optimizer.displacements(self.theta, self.update_grad, self.grad_mtp, list(coefs),
+        parameter (one pass of the optimizer's rule for all of them), of the parameters ``keys``
+        (``None``: all); the step's own ``λ`` gets the step's own ``δ``, as :meth:`displacement`
+        gives it."""
+        theta = self.theta if keys is None else {k: self.theta[k] for k in keys}
+        out = self.optimizer.displacements(theta, self.update_grad, self.grad_mtp, list(coefs),
                                            self.updates.update_rl)
         for i in (i for i, c in enumerate(coefs) if c == self.coef):
             for k, t in out.items():
@@ -129,6 +131,7 @@ def step_updates(
     defer: bool = False,
     first_order: Callable[[Params], tuple[Tensor, Tensor]] | None = None,
     shared: Collection[str] | None = None,
+    rl_grad: Params | None = None,
 ) -> StepUpdates:
     """The training batch's side of :func:`measure_step`: ``∇L_MTP``, the loss gradient of the
     RL update (``∇rl_loss``, or ``−∇J`` of ``rl_objective``), and the counterfactual ``u_RL``,
@@ -141,7 +144,9 @@ def step_updates(
     ``shared``: the names of the parameters the policy and the MTP module share (e.g.
     ``model.shared_parameter_names()``); the decomposition's ``cosine`` is taken over them, as
     the ``cosine`` regime's gate is (the MTP module's own parameters, where ``∇J = 0``, would
-    only dilute it). ``None``: over every parameter.
+    only dilute it). ``None``: over every parameter. ``rl_grad``: ``∇rl_loss`` when the caller has
+    it (with ``rl_loss``): the directions of one update share their RL update, so each computes
+    ``∇L_MTP`` alone and their ``u_RL`` agree bit for bit.
     """
     params = check_params(params)
     coef = check_number(coef, "coef")
@@ -153,7 +158,10 @@ def step_updates(
     # backward and is faster than the math backend the second-order passes need
     with torch.random.fork_rng(devices=devices), any_attention():
         theta = {k: v.detach() for k, v in params.items()}
-        if first_order is not None and rl_loss is not None:
+        if rl_grad is not None and rl_loss is not None:
+            g_mtp, mtp_value = torch.func.grad_and_value(scalar_function(mtp_loss, "mtp_loss"))(theta)
+            update_grad = check_like(rl_grad, theta, "rl_grad")
+        elif first_order is not None and rl_loss is not None:
             g_mtp, mtp_value, update_grad = shared_first_order(first_order, theta)
         else:
             g_mtp, mtp_value = torch.func.grad_and_value(scalar_function(mtp_loss, "mtp_loss"))(theta)

@@ -75,7 +75,8 @@ def test_directions_of_different_parameters_are_refused_and_an_objective_without
     with pytest.raises(ValueError, match="share θ"):
         reverse_group_terms(obj.rl_objective, [steps[0], foreign], RAGGED)
     obj.rl_objective.rows_logprobs = None  # e.g. an objective built by hand: each step's forward-mode pass
-    fallback = split_group_terms(obj.rl_objective, steps, RAGGED, "J")
+    fallback, forward = split_group_terms(obj.rl_objective, steps, RAGGED, "J")
+    assert forward is not None  # forward mode's pass: its per-token derivatives come with it
     for step, terms in zip(steps, fallback, strict=True):
         assert terms == forward_group_terms(obj.rl_objective, step, RAGGED, "J")
 
@@ -104,9 +105,58 @@ def test_an_instrumented_update_gives_the_records_of_each_directions_own_pass(mo
     monkeypatch.setattr(instrument, "batch_directions", lambda model, directions: False)
     alone = instrument_update_records(instrument, model, batch, opt, kw)
     assert len(calls) == 1 and len(together) == len(alone) == 6
+    # forward mode on the mini-batch handed the jvp estimators their derivatives: no pass of their own
+    assert all(r["jvp_seconds"] == 0.0 for r in together if r["split"] == "train")
+    assert all(r["jvp_seconds"] > 0.0 for r in alone if r["split"] == "train" and not r["same_as"])
     _assert_equal_to_rounding(alone, together)
     assert all(r["n_groups"] == (3 if r["split"] == "train" else 2) for r in together if not r["same_as"])
 
 
 def instrument_update_records(instrument, model, batch, opt, kw):
     return instrument.instrument_update(model, batch, opt, Policy(scale=0.1), **kw).decompositions
+
+
+def test_forward_pass_through_the_clamp_matches_each_groups_reverse_pass_and_gives_the_jvps():
+    """Forward mode's per-token chain rule (token_weights) against each group's reverse-mode
+    second-order pass, with tokens on both sides of the log-ratio clamp (their weight is 0), and
+    its per-token ∇ℓ·δ₁, ∇ℓ·u_RL, ℓ against jvp_logprobs, in float64."""
+    from decomp.curvature import jvp_logprobs
+    from decomp.evaluation import forward_pass
+    from decomp.rl import LOG_RATIO_CLAMP
+
+    problem, obj, steps = _steps("adamw")
+    J = obj.rl_objective
+    J.old_logp = J.old_logp.clone()
+    J.old_logp[0, 5] += 1.5 * LOG_RATIO_CLAMP  # ℓ − ℓ^old below the clamp
+    J.old_logp[7, 6] -= 1.5 * LOG_RATIO_CLAMP  # above it
+    assert bool(J.mask[0, 5]) and bool(J.mask[7, 6])
+    out = forward_pass(J, steps, RAGGED, "J")
+    for step, terms in zip(steps, out.terms, strict=True):
+        reverse = grouped_side(J, step, RAGGED, "forward", "J").group_terms
+        for mine, theirs in zip(terms, reverse, strict=True):
+            assert mine == pytest.approx(theirs, rel=1e-9, abs=1e-13)
+    params = dict(problem.model.named_parameters())
+    for i, step in enumerate(steps):
+        logp, unit = jvp_logprobs(J.logprobs, params, step.updates.unit_displacement, with_value=True)
+        assert torch.allclose(out.unit_jvps[i], unit, rtol=1e-12, atol=1e-14)
+        assert torch.allclose(out.rl_jvps[i], jvp_logprobs(J.logprobs, params, step.updates.update_rl),
+                              rtol=1e-12, atol=1e-14)
+        assert torch.allclose(out.logp, logp, rtol=1e-12, atol=1e-14)
+
+
+def test_directions_sharing_the_rl_gradient_get_the_same_update_rl_bit_for_bit():
+    problem = make_problem(seed=1, batch_size=8)
+    named = dict(problem.model.named_parameters())
+    first = None
+    for regime in (Policy(scale=0.1), DistillJoint(scale=0.2)):
+        o = objectives(problem.model, problem.batch, regime, coef=regime.scale, clip=(0.2, 0.2))
+        own = step_updates(o.rl_objective, o.mtp_loss, named, coef=regime.scale, lr=1e-2, optimizer="adamw",
+                           rl_loss=o.rl_loss, first_order=o.first_order)
+        first = first or own
+        given = step_updates(o.rl_objective, o.mtp_loss, named, coef=regime.scale, lr=1e-2, optimizer="adamw",
+                             rl_loss=o.rl_loss, first_order=o.first_order, rl_grad=first.update_grad)
+        for k in named:
+            assert torch.equal(given.updates.update_rl[k], first.updates.update_rl[k])
+            assert torch.allclose(given.grad_mtp[k], own.grad_mtp[k], rtol=1e-12, atol=1e-15)
+            assert torch.allclose(given.updates.displacement[k], own.updates.displacement[k], rtol=1e-10,
+                                  atol=1e-15)

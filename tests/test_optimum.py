@@ -56,6 +56,31 @@ def test_batched_gains_equal_one_at_a_time_in_float64():
     np.testing.assert_allclose(loop_parts, parts, rtol=1e-11, atol=1e-17)
 
 
+def test_the_mtp_modules_own_parameters_stay_put_and_the_gains_do_not_change():
+    """With the step's ``shared`` names the points move the policy's parameters alone (J does not
+    read the MTP module's): the gains equal those of points that move every parameter, to float64
+    rounding, batched and one at a time, and in a float64 evaluation of a float64 model."""
+    problem = make_problem(seed=3, batch_size=8)
+    obj = objectives(problem.model, problem.batch, Policy(scale=0.1), coef=0.1, clip=(0.2, 0.2))
+    params, groups = problem.params, list(torch.arange(8).split(2))
+    kw = dict(coef=0.1, rl_loss=obj.rl_loss)
+    every = step_updates(obj.rl_objective, obj.mtp_loss, params, optimizer=_adamw(params, lr=1e-2), **kw)
+    policy = step_updates(obj.rl_objective, obj.mtp_loss, params, optimizer=_adamw(params, lr=1e-2),
+                          shared=problem.model.shared_parameter_names(), **kw)
+    moving = RealizedGain(obj.rl_objective, policy)
+    assert moving._fixed and set(moving._fixed).isdisjoint(policy.shared)  # the MTP module's, left at θ
+    assert any(float(policy.displacement(2.0)[k].abs().max()) > 0 for k in moving._fixed)  # they would move
+    coefs = [-3.0, 0.05, 0.1, 4.0, 300.0]
+    for dtype in (None, torch.float64):
+        a, pa = RealizedGain(obj.rl_objective, every, dtype).at_coefs(coefs, groups)
+        b, pb = RealizedGain(obj.rl_objective, policy, dtype).at_coefs(coefs, groups)
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-17)
+        np.testing.assert_allclose(pb, pa, rtol=1e-11, atol=1e-17)
+        assert np.abs(a).max() > 1e-4
+    assert RealizedGain(obj.rl_objective, policy)(4.0) == pytest.approx(RealizedGain(obj.rl_objective, every)(4.0),
+                                                                        rel=1e-12)
+
+
 def test_a_coefficient_is_evaluated_once_and_the_estimates_ride_in_the_search_batch():
     """at_coefs keeps what it evaluated (a coefficient asked again costs no forward), and the
     estimates given to searched(also=) are evaluated in the search's batch: gains() then runs

@@ -327,14 +327,33 @@ def forward_pass(objective: Any, steps: list[StepUpdates], row_sets: list[Tensor
     (``torch.func.vmap`` over the ``b``, where :func:`decomp.curvature.batched_by_default` says so,
     ``batched``; else one pass per tangent)."""
     theta = _forward_inputs(objective, steps, name)
-    f = objective.logprobs
     tangents, where = [], []  # per step, the indices of its δ₁ and δ (None: linear) among the tangents
     for step in steps:
         u = step.updates
         where.append((len(tangents), None if step.optimizer.linear else len(tangents) + 1))
         tangents += [u.unit_displacement] if step.optimizer.linear else [u.unit_displacement, u.displacement]
     owners = [i for i, step in enumerate(steps) for _ in range(1 if step.optimizer.linear else 2)]
+    use = batched_by_default("forward", theta) if batched is None else batched
+    with torch.random.fork_rng(devices=steps[0].devices), math_attention(), torch.no_grad():
+        logp, first, first_rl, second_rl, second = _token_derivatives(objective.logprobs, theta, tangents,
+                                                                      _by_rl_update(steps, owners), use)
+    w = objective.token_weights(logp)
+    rows = [(w * b.double()).sum(1) for b in first], \
+        [(w * (a.double() * b.double() + ab.double())).sum(1) for a, b, ab in zip(first_rl, first, second_rl)], \
+        [(w * (b.double().square() + bb.double())).sum(1) for b, bb in zip(first, second)]
+    rows_c, rows_x, rows_q = (torch.stack(r) for r in rows)  # [tangents, B] each
+    sums = [(rows_c[:, idx].sum(1), rows_x[:, idx].sum(1), rows_q[:, idx].sum(1)) for idx in row_sets]
+    terms = [[step_terms(step, float(c[i]), float(x[i]), float(q[i]),
+                         *(() if j is None else (float(c[j]), float(x[j]), float(q[j])))) for c, x, q in sums]
+             for step, (i, j) in zip(steps, where, strict=True)]
+    return ForwardPass(terms, [first[i] for i, _ in where], [first_rl[i] for i, _ in where], logp.detach())
 
+
+def _token_derivatives(f: Callable[[Params], Tensor], theta: Params, tangents: list[Params],
+                       by_rl: list[tuple[Params, list[int]]], batched: bool
+                       ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """``(ℓ, [ℓ̇_b], [ℓ̇_u], [ℓ̈_ub], [ℓ̈_bb])`` per tangent ``b`` (``u``: its step's ``u_RL``, one
+    pass per group of ``by_rl``, :func:`_by_rl_update`), vmapped over the tangents (``batched``)."""
     def cross(a: Params, b: Params) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         return jvp(lambda p: jvp(f, (p,), (b,)), (theta,), (a,))  # ((ℓ, ℓ̇_b), (ℓ̇_a, ℓ̈_ab))
 
@@ -344,33 +363,19 @@ def forward_pass(objective: Any, steps: list[StepUpdates], row_sets: list[Tensor
     def stacked(ts: list[Params]) -> Params:
         return {k: torch.stack([t[k] for t in ts]) for k in theta}
 
-    use = batched_by_default("forward", theta) if batched is None else batched
     n = len(tangents)
-    first, first_rl, second_rl, second = [None] * n, [None] * n, [None] * n, [None] * n
-    logp = None
-    with torch.random.fork_rng(devices=steps[0].devices), math_attention(), torch.no_grad():
-        for u, members in _by_rl_update(steps, owners):  # tangents sharing one u_RL
-            if use and len(members) > 1:
-                (lp, lb), (la, lab) = vmap(lambda b, u=u: cross(u, b))(stacked([tangents[i] for i in members]))
-                parts = [(lp[j], lb[j], la[j], lab[j]) for j in range(len(members))]
-            else:
-                parts = [(lp, lb, la, lab) for (lp, lb), (la, lab) in (cross(u, tangents[i]) for i in members)]
-            for i, (lp, lb, la, lab) in zip(members, parts, strict=True):
-                logp, first[i], first_rl[i], second_rl[i] = lp, lb, la, lab
-        bb = vmap(diag)(stacked(tangents)).unbind(0) if use and n > 1 else [diag(b) for b in tangents]
-        second = list(bb)
-    w = objective.token_weights(logp)
-    rows_c, rows_x, rows_q = (torch.stack(t) for t in zip(*(
-        ((w * first[i].double()).sum(1),
-         (w * (first_rl[i].double() * first[i].double() + second_rl[i].double())).sum(1),
-         (w * (first[i].double().square() + second[i].double())).sum(1)) for i in range(n)), strict=True))
-    sums = [(rows_c[:, idx].sum(1), rows_x[:, idx].sum(1), rows_q[:, idx].sum(1)) for idx in row_sets]
-    terms = []
-    for step, (i, j) in zip(steps, where, strict=True):
-        terms.append([step_terms(step, float(c[i]), float(x[i]), float(q[i]),
-                                 *(() if j is None else (float(c[j]), float(x[j]), float(q[j]))))
-                      for c, x, q in sums])
-    return ForwardPass(terms, [first[i] for i, _ in where], [first_rl[i] for i, _ in where], logp.detach())
+    first, first_rl, second_rl = [torch.empty(0)] * n, [torch.empty(0)] * n, [torch.empty(0)] * n
+    logp = torch.empty(0)
+    for u, members in by_rl:  # u's tangent stream once, beside every b of its group (under vmap)
+        if batched and len(members) > 1:
+            (lp, lb), (la, lab) = vmap(lambda b, u=u: cross(u, b))(stacked([tangents[i] for i in members]))
+            parts = [(lp[j], lb[j], la[j], lab[j]) for j in range(len(members))]
+        else:
+            parts = [(lp, lb, la, lab) for (lp, lb), (la, lab) in (cross(u, tangents[i]) for i in members)]
+        for i, (lp, lb, la, lab) in zip(members, parts, strict=True):
+            logp, first[i], first_rl[i], second_rl[i] = lp, lb, la, lab
+    second = list(vmap(diag)(stacked(tangents)).unbind(0)) if batched and n > 1 else [diag(b) for b in tangents]
+    return logp, first, first_rl, second_rl, second
 
 
 def _by_rl_update(steps: list[StepUpdates], owners: list[int]) -> list[tuple[Params, list[int]]]:

@@ -116,7 +116,8 @@ def instrument_update_records(instrument, model, batch, opt, kw):
     return instrument.instrument_update(model, batch, opt, Policy(scale=0.1), **kw).decompositions
 
 
-def test_forward_pass_through_the_clamp_matches_each_groups_reverse_pass_and_gives_the_jvps():
+@pytest.mark.parametrize("batched", [True, False])  # the tangents under vmap, and one pass each
+def test_forward_pass_through_the_clamp_matches_each_groups_reverse_pass_and_gives_the_jvps(batched):
     """Forward mode's per-token chain rule (token_weights) against each group's reverse-mode
     second-order pass, with tokens on both sides of the log-ratio clamp (their weight is 0), and
     its per-token ∇ℓ·δ₁, ∇ℓ·u_RL, ℓ against jvp_logprobs, in float64."""
@@ -130,7 +131,7 @@ def test_forward_pass_through_the_clamp_matches_each_groups_reverse_pass_and_giv
     J.old_logp[0, 5] += 1.5 * LOG_RATIO_CLAMP  # ℓ − ℓ^old below the clamp
     J.old_logp[7, 6] -= 1.5 * LOG_RATIO_CLAMP  # above it
     assert bool(J.mask[0, 5]) and bool(J.mask[7, 6])
-    out = forward_pass(J, steps, RAGGED, "J")
+    out = forward_pass(J, steps, RAGGED, "J", batched=batched)
     for step, terms in zip(steps, out.terms, strict=True):
         reverse = grouped_side(J, step, RAGGED, "forward", "J").group_terms
         for mine, theirs in zip(terms, reverse, strict=True):

@@ -105,8 +105,13 @@ def reverse_group_terms(objective: Any, steps: Sequence[StepUpdates], row_sets: 
     b_stack = {k: torch.stack([b[k] for b in bs]) for k in live}
     a_stack = {k: torch.stack([a[k] for a in as_]) for k in live}
 
+    # one prompt's rollouts share their positions before the response: each group runs them once
+    shares = getattr(objective, "rows_share_prefix", None)
+    one_prefix = bool(shares is not None and shares(row_sets))
+
     def value(p: Params, rows: Tensor, keep: Tensor) -> Tensor:
-        return objective.rows_value({**fixed, **p}, rows, keep)
+        return objective.rows_value({**fixed, **p}, rows, keep, one_prefix) if one_prefix else \
+            objective.rows_value({**fixed, **p}, rows, keep)
 
     def per_group(rows: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         def along(b: Params, a: Params) -> tuple[Tensor, Tensor, Tensor]:

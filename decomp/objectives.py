@@ -19,7 +19,7 @@ parameter dict (through ``torch.func.functional_call``):
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -131,14 +131,18 @@ class ImportanceObjective:
     ``rows(idx)``, when given, is the log-prob function of the batch's rows ``idx``: it lets
     :meth:`split` write ``J`` as a sum over row chunks. ``rows_logprobs(params, idx)``, when
     given, is the per-token log-probs ``[len(idx), T−1]`` of the rows ``idx`` as a pure function
-    that ``torch.func.vmap`` can batch over ``idx`` (:meth:`rows_value`). ``weight`` scales the
-    value (a chunk's share ``Σ M_c / Σ M``)."""
+    that ``torch.func.vmap`` can batch over ``idx`` (:meth:`rows_value`); ``rows_share_prefix
+    (row_sets)``, when given, says whether each set's rows share their positions before the
+    response (one prompt's rollouts), which ``rows_logprobs(params, idx, True)`` then runs once.
+    ``weight`` scales the value (a chunk's share ``Σ M_c / Σ M``)."""
 
     def __init__(self, logprob_fn: Callable[[Params], Tensor], old_logp: Tensor, advantages: Tensor,
                  mask: Tensor, *, rows: Callable[[Tensor], Callable[[Params], Tensor]] | None = None,
-                 rows_logprobs: Callable[[Params, Tensor], Tensor] | None = None, weight: float = 1.0) -> None:
+                 rows_logprobs: Callable[..., Tensor] | None = None, weight: float = 1.0,
+                 rows_share_prefix: Callable[[Sequence[Tensor]], bool] | None = None) -> None:
         self.logprobs, self.old_logp, self.advantages, self.mask = logprob_fn, old_logp, advantages, mask.bool()
         self.rows, self.rows_logprobs, self.weight = rows, rows_logprobs, weight
+        self.rows_share_prefix = rows_share_prefix
 
     def __call__(self, params: Params) -> Tensor:
         value = importance_objective(self.logprobs(params), self.old_logp, self.advantages, self.mask)
@@ -165,14 +169,15 @@ class ImportanceObjective:
         return m * self.advantages.double() * torch.exp(z.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)) * inside \
             / m.sum() * self.weight
 
-    def rows_value(self, params: Params, idx: Tensor, valid: Tensor) -> Tensor:
+    def rows_value(self, params: Params, idx: Tensor, valid: Tensor, one_prefix: bool = False) -> Tensor:
         """The rows ``idx``' share of ``J``, rows with ``valid = 0`` (padding) left out:
         ``Σ_r valid_r·f_r`` over :meth:`row_values`' ``f_r``, from ``rows_logprobs`` alone, so that
-        ``torch.func.vmap`` batches it over groups of rows (:mod:`decomp.group_terms`)."""
+        ``torch.func.vmap`` batches it over groups of rows (:mod:`decomp.group_terms`);
+        ``one_prefix``: the rows share their prompt (``rows_share_prefix`` said so), run once."""
         if self.rows_logprobs is None:
             raise ValueError("this objective was built without rows_logprobs")
-        ratio = torch.exp((self.rows_logprobs(params, idx) - self.old_logp[idx]).clamp(-LOG_RATIO_CLAMP,
-                                                                                       LOG_RATIO_CLAMP))
+        logp = self.rows_logprobs(params, idx, True) if one_prefix else self.rows_logprobs(params, idx)
+        ratio = torch.exp((logp - self.old_logp[idx]).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
         m = self.mask[idx].to(ratio.dtype) * valid.to(ratio.dtype)[:, None]
         return (self.advantages[idx] * ratio * m).sum() / self.mask.sum().to(ratio.dtype) * self.weight
 
@@ -322,6 +327,30 @@ def accepts_logits_from(model: nn.Module) -> bool:
     return "logits_from" in inspect.signature(model.forward).parameters
 
 
+def accepts_shared_prefix(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``shared_prefix`` (:class:`decomp.models.tiny.MTPTransformer`)."""
+    return "shared_prefix" in inspect.signature(model.forward).parameters
+
+
+# share the positions before the response only where the distinct prefixes are at most this
+# fraction of the rows (fewer shared rows save less than the prefix pass's own launches)
+SHARED_PREFIX_MAX_FRACTION = 0.5
+
+
+def shared_prefix(tokens: Tensor, start: int) -> tuple[Tensor, Tensor] | None:
+    """``(rows, owner)`` for a model's ``shared_prefix``: one row per distinct ``tokens[:, :start]``
+    (its first occurrence) and each row's index among them; ``None`` where the distinct prefixes
+    exceed :data:`SHARED_PREFIX_MAX_FRACTION` of the rows."""
+    if start <= 0:
+        return None
+    unique, owner = torch.unique(tokens[:, :start], dim=0, return_inverse=True)
+    if unique.shape[0] > SHARED_PREFIX_MAX_FRACTION * tokens.shape[0]:
+        return None
+    index = torch.arange(tokens.shape[0], device=tokens.device)
+    rows = torch.full((unique.shape[0],), tokens.shape[0], device=tokens.device, dtype=torch.long)
+    return rows.scatter_reduce(0, owner, index, reduce="amin"), owner
+
+
 def aligned_main_logprobs(main_logits: Tensor, tokens: Tensor, start: int = 0) -> Tensor:
     """The main head's aligned log-probs ``[B, T−1]`` from logits of positions ``start..T−1``
     (index ``j`` is token ``y_{j+1}``); 0 before ``start``."""
@@ -339,13 +368,20 @@ class _BatchFunctions:
         # J and ℓ read the main head on response positions only (aligned index ≥ response_start):
         # elsewhere the mask is 0, and the vocabulary-sized head is a large part of an LM's pass
         self.start = batch.response_start if accepts_logits_from(model) else 0
+        # ℓ's forward runs the positions before the response once per distinct prompt, where the
+        # model can (the rollouts of one prompt share them): the same log-probs, fewer positions
+        self.prefix = shared_prefix(batch.tokens, self.start) if (
+            self.start and batch.attention_mask is None and accepts_shared_prefix(model)) else None
 
-    def forward(self, params: Params, detach: str, with_mtp: bool, start: int) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, params: Params, detach: str, with_mtp: bool, start: int,
+                prefix: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
         kwargs: dict = {"detach": detach, "with_mtp": with_mtp}
         if self.batch.attention_mask is not None:
             kwargs["attention_mask"] = self.batch.attention_mask
         if start:
             kwargs["logits_from"] = start
+        if prefix is not None:
+            kwargs["shared_prefix"] = prefix
         return functional_call(self.model, params, (self.batch.tokens,), kwargs)
 
     def main_start(self) -> int:
@@ -371,20 +407,31 @@ class _BatchFunctions:
         return self.mtp_loss_of(*self.forward(params, self.regime.detach, True, self.main_start()))
 
     def logprob_fn(self, params: Params) -> Tensor:
-        main_logits, _ = self.forward(params, "none", False, self.start)
+        main_logits, _ = self.forward(params, "none", False, self.start, self.prefix)
         return aligned_main_logprobs(main_logits, self.batch.tokens, self.start)
 
-    def rows_logprobs(self, params: Params, idx: Tensor) -> Tensor:
+    def rows_logprobs(self, params: Params, idx: Tensor, one_prefix: bool = False) -> Tensor:
         """:meth:`logprob_fn` of the rows ``idx`` alone, with no check on their values (a
-        ``torch.func.vmap`` over groups of rows runs it: no data-dependent branch)."""
+        ``torch.func.vmap`` over groups of rows runs it: no data-dependent branch); ``one_prefix``:
+        the rows share their positions before the response (:meth:`rows_share_prefix`), run once."""
         tokens = self.batch.tokens[idx]
         kwargs: dict = {"detach": "none", "with_mtp": False}
         if self.batch.attention_mask is not None:
             kwargs["attention_mask"] = self.batch.attention_mask[idx]
         if self.start:
             kwargs["logits_from"] = self.start
+        if one_prefix:
+            kwargs["shared_prefix"] = (idx.new_zeros(1), idx.new_zeros(idx.shape[0]))
         main_logits, _ = functional_call(self.model, params, (tokens,), kwargs)
         return aligned_main_logprobs(main_logits, tokens, self.start)
+
+    def rows_share_prefix(self, row_sets: Sequence[Tensor]) -> bool:
+        """Whether the model can run each set's positions before the response once: it takes
+        ``shared_prefix``, and every set's rows have equal tokens there (one prompt's rollouts)."""
+        if not (self.start and self.batch.attention_mask is None and accepts_shared_prefix(self.model)):
+            return False
+        head = self.batch.tokens[:, :self.start]
+        return all(len(r) == 0 or bool((head[r] == head[r[:1]]).all()) for r in row_sets)
 
     def rl_loss(self, params: Params) -> Tensor:
         return self.loss_of_logp(self.logprob_fn(params))
@@ -439,7 +486,7 @@ def objectives(
     rl_objective = ImportanceObjective(
         f.logprob_fn, batch.old_logp, batch.advantages, f.mask,
         rows=lambda idx: _BatchFunctions(model, batch.subset(idx), regime, coef, None).logprob_fn,
-        rows_logprobs=f.rows_logprobs)
+        rows_logprobs=f.rows_logprobs, rows_share_prefix=f.rows_share_prefix)
     if rl_loss_of_logp is None:
         return Objectives(rl_objective, f.mtp_loss, f.logprob_fn)
     return Objectives(rl_objective, f.mtp_loss, f.logprob_fn, f.rl_loss, f.first_order)

@@ -62,12 +62,31 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=-1)
-        q, k, v = (t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out(y.transpose(1, 2).reshape(B, T, D))
+        return tuple(t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
+
+    def _merge(self, y: Tensor) -> Tensor:
+        B, _, T, d = y.shape
+        return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self._heads(x)
+        return self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    def with_prefix(self, prefix: Tensor, rest: Tensor, owner: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` of rows whose first ``P`` positions are ``prefix[owner]`` (``[G, P, D]``,
+        computed once per distinct prefix) and the rest ``rest`` (``[B, S, D]``): the rest's queries
+        attend to their prefix's keys and values, then causally to their own."""
+        q, k, v = self._heads(prefix)
+        y_prefix = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        q_r, k_r, v_r = self._heads(rest)
+        P, S = prefix.shape[1], rest.shape[1]
+        keys, values = torch.cat([k[owner], k_r], dim=2), torch.cat([v[owner], v_r], dim=2)
+        mask = torch.ones(S, P + S, dtype=torch.bool, device=rest.device).tril(P)  # position P+i sees ≤ P+i
+        y_rest = F.scaled_dot_product_attention(q_r, keys, values, attn_mask=mask)
+        return self._merge(y_prefix), self._merge(y_rest)
 
 
 class MLP(nn.Module):
@@ -92,6 +111,12 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x))
         return x + self.mlp(self.mlp_norm(x))
 
+    def with_prefix(self, prefix: Tensor, rest: Tensor, owner: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` of ``prefix[owner]`` followed by ``rest`` (:meth:`Attention.with_prefix`)."""
+        a_prefix, a_rest = self.attn.with_prefix(self.attn_norm(prefix), self.attn_norm(rest), owner)
+        prefix, rest = prefix + a_prefix, rest + a_rest
+        return prefix + self.mlp(self.mlp_norm(prefix)), rest + self.mlp(self.mlp_norm(rest))
+
 
 class MTPTransformer(nn.Module):
     """Decoder-only transformer returning main logits and one logits tensor per MTP depth."""
@@ -107,6 +132,16 @@ class MTPTransformer(nn.Module):
         self.mtp = nn.ModuleList(MTPModule(cfg.d_model, cfg.norm_eps, Block(cfg)) for _ in range(cfg.mtp_depth))
         self.apply(self._init)
 
+    def _with_prefix(self, x: Tensor, start: int, rows: Tensor, owner: Tensor, with_mtp: bool) -> Tensor:
+        """The main logits of positions ``start..`` with the positions before ``start`` run once per
+        distinct prefix (:meth:`forward`'s ``shared_prefix``)."""
+        if with_mtp or not 0 < start < x.shape[1]:
+            raise ValueError("shared_prefix needs with_mtp=False and 0 < logits_from < the sequence length")
+        prefix, rest = x[rows, :start], x[:, start:]
+        for block in self.blocks:
+            prefix, rest = block.with_prefix(prefix, rest, owner)
+        return self.head(self.final_norm(rest))
+
     @staticmethod
     def _init(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -120,7 +155,7 @@ class MTPTransformer(nn.Module):
 
     def forward(
         self, tokens: Tensor, detach: str = "none", with_mtp: bool = True, attention_mask: Tensor | None = None,
-        logits_from: int = 0,
+        logits_from: int = 0, shared_prefix: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
         """Main logits ``[B, T − logits_from, V]`` (positions ``logits_from..T−1``: the head only
         where it is needed) and MTP logits ``[B, T−k, V]`` for ``k = 1..K``.
@@ -128,6 +163,11 @@ class MTPTransformer(nn.Module):
         MTP depth ``k`` logits at position ``t`` predict token ``t+k+1``. ``with_mtp=False``
         skips the MTP module (sampling needs only the main head) and returns an empty list.
         The built-in tasks never pad, so ``attention_mask`` must be ``None`` (or all ones).
+
+        ``shared_prefix = (rows, owner)`` (``with_mtp=False`` only): row ``r``'s tokens before
+        ``logits_from`` equal those of row ``rows[owner[r]]`` (e.g. the rollouts of one prompt),
+        so the trunk runs those positions once per distinct prefix and the rest of every row
+        attends to its prefix's keys and values: the same logits, fewer positions computed.
         """
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("the built-in model does not support padding (attention_mask with zeros)")
@@ -137,6 +177,8 @@ class MTPTransformer(nn.Module):
         if T > self.cfg.max_len:
             raise ValueError(f"sequence length {T} exceeds max_len {self.cfg.max_len}")
         x = self.embed(tokens) + self.pos(torch.arange(T, device=tokens.device))
+        if shared_prefix is not None:
+            return self._with_prefix(x, logits_from, *shared_prefix, with_mtp), []
         for block in self.blocks:
             x = block(x)
         main_logits = self.head(self.final_norm(x[:, logits_from:]))

@@ -152,7 +152,11 @@ class RealizedGain:
         base = self._point(self.step.updates.update_rl, None)
         with torch.no_grad():
             deltas = self.step.displacements(coefs, self._keys)  # [K, *shape] per parameter, in one pass
-            stacked = {k: torch.cat([base[k][None], deltas[k].to(base[k].dtype).add_(base[k])]) for k in self._keys}
+            stacked = {}
+            for k in self._keys:  # [θ + u_RL, (θ + u_RL) + δ(λ_1), …], written in place
+                stacked[k] = base[k].new_empty((len(coefs) + 1, *base[k].shape))
+                stacked[k][0] = base[k]
+                torch.add(deltas[k].to(base[k].dtype), base[k], out=stacked[k][1:])
         del deltas
         stacked.update(self._fixed)
         in_dims = ({k: 0 if k not in self._fixed else None for k in stacked},)

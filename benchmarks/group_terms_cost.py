@@ -64,7 +64,8 @@ def main() -> None:
             continue  # the active direction of a policy run
         o = objectives(model, batch, reg, coef=0.1, clip=(0.2, 0.2))
         steps.append(step_updates(o.rl_objective, o.mtp_loss, named, coef=0.1, optimizer=opt, rl_loss=o.rl_loss,
-                                  first_order=o.first_order, shared=model.shared_parameter_names()))
+                                  first_order=o.first_order, shared=model.shared_parameter_names(),
+                                  rl_grad=steps[0].update_grad if steps else None))  # one RL update, as the loop's
     J = objectives(model, batch, regime).rl_objective
     layouts = {"4 groups of 16": list(torch.arange(64).split(16)), "8 groups of 8": batch.group_rows(),
                "16 ragged groups": ragged_groups(64)}

@@ -79,7 +79,7 @@ def main() -> None:
                 rest = statistics.median(r["seconds"] - r["search_seconds"] - r["jvp_seconds"] for r in rs) / update
                 print(f"| {direction}, {split} record | {whole:.2f}× | {search:.2f}× | {jvp:.2f}× | {rest:.2f}× |")
     extra = statistics.median(m["decomp_seconds"] for m in metrics)
-    print(f"| whole instrumented update, extra over a plain one ({len(cfg.directions)} directions × 2 splits) | "
+    print(f"| whole instrumented update, extra over a plain one ({len(cfg.directions)} direction{'s' if len(cfg.directions) != 1 else ''} × 2 splits) | "
           f"{extra / update:.2f}× | | | |")
 
 

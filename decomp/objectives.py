@@ -370,8 +370,8 @@ class _BatchFunctions:
         self.start = batch.response_start if accepts_logits_from(model) else 0
         # ℓ's forward runs the positions before the response once per distinct prompt, where the
         # model can (the rollouts of one prompt share them): the same log-probs, fewer positions
-        self.prefix = shared_prefix(batch.tokens, self.start) if (
-            self.start and batch.attention_mask is None and accepts_shared_prefix(model)) else None
+        self.can_share_prefix = bool(self.start and batch.attention_mask is None and accepts_shared_prefix(model))
+        self.prefix = shared_prefix(batch.tokens, self.start) if self.can_share_prefix else None
 
     def forward(self, params: Params, detach: str, with_mtp: bool, start: int,
                 prefix: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
@@ -428,7 +428,7 @@ class _BatchFunctions:
     def rows_share_prefix(self, row_sets: Sequence[Tensor]) -> bool:
         """Whether the model can run each set's positions before the response once: it takes
         ``shared_prefix``, and every set's rows have equal tokens there (one prompt's rollouts)."""
-        if not (self.start and self.batch.attention_mask is None and accepts_shared_prefix(self.model)):
+        if not self.can_share_prefix:
             return False
         head = self.batch.tokens[:, :self.start]
         return all(len(r) == 0 or bool((head[r] == head[r[:1]]).all()) for r in row_sets)

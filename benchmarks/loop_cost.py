@@ -1,7 +1,7 @@
 """The cost of instrumentation inside the reference loop, beside the benchmark's own figure.
 
     python benchmarks/loop_cost.py [--model builtin|smollm2-135m] [--steps 4] [--without-errors]
-                                   [--directions active,ce]
+                                   [--directions active,ce] [--regime policy|ce|detach|occ]
 
 Runs the reference loop (``decomp.training.loop.train``) with every step instrumented, and
 reports, from the run's own records, each direction's measurement time as a multiple of the
@@ -15,7 +15,10 @@ first direction's ``train`` record, the decomposition that ``decomposition_cost.
 (``decompose``, the same passes); then the whole instrumented update's extra time over a plain
 one (``decomp_seconds``).
 The same multiples that ``decomposition_cost.py`` measures in isolation, measured where they
-are paid.
+are paid. ``--regime`` trains under another regime (default ``policy``): ``make demo``'s four
+measure the same four directions, but ``policy``'s and ``ce``'s active direction is a copy of a
+shadow one (three distinct), ``detach``'s moves no parameter ``J`` reads and ``occ``'s is a
+fourth.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ def main() -> None:
                     "and λ̂'s distribution), to measure what they add")
     ap.add_argument("--directions", default=None, help="decomp_directions (comma-separated; default: the "
                     "model's setting), to measure what measuring fewer directions saves")
+    ap.add_argument("--regime", default="policy", choices=("policy", "ce", "detach", "occ"),
+                    help="the run's regime (its active direction): what make demo's runs measure")
     args = ap.parse_args()
     reuse_freed_memory()  # as `decomp run` does: freed tensors' memory is reused, not refaulted
     settings = dict(SETTINGS[args.model])
@@ -57,14 +62,14 @@ def main() -> None:
         settings["steps"] = args.steps
     if args.directions:
         settings["decomp_directions"] = args.directions
-    cfg = TrainConfig(regime="policy", group_errors=not args.without_errors, **settings)
+    cfg = TrainConfig(regime=args.regime, group_errors=not args.without_errors, **settings)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         train(cfg, out, progress=False, log=lambda s: None)
         metrics = [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] > 1]  # step 1 warms up
         records = [r for r in read_jsonl(out / "decomposition.jsonl") if r["step"] > 1 and not r.get("same_as")]
     update = statistics.median(m["update_seconds"] for m in metrics)
-    print(f"# Instrumentation inside the loop — {args.model}, {machine()}")
+    print(f"# Instrumentation inside the loop — {args.model}, {args.regime} run, {machine()}")
     print(f"{len(metrics)} instrumented steps (after one warm-up step), {cfg.prompts_per_step * cfg.group_size} "
           f"sequences per step, {cfg.num_minibatches} updates per step; median plain training update "
           f"{update * 1e3:.1f} ms; ratios to it (median over steps)\n")

@@ -274,7 +274,8 @@ def decompose_updates(
     else:
         step, side, j_value, g, terms = whole_side(objective, step, side, hvp_method, name)
     with torch.random.fork_rng(devices=step.devices), math_attention():
-        gain = RealizedGain(objective, step, realized_dtype)
+        gain = RealizedGain(objective, step, realized_dtype, side.realized_base)
+        side.realized_base = gain.base  # the next direction's, where its θ + u_RL is this one's
         if groups is None:
             realized, realized_parts = gain.at(step.updates.displacement), None
         else:

@@ -15,7 +15,7 @@ from torch.func import grad_and_value, jvp, vmap
 
 from decomp.checks import Params, scalar_function
 from decomp.curvature import DEFAULT_HVP_METHOD, HVPMethod, batched_by_default, dot, dots, math_attention, second_order
-from decomp.updates import StepUpdates, finite_norm
+from decomp.updates import StepUpdates, finite_norm, moves
 
 
 class QuadraticForms(NamedTuple):
@@ -90,7 +90,8 @@ class GroupPasses:
 class EvaluationSide:
     """``J``'s side of one evaluation objective at ``θ``, shareable by every direction measured at
     one update (they share ``θ`` and ``u_RL``; only ``δ`` and ``δ₁`` differ): the second-order
-    pass (value, gradient, HVP callable) and the realized change of the RL step alone.
+    pass (value, gradient, HVP callable), the realized change of the RL step alone and the
+    evaluation at ``θ + u_RL`` every realized change is formed against.
 
     Holding it keeps ``J``'s second-order graph alive: memory traded for one pass per direction.
     """
@@ -100,6 +101,7 @@ class EvaluationSide:
     rl: Any  # decomp.curvature.SecondOrder; None for a first-order side (first_order_side)
     grad_norm: float
     realized_rl: float | None = None  # J(θ + u_RL) − J(θ), set by the first direction
+    realized_base: Any = None  # decomp.realized.BasePoint: J at θ + u_RL, set by the first direction
     value: float = math.nan  # J(θ), on a first-order or grouped side
     grad: Params | None = None  # ∇J(θ), on a first-order or grouped side
     groups: GroupPasses | None = None  # one second-order pass per prompt group (grouped_second_order_side)
@@ -325,7 +327,8 @@ def forward_pass(objective: Any, steps: list[StepUpdates], row_sets: list[Tensor
     for ``C``, ``X`` and ``(b, b)`` for ``P``. Steps with the same ``u_RL`` (the directions of one
     update) share its tangent stream: one pass carries ``u_RL`` once and every ``b``
     (``torch.func.vmap`` over the ``b``, where :func:`decomp.curvature.batched_by_default` says so,
-    ``batched``; else one pass per tangent)."""
+    ``batched``; else one pass per tangent). A tangent that moves no parameter ``J`` reads (the
+    ``detach`` direction's) is left out of the pass: its derivatives are 0 exactly."""
     theta = _forward_inputs(objective, steps, name)
     tangents, where = [], []  # per step, the indices of its δ₁ and δ (None: linear) among the tangents
     for step in steps:
@@ -334,9 +337,11 @@ def forward_pass(objective: Any, steps: list[StepUpdates], row_sets: list[Tensor
         tangents += [u.unit_displacement] if step.optimizer.linear else [u.unit_displacement, u.displacement]
     owners = [i for i, step in enumerate(steps) for _ in range(1 if step.optimizer.linear else 2)]
     use = batched_by_default("forward", theta) if batched is None else batched
+    live = _moving_tangents(steps, tangents, owners)
     with torch.random.fork_rng(devices=steps[0].devices), math_attention(), torch.no_grad():
-        logp, first, first_rl, second_rl, second = _token_derivatives(objective.logprobs, theta, tangents,
-                                                                      _by_rl_update(steps, owners), use)
+        derivatives = _token_derivatives(objective.logprobs, theta, [tangents[i] for i in live],
+                                         _by_rl_update(steps, [owners[i] for i in live]), use)
+    logp, first, first_rl, second_rl, second = _with_unmoved(derivatives, live, steps, owners)
     w = objective.token_weights(logp)
     rows = [(w * b.double()).sum(1) for b in first], \
         [(w * (a.double() * b.double() + ab.double())).sum(1) for a, b, ab in zip(first_rl, first, second_rl)], \
@@ -376,6 +381,39 @@ def _token_derivatives(f: Callable[[Params], Tensor], theta: Params, tangents: l
             logp, first[i], first_rl[i], second_rl[i] = lp, lb, la, lab
     second = list(vmap(diag)(stacked(tangents)).unbind(0)) if batched and n > 1 else [diag(b) for b in tangents]
     return logp, first, first_rl, second_rl, second
+
+
+def _moving_tangents(steps: list[StepUpdates], tangents: list[Params], owners: list[int]) -> list[int]:
+    """The tangents the pass differentiates along: those that move a parameter ``J`` reads (the
+    steps' ``shared``, else all), and one per ``u_RL`` whose tangents all stand still (its pass
+    gives ``ℓ`` and ``ℓ̇_u``); along the others every derivative is 0 exactly (:func:`moves`)."""
+    reads = steps[0].theta.keys() if steps[0].shared is None else steps[0].shared
+    live = [i for i, t in enumerate(tangents) if moves(t, reads)]
+    for i, owner in enumerate(owners):
+        rl = steps[owner].updates.update_rl
+        if i not in live and not any(_same_params(steps[owners[j]].updates.update_rl, rl) for j in live):
+            live.append(i)
+    return sorted(live)
+
+
+def _with_unmoved(derivatives: tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]], live: list[int],
+                  steps: list[StepUpdates], owners: list[int]
+                  ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """:func:`_token_derivatives` of the ``live`` tangents, completed for every tangent: zeros
+    along a tangent that moves nothing ``J`` reads, beside its ``u_RL``'s ``ℓ̇_u``."""
+    logp, first, first_rl, second_rl, second = derivatives
+    at = {i: n for n, i in enumerate(live)}
+    zero = torch.zeros_like(logp)
+
+    def rl_jvp(i: int) -> Tensor:
+        rl = steps[owners[i]].updates.update_rl
+        return next(first_rl[n] for j, n in at.items() if _same_params(steps[owners[j]].updates.update_rl, rl))
+
+    n = len(owners)
+    return (logp, [first[at[i]] if i in at else zero for i in range(n)],
+            [first_rl[at[i]] if i in at else rl_jvp(i) for i in range(n)],
+            [second_rl[at[i]] if i in at else zero for i in range(n)],
+            [second[at[i]] if i in at else zero for i in range(n)])
 
 
 def _by_rl_update(steps: list[StepUpdates], owners: list[int]) -> list[tuple[Params, list[int]]]:

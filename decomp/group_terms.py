@@ -26,7 +26,7 @@ from torch.func import grad, jvp, vmap
 from decomp.checks import Params
 from decomp.curvature import math_attention
 from decomp.evaluation import ForwardPass, Terms, forward_pass, group_terms_of, step_terms
-from decomp.updates import StepUpdates
+from decomp.updates import StepUpdates, moves
 
 # bytes of per-group products a pass holds at once: the groups go through vmap in chunks beyond it
 GROUP_MEMORY = 1 << 28
@@ -100,7 +100,13 @@ def reverse_group_terms(objective: Any, steps: Sequence[StepUpdates], row_sets: 
     shared = steps[0].shared
     live = {k: v for k, v in theta.items() if shared is None or k in shared}
     fixed = {k: v for k, v in theta.items() if k not in live}
-    bs, as_, where = _tangents(steps)
+    all_bs, all_as, where = _tangents(steps)
+    # a tangent that moves nothing J reads (the detach direction's) has exact zeros for terms
+    moving = [i for i, b in enumerate(all_bs) if moves(b, live)]
+    bs, as_ = [all_bs[i] for i in moving], [all_as[i] for i in moving]
+    if not bs:
+        zero = [[0.0] * len(row_sets) for _ in all_bs]
+        return _terms_of(steps, where, zero, zero, zero, len(row_sets))
     idx, valid = padded_rows(row_sets)
     b_stack = {k: torch.stack([b[k] for b in bs]) for k in live}
     a_stack = {k: torch.stack([a[k] for a in as_]) for k in live}
@@ -123,11 +129,19 @@ def reverse_group_terms(objective: Any, steps: Sequence[StepUpdates], row_sets: 
     chunk = max(1, memory // max(per_group_bytes, 1))
     with torch.random.fork_rng(devices=steps[0].devices), math_attention():
         first, cross, quad = vmap(per_group, chunk_size=chunk)(idx, valid)  # [G, tangents] each
-    first, cross, quad = first.T.tolist(), cross.T.tolist(), quad.T.tolist()
+    rows = {i: n for n, i in enumerate(moving)}
+    first, cross, quad = ([values[rows[i]] if i in rows else [0.0] * len(row_sets) for i in range(len(all_bs))]
+                          for values in (first.T.tolist(), cross.T.tolist(), quad.T.tolist()))
+    return _terms_of(steps, where, first, cross, quad, len(row_sets))
+
+
+def _terms_of(steps: Sequence[StepUpdates], where: list[tuple[int, int | None]], first: list[list[float]],
+              cross: list[list[float]], quad: list[list[float]], groups: int) -> list[list[Terms]]:
+    """Per step, each group's terms from the per-tangent, per-group products (``[tangent][group]``)."""
     out = []
     for step, (i, j) in zip(steps, where, strict=True):
         terms = []
-        for gi in range(len(row_sets)):
+        for gi in range(groups):
             nonlinear = () if j is None else (first[j][gi], cross[j][gi], quad[j][gi])
             terms.append(step_terms(step, first[i][gi], cross[i][gi], quad[i][gi], *nonlinear))
         out.append(terms)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -12,9 +13,28 @@ from torch import Tensor
 
 from decomp.checks import Params
 from decomp.curvature import any_attention
-from decomp.updates import StepUpdates
+from decomp.updates import StepUpdates, moves
 
 BATCH_MEMORY = 512 * 2**20  # bytes of stacked parameter points (and an equal allowance for their forwards)
+
+
+class BasePoint(NamedTuple):
+    """The evaluation at ``θ + u_RL`` that every ``ΔJ`` of a gain is formed against, with what
+    defines it: the directions of one update share ``θ`` and ``u_RL`` (bit for bit, from one RL
+    gradient), so their gains on one objective need it once."""
+
+    theta: Params
+    update_rl: Params
+    shared: frozenset[str] | None
+    dtype: torch.dtype | None
+    value: Tensor | float  # per-token log-probs (paired objective), else J
+
+    def serves(self, step: StepUpdates, dtype: torch.dtype | None) -> bool:
+        """Whether a gain of ``step`` in ``dtype`` (on the same objective) evaluates the same point."""
+        def same(x: Params, y: Params) -> bool:
+            return x.keys() == y.keys() and all(x[k] is y[k] or torch.equal(x[k], y[k]) for k in x)
+        return (dtype == self.dtype and step.shared == self.shared and step.updates is not None
+                and same(step.theta, self.theta) and same(step.updates.update_rl, self.update_rl))
 
 
 class RealizedGain:
@@ -42,18 +62,32 @@ class RealizedGain:
     stack's own ``θ + u_RL``, so a batched kernel's rounding cannot enter the difference.
     """
 
-    def __init__(self, objective: Callable[[Params], Tensor], step: StepUpdates, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, objective: Callable[[Params], Tensor], step: StepUpdates, dtype: torch.dtype | None = None,
+                 base: BasePoint | None = None) -> None:
+        """``base``: another gain's :attr:`base` on the same objective, used where it
+        :meth:`~BasePoint.serves` this one (else ``J(θ + u_RL)`` is evaluated here)."""
         self.objective, self.step, self.dtype = objective, step, dtype
         self.paired = callable(getattr(objective, "difference", None))
         # J reads the policy's parameters only (decomp.group_terms makes the same use of `shared`)
         self._keys = [k for k in step.theta if step.shared is None or k in step.shared]
         self._fixed = {k: v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()
                        for k, v in step.theta.items() if k not in self._keys}
+        # ∇L_MTP is 0 on every parameter J reads (the detach direction): every u(λ) is u_RL's own
+        # arithmetic on the same gradient, so ΔJ(λ) = 0 for every λ, known without a forward
+        self.still = not moves(step.grad_mtp, self._keys)
         self._work: list[Tensor] | None = None  # one buffer reused for every point
         self.evaluations = 0
         self.batched = True  # at_coefs through vmap (off by itself when vmap cannot run the model)
         self._seen: dict[float, tuple[float, list[float] | None]] = {}  # at_coefs' values, by coefficient
-        self._base = self._forward(self._point(step.updates.update_rl, None))
+        if base is not None and base.serves(step, dtype):
+            self._base = base.value
+        else:
+            self._base = self._forward(self._point(step.updates.update_rl, None))
+
+    @property
+    def base(self) -> BasePoint:
+        """The evaluation at ``θ + u_RL`` and what defines it, for another direction's gain."""
+        return BasePoint(self.step.theta, self.step.updates.update_rl, self.step.shared, self.dtype, self._base)
 
     def _point(self, update: Params | None, delta: Params | None) -> Params:
         """``(θ + update) + delta`` in the buffer (``None``: left out), in ``dtype`` when given:
@@ -92,12 +126,16 @@ class RealizedGain:
 
     def at(self, delta: Params) -> float:
         """``ΔJ`` at the displacement ``delta``."""
+        if self.still or not moves(delta, self._keys):  # the point is θ + u_RL: ΔJ = 0 exactly
+            return 0.0
         return self.change(self._point(self.step.updates.update_rl, delta))
 
     def at_with_parts(self, delta: Params, row_sets: list[Tensor]) -> tuple[float, list[float]]:
         """``ΔJ`` at ``delta`` and, from the same forward, its contributions of disjoint row sets
         (:meth:`decomp.objectives.ImportanceObjective.difference_parts`; ``nan`` for an objective
         that does not expose its per-token log-probs)."""
+        if self.still or not moves(delta, self._keys):  # the point is θ + u_RL: ΔJ = 0 exactly
+            return self._unmoved(row_sets)
         point = self._point(self.step.updates.update_rl, delta)
         value = self._forward(point)
         if not (self.paired and callable(getattr(self.objective, "difference_parts", None))):
@@ -129,7 +167,8 @@ class RealizedGain:
         size = self.batch
         for first in range(0, len(todo), size):
             chunk = todo[first:first + size]
-            values = self._batched(chunk, row_sets) if self.batched and len(chunk) > 1 else None
+            values = [self._unmoved(row_sets)] * len(chunk) if self.still else \
+                self._batched(chunk, row_sets) if self.batched and len(chunk) > 1 else None
             if values is None:
                 values = [self._one(c, row_sets) for c in chunk]
             self._seen.update(zip(chunk, values, strict=True))
@@ -178,6 +217,13 @@ class RealizedGain:
                  None if row_sets is None else
                  self.objective.difference_parts(out[j + 1], out[0], list(row_sets)) if with_parts
                  else [math.nan] * len(row_sets)) for j in range(len(coefs))]
+
+    def _unmoved(self, row_sets: Sequence[Tensor] | None) -> tuple[float, Any]:
+        """``ΔJ`` and its parts at a point that moves no parameter ``J`` reads: exact zeros."""
+        if row_sets is None:
+            return 0.0, None
+        with_parts = self.paired and callable(getattr(self.objective, "difference_parts", None))
+        return 0.0, [0.0 if with_parts else math.nan] * len(row_sets)
 
     def __call__(self, coef: float) -> float:
         return 0.0 if coef == 0.0 else self.at(self.step.displacement(coef))

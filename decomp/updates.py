@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +116,15 @@ class StepUpdates:
             for k, t in out.items():
                 t[i] = self.updates.displacement[k]
         return out
+
+
+
+def moves(tangent: Params, keys: Iterable[str]) -> bool:
+    """Whether ``tangent`` is nonzero on any of the parameters ``keys`` (those ``J`` reads):
+    where it is not, ``J`` at ``θ + tangent`` is ``J(θ)`` bit for bit and every derivative of
+    ``J`` along it is 0 exactly (the ``detach`` direction's ``δ``: its ``∇L_MTP`` is 0 on the
+    policy's parameters, so its step is ``u_RL``'s own arithmetic on the same gradient)."""
+    return any(bool(tangent[k].ne(0).any()) for k in keys)
 
 
 def step_updates(

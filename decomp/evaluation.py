@@ -387,8 +387,7 @@ def _moving_tangents(steps: list[StepUpdates], tangents: list[Params], owners: l
     """The tangents the pass differentiates along: those that move a parameter ``J`` reads (the
     steps' ``shared``, else all), and one per ``u_RL`` whose tangents all stand still (its pass
     gives ``ℓ`` and ``ℓ̇_u``); along the others every derivative is 0 exactly (:func:`moves`)."""
-    reads = steps[0].theta.keys() if steps[0].shared is None else steps[0].shared
-    live = [i for i, t in enumerate(tangents) if moves(t, reads)]
+    live = [i for i, t in enumerate(tangents) if moves(t, steps[0].reads)]
     for i, owner in enumerate(owners):
         rl = steps[owner].updates.update_rl
         if i not in live and not any(_same_params(steps[owners[j]].updates.update_rl, rl) for j in live):

@@ -97,8 +97,7 @@ def reverse_group_terms(objective: Any, steps: Sequence[StepUpdates], row_sets: 
     theta = _check_same_theta(steps)
     # J reads the policy's parameters only: the MTP module's own (a third of the built-in model)
     # have ∇J_g = H_g·b = 0, and leaving them out spares their per-group products
-    shared = steps[0].shared
-    live = {k: v for k, v in theta.items() if shared is None or k in shared}
+    live = {k: theta[k] for k in steps[0].reads}
     fixed = {k: v for k, v in theta.items() if k not in live}
     all_bs, all_as, where = _tangents(steps)
     # a tangent that moves nothing J reads (the detach direction's) has exact zeros for terms

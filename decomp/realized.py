@@ -68,8 +68,7 @@ class RealizedGain:
         :meth:`~BasePoint.serves` this one (else ``J(θ + u_RL)`` is evaluated here)."""
         self.objective, self.step, self.dtype = objective, step, dtype
         self.paired = callable(getattr(objective, "difference", None))
-        # J reads the policy's parameters only (decomp.group_terms makes the same use of `shared`)
-        self._keys = [k for k in step.theta if step.shared is None or k in step.shared]
+        self._keys = step.reads  # J reads the policy's parameters only
         self._fixed = {k: v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()
                        for k, v in step.theta.items() if k not in self._keys}
         # ∇L_MTP is 0 on every parameter J reads (the detach direction): every u(λ) is u_RL's own

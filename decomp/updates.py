@@ -91,6 +91,13 @@ class StepUpdates:
     devices: list[int]  # CUDA devices whose RNG a measurement forks
     shared: frozenset[str] | None = None  # the parameters the cosine is taken over (None: all)
 
+    @property
+    def reads(self) -> list[str]:
+        """The parameters ``J`` reads, in ``theta``'s order: the policy's (``shared``; ``J`` never
+        reads the MTP module's own), else every one. The passes through ``J`` move, stack and
+        differentiate these alone; a tangent that is 0 on them moves nothing (:func:`moves`)."""
+        return [k for k in self.theta if self.shared is None or k in self.shared]
+
     def completed(self, grad_j: Params) -> StepUpdates:
         """The updates for ``u_RL`` following ``−∇J`` (in-sample ``J`` and no ``rl_loss``), from
         ``J``'s own gradient, so that it is computed once."""

@@ -71,7 +71,7 @@ probe: $(STAMP)
 	$(BIN)/decomp probe
 
 # every benchmark, then benchmarks/results.md and (--readme) docs/benchmarks.md's performance table,
-# not README.md (about 10 min here); curvlinops is a benchmark-only peer, installed without its
+# not README.md (35–45 min on this 2-core machine); curvlinops is a benchmark-only peer, installed without its
 # dependencies (they pull another torch)
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps curvlinops-for-pytorch==3.0.1 backpack-for-pytorch einconv \

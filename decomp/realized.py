@@ -72,7 +72,8 @@ class RealizedGain:
         self._fixed = {k: v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()
                        for k, v in step.theta.items() if k not in self._keys}
         # ∇L_MTP is 0 on every parameter J reads (the detach direction): every u(λ) is u_RL's own
-        # arithmetic on the same gradient, so ΔJ(λ) = 0 for every λ, known without a forward
+        # arithmetic on the same gradient, so ΔJ(λ) = 0 for every λ, known without a forward (an
+        # AdamW δ(λ) recomputed at another λ carries only the decoupled decay's rounding there)
         self.still = not moves(step.grad_mtp, self._keys)
         self._work: list[Tensor] | None = None  # one buffer reused for every point
         self.evaluations = 0
@@ -125,7 +126,7 @@ class RealizedGain:
 
     def at(self, delta: Params) -> float:
         """``ΔJ`` at the displacement ``delta``."""
-        if self.still or not moves(delta, self._keys):  # the point is θ + u_RL: ΔJ = 0 exactly
+        if not moves(delta, self._keys):  # the point is θ + u_RL: ΔJ = 0 exactly
             return 0.0
         return self.change(self._point(self.step.updates.update_rl, delta))
 
@@ -133,7 +134,7 @@ class RealizedGain:
         """``ΔJ`` at ``delta`` and, from the same forward, its contributions of disjoint row sets
         (:meth:`decomp.objectives.ImportanceObjective.difference_parts`; ``nan`` for an objective
         that does not expose its per-token log-probs)."""
-        if self.still or not moves(delta, self._keys):  # the point is θ + u_RL: ΔJ = 0 exactly
+        if not moves(delta, self._keys):  # the point is θ + u_RL: ΔJ = 0 exactly
             return self._unmoved(row_sets)
         point = self._point(self.step.updates.update_rl, delta)
         value = self._forward(point)
@@ -225,7 +226,7 @@ class RealizedGain:
         return 0.0, [0.0 if with_parts else math.nan] * len(row_sets)
 
     def __call__(self, coef: float) -> float:
-        return 0.0 if coef == 0.0 else self.at(self.step.displacement(coef))
+        return 0.0 if coef == 0.0 or self.still else self.at(self.step.displacement(coef))
 
     def release(self) -> None:
         """Free the evaluation buffer (parameter-sized; in float64, twice the model's size) until

@@ -59,6 +59,8 @@ def test_the_detach_direction_has_zero_gain_without_a_forward(optimizer):
     assert gain.evaluations == spent and not totals.any() and not parts.any()
     assert gain.at_with_parts(detach.updates.displacement, GROUPS) == (0.0, [0.0] * len(GROUPS))
     assert gain(0.3) == 0.0 and gain.evaluations == spent
+    # a displacement given from elsewhere is evaluated: still is the step's own family of points
+    assert gain.at(policy.updates.displacement) != 0.0 and gain.evaluations == spent + 1
     for c in (-0.5, 2.0):  # the work left out finds 0 up to AdamW's decay round trip in δ(λ)
         assert abs(_by_hand(J, detach, c)) <= 1e-13
         assert abs(_by_hand(J, policy, c)) > 1e-7

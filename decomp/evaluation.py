@@ -15,7 +15,7 @@ from torch.func import grad_and_value, jvp, vmap
 
 from decomp.checks import Params, scalar_function
 from decomp.curvature import DEFAULT_HVP_METHOD, HVPMethod, batched_by_default, dot, dots, math_attention, second_order
-from decomp.updates import StepUpdates, finite_norm, moves
+from decomp.updates import StepUpdates, finite_norm, moves, same_params
 
 
 class QuadraticForms(NamedTuple):
@@ -309,10 +309,6 @@ def _forward_inputs(objective: Any, steps: list[StepUpdates], name: str) -> Para
     return {k: v.detach() for k, v in steps[0].theta.items()}
 
 
-def _same_params(x: Params, y: Params) -> bool:
-    return x is y or all(torch.equal(x[k], y[k]) for k in x)
-
-
 def forward_pass(objective: Any, steps: list[StepUpdates], row_sets: list[Tensor], name: str,
                  batched: bool | None = None) -> ForwardPass:
     """Every group's terms of every step from forward-mode derivatives of the per-token log-probs
@@ -390,7 +386,7 @@ def _moving_tangents(steps: list[StepUpdates], tangents: list[Params], owners: l
     live = [i for i, t in enumerate(tangents) if moves(t, steps[0].reads)]
     for i, owner in enumerate(owners):
         rl = steps[owner].updates.update_rl
-        if i not in live and not any(_same_params(steps[owners[j]].updates.update_rl, rl) for j in live):
+        if i not in live and not any(same_params(steps[owners[j]].updates.update_rl, rl) for j in live):
             live.append(i)
     return sorted(live)
 
@@ -406,7 +402,7 @@ def _with_unmoved(derivatives: tuple[Tensor, list[Tensor], list[Tensor], list[Te
 
     def rl_jvp(i: int) -> Tensor:
         rl = steps[owners[i]].updates.update_rl
-        return next(first_rl[n] for j, n in at.items() if _same_params(steps[owners[j]].updates.update_rl, rl))
+        return next(first_rl[n] for j, n in at.items() if same_params(steps[owners[j]].updates.update_rl, rl))
 
     n = len(owners)
     return (logp, [first[at[i]] if i in at else zero for i in range(n)],
@@ -422,7 +418,7 @@ def _by_rl_update(steps: list[StepUpdates], owners: list[int]) -> list[tuple[Par
     for i, owner in enumerate(owners):
         u = steps[owner].updates.update_rl
         for rl, members in groups:
-            if _same_params(rl, u):
+            if same_params(rl, u):
                 members.append(i)
                 break
         else:

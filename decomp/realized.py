@@ -13,7 +13,7 @@ from torch import Tensor
 
 from decomp.checks import Params
 from decomp.curvature import any_attention
-from decomp.updates import StepUpdates, moves
+from decomp.updates import StepUpdates, moves, same_params
 
 BATCH_MEMORY = 512 * 2**20  # bytes of stacked parameter points (and an equal allowance for their forwards)
 
@@ -31,10 +31,8 @@ class BasePoint(NamedTuple):
 
     def serves(self, step: StepUpdates, dtype: torch.dtype | None) -> bool:
         """Whether a gain of ``step`` in ``dtype`` (on the same objective) evaluates the same point."""
-        def same(x: Params, y: Params) -> bool:
-            return x.keys() == y.keys() and all(x[k] is y[k] or torch.equal(x[k], y[k]) for k in x)
         return (dtype == self.dtype and step.shared == self.shared and step.updates is not None
-                and same(step.theta, self.theta) and same(step.updates.update_rl, self.update_rl))
+                and same_params(step.theta, self.theta) and same_params(step.updates.update_rl, self.update_rl))
 
 
 class RealizedGain:
@@ -68,6 +66,8 @@ class RealizedGain:
         :meth:`~BasePoint.serves` this one (else ``J(θ + u_RL)`` is evaluated here)."""
         self.objective, self.step, self.dtype = objective, step, dtype
         self.paired = callable(getattr(objective, "difference", None))
+        # per-token log-probs give each row set's part of ΔJ too (else their parts are nan)
+        self.with_parts = self.paired and callable(getattr(objective, "difference_parts", None))
         self._keys = step.reads  # J reads the policy's parameters only
         self._fixed = {k: v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()
                        for k, v in step.theta.items() if k not in self._keys}
@@ -138,7 +138,7 @@ class RealizedGain:
             return self._unmoved(row_sets)
         point = self._point(self.step.updates.update_rl, delta)
         value = self._forward(point)
-        if not (self.paired and callable(getattr(self.objective, "difference_parts", None))):
+        if not self.with_parts:
             return value - self._base, [math.nan] * len(row_sets)
         return (self.objective.difference(value, self._base),
                 self.objective.difference_parts(value, self._base, row_sets))
@@ -212,18 +212,16 @@ class RealizedGain:
         if not self.paired:
             return [(float(out[j + 1]) - float(out[0]), None if row_sets is None else [math.nan] * len(row_sets))
                     for j in range(len(coefs))]
-        with_parts = row_sets is not None and callable(getattr(self.objective, "difference_parts", None))
         return [(self.objective.difference(out[j + 1], out[0]),
                  None if row_sets is None else
-                 self.objective.difference_parts(out[j + 1], out[0], list(row_sets)) if with_parts
+                 self.objective.difference_parts(out[j + 1], out[0], list(row_sets)) if self.with_parts
                  else [math.nan] * len(row_sets)) for j in range(len(coefs))]
 
     def _unmoved(self, row_sets: Sequence[Tensor] | None) -> tuple[float, Any]:
         """``ΔJ`` and its parts at a point that moves no parameter ``J`` reads: exact zeros."""
         if row_sets is None:
             return 0.0, None
-        with_parts = self.paired and callable(getattr(self.objective, "difference_parts", None))
-        return 0.0, [0.0 if with_parts else math.nan] * len(row_sets)
+        return 0.0, [0.0 if self.with_parts else math.nan] * len(row_sets)
 
     def __call__(self, coef: float) -> float:
         return 0.0 if coef == 0.0 or self.still else self.at(self.step.displacement(coef))

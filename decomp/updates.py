@@ -126,6 +126,12 @@ class StepUpdates:
 
 
 
+def same_params(x: Params, y: Params) -> bool:
+    """Whether two parameter dicts hold the same names and values, bit for bit (e.g. the ``u_RL``
+    of two directions of one update)."""
+    return x is y or (x.keys() == y.keys() and all(x[k] is y[k] or torch.equal(x[k], y[k]) for k in x))
+
+
 def moves(tangent: Params, keys: Iterable[str]) -> bool:
     """Whether ``tangent`` is nonzero on any of the parameters ``keys`` (those ``J`` reads):
     where it is not, ``J`` at ``θ + tangent`` is ``J(θ)`` bit for bit and every derivative of
